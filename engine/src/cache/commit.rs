@@ -1,0 +1,341 @@
+//! Log commit: sealing buffers into logs, flushing the cache device, the
+//! durable frontier, superblock records, and the backing-device flush queue.
+//!
+//! Durability is tracked as a frontier: every log up to `durable_id` is
+//! durable. A FUA write or FLUSH completes only when the frontier passes the
+//! log holding its data, so recovery may stop at the first bad log without
+//! losing anything acknowledged as durable.
+
+use super::{Engine, OpenLog, Phase, Purpose};
+use crate::error::IoError;
+use crate::format::{Metablock, SbRecord, encode_segment_header};
+use crate::geometry::{BLOCK_SIZE, SECTOR_SIZE};
+use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, ReqId};
+
+/// State of a sealed log on its way to durability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LogState {
+    Writing,
+    Written,
+    Flushing,
+}
+
+/// The cache-device flush in flight and the logs it covers.
+#[derive(Debug, Default)]
+pub(super) struct CacheFlush {
+    inflight: Option<Vec<u64>>,
+}
+
+impl CacheFlush {
+    pub(super) fn busy(&self) -> bool {
+        self.inflight.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RecordState {
+    Idle,
+    Writing(SbRecord),
+    Written(SbRecord),
+    Flushing(SbRecord),
+}
+
+/// Who waits for a backing-device flush.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum BackingWaiter {
+    Req(ReqId),
+    Writeback,
+}
+
+impl<A: BufAlloc> Engine<A> {
+    /// Asks for the open buffer to be written as a log as soon as it can be.
+    pub(super) fn request_seal(&mut self) {
+        if let Some(o) = &mut self.open
+            && !o.slots.is_empty()
+        {
+            o.seal_requested = true;
+        }
+    }
+
+    /// A FUA/FLUSH waits for log `id`: if it is the open one, seal it at the
+    /// barrier deadline (or now).
+    pub(super) fn note_barrier(&mut self, id: u64) {
+        if self.open.as_ref().is_some_and(|o| o.id == id) {
+            if self.tunables.barrier_deadline_ms == 0 {
+                self.request_seal();
+            } else {
+                let d = self.now + self.tunables.barrier_deadline_ms as u64 * 1_000_000;
+                self.barrier_deadline = Some(self.barrier_deadline.map_or(d, |x| x.min(d)));
+            }
+        }
+    }
+
+    pub(super) fn seal_if_due(&mut self) {
+        if self.read_only {
+            return;
+        }
+        let due = self
+            .open
+            .as_ref()
+            .is_some_and(|o| o.seal_requested || o.slots.len() as u32 == self.geo.data_blocks);
+        if !due {
+            return;
+        }
+        let o = self.open.take().expect("open log");
+        self.barrier_deadline = None;
+        if o.fills_pending > 0 {
+            self.sealing.push(o);
+        } else {
+            self.seal_log(o);
+        }
+    }
+
+    /// Writes the header and issues the log write.
+    fn seal_log(&mut self, o: OpenLog) {
+        let n = o.slots.len();
+        let hl = self.geo.header_len();
+        let mbs: Vec<Metablock> =
+            o.slots.iter().map(|s| Metablock { block: s.block, valid: s.valid, dirty: s.dirty }).collect();
+        let (geo, epoch, uuid) = (self.geo, self.epoch, self.record.cache_uuid);
+        let b = self.buf_mut(o.buf);
+        let (hdr, data) = b.split_at_mut(hl);
+        encode_segment_header(hdr, &data[..n * BLOCK_SIZE as usize], &geo, o.id, epoch, &uuid, &mbs);
+        self.stats.nr_logs += 1;
+        if (n as u32) < self.geo.data_blocks {
+            self.stats.nr_partial_flushed += 1;
+        }
+        self.unflushed.insert(o.id, LogState::Writing);
+        let offset = self.geo.segment_offset(o.id);
+        self.issue(
+            Device::Cache,
+            CommandKind::Write { offset, len: hl + n * BLOCK_SIZE as usize, src: DataRef::Engine { buf: o.buf, offset: 0 } },
+            Purpose::LogWrite { id: o.id },
+        );
+    }
+
+    pub(super) fn log_written(&mut self, id: u64, ok: bool) {
+        if !ok {
+            // The buffer stays attached so its data can still be read.
+            self.fail_cache();
+            return;
+        }
+        if let Some(st) = self.unflushed.get_mut(&id) {
+            *st = LogState::Written;
+        }
+        // Reads go to the device from now on; the buffer takes new writes.
+        // (No CopyToUser event can name it: copies are emitted only by calls
+        // that do not complete log writes, and the host drains events between calls.)
+        let seg = self.seg_mut(id);
+        if seg.id == id
+            && let Some(b) = seg.buf.take()
+        {
+            self.free_log_bufs.push(b);
+        }
+    }
+
+    pub(super) fn issue_cache_flush(&mut self) {
+        if self.cache_flush.busy() || self.read_only {
+            return;
+        }
+        let logs: Vec<u64> =
+            self.unflushed.iter().filter(|(_, s)| **s == LogState::Written).map(|(id, _)| *id).collect();
+        let record = match self.record_state {
+            RecordState::Written(r) => Some(r),
+            _ => None,
+        };
+        if logs.is_empty() && record.is_none() {
+            return;
+        }
+        for id in &logs {
+            self.unflushed.insert(*id, LogState::Flushing);
+        }
+        if let Some(r) = record {
+            self.record_state = RecordState::Flushing(r);
+        }
+        self.cache_flush.inflight = Some(logs);
+        self.issue(Device::Cache, CommandKind::Flush, Purpose::CacheFlush);
+    }
+
+    pub(super) fn cache_flush_done(&mut self, ok: bool) {
+        let logs = self.cache_flush.inflight.take().unwrap_or_default();
+        if !ok {
+            self.fail_cache();
+            return;
+        }
+        for id in logs {
+            self.unflushed.remove(&id);
+        }
+        if let RecordState::Flushing(r) = self.record_state {
+            self.record = r;
+            self.record_state = RecordState::Idle;
+            self.last_record_at = self.now;
+            self.stats.sb_record_writes += 1;
+        }
+        self.advance_frontier();
+    }
+
+    /// Moves `durable_id` up to just below the lowest log that is not durable
+    /// yet, and completes the requests that waited for it.
+    fn advance_frontier(&mut self) {
+        let mut lowest = self.open.as_ref().map_or(self.next_id, |o| o.id);
+        if let Some((&id, _)) = self.unflushed.first_key_value() {
+            lowest = lowest.min(id);
+        }
+        for o in &self.sealing {
+            lowest = lowest.min(o.id);
+        }
+        self.durable_id = self.durable_id.max(lowest - 1);
+        let later = self.durability_waiters.split_off(&(self.durable_id + 1));
+        let ready = std::mem::replace(&mut self.durability_waiters, later);
+        for (_, reqs) in ready {
+            for req in reqs {
+                self.try_finish(req);
+            }
+        }
+    }
+
+    /// A fill read for slot `slot` of log `id` ended.
+    pub(super) fn fill_done(&mut self, id: u64, slot: u32, src_id: u64, fbuf: BufId, ok: bool) {
+        self.unhold(src_id);
+        let hl = self.geo.header_len();
+        let in_open = self.open.as_ref().is_some_and(|o| o.id == id);
+        let log = if in_open {
+            self.open.as_mut()
+        } else {
+            self.sealing.iter_mut().find(|o| o.id == id)
+        }
+        .expect("fill for a log that is not open or sealing");
+        let s = &mut log.slots[slot as usize];
+        let (fill, block, buf) = (s.fill, s.block, log.buf);
+        s.fill = 0;
+        log.fills_pending -= 1;
+        if !ok {
+            // The older copy is unreadable: the cache device is failing.
+            s.valid &= !fill;
+            if let Some(e) = self.index.get_mut(&block)
+                && e.id == id
+                && e.slot == slot
+            {
+                e.valid &= !fill;
+                e.dirty &= !fill;
+            }
+        }
+        if ok && fill != 0 {
+            let mut tmp = [0u8; BLOCK_SIZE as usize];
+            tmp.copy_from_slice(&self.buf(fbuf)[..BLOCK_SIZE as usize]);
+            let at = hl + slot as usize * BLOCK_SIZE as usize;
+            let dst = &mut self.buf_mut(buf)[at..at + BLOCK_SIZE as usize];
+            super::for_each_run(fill, |s0, n| {
+                let (a, z) = (s0 as usize * SECTOR_SIZE as usize, (s0 + n) as usize * SECTOR_SIZE as usize);
+                dst[a..z].copy_from_slice(&tmp[a..z]);
+            });
+        }
+        self.release_buf(fbuf);
+        if !ok {
+            self.fail_cache();
+        }
+        if !in_open
+            && let Some(i) = self.sealing.iter().position(|o| o.id == id && o.fills_pending == 0)
+        {
+            let o = self.sealing.swap_remove(i);
+            if !self.read_only {
+                self.seal_log(o);
+            }
+        }
+        self.retry_deferred_reads();
+    }
+
+    /// Writes the superblock record when space must be reclaimed, when the
+    /// interval asks for it, or at shutdown.
+    pub(super) fn maybe_write_record(&mut self) {
+        if self.record_state != RecordState::Idle || self.read_only {
+            return;
+        }
+        let urgent = self.next_position_blocked_on().is_some_and(|occ| occ <= self.last_wb);
+        let at_shutdown = self.phase == Phase::ShuttingDown
+            && self.wb.is_none()
+            && self.open.is_none()
+            && self.sealing.is_empty();
+        let wanted = self.record_wanted && (self.phase == Phase::Running || at_shutdown);
+        if !urgent && !wanted {
+            return;
+        }
+        if !urgent && self.phase == Phase::Running && self.last_wb == self.record.last_writeback_id {
+            self.record_wanted = false;
+            return;
+        }
+        self.record_wanted = false;
+        let rec = SbRecord {
+            seq: self.record.seq + 1,
+            last_writeback_id: self.last_wb,
+            epoch: self.epoch,
+            cache_uuid: self.record.cache_uuid,
+        };
+        self.write_record(rec, Purpose::RecordWrite);
+        self.record_state = RecordState::Writing(rec);
+    }
+
+    /// Issues the write of a record into its slot.
+    pub(super) fn write_record(&mut self, rec: SbRecord, purpose: Purpose) {
+        let buf = self.alloc_buf(BLOCK_SIZE as usize);
+        self.buf_mut(buf).copy_from_slice(&rec.encode());
+        self.record_buf = Some(buf);
+        self.issue(
+            Device::Cache,
+            CommandKind::Write { offset: rec.offset(), len: BLOCK_SIZE as usize, src: DataRef::Engine { buf, offset: 0 } },
+            purpose,
+        );
+    }
+
+    pub(super) fn record_written(&mut self, ok: bool) {
+        if let Some(b) = self.record_buf.take() {
+            self.release_buf(b);
+        }
+        let RecordState::Writing(r) = self.record_state else {
+            return;
+        };
+        if !ok {
+            self.record_state = RecordState::Idle;
+            self.fail_cache();
+            return;
+        }
+        self.record_state = RecordState::Written(r);
+    }
+
+    pub(super) fn issue_backing_flush(&mut self) {
+        if self.backing_flush_inflight.is_some() || self.backing_flush_waiting.is_empty() {
+            return;
+        }
+        self.backing_flush_inflight = Some(std::mem::take(&mut self.backing_flush_waiting));
+        self.backing_unflushed = false;
+        self.issue(Device::Backing, CommandKind::Flush, Purpose::BackingFlush);
+    }
+
+    pub(super) fn backing_flush_done(&mut self, ok: bool) {
+        for w in self.backing_flush_inflight.take().unwrap_or_default() {
+            match w {
+                BackingWaiter::Req(req) => self.part_done(req, if ok { Ok(()) } else { Err(IoError::BackingDevice) }),
+                BackingWaiter::Writeback => self.wb_flushed(ok),
+            }
+        }
+    }
+
+    /// The cache device failed a write or flush even after retries. Policy:
+    /// go read-only. Requests waiting for durability fail, writes are refused,
+    /// reads keep working (the failed buffers stay in memory), and writeback
+    /// keeps draining the logs that are already durable.
+    pub(super) fn fail_cache(&mut self) {
+        if self.read_only {
+            return;
+        }
+        self.read_only = true;
+        self.barrier_deadline = None;
+        let waiting = std::mem::take(&mut self.durability_waiters);
+        for (_, reqs) in waiting {
+            for req in reqs {
+                self.try_finish(req);
+            }
+        }
+        self.fail_stalled(IoError::ReadOnly);
+    }
+}

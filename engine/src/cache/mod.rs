@@ -1,0 +1,775 @@
+//! The cache state machine. Each stage lives in its own file as an `impl`
+//! block of [`Engine`]:
+//!
+//! - `startup`: format or recover (superblock, record, log replay);
+//! - `write`: user writes into the open buffer, bypass to the backing device;
+//! - `read`: user reads (buffer, cache device, backing), read caching;
+//! - `commit`: sealing buffers into logs, flushes, the durable frontier,
+//!   superblock records;
+//! - `writeback`: migrating dirty blocks to the backing device.
+//!
+//! Every public input runs [`Engine::pump`] before returning, so the engine is
+//! always at a fixed point: whatever can make progress has been issued.
+
+mod commit;
+mod read;
+mod startup;
+mod write;
+mod writeback;
+
+use std::collections::{BTreeMap, VecDeque};
+
+use rustc_hash::FxHashMap;
+
+use crate::config::{OpenParams, Tunables};
+use crate::error::{ConfigError, DeviceError, IoError, SubmitError};
+use crate::format::{SbRecord, Superblock};
+use crate::geometry::{BLOCK_SIZE, Geometry, SECTOR_SIZE};
+use crate::io::{BufAlloc, BufId, Command, CommandKind, DataRef, Device, Event, Nanos, ReqId, Token};
+use crate::stats::{Stats, Status};
+
+use self::commit::{CacheFlush, RecordState};
+use self::startup::Startup;
+use self::writeback::WbBatch;
+
+/// How often a failed device command is re-issued before it counts as failed.
+const MAX_RETRIES: u8 = 3;
+/// Delay before a failed writeback batch is tried again.
+const WRITEBACK_RETRY_NS: Nanos = 1_000_000_000;
+/// Queue depth at which the backing device counts as 100 % loaded.
+const BACKING_NOMINAL_QD: u64 = 32;
+
+/// Where the newest copy of a cached block lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    /// Log id holding the block.
+    id: u64,
+    /// Data slot within that log.
+    slot: u32,
+    /// Sectors the cache holds for this block.
+    valid: u8,
+    /// Sectors not yet on the backing device.
+    dirty: u8,
+    /// The log's metablock marks the block dirty, so recovery would replay it.
+    logged_dirty: bool,
+}
+
+/// One ring position of the cache device.
+#[derive(Debug, Default)]
+struct SegMeta {
+    /// Log id occupying this position (0 = none).
+    id: u64,
+    /// Backing block of each data slot.
+    blocks: Vec<u64>,
+    /// RAM copy while the log is open or being written.
+    buf: Option<BufId>,
+    /// Reads of this position in flight; it cannot be reused until they end.
+    readers: u32,
+    /// Slots whose index entry is dirty and points here.
+    live_dirty: u32,
+}
+
+/// A slot of the open log.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    block: u64,
+    valid: u8,
+    dirty: bool,
+    /// Sectors still to be copied in from an older copy on the cache device.
+    fill: u8,
+}
+
+/// The buffer currently taking writes.
+#[derive(Debug)]
+struct OpenLog {
+    id: u64,
+    buf: BufId,
+    slots: Vec<Slot>,
+    /// Slots waiting for a fill read.
+    fills_pending: u32,
+    /// Holds data a user write put there (a clean-only log needs no barrier).
+    has_dirty: bool,
+    seal_requested: bool,
+    opened_at: Nanos,
+}
+
+/// A user request that is not complete yet.
+#[derive(Debug, Default)]
+struct UserReq {
+    /// Device commands (or other parts) still outstanding.
+    parts: u32,
+    error: Option<IoError>,
+    /// The request completes only when every log up to this id is durable.
+    wait_log: u64,
+    /// The request needs a backing-device flush after its parts end.
+    needs_backing_flush: bool,
+    /// Log ids whose positions this request reads (released on completion).
+    holds: Vec<u64>,
+    /// Counts toward the backing device's observed load.
+    backing_load: u32,
+}
+
+/// What an issued device command is for.
+#[derive(Debug)]
+enum Purpose {
+    Startup(startup::StartIo),
+    LogWrite { id: u64 },
+    CacheFlush,
+    BackingFlush,
+    RecordWrite,
+    /// A user request's own read or write.
+    User { req: ReqId, backing: bool },
+    /// Old sectors for a slot of the open log.
+    Fill { id: u64, slot: u32, src_id: u64, buf: BufId },
+    /// A missed read staged into the cache.
+    Stage(read::Stage),
+    WbRead { id: u64 },
+    WbWrite,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    cmd: Command,
+    tries: u8,
+    purpose: Purpose,
+}
+
+/// A write waiting for buffer space.
+#[derive(Debug)]
+struct StalledWrite {
+    req: ReqId,
+    offset: u64,
+    /// None: zeroes.
+    data: Option<Vec<u8>>,
+    len: u64,
+    fua: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Starting,
+    Running,
+    ShuttingDown,
+    Stopped,
+    Failed,
+}
+
+/// The sans-IO write-back cache. See the crate documentation for the loop a
+/// host runs around it.
+pub struct Engine<A: BufAlloc> {
+    alloc: A,
+    bufs: Vec<Option<A::Buf>>,
+    free_buf_slots: Vec<u32>,
+    /// Buffers to free once the host has drained the events naming them.
+    deferred_free: Vec<BufId>,
+
+    params: OpenParams,
+    tunables: Tunables,
+    sb: Option<Superblock>,
+    geo: Geometry,
+    phase: Phase,
+    startup: Option<Startup>,
+    read_only: bool,
+    now: Nanos,
+
+    next_token: u64,
+    inflight: FxHashMap<Token, InFlight>,
+    commands: VecDeque<Command>,
+    events: VecDeque<Event>,
+    reqs: FxHashMap<ReqId, UserReq>,
+
+    index: FxHashMap<u64, Entry>,
+    segs: Vec<SegMeta>,
+    nr_dirty: u64,
+
+    next_id: u64,
+    epoch: u64,
+    open: Option<OpenLog>,
+    /// Logs taken out of `open` that still wait for fill reads before sealing.
+    sealing: Vec<OpenLog>,
+    free_log_bufs: Vec<BufId>,
+    /// Sealed logs not yet durable.
+    unflushed: BTreeMap<u64, commit::LogState>,
+    /// Every log up to this id is durable.
+    durable_id: u64,
+    cache_flush: CacheFlush,
+    backing_flush_waiting: Vec<commit::BackingWaiter>,
+    backing_flush_inflight: Option<Vec<commit::BackingWaiter>>,
+    /// A bypass write completed since the last backing flush was issued.
+    backing_unflushed: bool,
+    /// Requests waiting for the durable frontier, by the log id they need.
+    durability_waiters: BTreeMap<u64, Vec<ReqId>>,
+    barrier_deadline: Option<Nanos>,
+    stalled: VecDeque<StalledWrite>,
+
+    last_wb: u64,
+    record: SbRecord,
+    record_state: RecordState,
+    record_buf: Option<BufId>,
+    record_wanted: bool,
+    last_record_at: Nanos,
+    wb: Option<WbBatch>,
+    wb_bufs: Vec<BufId>,
+    wb_retry_at: Option<Nanos>,
+    drop_caches: bool,
+    backing_load: u64,
+    /// Bumped whenever the backing device is written outside writeback, so a
+    /// staging read that raced with it is not cached.
+    bypass_seq: u64,
+    backing_bypass_inflight: u32,
+
+    /// Read caching: next block a sequential reader would ask for, and the run length.
+    seq_next_block: u64,
+    seq_run: u64,
+    /// Reads waiting for a fill to land.
+    deferred_reads: Vec<(ReqId, u64, u64)>,
+
+    stats: Stats,
+}
+
+impl<A: BufAlloc> Engine<A> {
+    /// Starts opening a cache: the engine emits the reads it needs and later
+    /// reports [`Event::Ready`] or [`Event::OpenFailed`]. Parameters are
+    /// checked here, before any I/O.
+    pub fn open(params: OpenParams, alloc: A, now: Nanos) -> Result<Self, ConfigError> {
+        params.validate()?;
+        let tunables = params.tunables;
+        let mut e = Self {
+            alloc,
+            bufs: Vec::new(),
+            free_buf_slots: Vec::new(),
+            deferred_free: Vec::new(),
+            params,
+            tunables,
+            sb: None,
+            geo: Geometry {
+                segment_size: 0,
+                header_blocks: 0,
+                data_blocks: 0,
+                nr_segments: 0,
+                backing_size: 0,
+            },
+            phase: Phase::Starting,
+            startup: None,
+            read_only: false,
+            now,
+            next_token: 1,
+            inflight: FxHashMap::default(),
+            commands: VecDeque::new(),
+            events: VecDeque::new(),
+            reqs: FxHashMap::default(),
+            index: FxHashMap::default(),
+            segs: Vec::new(),
+            nr_dirty: 0,
+            next_id: 1,
+            epoch: 0,
+            open: None,
+            sealing: Vec::new(),
+            free_log_bufs: Vec::new(),
+            unflushed: BTreeMap::new(),
+            durable_id: 0,
+            cache_flush: CacheFlush::default(),
+            backing_flush_waiting: Vec::new(),
+            backing_flush_inflight: None,
+            backing_unflushed: false,
+            durability_waiters: BTreeMap::new(),
+            barrier_deadline: None,
+            stalled: VecDeque::new(),
+            last_wb: 0,
+            record: SbRecord { seq: 0, last_writeback_id: 0, epoch: 0, cache_uuid: [0; 16] },
+            record_state: RecordState::Idle,
+            record_buf: None,
+            record_wanted: false,
+            last_record_at: now,
+            wb: None,
+            wb_bufs: Vec::new(),
+            wb_retry_at: None,
+            drop_caches: false,
+            backing_load: 0,
+            bypass_seq: 0,
+            backing_bypass_inflight: 0,
+            seq_next_block: u64::MAX,
+            seq_run: 0,
+            deferred_reads: Vec::new(),
+            stats: Stats::default(),
+        };
+        e.start();
+        Ok(e)
+    }
+
+    // ----- host interface -------------------------------------------------
+
+    /// Next device command to run, if any.
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    /// Next event for the host, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Engine::handle_timeout`] should be called next.
+    pub fn poll_timeout(&self) -> Option<Nanos> {
+        let mut t: Option<Nanos> = None;
+        let mut take = |x: Option<Nanos>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        if self.phase != Phase::Running && self.phase != Phase::ShuttingDown {
+            return None;
+        }
+        take(self.barrier_deadline);
+        if let Some(o) = &self.open
+            && self.tunables.sync_data_interval > 0
+            && !o.slots.is_empty()
+        {
+            take(Some(o.opened_at + self.tunables.sync_data_interval as u64 * 1_000_000_000));
+        }
+        if self.tunables.update_sb_record_interval > 0 && self.last_wb > self.record.last_writeback_id {
+            take(Some(
+                self.last_record_at + self.tunables.update_sb_record_interval as u64 * 1_000_000_000,
+            ));
+        }
+        take(self.wb_retry_at);
+        t
+    }
+
+    /// Tells the engine the time has come (or passed) for a deadline.
+    pub fn handle_timeout(&mut self, now: Nanos) {
+        self.enter(now);
+        if self.barrier_deadline.is_some_and(|d| d <= now) {
+            self.barrier_deadline = None;
+            self.request_seal();
+        }
+        if let Some(o) = &self.open
+            && self.tunables.sync_data_interval > 0
+            && !o.slots.is_empty()
+            && o.opened_at + self.tunables.sync_data_interval as u64 * 1_000_000_000 <= now
+        {
+            self.request_seal();
+        }
+        if self.tunables.update_sb_record_interval > 0
+            && self.last_wb > self.record.last_writeback_id
+            && self.last_record_at + self.tunables.update_sb_record_interval as u64 * 1_000_000_000 <= now
+        {
+            self.record_wanted = true;
+        }
+        if self.wb_retry_at.is_some_and(|t| t <= now) {
+            self.wb_retry_at = None;
+        }
+        self.pump();
+    }
+
+    /// Reports the end of a device command.
+    pub fn handle_completion(&mut self, token: Token, result: Result<(), DeviceError>, now: Nanos) {
+        self.enter(now);
+        let Some(mut f) = self.inflight.remove(&token) else {
+            return;
+        };
+        if result.is_err() && f.tries < MAX_RETRIES && !matches!(f.purpose, Purpose::Startup(_)) {
+            f.tries += 1;
+            self.stats.io_retries += 1;
+            self.commands.push_back(f.cmd);
+            self.inflight.insert(token, f);
+            return;
+        }
+        let ok = result.is_ok();
+        match f.purpose {
+            Purpose::Startup(io) => self.startup_done(io, ok),
+            Purpose::LogWrite { id } => self.log_written(id, ok),
+            Purpose::CacheFlush => self.cache_flush_done(ok),
+            Purpose::BackingFlush => self.backing_flush_done(ok),
+            Purpose::RecordWrite => self.record_written(ok),
+            Purpose::User { req, backing } => self.user_io_done(req, backing, f.cmd, ok),
+            Purpose::Fill { id, slot, src_id, buf } => self.fill_done(id, slot, src_id, buf, ok),
+            Purpose::Stage(s) => self.stage_done(s, ok),
+            Purpose::WbRead { id } => self.wb_read_done(id, ok),
+            Purpose::WbWrite => self.wb_write_done(ok),
+        }
+        self.pump();
+    }
+
+    /// Bytes of an engine buffer, for the host to read from or DMA into.
+    pub fn buffer(&self, id: BufId) -> &[u8] {
+        self.bufs[id.0 as usize].as_ref().map(|b| b.as_ref()).unwrap_or(&[])
+    }
+
+    /// Mutable bytes of an engine buffer (the destination of a device read).
+    pub fn buffer_mut(&mut self, id: BufId) -> &mut [u8] {
+        match self.bufs[id.0 as usize].as_mut() {
+            Some(b) => b.as_mut(),
+            None => &mut [],
+        }
+    }
+
+    /// The host's handle on an engine buffer (for example to find its DMA address).
+    pub fn buffer_handle(&mut self, id: BufId) -> Option<&mut A::Buf> {
+        self.bufs.get_mut(id.0 as usize).and_then(|b| b.as_mut())
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn clear_stats(&mut self) {
+        self.stats = Stats::default();
+    }
+
+    pub fn tunables(&self) -> &Tunables {
+        &self.tunables
+    }
+
+    /// Geometry of the open cache (zeroes until start-up has read the superblock).
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.phase == Phase::Running
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Changes tunables at runtime; all or nothing.
+    pub fn set_options(&mut self, changes: &[(&str, u64)], now: Nanos) -> Result<(), ConfigError> {
+        let mut t = self.tunables;
+        for &(name, value) in changes {
+            t.set(name, value)?;
+        }
+        self.enter(now);
+        self.tunables = t;
+        self.pump();
+        Ok(())
+    }
+
+    /// Starts writing back every dirty block; progress shows as a falling
+    /// dirty count. Stops by itself when nothing is dirty.
+    pub fn drop_caches(&mut self, now: Nanos) {
+        self.enter(now);
+        if self.phase == Phase::Running {
+            self.drop_caches = true;
+            self.request_seal();
+        }
+        self.pump();
+    }
+
+    /// Clean shutdown: no new I/O; the open buffer becomes a log, every log is
+    /// made durable and the superblock record written. Ends with
+    /// [`Event::ShutdownComplete`].
+    pub fn shutdown(&mut self, now: Nanos) {
+        self.enter(now);
+        match self.phase {
+            Phase::Running => {
+                self.phase = Phase::ShuttingDown;
+                self.fail_stalled(IoError::ReadOnly);
+                self.request_seal();
+                self.record_wanted = true;
+            }
+            Phase::Starting | Phase::Failed => {
+                self.phase = Phase::Stopped;
+                self.events.push_back(Event::ShutdownComplete);
+            }
+            _ => {}
+        }
+        self.pump();
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            next_segment_id: self.next_id,
+            cursor: if self.geo.nr_segments > 0 { self.geo.position(self.next_id) } else { 0 },
+            nr_segments: self.geo.nr_segments,
+            segment_size: self.geo.segment_size,
+            data_blocks_per_segment: self.geo.data_blocks,
+            current_id: self.open.as_ref().map_or(0, |o| o.id),
+            last_flushed_id: self.durable_id,
+            last_writeback_id: self.last_wb,
+            recorded_writeback_id: self.record.last_writeback_id,
+            nr_dirty_blocks: self.nr_dirty,
+            nr_cached_blocks: self.index.len() as u64,
+            nr_free_buffers: self.free_log_bufs.len() as u32,
+            stalled_writes: self.stalled.len() as u32,
+            read_only: self.read_only,
+            drop_caches_active: self.drop_caches,
+            epoch: self.epoch,
+            cache_uuid: self.record.cache_uuid,
+        }
+    }
+
+    // ----- shared plumbing ------------------------------------------------
+
+    /// Common prologue of every input: time, and buffers the host is done with.
+    fn enter(&mut self, now: Nanos) {
+        self.now = self.now.max(now);
+        for id in std::mem::take(&mut self.deferred_free) {
+            self.release_buf(id);
+        }
+    }
+
+    fn check_submit(&self, req: ReqId, offset: u64, len: u64) -> Result<(), SubmitError> {
+        match self.phase {
+            Phase::Running => {}
+            Phase::Starting => return Err(SubmitError::NotReady),
+            _ => return Err(SubmitError::ShuttingDown),
+        }
+        let align = self.params.backing_block_size as u64;
+        if len == 0
+            || offset % align != 0
+            || len % align != 0
+            || offset.checked_add(len).is_none_or(|end| end > self.geo.backing_size)
+        {
+            return Err(SubmitError::BadRange { offset, len });
+        }
+        if self.reqs.contains_key(&req) {
+            return Err(SubmitError::DuplicateRequest(req.0));
+        }
+        Ok(())
+    }
+
+    fn alloc_buf(&mut self, len: usize) -> BufId {
+        let b = self.alloc.alloc(len);
+        match self.free_buf_slots.pop() {
+            Some(i) => {
+                self.bufs[i as usize] = Some(b);
+                BufId(i)
+            }
+            None => {
+                self.bufs.push(Some(b));
+                BufId(self.bufs.len() as u32 - 1)
+            }
+        }
+    }
+
+    fn release_buf(&mut self, id: BufId) {
+        self.bufs[id.0 as usize] = None;
+        self.free_buf_slots.push(id.0);
+    }
+
+    fn buf_mut(&mut self, id: BufId) -> &mut [u8] {
+        self.bufs[id.0 as usize].as_mut().expect("live engine buffer").as_mut()
+    }
+
+    fn buf(&self, id: BufId) -> &[u8] {
+        self.bufs[id.0 as usize].as_ref().expect("live engine buffer").as_ref()
+    }
+
+    fn issue(&mut self, device: Device, kind: CommandKind, purpose: Purpose) -> Token {
+        let token = Token(self.next_token);
+        self.next_token += 1;
+        match (device, &kind) {
+            (Device::Cache, CommandKind::Write { len, .. }) => {
+                self.stats.cache_write_cmds += 1;
+                self.stats.cache_write_bytes += *len as u64;
+            }
+            (Device::Cache, CommandKind::Read { len, .. }) => {
+                self.stats.cache_read_cmds += 1;
+                self.stats.cache_read_bytes += *len as u64;
+            }
+            (Device::Cache, CommandKind::Flush) => self.stats.cache_flush_cmds += 1,
+            (Device::Backing, CommandKind::Write { len, .. }) => {
+                self.stats.backing_write_cmds += 1;
+                self.stats.backing_write_bytes += *len as u64;
+            }
+            (Device::Backing, CommandKind::WriteZeroes { len, .. }) => {
+                self.stats.backing_write_cmds += 1;
+                self.stats.backing_write_bytes += *len;
+            }
+            (Device::Backing, CommandKind::Read { len, .. }) => {
+                self.stats.backing_read_cmds += 1;
+                self.stats.backing_read_bytes += *len as u64;
+            }
+            (Device::Backing, CommandKind::Flush) => self.stats.backing_flush_cmds += 1,
+            _ => {}
+        }
+        let cmd = Command { token, device, kind };
+        self.commands.push_back(cmd);
+        self.inflight.insert(token, InFlight { cmd, tries: 0, purpose });
+        token
+    }
+
+    /// Registers a user request that will complete asynchronously.
+    fn track(&mut self, req: ReqId) -> &mut UserReq {
+        self.reqs.entry(req).or_default()
+    }
+
+    /// One part of a user request ended.
+    fn part_done(&mut self, req: ReqId, result: Result<(), IoError>) {
+        if let Some(r) = self.reqs.get_mut(&req) {
+            r.parts = r.parts.saturating_sub(1);
+            if let Err(e) = result {
+                r.error.get_or_insert(e);
+            }
+        }
+        self.try_finish(req);
+    }
+
+    /// Completes a request whose parts have all ended, once what it waits for
+    /// (backing flush, durable logs) is done.
+    fn try_finish(&mut self, req: ReqId) {
+        let Some(r) = self.reqs.get_mut(&req) else {
+            return;
+        };
+        if r.parts > 0 {
+            return;
+        }
+        if r.error.is_none() {
+            if r.needs_backing_flush {
+                r.needs_backing_flush = false;
+                r.parts += 1;
+                self.backing_flush_waiting.push(commit::BackingWaiter::Req(req));
+                return;
+            }
+            if r.wait_log > self.durable_id {
+                if self.read_only {
+                    r.error = Some(IoError::CacheDevice);
+                } else {
+                    let id = r.wait_log;
+                    self.durability_waiters.entry(id).or_default().push(req);
+                    self.note_barrier(id);
+                    return;
+                }
+            }
+        }
+        let r = self.reqs.remove(&req).expect("request present");
+        for id in r.holds {
+            self.unhold(id);
+        }
+        self.backing_load -= r.backing_load as u64;
+        self.events.push_back(Event::Completed { req, result: r.error.map_or(Ok(()), Err) });
+    }
+
+    fn complete_now(&mut self, req: ReqId, result: Result<(), IoError>) {
+        self.events.push_back(Event::Completed { req, result });
+    }
+
+    /// Stops holding ring position of log `id` for a read.
+    fn unhold(&mut self, id: u64) {
+        let pos = self.geo.position(id) as usize;
+        if self.segs[pos].id == id {
+            self.segs[pos].readers -= 1;
+        }
+    }
+
+    fn hold(&mut self, id: u64) {
+        let pos = self.geo.position(id) as usize;
+        self.segs[pos].readers += 1;
+    }
+
+    fn seg(&self, id: u64) -> &SegMeta {
+        &self.segs[self.geo.position(id) as usize]
+    }
+
+    fn seg_mut(&mut self, id: u64) -> &mut SegMeta {
+        let pos = self.geo.position(id) as usize;
+        &mut self.segs[pos]
+    }
+
+    /// Backing device load as a percentage, as the engine sees it.
+    fn backing_load_pct(&self) -> u64 {
+        (self.backing_load * 100 / BACKING_NOMINAL_QD).min(100)
+    }
+
+    /// Whether a cached block's entry may be dropped without a log record:
+    /// its data is on the backing device and recovery would not bring it back.
+    fn droppable(&self, e: &Entry) -> bool {
+        e.dirty == 0 && (!e.logged_dirty || e.id <= self.record.last_writeback_id)
+    }
+
+    /// Removes `block` from the index (caller checked it is droppable or superseded).
+    fn drop_entry(&mut self, block: u64) {
+        if let Some(e) = self.index.remove(&block)
+            && e.dirty != 0
+        {
+            self.nr_dirty -= 1;
+            self.seg_mut(e.id).live_dirty -= 1;
+        }
+    }
+
+    /// Moves the engine forward as far as it can without new input.
+    fn pump(&mut self) {
+        if matches!(self.phase, Phase::Running | Phase::ShuttingDown) {
+            self.retry_stalled();
+            self.seal_if_due();
+            self.issue_cache_flush();
+            self.issue_backing_flush();
+            self.maybe_writeback();
+            self.maybe_write_record();
+            if self.drop_caches && self.nr_dirty == 0 && self.open.as_ref().is_none_or(|o| !o.has_dirty) {
+                self.drop_caches = false;
+            }
+            self.check_shutdown_done();
+        }
+    }
+
+    fn check_shutdown_done(&mut self) {
+        if self.phase != Phase::ShuttingDown
+            || self.open.is_some()
+            || !self.unflushed.is_empty()
+            || self.cache_flush.busy()
+            || self.wb.is_some()
+            || self.record_state != RecordState::Idle
+            || self.record_wanted
+            || !self.reqs.is_empty()
+        {
+            return;
+        }
+        self.phase = Phase::Stopped;
+        self.events.push_back(Event::ShutdownComplete);
+    }
+
+    fn fail_stalled(&mut self, err: IoError) {
+        for s in std::mem::take(&mut self.stalled) {
+            self.part_done(s.req, Err(err));
+        }
+    }
+
+    /// Sector range of `block` covered by `[offset, offset+len)`, as a mask and
+    /// the byte range inside the block.
+    fn block_span(block: u64, offset: u64, len: u64) -> (u8, usize, usize) {
+        let start = (block * BLOCK_SIZE).max(offset);
+        let end = ((block + 1) * BLOCK_SIZE).min(offset + len);
+        let (s0, s1) = ((start % BLOCK_SIZE) / SECTOR_SIZE, (end - block * BLOCK_SIZE).div_ceil(SECTOR_SIZE));
+        let mask = (((1u16 << s1) - 1) & !((1u16 << s0) - 1)) as u8;
+        ((mask), (start - block * BLOCK_SIZE) as usize, (end - block * BLOCK_SIZE) as usize)
+    }
+}
+
+/// Calls `f(first_sector, count)` for each run of set bits in `mask`.
+fn for_each_run(mask: u8, mut f: impl FnMut(u32, u32)) {
+    let mut m = mask as u32;
+    while m != 0 {
+        let start = m.trailing_zeros();
+        let len = (m >> start).trailing_ones();
+        f(start, len);
+        m &= !(((1u32 << len) - 1) << start);
+    }
+}
+
+fn data_ref_user(req: ReqId, offset: usize) -> DataRef {
+    DataRef::User { req, offset }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_span_masks() {
+        type E = Engine<crate::io::HeapAlloc>;
+        assert_eq!(E::block_span(0, 0, 4096), (0xff, 0, 4096));
+        assert_eq!(E::block_span(1, 4096 + 512, 1024), (0b0000_0110, 512, 1536));
+        assert_eq!(E::block_span(0, 3584, 4096), (0x80, 3584, 4096));
+        assert_eq!(E::block_span(1, 3584, 4096), (0x7f, 0, 3584));
+    }
+
+    #[test]
+    fn runs_of_bits() {
+        let mut v = Vec::new();
+        for_each_run(0b1011_0110, |s, l| v.push((s, l)));
+        assert_eq!(v, vec![(1, 2), (4, 2), (7, 1)]);
+    }
+}

@@ -1,0 +1,300 @@
+//! Start-up: read region 0, then either format (zeroed block 0 or an explicit
+//! request) or recover. Recovery reads only the logs after the recorded
+//! writeback frontier, in id order, and stops at the first one that is missing,
+//! torn, from another cache or from an older incarnation than its predecessor.
+//! Nothing is written until every check has passed.
+
+use std::collections::BTreeMap;
+
+use super::{Engine, Entry, Phase, Purpose, SegMeta};
+use crate::error::{FormatError, OpenError};
+use crate::format::{BackingIdentity, META_AREA_LEN, RECORD_OFFSETS, SbRecord, Superblock, verify_segment};
+use crate::geometry::{BLOCK_SIZE, Geometry};
+use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Event};
+
+/// Logs read ahead during replay.
+const REPLAY_QD: u64 = 4;
+
+#[derive(Debug)]
+pub(super) enum StartIo {
+    Meta,
+    FormatWrite,
+    FormatFlush,
+    Replay { id: u64, buf: BufId },
+    RecordWrite,
+    RecordFlush,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Startup {
+    buf: Option<BufId>,
+    /// Next log id to read and next to apply.
+    next_issue: u64,
+    next_apply: u64,
+    inflight: u64,
+    stop: bool,
+    prev_epoch: u64,
+    /// Logs read but not applied yet (they arrive out of order).
+    ready: BTreeMap<u64, BufId>,
+    spare: Vec<BufId>,
+    /// Record to make durable before the cache is ready.
+    record: Option<SbRecord>,
+}
+
+impl<A: BufAlloc> Engine<A> {
+    pub(super) fn start(&mut self) {
+        self.startup = Some(Startup::default());
+        if self.params.cache_size < META_AREA_LEN as u64 {
+            let e = FormatError::CacheTooSmall { cache_size: self.params.cache_size, needed: 3 * self.params.segment_size };
+            return self.fail_open(OpenError::Geometry(e));
+        }
+        let buf = self.alloc_buf(META_AREA_LEN);
+        self.st().buf = Some(buf);
+        self.issue(
+            Device::Cache,
+            CommandKind::Read { offset: 0, len: META_AREA_LEN, dst: DataRef::Engine { buf, offset: 0 } },
+            Purpose::Startup(StartIo::Meta),
+        );
+    }
+
+    fn st(&mut self) -> &mut Startup {
+        self.startup.as_mut().expect("starting")
+    }
+
+    fn fail_open(&mut self, e: OpenError) {
+        self.phase = Phase::Failed;
+        self.events.push_back(Event::OpenFailed(e));
+        if let Some(st) = self.startup.take() {
+            for b in st.buf.into_iter().chain(st.ready.into_values()).chain(st.spare) {
+                self.release_buf(b);
+            }
+        }
+    }
+
+    pub(super) fn startup_done(&mut self, io: StartIo, ok: bool) {
+        if self.phase != Phase::Starting {
+            return;
+        }
+        match io {
+            StartIo::Meta if !ok => self.fail_open(OpenError::Device { op: "reading the superblock" }),
+            StartIo::Meta => self.meta_read(),
+            StartIo::FormatWrite | StartIo::RecordWrite if !ok => {
+                self.fail_open(OpenError::Device { op: "writing the superblock" })
+            }
+            StartIo::FormatWrite => {
+                self.issue(Device::Cache, CommandKind::Flush, Purpose::Startup(StartIo::FormatFlush));
+            }
+            StartIo::RecordWrite => {
+                if let Some(b) = self.record_buf.take() {
+                    self.release_buf(b);
+                }
+                self.issue(Device::Cache, CommandKind::Flush, Purpose::Startup(StartIo::RecordFlush));
+            }
+            StartIo::FormatFlush | StartIo::RecordFlush if !ok => {
+                self.fail_open(OpenError::Device { op: "flushing the superblock" })
+            }
+            StartIo::FormatFlush | StartIo::RecordFlush => self.become_ready(),
+            StartIo::Replay { id, buf } => {
+                let st = self.st();
+                st.inflight -= 1;
+                st.ready.insert(id, buf);
+                if !ok {
+                    return self.fail_open(OpenError::Device { op: "reading logs" });
+                }
+                self.apply_ready();
+            }
+        }
+    }
+
+    fn meta_read(&mut self) {
+        let buf = self.st().buf.take().expect("meta buffer");
+        let meta = self.buf(buf).to_vec();
+        self.release_buf(buf);
+        let zeroed = meta[..BLOCK_SIZE as usize].iter().all(|&b| b == 0);
+        if self.params.format || zeroed {
+            return self.format();
+        }
+        let sb = match Superblock::parse(&meta[..BLOCK_SIZE as usize], self.params.cache_size) {
+            Ok(sb) => sb,
+            Err(e) => return self.fail_open(OpenError::Superblock(e)),
+        };
+        if sb.backing != self.params.backing {
+            let hex = |u: &[u8; 16]| u.iter().map(|b| format!("{b:02x}")).collect::<String>();
+            let e = OpenError::BackingMismatch {
+                expected: hex(&sb.backing.uuid),
+                expected_size: sb.backing.size,
+                got: hex(&self.params.backing.uuid),
+                got_size: self.params.backing.size,
+            };
+            return self.fail_open(e);
+        }
+        let best = RECORD_OFFSETS
+            .iter()
+            .filter_map(|&off| {
+                let at = off as usize;
+                SbRecord::parse(&meta[at..at + BLOCK_SIZE as usize], &sb.cache_uuid).ok()
+            })
+            .max_by_key(|r| r.seq);
+        let Some(record) = best else {
+            return self.fail_open(OpenError::NoRecord);
+        };
+        self.install_geometry(sb);
+        self.record = record;
+        self.last_wb = record.last_writeback_id;
+        let st = self.st();
+        st.next_issue = record.last_writeback_id + 1;
+        st.next_apply = record.last_writeback_id + 1;
+        self.issue_replay_reads();
+    }
+
+    fn install_geometry(&mut self, sb: Superblock) {
+        self.geo = sb.geometry();
+        self.sb = Some(sb);
+        self.segs = (0..self.geo.nr_segments).map(|_| SegMeta::default()).collect();
+    }
+
+    fn format(&mut self) {
+        let p = &self.params;
+        let geo = match Geometry::new(p.segment_size, p.cache_size, p.backing.size) {
+            Ok(g) => g,
+            Err(e) => return self.fail_open(OpenError::Geometry(e)),
+        };
+        let backing = BackingIdentity { uuid: p.backing.uuid, size: p.backing.size };
+        let sb = Superblock::new(&geo, p.new_cache_uuid, backing, p.cache_size);
+        // Record slot 0 is zeroed, slot 1 gets seq 1: both slots are defined.
+        let record = SbRecord { seq: 1, last_writeback_id: 0, epoch: 1, cache_uuid: p.new_cache_uuid };
+        let buf = self.alloc_buf(META_AREA_LEN);
+        {
+            let b = self.buf_mut(buf);
+            b[..BLOCK_SIZE as usize].copy_from_slice(&sb.encode());
+            let at = record.offset() as usize;
+            b[at..at + BLOCK_SIZE as usize].copy_from_slice(&record.encode());
+        }
+        self.install_geometry(sb);
+        self.record = record;
+        self.epoch = record.epoch;
+        self.next_id = 1;
+        self.durable_id = 0;
+        self.record_buf = Some(buf);
+        self.issue(
+            Device::Cache,
+            CommandKind::Write { offset: 0, len: META_AREA_LEN, src: DataRef::Engine { buf, offset: 0 } },
+            Purpose::Startup(StartIo::FormatWrite),
+        );
+    }
+
+    fn issue_replay_reads(&mut self) {
+        let (nr, last_wb, seg_len) = (self.geo.nr_segments, self.last_wb, self.geo.segment_size as usize);
+        loop {
+            let st = self.st();
+            if st.stop || st.inflight >= REPLAY_QD || st.next_issue - last_wb > nr {
+                break;
+            }
+            let id = st.next_issue;
+            st.next_issue += 1;
+            st.inflight += 1;
+            let buf = match st.spare.pop() {
+                Some(b) => b,
+                None => self.alloc_buf(seg_len),
+            };
+            let offset = self.geo.segment_offset(id);
+            self.issue(
+                Device::Cache,
+                CommandKind::Read { offset, len: seg_len, dst: DataRef::Engine { buf, offset: 0 } },
+                Purpose::Startup(StartIo::Replay { id, buf }),
+            );
+        }
+        let st = self.st();
+        if st.inflight == 0 && (st.stop || st.next_apply == st.next_issue) {
+            self.finish_replay();
+        }
+    }
+
+    /// Applies read logs in id order while the chain holds.
+    fn apply_ready(&mut self) {
+        let uuid = self.record.cache_uuid;
+        let max_epoch = self.record.epoch;
+        loop {
+            let st = self.st();
+            let id = st.next_apply;
+            if st.stop {
+                break;
+            }
+            let Some(buf) = st.ready.remove(&id) else { break };
+            let prev_epoch = st.prev_epoch;
+            let verdict = verify_segment(self.buf(buf), &self.geo, &uuid);
+            let st = self.st();
+            st.spare.push(buf);
+            match verdict {
+                Ok((h, mbs)) if h.id == id && h.epoch >= prev_epoch && h.epoch <= max_epoch => {
+                    st.prev_epoch = h.epoch;
+                    st.next_apply += 1;
+                    self.replay_log(id, &mbs);
+                }
+                _ => st.stop = true,
+            }
+        }
+        self.issue_replay_reads();
+    }
+
+    fn replay_log(&mut self, id: u64, mbs: &[crate::format::Metablock]) {
+        let pos = self.geo.position(id) as usize;
+        self.segs[pos] = SegMeta { id, blocks: mbs.iter().map(|m| m.block).collect(), ..SegMeta::default() };
+        for (slot, mb) in mbs.iter().enumerate() {
+            // Clean (read-cached) blocks are not replayed: an invalidation of
+            // them may not be on disk, and the backing device has their data.
+            if !mb.dirty {
+                continue;
+            }
+            if self.index.contains_key(&mb.block) {
+                self.drop_entry(mb.block);
+            }
+            self.index.insert(
+                mb.block,
+                Entry { id, slot: slot as u32, valid: mb.valid, dirty: mb.valid, logged_dirty: true },
+            );
+            self.nr_dirty += 1;
+            self.segs[pos].live_dirty += 1;
+        }
+    }
+
+    fn finish_replay(&mut self) {
+        let st = self.startup.as_mut().expect("starting");
+        let next = st.next_apply;
+        let bufs: Vec<BufId> = st.ready.values().copied().chain(st.spare.drain(..)).collect();
+        st.ready.clear();
+        for b in bufs {
+            self.release_buf(b);
+        }
+        self.next_id = next;
+        self.durable_id = next - 1;
+        // A new incarnation: logs written from now on carry a higher epoch, so
+        // stale logs after the chain end can never be mistaken for its continuation.
+        self.epoch = self.record.epoch + 1;
+        let rec = SbRecord {
+            seq: self.record.seq + 1,
+            last_writeback_id: self.last_wb,
+            epoch: self.epoch,
+            cache_uuid: self.record.cache_uuid,
+        };
+        self.st().record = Some(rec);
+        self.write_record(rec, Purpose::Startup(StartIo::RecordWrite));
+    }
+
+    fn become_ready(&mut self) {
+        if let Some(b) = self.record_buf.take() {
+            self.release_buf(b);
+        }
+        if let Some(rec) = self.startup.take().and_then(|st| st.record) {
+            self.record = rec;
+        }
+        let seg_len = self.geo.segment_size as usize;
+        for _ in 0..self.params.nr_buffers {
+            let b = self.alloc_buf(seg_len);
+            self.free_log_bufs.push(b);
+        }
+        self.last_record_at = self.now;
+        self.phase = Phase::Running;
+        self.events.push_back(Event::Ready);
+    }
+}

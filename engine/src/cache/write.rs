@@ -1,0 +1,385 @@
+//! User writes: placing cache lines into the open buffer, or bypassing the log.
+
+use super::{Engine, Entry, OpenLog, Purpose, SegMeta, Slot, StalledWrite, data_ref_user, for_each_run};
+use crate::error::{IoError, SubmitError};
+use crate::geometry::{BLOCK_SIZE, FULL_MASK, SECTOR_SIZE};
+use crate::io::{BufAlloc, CommandKind, DataRef, Device, Nanos, ReqId};
+
+/// Where the bytes of a write come from.
+#[derive(Clone, Copy)]
+pub(super) enum Src<'a> {
+    Data(&'a [u8]),
+    Zeros,
+}
+
+impl Src<'_> {
+    fn copy_to(&self, from: usize, dst: &mut [u8]) {
+        match self {
+            Src::Data(d) => dst.copy_from_slice(&d[from..from + dst.len()]),
+            Src::Zeros => dst.fill(0),
+        }
+    }
+}
+
+impl<A: BufAlloc> Engine<A> {
+    /// Writes `data` at byte `offset`. With `fua` the request completes only
+    /// once the data is durable; without it, once it is in the buffer.
+    pub fn submit_write(
+        &mut self,
+        req: ReqId,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+        now: Nanos,
+    ) -> Result<(), SubmitError> {
+        self.enter(now);
+        self.check_submit(req, offset, data.len() as u64)?;
+        self.stats.user_write_cmds += 1;
+        self.stats.user_write_bytes += data.len() as u64;
+        self.write_common(req, offset, data.len() as u64, Src::Data(data), fua);
+        self.pump();
+        Ok(())
+    }
+
+    /// Makes `[offset, offset+len)` read as zeroes.
+    pub fn submit_write_zeroes(&mut self, req: ReqId, offset: u64, len: u64, now: Nanos) -> Result<(), SubmitError> {
+        self.enter(now);
+        self.check_submit(req, offset, len)?;
+        self.stats.user_write_cmds += 1;
+        self.stats.user_write_bytes += len;
+        self.write_common(req, offset, len, Src::Zeros, false);
+        self.pump();
+        Ok(())
+    }
+
+    /// Unmaps a range: cached copies that can be dropped safely are dropped and
+    /// the request is passed to the backing device. Dirty cached data inside
+    /// the range is kept (and later written back): unmapped contents are
+    /// unspecified, so that is allowed, and it never loses a newer write.
+    pub fn submit_discard(&mut self, req: ReqId, offset: u64, len: u64, now: Nanos) -> Result<(), SubmitError> {
+        self.enter(now);
+        self.check_submit(req, offset, len)?;
+        let first = offset.div_ceil(BLOCK_SIZE);
+        let last = (offset + len) / BLOCK_SIZE;
+        for block in first..last {
+            if let Some(e) = self.index.get(&block).copied()
+                && self.droppable(&e)
+            {
+                self.drop_entry(block);
+            }
+        }
+        self.bypass_seq += 1;
+        self.backing_bypass_inflight += 1;
+        let r = self.track(req);
+        r.parts += 1;
+        r.backing_load += 1;
+        self.backing_load += 1;
+        self.issue(Device::Backing, CommandKind::Discard { offset, len }, Purpose::User { req, backing: true });
+        self.pump();
+        Ok(())
+    }
+
+    /// Completes once every write acknowledged before it is durable.
+    pub fn submit_flush(&mut self, req: ReqId, now: Nanos) -> Result<(), SubmitError> {
+        self.enter(now);
+        self.check_submit(req, 0, self.params.backing_block_size as u64)?;
+        self.stats.user_flush_cmds += 1;
+        if self.read_only {
+            self.complete_now(req, Err(IoError::ReadOnly));
+            return Ok(());
+        }
+        let wait_log = self.last_dirty_log();
+        let needs_backing_flush = self.backing_unflushed;
+        let r = self.track(req);
+        r.wait_log = wait_log;
+        r.needs_backing_flush = needs_backing_flush;
+        self.try_finish(req);
+        self.pump();
+        Ok(())
+    }
+
+    /// Highest log id that may hold acknowledged user data.
+    fn last_dirty_log(&self) -> u64 {
+        match &self.open {
+            Some(o) if o.has_dirty => o.id,
+            Some(o) => o.id - 1,
+            None => self.next_id - 1,
+        }
+    }
+
+    fn write_common(&mut self, req: ReqId, offset: u64, len: u64, src: Src<'_>, fua: bool) {
+        if self.read_only {
+            self.complete_now(req, Err(IoError::ReadOnly));
+            return;
+        }
+        if self.stalled.is_empty() && self.wants_bypass(len) && self.bypassable(offset, len) {
+            self.bypass(req, offset, len, src, fua);
+            return;
+        }
+        let (placed, max_id) = self.place(offset, len, src, 0);
+        if placed == len && !fua {
+            self.complete_now(req, Ok(()));
+            return;
+        }
+        let r = self.track(req);
+        if fua {
+            r.wait_log = r.wait_log.max(max_id);
+        }
+        if placed < len {
+            r.parts += 1;
+            let data = match src {
+                Src::Data(d) => Some(d[placed as usize..].to_vec()),
+                Src::Zeros => None,
+            };
+            self.stalled.push_back(StalledWrite { req, offset: offset + placed, data, len: len - placed, fua });
+        }
+        self.try_finish(req);
+    }
+
+    fn wants_bypass(&self, len: u64) -> bool {
+        self.tunables.write_around_mode
+            || (self.tunables.bypass_write_kib > 0 && len >= self.tunables.bypass_write_kib as u64 * 1024)
+            || !self.can_take_block()
+    }
+
+    /// No block in the range holds data that only the cache has, or that
+    /// recovery could bring back over the new data.
+    fn bypassable(&self, offset: u64, len: u64) -> bool {
+        let (first, last) = (offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
+        (first..=last).all(|b| self.index.get(&b).is_none_or(|e| self.droppable(e)))
+    }
+
+    fn bypass(&mut self, req: ReqId, offset: u64, len: u64, src: Src<'_>, fua: bool) {
+        let (first, last) = (offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
+        for b in first..=last {
+            if self.index.contains_key(&b) {
+                self.drop_entry(b);
+            }
+        }
+        self.bypass_seq += 1;
+        self.backing_bypass_inflight += 1;
+        self.stats.bypass_write_bytes += len;
+        let r = self.track(req);
+        r.parts += 1;
+        r.needs_backing_flush = fua;
+        r.backing_load += 1;
+        self.backing_load += 1;
+        let kind = match src {
+            Src::Data(_) => CommandKind::Write { offset, len: len as usize, src: data_ref_user(req, 0) },
+            Src::Zeros => CommandKind::WriteZeroes { offset, len },
+        };
+        self.issue(Device::Backing, kind, Purpose::User { req, backing: true });
+    }
+
+    /// Places stalled writes while there is room, in arrival order.
+    pub(super) fn retry_stalled(&mut self) {
+        while let Some(mut s) = self.stalled.pop_front() {
+            if self.read_only {
+                self.part_done(s.req, Err(IoError::ReadOnly));
+                continue;
+            }
+            let src = match &s.data {
+                Some(d) => Src::Data(d),
+                None => Src::Zeros,
+            };
+            let (placed, max_id) = self.place(s.offset, s.len, src, 0);
+            if s.fua
+                && let Some(r) = self.reqs.get_mut(&s.req)
+            {
+                r.wait_log = r.wait_log.max(max_id);
+            }
+            if placed == s.len {
+                self.part_done(s.req, Ok(()));
+                continue;
+            }
+            if let Some(d) = &mut s.data {
+                d.drain(..placed as usize);
+            }
+            s.offset += placed;
+            s.len -= placed;
+            self.stalled.push_front(s);
+            break;
+        }
+    }
+
+    /// Copies as much of the write as fits into buffers. Returns the bytes
+    /// placed (a prefix) and the highest log id used.
+    fn place(&mut self, offset: u64, len: u64, src: Src<'_>, mut max_id: u64) -> (u64, u64) {
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / BLOCK_SIZE;
+            let (mask, b0, b1) = Self::block_span(block, offset, len);
+            let from = (block * BLOCK_SIZE + b0 as u64 - offset) as usize;
+            match self.place_block(block, mask, b0, b1, src, from) {
+                Some(id) => max_id = max_id.max(id),
+                None => break,
+            }
+            pos = block * BLOCK_SIZE + b1 as u64;
+        }
+        (pos - offset, max_id)
+    }
+
+    /// Puts bytes `b0..b1` of `block` into the open buffer; None if no room.
+    fn place_block(&mut self, block: u64, mask: u8, b0: usize, b1: usize, src: Src<'_>, from: usize) -> Option<u64> {
+        let full = mask == FULL_MASK;
+        let hl = self.geo.header_len();
+        let existing = self.index.get(&block).copied();
+        // A line already in the open buffer is updated in place.
+        if let (Some(e), Some(o)) = (existing, self.open.as_ref())
+            && e.id == o.id
+        {
+            let (id, buf) = (o.id, o.buf);
+            let at = hl + e.slot as usize * BLOCK_SIZE as usize;
+            src.copy_to(from, &mut self.buf_mut(buf)[at + b0..at + b1]);
+            let o = self.open.as_mut().expect("open log");
+            o.has_dirty = true;
+            let slot = &mut o.slots[e.slot as usize];
+            slot.valid |= mask;
+            slot.dirty = true;
+            slot.fill &= !mask;
+            if e.dirty == 0 {
+                self.nr_dirty += 1;
+                self.seg_mut(id).live_dirty += 1;
+            }
+            let ent = self.index.get_mut(&block).expect("entry");
+            ent.valid |= mask;
+            ent.dirty |= mask;
+            ent.logged_dirty = true;
+            self.stats.count(true, true, true, full);
+            return Some(id);
+        }
+        if !self.ensure_open_slot() {
+            return None;
+        }
+        let o = self.open.as_ref().expect("open log");
+        let (id, buf, s) = (o.id, o.buf, o.slots.len() as u32);
+        let at = hl + s as usize * BLOCK_SIZE as usize;
+        src.copy_to(from, &mut self.buf_mut(buf)[at + b0..at + b1]);
+        let mut valid = mask;
+        let mut fill = 0u8;
+        let mut fill_src = None;
+        if let Some(old) = existing {
+            // Dirty sectors of the older copy that this write does not cover
+            // must move along; clean ones are on the backing device already.
+            let carry = old.dirty & !mask;
+            if carry != 0 {
+                valid |= carry;
+                if let Some(src_buf) = self.seg(old.id).buf {
+                    let src_at = hl + old.slot as usize * BLOCK_SIZE as usize;
+                    let mut tmp = [0u8; BLOCK_SIZE as usize];
+                    tmp.copy_from_slice(&self.buf(src_buf)[src_at..src_at + BLOCK_SIZE as usize]);
+                    let dst = &mut self.buf_mut(buf)[at..at + BLOCK_SIZE as usize];
+                    for_each_run(carry, |s0, n| {
+                        let (a, z) = (s0 as usize * SECTOR_SIZE as usize, (s0 + n) as usize * SECTOR_SIZE as usize);
+                        dst[a..z].copy_from_slice(&tmp[a..z]);
+                    });
+                } else {
+                    fill = carry;
+                    fill_src = Some(old);
+                }
+            }
+            self.drop_entry(block);
+            self.stats.count(true, true, false, full);
+        } else {
+            self.stats.count(true, false, false, full);
+        }
+        let o = self.open.as_mut().expect("open log");
+        o.slots.push(Slot { block, valid, dirty: true, fill });
+        o.has_dirty = true;
+        let full_log = o.slots.len() as u32 == self.geo.data_blocks;
+        let seg = self.seg_mut(id);
+        seg.blocks.push(block);
+        seg.live_dirty += 1;
+        self.nr_dirty += 1;
+        self.index.insert(block, Entry { id, slot: s, valid, dirty: valid, logged_dirty: true });
+        if let Some(old) = fill_src {
+            self.open.as_mut().expect("open log").fills_pending += 1;
+            let fbuf = self.alloc_buf(BLOCK_SIZE as usize);
+            self.hold(old.id);
+            let offset = self.geo.slot_offset(old.id, old.slot);
+            self.issue(
+                Device::Cache,
+                CommandKind::Read { offset, len: BLOCK_SIZE as usize, dst: DataRef::Engine { buf: fbuf, offset: 0 } },
+                Purpose::Fill { id, slot: s, src_id: old.id, buf: fbuf },
+            );
+        }
+        if full_log {
+            self.request_seal();
+        }
+        Some(id)
+    }
+
+    /// Whether a new block could be placed right now.
+    pub(super) fn can_take_block(&self) -> bool {
+        self.open.as_ref().is_some_and(|o| (o.slots.len() as u32) < self.geo.data_blocks) || self.can_open_log()
+    }
+
+    pub(super) fn ensure_open_slot(&mut self) -> bool {
+        if let Some(o) = &self.open {
+            if (o.slots.len() as u32) < self.geo.data_blocks {
+                return true;
+            }
+            self.request_seal();
+            self.seal_if_due();
+        }
+        if !self.can_open_log() {
+            return false;
+        }
+        self.open_log();
+        true
+    }
+
+    /// A buffer is free and the next ring position holds nothing the cache
+    /// still needs (written back, recorded durably, nobody reading it).
+    pub(super) fn can_open_log(&self) -> bool {
+        if self.open.is_some() || self.free_log_bufs.is_empty() || self.phase != super::Phase::Running {
+            return false;
+        }
+        let nr = self.geo.nr_segments;
+        if self.next_id <= nr {
+            return true;
+        }
+        let occupant = self.next_id - nr;
+        let seg = self.seg(self.next_id);
+        seg.id != occupant
+            || (occupant <= self.record.last_writeback_id && seg.readers == 0 && seg.buf.is_none())
+    }
+
+    /// Whether the position the next log needs waits for writeback or a record.
+    pub(super) fn next_position_blocked_on(&self) -> Option<u64> {
+        let nr = self.geo.nr_segments;
+        if self.next_id <= nr {
+            return None;
+        }
+        let occupant = self.next_id - nr;
+        (self.seg(self.next_id).id == occupant && occupant > self.record.last_writeback_id).then_some(occupant)
+    }
+
+    fn open_log(&mut self) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let buf = self.free_log_bufs.pop().expect("free log buffer");
+        let pos = self.geo.position(id) as usize;
+        // Reclaim the position: the old log is written back, so whatever of it
+        // is still indexed is clean and can go.
+        let (old_id, mut blocks) = (self.segs[pos].id, std::mem::take(&mut self.segs[pos].blocks));
+        for &b in &blocks {
+            if self.index.get(&b).is_some_and(|e| e.id == old_id) {
+                self.drop_entry(b);
+            }
+        }
+        blocks.clear();
+        blocks.reserve(self.geo.data_blocks as usize);
+        self.segs[pos] = SegMeta { id, blocks, buf: Some(buf), readers: 0, live_dirty: 0 };
+        self.open = Some(OpenLog {
+            id,
+            buf,
+            slots: Vec::with_capacity(self.geo.data_blocks as usize),
+            fills_pending: 0,
+            has_dirty: false,
+            seal_requested: false,
+            opened_at: self.now,
+        });
+    }
+}

@@ -1,0 +1,189 @@
+//! Writeback (migration): dirty blocks of the oldest durable logs are read
+//! back, sorted by backing address, written to the backing device (dirty
+//! sectors only), and made durable there. Only then does the writeback
+//! frontier `last_wb` move, and a ring position is reused only once a durable
+//! superblock record covers it, so recovery never misses a dirty log.
+
+use super::{Engine, Phase, Purpose, WRITEBACK_RETRY_NS, for_each_run};
+use crate::geometry::{BLOCK_SIZE, FULL_MASK, SECTOR_SIZE};
+use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device};
+
+/// One batch of logs being written back.
+#[derive(Debug)]
+pub(super) struct WbBatch {
+    /// Last log id of the batch (the batch covers `last_wb + 1 ..= last`).
+    last: u64,
+    /// Buffers holding the logs that had live dirty blocks.
+    bufs: Vec<(u64, BufId)>,
+    reads_pending: u32,
+    writes_pending: u32,
+    failed: bool,
+    /// (block, log id, slot, sectors written) for marking clean at the end.
+    written: Vec<(u64, u64, u32, u8)>,
+}
+
+impl<A: BufAlloc> Engine<A> {
+    /// Whether the cache is close enough to full that writeback must run
+    /// whatever the backing device's load.
+    fn writeback_urgent(&self) -> bool {
+        let used = self.next_id - 1 - self.last_wb;
+        let reserve = (self.params.nr_buffers as u64).max(self.geo.nr_segments / 16);
+        used + reserve >= self.geo.nr_segments || (!self.stalled.is_empty() && self.next_position_blocked_on().is_some())
+    }
+
+    pub(super) fn maybe_writeback(&mut self) {
+        while self.wb.is_none()
+            && self.phase == Phase::Running
+            && self.wb_retry_at.is_none()
+            && self.durable_id > self.last_wb
+        {
+            let background = self.tunables.writeback_threshold > 0
+                && self.backing_load_pct() < self.tunables.writeback_threshold as u64;
+            if !(background || self.drop_caches || self.writeback_urgent()) {
+                return;
+            }
+            let last = (self.last_wb + self.tunables.nr_max_batched_writeback as u64).min(self.durable_id);
+            let mut batch =
+                WbBatch { last, bufs: Vec::new(), reads_pending: 0, writes_pending: 0, failed: false, written: Vec::new() };
+            for id in self.last_wb + 1..=last {
+                let seg = self.seg(id);
+                if seg.id != id || seg.live_dirty == 0 {
+                    continue;
+                }
+                let len = seg.blocks.len() * BLOCK_SIZE as usize;
+                let buf = match self.wb_bufs.pop() {
+                    Some(b) => b,
+                    None => self.alloc_buf(self.geo.segment_size as usize),
+                };
+                self.hold(id);
+                let offset = self.geo.slot_offset(id, 0);
+                self.issue(
+                    Device::Cache,
+                    CommandKind::Read { offset, len, dst: DataRef::Engine { buf, offset: 0 } },
+                    Purpose::WbRead { id },
+                );
+                batch.bufs.push((id, buf));
+                batch.reads_pending += 1;
+            }
+            if batch.reads_pending == 0 {
+                // Nothing live was dirty: the logs are superseded or clean.
+                self.last_wb = last;
+                continue;
+            }
+            self.wb = Some(batch);
+        }
+    }
+
+    pub(super) fn wb_read_done(&mut self, id: u64, ok: bool) {
+        self.unhold(id);
+        let Some(b) = self.wb.as_mut() else { return };
+        b.reads_pending -= 1;
+        b.failed |= !ok;
+        if b.reads_pending == 0 {
+            self.wb_write_phase();
+        }
+    }
+
+    fn wb_write_phase(&mut self) {
+        let mut b = self.wb.take().expect("writeback batch");
+        if b.failed {
+            self.wb = Some(b);
+            self.wb_abort();
+            return;
+        }
+        // Blocks still indexed at their place in these logs and still dirty.
+        let mut items: Vec<(u64, u8, BufId, u32, u64)> = Vec::new();
+        for &(id, buf) in &b.bufs {
+            for (slot, &block) in self.seg(id).blocks.iter().enumerate() {
+                if let Some(e) = self.index.get(&block)
+                    && e.id == id
+                    && e.slot == slot as u32
+                    && e.dirty != 0
+                {
+                    items.push((block, e.dirty, buf, slot as u32, id));
+                }
+            }
+        }
+        items.sort_unstable_by_key(|i| i.0);
+        // Merge full blocks that are contiguous on the backing device and in memory.
+        let mut cmds: Vec<(u64, usize, BufId, usize)> = Vec::new(); // backing offset, len, buf, buf offset
+        for &(block, mask, buf, slot, id) in &items {
+            b.written.push((block, id, slot, mask));
+            let boff = slot as usize * BLOCK_SIZE as usize;
+            if mask == FULL_MASK {
+                if let Some(last) = cmds.last_mut()
+                    && last.2 == buf
+                    && last.0 + last.1 as u64 == block * BLOCK_SIZE
+                    && last.3 + last.1 == boff
+                    && last.1 % BLOCK_SIZE as usize == 0
+                {
+                    last.1 += BLOCK_SIZE as usize;
+                    continue;
+                }
+                cmds.push((block * BLOCK_SIZE, BLOCK_SIZE as usize, buf, boff));
+            } else {
+                for_each_run(mask, |s0, n| {
+                    let a = s0 as usize * SECTOR_SIZE as usize;
+                    cmds.push((block * BLOCK_SIZE + a as u64, n as usize * SECTOR_SIZE as usize, buf, boff + a));
+                });
+            }
+        }
+        b.writes_pending = cmds.len() as u32;
+        self.wb = Some(b);
+        for (offset, len, buf, boff) in cmds {
+            self.issue(
+                Device::Backing,
+                CommandKind::Write { offset, len, src: DataRef::Engine { buf, offset: boff } },
+                Purpose::WbWrite,
+            );
+        }
+        if self.wb.as_ref().is_some_and(|b| b.writes_pending == 0) {
+            self.wb_finish();
+        }
+    }
+
+    pub(super) fn wb_write_done(&mut self, ok: bool) {
+        let Some(b) = self.wb.as_mut() else { return };
+        b.writes_pending -= 1;
+        b.failed |= !ok;
+        if b.writes_pending == 0 {
+            if b.failed {
+                self.wb_abort();
+            } else {
+                self.backing_flush_waiting.push(super::commit::BackingWaiter::Writeback);
+            }
+        }
+    }
+
+    pub(super) fn wb_flushed(&mut self, ok: bool) {
+        if ok { self.wb_finish() } else { self.wb_abort() }
+    }
+
+    /// The batch is durable on the backing device: its blocks are clean.
+    fn wb_finish(&mut self) {
+        let b = self.wb.take().expect("writeback batch");
+        for &(block, id, slot, mask) in &b.written {
+            if let Some(e) = self.index.get_mut(&block)
+                && e.id == id
+                && e.slot == slot
+            {
+                let was_dirty = e.dirty != 0;
+                e.dirty &= !mask;
+                if was_dirty && e.dirty == 0 {
+                    self.nr_dirty -= 1;
+                    self.seg_mut(id).live_dirty -= 1;
+                }
+            }
+        }
+        self.last_wb = self.last_wb.max(b.last);
+        self.wb_bufs.extend(b.bufs.iter().map(|&(_, buf)| buf));
+    }
+
+    /// The batch failed after retries: leave everything dirty and try later.
+    fn wb_abort(&mut self) {
+        let b = self.wb.take().expect("writeback batch");
+        self.stats.writeback_errors += 1;
+        self.wb_bufs.extend(b.bufs.iter().map(|&(_, buf)| buf));
+        self.wb_retry_at = Some(self.now + WRITEBACK_RETRY_NS);
+    }
+}

@@ -1,0 +1,110 @@
+//! Typed errors. Each message says what is wrong and what the user can do.
+
+use thiserror::Error;
+
+/// A structure on the cache device is not what this build can use.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FormatError {
+    #[error("segment size {segment_size} is invalid: use a power of two from 64 KiB to 4 MiB")]
+    BadSegmentSize { segment_size: u64 },
+    #[error("backing device size {backing_size} is not a positive multiple of 512 bytes")]
+    BadBackingSize { backing_size: u64 },
+    #[error(
+        "cache device of {cache_size} bytes is too small: it needs at least {needed} bytes \
+         (superblock region and two segments); use a larger device or a smaller segment size"
+    )]
+    CacheTooSmall { cache_size: u64, needed: u64 },
+    #[error("the device holds no writeboost superblock")]
+    NotACache,
+    #[error("region holds no log of this cache")]
+    NotALog,
+    #[error("{what} failed its checksum or consistency check")]
+    BadChecksum { what: &'static str },
+    #[error("{what} is truncated")]
+    Truncated { what: &'static str },
+    #[error(
+        "format version {found} is newer than this build supports ({supported}); \
+         upgrade writeboost to open this cache"
+    )]
+    NewerVersion { found: u32, supported: u32 },
+    #[error(
+        "block size mismatch: the cache was formatted with {block}-byte blocks and \
+         {sector}-byte sectors; this build uses 4096/512"
+    )]
+    BlockSizeMismatch { block: u64, sector: u64 },
+    #[error(
+        "the cache device shrank from {formatted} to {now} bytes since it was formatted; \
+         restore the original device or reformat (discarding its contents)"
+    )]
+    CacheShrunk { formatted: u64, now: u64 },
+    #[error("metablock {index} of a log points outside the backing device or has bad flags")]
+    BadMetablock { index: u32 },
+}
+
+/// Opening (formatting or recovering) a cache failed. Nothing was written.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum OpenError {
+    #[error("invalid parameters: {0}")]
+    Params(#[from] ConfigError),
+    #[error("cache device geometry: {0}")]
+    Geometry(FormatError),
+    #[error(
+        "the cache superblock is unusable ({0}); if this device may be discarded, \
+         reopen with format=true to reformat it"
+    )]
+    Superblock(FormatError),
+    #[error(
+        "this cache belongs to another backing device (expected uuid {expected}, size {expected_size}; \
+         got uuid {got}, size {got_size}); attach the right backing device, or reformat with \
+         format=true to discard the cache"
+    )]
+    BackingMismatch { expected: String, expected_size: u64, got: String, got_size: u64 },
+    #[error(
+        "both superblock records are unreadable and no valid log chain was found; \
+         reopen with format=true to discard the cache"
+    )]
+    NoRecord,
+    #[error("the cache device failed during start-up ({op}); check the device and retry")]
+    Device { op: &'static str },
+}
+
+/// A tunable or parameter is out of range.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigError {
+    #[error("{name}={value} is out of range; allowed: {min}..={max}")]
+    OutOfRange { name: &'static str, value: u64, min: u64, max: u64 },
+    #[error("unknown tunable '{0}'")]
+    Unknown(String),
+}
+
+/// A user request was refused before it started.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SubmitError {
+    #[error(
+        "request at byte {offset} of length {len} is not within the device or not aligned \
+         to 512-byte sectors"
+    )]
+    BadRange { offset: u64, len: u64 },
+    #[error("the cache is still starting; wait for it to be ready")]
+    NotReady,
+    #[error("the cache is shutting down")]
+    ShuttingDown,
+    #[error("request id {0} is already in flight")]
+    DuplicateRequest(u64),
+}
+
+/// Why a user request completed unsuccessfully.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum IoError {
+    #[error("the cache device failed; the cache is read-only now: drain it and replace the device")]
+    CacheDevice,
+    #[error("the backing device failed this request")]
+    BackingDevice,
+    #[error("the cache is read-only after a cache device failure; writes are refused")]
+    ReadOnly,
+}
+
+/// A device command failed; the host tells the engine nothing more specific.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("device I/O error")]
+pub struct DeviceError;

@@ -1,0 +1,415 @@
+//! Encoding and parsing of every on-disk structure (documented in docs/FORMAT.md).
+//!
+//! Parsers never trust a field: each is range-checked against the geometry
+//! before it is used, so a corrupted or hostile device yields an error, not a
+//! panic or an out-of-range access.
+
+use crate::error::FormatError;
+use crate::geometry::{
+    BLOCK_SIZE, Geometry, METABLOCK_SIZE, SECTOR_SIZE, SECTORS_PER_BLOCK, SEGMENT_HEADER_FIXED,
+};
+
+pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"WBOOSTSB";
+pub const RECORD_MAGIC: [u8; 8] = *b"WBOOSTRC";
+pub const SEGMENT_MAGIC: [u8; 8] = *b"WBOOSTSG";
+/// Format version written by this build; anything newer is refused.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Byte offsets of the fixed structures in region 0.
+pub const SUPERBLOCK_OFFSET: u64 = 0;
+pub const RECORD_OFFSETS: [u64; 2] = [BLOCK_SIZE, 2 * BLOCK_SIZE];
+/// Region 0 prefix read at start-up: superblock and both record slots.
+pub const META_AREA_LEN: usize = 3 * BLOCK_SIZE as usize;
+
+const SB_CRC_AT: usize = 124;
+const RECORD_CRC_AT: usize = 56;
+const SEG_CRC_AT: usize = 48;
+
+/// Metablock flag: the block was dirty (not on the backing device) when logged.
+pub const MB_FLAG_DIRTY: u8 = 1;
+
+fn get_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn get_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+fn get_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+fn get_uuid(b: &[u8], at: usize) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&b[at..at + 16]);
+    a
+}
+fn put(b: &mut [u8], at: usize, v: &[u8]) {
+    b[at..at + v.len()].copy_from_slice(v);
+}
+
+/// Identity of the backing device a cache belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackingIdentity {
+    /// Host-supplied UUID of the backing device.
+    pub uuid: [u8; 16],
+    /// Size of the backing device in bytes.
+    pub size: u64,
+}
+
+/// Block 0 of the cache device: what this cache is and how it is laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Superblock {
+    pub version: u32,
+    pub segment_size: u64,
+    pub header_blocks: u32,
+    pub data_blocks: u32,
+    pub nr_segments: u64,
+    pub cache_uuid: [u8; 16],
+    pub backing: BackingIdentity,
+    /// Size of the cache device when it was formatted.
+    pub cache_size: u64,
+}
+
+impl Superblock {
+    pub fn new(geo: &Geometry, cache_uuid: [u8; 16], backing: BackingIdentity, cache_size: u64) -> Self {
+        Self {
+            version: FORMAT_VERSION,
+            segment_size: geo.segment_size,
+            header_blocks: geo.header_blocks,
+            data_blocks: geo.data_blocks,
+            nr_segments: geo.nr_segments,
+            cache_uuid,
+            backing,
+            cache_size,
+        }
+    }
+
+    pub fn encode(&self) -> [u8; BLOCK_SIZE as usize] {
+        let mut b = [0u8; BLOCK_SIZE as usize];
+        put(&mut b, 0, &SUPERBLOCK_MAGIC);
+        put(&mut b, 8, &self.version.to_le_bytes());
+        put(&mut b, 12, &(BLOCK_SIZE as u32).to_le_bytes());
+        put(&mut b, 16, &(SECTOR_SIZE as u32).to_le_bytes());
+        put(&mut b, 20, &self.header_blocks.to_le_bytes());
+        put(&mut b, 24, &self.segment_size.to_le_bytes());
+        put(&mut b, 32, &self.nr_segments.to_le_bytes());
+        put(&mut b, 40, &self.cache_uuid);
+        put(&mut b, 56, &self.backing.uuid);
+        put(&mut b, 72, &self.backing.size.to_le_bytes());
+        put(&mut b, 80, &self.cache_size.to_le_bytes());
+        put(&mut b, 88, &self.data_blocks.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..SB_CRC_AT]);
+        put(&mut b, SB_CRC_AT, &crc.to_le_bytes());
+        b
+    }
+
+    /// Parses and validates block 0. `cache_size` is the device's current size.
+    pub fn parse(b: &[u8], cache_size: u64) -> Result<Self, FormatError> {
+        if b.len() < BLOCK_SIZE as usize {
+            return Err(FormatError::Truncated { what: "superblock" });
+        }
+        if b[..8] != SUPERBLOCK_MAGIC {
+            return Err(FormatError::NotACache);
+        }
+        if crc32c::crc32c(&b[..SB_CRC_AT]) != get_u32(b, SB_CRC_AT) {
+            return Err(FormatError::BadChecksum { what: "superblock" });
+        }
+        let version = get_u32(b, 8);
+        if version > FORMAT_VERSION {
+            return Err(FormatError::NewerVersion { found: version, supported: FORMAT_VERSION });
+        }
+        let (block, sector) = (get_u32(b, 12) as u64, get_u32(b, 16) as u64);
+        if block != BLOCK_SIZE || sector != SECTOR_SIZE {
+            return Err(FormatError::BlockSizeMismatch { block, sector });
+        }
+        let sb = Self {
+            version,
+            header_blocks: get_u32(b, 20),
+            segment_size: get_u64(b, 24),
+            nr_segments: get_u64(b, 32),
+            cache_uuid: get_uuid(b, 40),
+            backing: BackingIdentity { uuid: get_uuid(b, 56), size: get_u64(b, 72) },
+            cache_size: get_u64(b, 80),
+            data_blocks: get_u32(b, 88),
+        };
+        // The stored geometry must be exactly what the format rules derive, so
+        // no later address computation can leave the device.
+        let geo = Geometry::new(sb.segment_size, sb.cache_size, sb.backing.size)?;
+        if geo.header_blocks != sb.header_blocks
+            || geo.data_blocks != sb.data_blocks
+            || geo.nr_segments != sb.nr_segments
+        {
+            return Err(FormatError::BadChecksum { what: "superblock geometry" });
+        }
+        if sb.cache_size > cache_size {
+            return Err(FormatError::CacheShrunk { formatted: sb.cache_size, now: cache_size });
+        }
+        Ok(sb)
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            segment_size: self.segment_size,
+            header_blocks: self.header_blocks,
+            data_blocks: self.data_blocks,
+            nr_segments: self.nr_segments,
+            backing_size: self.backing.size,
+        }
+    }
+}
+
+/// The superblock record: how far writeback has durably progressed.
+/// Two slots are written alternately so a torn write never loses both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SbRecord {
+    /// Increases with every write; the valid slot with the larger one wins.
+    pub seq: u64,
+    /// Every log with an id at or below this is on the backing device, durably.
+    pub last_writeback_id: u64,
+    /// Incarnation of the cache; bumped at every start before new logs are written.
+    pub epoch: u64,
+    pub cache_uuid: [u8; 16],
+}
+
+impl SbRecord {
+    pub fn encode(&self) -> [u8; BLOCK_SIZE as usize] {
+        let mut b = [0u8; BLOCK_SIZE as usize];
+        put(&mut b, 0, &RECORD_MAGIC);
+        put(&mut b, 8, &FORMAT_VERSION.to_le_bytes());
+        put(&mut b, 16, &self.seq.to_le_bytes());
+        put(&mut b, 24, &self.last_writeback_id.to_le_bytes());
+        put(&mut b, 32, &self.epoch.to_le_bytes());
+        put(&mut b, 40, &self.cache_uuid);
+        let crc = crc32c::crc32c(&b[..RECORD_CRC_AT]);
+        put(&mut b, RECORD_CRC_AT, &crc.to_le_bytes());
+        b
+    }
+
+    pub fn parse(b: &[u8], cache_uuid: &[u8; 16]) -> Result<Self, FormatError> {
+        if b.len() < BLOCK_SIZE as usize {
+            return Err(FormatError::Truncated { what: "superblock record" });
+        }
+        if b[..8] != RECORD_MAGIC || crc32c::crc32c(&b[..RECORD_CRC_AT]) != get_u32(b, RECORD_CRC_AT) {
+            return Err(FormatError::BadChecksum { what: "superblock record" });
+        }
+        let version = get_u32(b, 8);
+        if version > FORMAT_VERSION {
+            return Err(FormatError::NewerVersion { found: version, supported: FORMAT_VERSION });
+        }
+        let r = Self {
+            seq: get_u64(b, 16),
+            last_writeback_id: get_u64(b, 24),
+            epoch: get_u64(b, 32),
+            cache_uuid: get_uuid(b, 40),
+        };
+        if &r.cache_uuid != cache_uuid {
+            return Err(FormatError::BadChecksum { what: "superblock record (other cache)" });
+        }
+        Ok(r)
+    }
+
+    /// Slot this record goes to.
+    pub fn offset(&self) -> u64 {
+        RECORD_OFFSETS[(self.seq % 2) as usize]
+    }
+}
+
+/// One data block's description in a segment header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Metablock {
+    /// Backing device block number (4 KiB units); stored on disk as a sector.
+    pub block: u64,
+    /// Sectors of the block that the log holds.
+    pub valid: u8,
+    /// The block was dirty when logged (recovery replays only dirty blocks).
+    pub dirty: bool,
+}
+
+/// Parsed fixed part of a segment header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub id: u64,
+    pub epoch: u64,
+    pub nr_valid: u32,
+    pub checksum: u32,
+}
+
+/// Writes a segment header into `hdr` (the first `geo.header_len()` bytes of a
+/// segment buffer) and the checksum over header and `data`.
+pub fn encode_segment_header(
+    hdr: &mut [u8],
+    data: &[u8],
+    geo: &Geometry,
+    id: u64,
+    epoch: u64,
+    cache_uuid: &[u8; 16],
+    blocks: &[Metablock],
+) {
+    hdr.fill(0);
+    put(hdr, 0, &SEGMENT_MAGIC);
+    put(hdr, 8, &(FORMAT_VERSION as u16).to_le_bytes());
+    put(hdr, 10, &(geo.header_blocks as u16).to_le_bytes());
+    put(hdr, 12, &(blocks.len() as u16).to_le_bytes());
+    put(hdr, 16, &id.to_le_bytes());
+    put(hdr, 24, &epoch.to_le_bytes());
+    put(hdr, 32, cache_uuid);
+    for (i, mb) in blocks.iter().enumerate() {
+        let at = SEGMENT_HEADER_FIXED + i * METABLOCK_SIZE;
+        put(hdr, at, &(mb.block * SECTORS_PER_BLOCK).to_le_bytes());
+        hdr[at + 8] = mb.valid;
+        hdr[at + 9] = if mb.dirty { MB_FLAG_DIRTY } else { 0 };
+    }
+    let crc = crc32c::crc32c_append(crc32c::crc32c(hdr), data);
+    put(hdr, SEG_CRC_AT, &crc.to_le_bytes());
+}
+
+/// Parses the fixed part of a segment header and checks that it belongs to
+/// this cache and that its fields are within the geometry. The data checksum
+/// is checked separately by [`verify_segment`].
+pub fn parse_segment_header(
+    hdr: &[u8],
+    geo: &Geometry,
+    cache_uuid: &[u8; 16],
+) -> Result<SegmentHeader, FormatError> {
+    if hdr.len() < geo.header_len() {
+        return Err(FormatError::Truncated { what: "segment header" });
+    }
+    if hdr[..8] != SEGMENT_MAGIC || &get_uuid(hdr, 32) != cache_uuid {
+        return Err(FormatError::NotALog);
+    }
+    let version = get_u16(hdr, 8) as u32;
+    if version > FORMAT_VERSION {
+        return Err(FormatError::NewerVersion { found: version, supported: FORMAT_VERSION });
+    }
+    let nr_valid = get_u16(hdr, 12) as u32;
+    if get_u16(hdr, 10) as u32 != geo.header_blocks || nr_valid == 0 || nr_valid > geo.data_blocks {
+        return Err(FormatError::BadChecksum { what: "segment header fields" });
+    }
+    Ok(SegmentHeader {
+        id: get_u64(hdr, 16),
+        epoch: get_u64(hdr, 24),
+        nr_valid,
+        checksum: get_u32(hdr, SEG_CRC_AT),
+    })
+}
+
+/// Verifies a whole log (`seg` starts with the header and holds at least the
+/// valid data blocks) and returns its header and metablocks.
+pub fn verify_segment(
+    seg: &[u8],
+    geo: &Geometry,
+    cache_uuid: &[u8; 16],
+) -> Result<(SegmentHeader, Vec<Metablock>), FormatError> {
+    let h = parse_segment_header(seg, geo, cache_uuid)?;
+    let hl = geo.header_len();
+    let data_len = h.nr_valid as usize * BLOCK_SIZE as usize;
+    if seg.len() < hl + data_len {
+        return Err(FormatError::Truncated { what: "segment data" });
+    }
+    let mut crc = crc32c::crc32c(&seg[..SEG_CRC_AT]);
+    crc = crc32c::crc32c_append(crc, &[0u8; 4]);
+    crc = crc32c::crc32c_append(crc, &seg[SEG_CRC_AT + 4..hl]);
+    crc = crc32c::crc32c_append(crc, &seg[hl..hl + data_len]);
+    if crc != h.checksum {
+        return Err(FormatError::BadChecksum { what: "log" });
+    }
+    let mut blocks = Vec::with_capacity(h.nr_valid as usize);
+    for i in 0..h.nr_valid as usize {
+        let at = SEGMENT_HEADER_FIXED + i * METABLOCK_SIZE;
+        let sector = get_u64(seg, at);
+        let (valid, flags) = (seg[at + 8], seg[at + 9]);
+        let block = sector / SECTORS_PER_BLOCK;
+        if sector % SECTORS_PER_BLOCK != 0
+            || block >= geo.backing_blocks()
+            || valid == 0
+            || flags & !MB_FLAG_DIRTY != 0
+            || get_u16(seg, at + 10) != 0
+        {
+            return Err(FormatError::BadMetablock { index: i as u32 });
+        }
+        blocks.push(Metablock { block, valid, dirty: flags & MB_FLAG_DIRTY != 0 });
+    }
+    Ok((h, blocks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::DEFAULT_SEGMENT_SIZE;
+
+    fn geo() -> Geometry {
+        Geometry::new(DEFAULT_SEGMENT_SIZE, 16 << 20, 1 << 30).unwrap()
+    }
+    const UUID: [u8; 16] = [7; 16];
+
+    #[test]
+    fn superblock_round_trips_and_detects_damage() {
+        let g = geo();
+        let sb = Superblock::new(&g, UUID, BackingIdentity { uuid: [1; 16], size: 1 << 30 }, 16 << 20);
+        let mut b = sb.encode();
+        assert_eq!(Superblock::parse(&b, 16 << 20).unwrap(), sb);
+        assert!(matches!(Superblock::parse(&b, 8 << 20), Err(FormatError::CacheShrunk { .. })));
+        b[30] ^= 1;
+        assert!(matches!(Superblock::parse(&b, 16 << 20), Err(FormatError::BadChecksum { .. })));
+        assert!(matches!(Superblock::parse(&[0; 4096], 16 << 20), Err(FormatError::NotACache)));
+    }
+
+    #[test]
+    fn newer_version_is_reported_as_such() {
+        let g = geo();
+        let sb = Superblock::new(&g, UUID, BackingIdentity { uuid: [1; 16], size: 1 << 30 }, 16 << 20);
+        let mut b = sb.encode();
+        b[8] = 9;
+        let crc = crc32c::crc32c(&b[..SB_CRC_AT]);
+        b[SB_CRC_AT..SB_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(Superblock::parse(&b, 16 << 20), Err(FormatError::NewerVersion { found: 9, .. })));
+    }
+
+    #[test]
+    fn record_round_trips_and_rejects_other_caches() {
+        let r = SbRecord { seq: 5, last_writeback_id: 3, epoch: 2, cache_uuid: UUID };
+        let b = r.encode();
+        assert_eq!(SbRecord::parse(&b, &UUID).unwrap(), r);
+        assert!(SbRecord::parse(&b, &[0; 16]).is_err());
+        assert_eq!(r.offset(), RECORD_OFFSETS[1]);
+    }
+
+    #[test]
+    fn segment_round_trips_and_any_torn_byte_is_caught() {
+        let g = geo();
+        let mut seg = vec![0u8; g.segment_size as usize];
+        let hl = g.header_len();
+        for (i, x) in seg[hl..hl + 2 * 4096].iter_mut().enumerate() {
+            *x = (i % 251) as u8;
+        }
+        let mbs = [
+            Metablock { block: 10, valid: 0xff, dirty: true },
+            Metablock { block: 3, valid: 0x0f, dirty: false },
+        ];
+        let (hdr, data) = seg.split_at_mut(hl);
+        encode_segment_header(hdr, &data[..2 * 4096], &g, 42, 3, &UUID, &mbs);
+        let (h, got) = verify_segment(&seg, &g, &UUID).unwrap();
+        assert_eq!((h.id, h.epoch, h.nr_valid), (42, 3, 2));
+        assert_eq!(got, mbs);
+        for at in [0, 20, 70, hl + 5, hl + 8191] {
+            let mut torn = seg.clone();
+            torn[at] ^= 0x40;
+            assert!(verify_segment(&torn, &g, &UUID).is_err(), "flip at {at} undetected");
+        }
+        // Bytes past the valid data are not part of the log.
+        seg[hl + 3 * 4096] ^= 1;
+        assert!(verify_segment(&seg, &g, &UUID).is_ok());
+    }
+
+    #[test]
+    fn out_of_range_metablock_is_rejected_even_with_a_good_checksum() {
+        let g = Geometry::new(DEFAULT_SEGMENT_SIZE, 16 << 20, 1 << 20).unwrap();
+        let mut seg = vec![0u8; g.segment_size as usize];
+        let hl = g.header_len();
+        let (hdr, data) = seg.split_at_mut(hl);
+        let mbs = [Metablock { block: 1 << 40, valid: 0xff, dirty: true }];
+        encode_segment_header(hdr, &data[..4096], &g, 1, 1, &UUID, &mbs);
+        assert!(matches!(verify_segment(&seg, &g, &UUID), Err(FormatError::BadMetablock { index: 0 })));
+    }
+}

@@ -1,0 +1,77 @@
+//! Counters and status snapshots.
+
+/// Counters since start or the last `clear_stats`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// dm-writeboost's 16 counters, per 4 KiB piece of a user request, indexed
+    /// `[write][hit][on_buffer][full_size]` (each 0 or 1).
+    pub io: [[[[u64; 2]; 2]; 2]; 2],
+    /// Logs written before their buffer was full (FUA/FLUSH, sync, shutdown).
+    pub nr_partial_flushed: u64,
+    /// Logs written in total.
+    pub nr_logs: u64,
+    pub user_write_cmds: u64,
+    pub user_write_bytes: u64,
+    pub user_read_cmds: u64,
+    pub user_read_bytes: u64,
+    pub user_flush_cmds: u64,
+    pub cache_write_cmds: u64,
+    pub cache_write_bytes: u64,
+    pub cache_read_cmds: u64,
+    pub cache_read_bytes: u64,
+    pub cache_flush_cmds: u64,
+    pub backing_write_cmds: u64,
+    pub backing_write_bytes: u64,
+    pub backing_read_cmds: u64,
+    pub backing_read_bytes: u64,
+    pub backing_flush_cmds: u64,
+    /// User write bytes that went straight to the backing device.
+    pub bypass_write_bytes: u64,
+    /// Blocks staged into the cache by read caching.
+    pub read_cache_staged: u64,
+    /// Device commands that failed and were retried.
+    pub io_retries: u64,
+    /// Writeback batches that failed and will be retried.
+    pub writeback_errors: u64,
+    /// Superblock records written.
+    pub sb_record_writes: u64,
+}
+
+impl Stats {
+    /// Adds one 4 KiB piece to the 16 counters.
+    pub(crate) fn count(&mut self, write: bool, hit: bool, on_buffer: bool, full: bool) {
+        self.io[write as usize][hit as usize][on_buffer as usize][full as usize] += 1;
+    }
+
+    /// Cache-device write commands per user write command (SSD wear per I/O).
+    pub fn cache_writes_per_user_write(&self) -> f64 {
+        self.cache_write_cmds as f64 / self.user_write_cmds.max(1) as f64
+    }
+}
+
+/// Where the cache is and what it holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Id the next log will get (dm-writeboost's cursor is its ring position).
+    pub next_segment_id: u64,
+    pub cursor: u64,
+    pub nr_segments: u64,
+    pub segment_size: u64,
+    pub data_blocks_per_segment: u32,
+    /// Id of the open (filling) log, if any.
+    pub current_id: u64,
+    /// Every log up to this id is durable on the cache device.
+    pub last_flushed_id: u64,
+    /// Every log up to this id is written back (in memory).
+    pub last_writeback_id: u64,
+    /// Same, as recorded durably in the superblock record.
+    pub recorded_writeback_id: u64,
+    pub nr_dirty_blocks: u64,
+    pub nr_cached_blocks: u64,
+    pub nr_free_buffers: u32,
+    pub stalled_writes: u32,
+    pub read_only: bool,
+    pub drop_caches_active: bool,
+    pub epoch: u64,
+    pub cache_uuid: [u8; 16],
+}

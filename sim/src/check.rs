@@ -1,0 +1,472 @@
+//! The crash checker: a seeded workload against the engine and a reference
+//! model, with crashes at random points, recovery, and a full read-back.
+
+use std::collections::VecDeque;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use writeboost_engine::{BackingIdentity, OpenParams, ReqId, Tunables};
+
+use crate::content::{self, SECTOR, Version};
+use crate::device::SimDevice;
+use crate::harness::{Harness, Latency};
+
+/// Options of one simulation run.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    pub seed: u64,
+    /// User operations per seed.
+    pub ops: u64,
+    /// Crashes per seed (at random points).
+    pub crashes: u32,
+    /// Probability that a device command fails (the engine retries).
+    pub error_rate: f64,
+    /// Print every problem found.
+    pub verbose: bool,
+}
+
+/// What a run found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub ops: u64,
+    pub crashes: u64,
+    /// Sectors that read back older than a write acknowledged as durable.
+    pub acknowledged_lost: u64,
+    /// Sectors that read back as data never written there (or a mismatch while running).
+    pub corrupt_reads: u64,
+    /// The engine stopped making progress or failed to reopen.
+    pub stuck: u64,
+    /// User requests that ended in an error.
+    pub io_errors: u64,
+    pub partial_logs: u64,
+    pub logs: u64,
+}
+
+impl Outcome {
+    pub fn add(&mut self, o: &Outcome) {
+        self.ops += o.ops;
+        self.crashes += o.crashes;
+        self.acknowledged_lost += o.acknowledged_lost;
+        self.corrupt_reads += o.corrupt_reads;
+        self.stuck += o.stuck;
+        self.io_errors += o.io_errors;
+        self.partial_logs += o.partial_logs;
+        self.logs += o.logs;
+    }
+
+    pub fn clean(&self) -> bool {
+        self.acknowledged_lost == 0 && self.corrupt_reads == 0 && self.stuck == 0
+    }
+}
+
+const WILD: u64 = u64::MAX;
+
+/// What the model knows about one sector.
+#[derive(Clone, Default)]
+struct Sector {
+    /// Version guaranteed to survive a crash (0 = zeroes).
+    durable: u64,
+    /// Versions submitted since, oldest first: any may survive.
+    later: Vec<u64>,
+    /// Latest acknowledged version (WILD after a discard).
+    cur: u64,
+    /// A discard since this write id: anything written here may come back.
+    wild_since: Option<u64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write { fua: bool },
+    Zeroes,
+    Discard,
+    Flush,
+}
+
+struct Pending {
+    op: Op,
+    first: u64,
+    count: u64,
+    write_id: u64,
+}
+
+struct Run {
+    opts: SimOptions,
+    rng: ChaCha8Rng,
+    params: OpenParams,
+    lat: Latency,
+    sectors: Vec<Sector>,
+    /// Writes (id, first sector, count) acknowledged since the last flush was submitted.
+    acked_unflushed: Vec<(u64, u64, u64)>,
+    flushes: VecDeque<(ReqId, Vec<(u64, u64, u64)>)>,
+    pending: std::collections::BTreeMap<ReqId, Pending>,
+    next_req: u64,
+    next_write: u64,
+    out: Outcome,
+}
+
+/// Runs one seed: workload, crashes, recoveries, clean shutdown, checks.
+pub fn run_seed(opts: &SimOptions) -> Outcome {
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let seg = [64u64 << 10, 128 << 10][rng.random_range(0..2)];
+    let cache_size = seg * rng.random_range(5..=16);
+    let backing_size: u64 = [1u64 << 20, 2 << 20][rng.random_range(0..2)];
+    let mut t = Tunables::default();
+    t.barrier_deadline_ms = [0, 1, 10][rng.random_range(0..3)];
+    t.read_cache_threshold = [0, 0, 4, 32][rng.random_range(0..4)];
+    t.write_around_mode = rng.random_bool(0.1);
+    t.bypass_write_kib = [0, 32, 64][rng.random_range(0..3)];
+    t.writeback_threshold = [0, 50, 100][rng.random_range(0..3)];
+    t.nr_max_batched_writeback = rng.random_range(1..=4);
+    t.update_sb_record_interval = [0, 1][rng.random_range(0..2)];
+    t.sync_data_interval = [0, 1][rng.random_range(0..2)];
+    let mut params = OpenParams::new(cache_size, BackingIdentity { uuid: [9; 16], size: backing_size }, [0; 16]);
+    params.segment_size = seg;
+    params.nr_buffers = rng.random_range(2..=4);
+    params.tunables = t;
+    let mut uuid = [0u8; 16];
+    rng.fill(&mut uuid);
+    params.new_cache_uuid = uuid;
+    let lat = Latency {
+        cache_read: 20_000,
+        cache_write: 20_000,
+        cache_flush: 50_000,
+        backing_read: 200_000,
+        backing_write: 200_000,
+        backing_flush: 500_000,
+        jitter: true,
+    };
+    let nsec = backing_size / SECTOR as u64;
+    let mut run = Run {
+        opts: opts.clone(),
+        rng,
+        params,
+        lat,
+        sectors: vec![Sector::default(); nsec as usize],
+        acked_unflushed: Vec::new(),
+        flushes: VecDeque::new(),
+        pending: Default::default(),
+        next_req: 1,
+        next_write: 1,
+        out: Outcome::default(),
+    };
+    run.go(cache_size, backing_size);
+    run.out
+}
+
+impl Run {
+    fn note(&self, msg: impl FnOnce() -> String) {
+        if self.opts.verbose {
+            eprintln!("seed {}: {}", self.opts.seed, msg());
+        }
+    }
+
+    fn harness(&mut self, cache: SimDevice, backing: SimDevice) -> Option<Harness> {
+        let mut h = Harness::new(self.params.clone(), cache, backing, self.lat, self.rng.random());
+        h.error_rate = self.opts.error_rate;
+        if !h.wait_open() || h.opened.as_ref().is_some_and(|r| r.is_err()) {
+            let why = format!("{:?}", h.opened);
+            self.note(|| format!("reopen failed: {why}"));
+            self.out.stuck += 1;
+            return None;
+        }
+        Some(h)
+    }
+
+    fn go(&mut self, cache_size: u64, backing_size: u64) {
+        let Some(mut h) = self.harness(SimDevice::new(cache_size), SimDevice::new(backing_size)) else {
+            return;
+        };
+        let mut crash_at: Vec<u64> = (0..self.opts.crashes).map(|_| self.rng.random_range(1..self.opts.ops)).collect();
+        crash_at.sort_unstable();
+        let qd = self.rng.random_range(1..=8usize);
+        let mut issued = 0u64;
+        loop {
+            while crash_at.first().is_some_and(|&c| c <= issued) {
+                crash_at.remove(0);
+                let Some(nh) = self.crash_and_recover(h) else { return };
+                h = nh;
+            }
+            while self.pending.len() < qd && issued < self.opts.ops {
+                if self.submit_one(&mut h) {
+                    issued += 1;
+                } else {
+                    break;
+                }
+            }
+            if self.pending.is_empty() && issued >= self.opts.ops {
+                break;
+            }
+            if !h.step() {
+                self.note(|| format!("stuck with {} requests pending", self.pending.len()));
+                self.out.stuck += 1;
+                return;
+            }
+            self.collect(&mut h);
+        }
+        self.out.ops = issued;
+        let st = h.engine.stats().clone();
+        self.out.partial_logs += st.nr_partial_flushed;
+        self.out.logs += st.nr_logs;
+        // Clean shutdown: everything acknowledged must come back exactly.
+        h.engine.shutdown(h.now);
+        h.drain();
+        while !h.shut_down {
+            if !h.step() {
+                self.note(|| "shutdown never completed".into());
+                self.out.stuck += 1;
+                return;
+            }
+        }
+        let images = h.crash(&mut self.rng);
+        for s in &mut self.sectors {
+            s.durable = s.cur;
+            s.later.clear();
+        }
+        if let Some(mut h) = self.harness(SimDevice::from_image(images.0), SimDevice::from_image(images.1)) {
+            self.verify_all(&mut h);
+        }
+    }
+
+    fn overlaps(&self, first: u64, count: u64) -> bool {
+        self.pending.values().any(|p| p.op != Op::Flush && first < p.first + p.count && p.first < first + count)
+    }
+
+    fn submit_one(&mut self, h: &mut Harness) -> bool {
+        let nsec = self.sectors.len() as u64;
+        let roll = self.rng.random_range(0..100);
+        let op = match roll {
+            0..=54 => Op::Write { fua: self.rng.random_bool(0.2) },
+            55..=79 => Op::Read,
+            80..=89 => Op::Flush,
+            90..=94 => Op::Discard,
+            _ => Op::Zeroes,
+        };
+        let count = match self.rng.random_range(0..10) {
+            0..=5 => self.rng.random_range(1..=8),
+            6..=8 => 8 * self.rng.random_range(1..=16),
+            _ => 8 * self.rng.random_range(16..=64),
+        }
+        .min(nsec);
+        // Hot spots make overwrites and partial-block merges frequent.
+        let first = if self.rng.random_bool(0.5) {
+            self.rng.random_range(0..=(nsec / 8).saturating_sub(count))
+        } else {
+            self.rng.random_range(0..=nsec - count)
+        };
+        let first = if count >= 8 && self.rng.random_bool(0.7) { first / 8 * 8 } else { first };
+        if op != Op::Flush && self.overlaps(first, count) {
+            return false;
+        }
+        let req = ReqId(self.next_req);
+        self.next_req += 1;
+        let (off, len) = (first * SECTOR as u64, count * SECTOR as u64);
+        let now = h.now;
+        let mut write_id = 0;
+        let res = match op {
+            Op::Write { fua } => {
+                write_id = self.next_write;
+                self.next_write += 1;
+                let mut data = vec![0u8; len as usize];
+                content::fill(&mut data, write_id, first);
+                for s in first..first + count {
+                    self.sectors[s as usize].later.push(write_id);
+                }
+                let r = h.engine.submit_write(req, off, &data, fua, now);
+                h.user.insert(req, data);
+                r
+            }
+            Op::Zeroes => {
+                write_id = self.next_write;
+                self.next_write += 1;
+                for s in first..first + count {
+                    self.sectors[s as usize].later.push(0);
+                }
+                h.engine.submit_write_zeroes(req, off, len, now)
+            }
+            Op::Discard => {
+                for s in first..first + count {
+                    let st = &mut self.sectors[s as usize];
+                    st.wild_since = Some(self.next_write);
+                    st.cur = WILD;
+                }
+                h.engine.submit_discard(req, off, len, now)
+            }
+            Op::Read => {
+                h.user.insert(req, vec![0u8; len as usize]);
+                h.engine.submit_read(req, off, len, now)
+            }
+            Op::Flush => {
+                self.flushes.push_back((req, std::mem::take(&mut self.acked_unflushed)));
+                h.engine.submit_flush(req, now)
+            }
+        };
+        if let Err(e) = res {
+            self.note(|| format!("submit refused: {e}"));
+            self.out.stuck += 1;
+            return false;
+        }
+        self.pending.insert(req, Pending { op, first, count, write_id });
+        h.drain();
+        self.collect(h);
+        true
+    }
+
+    fn collect(&mut self, h: &mut Harness) {
+        for (req, result) in std::mem::take(&mut h.done) {
+            let p = self.pending.remove(&req).expect("known request");
+            let buf = h.user.remove(&req);
+            if let Err(e) = result {
+                self.out.io_errors += 1;
+                self.note(|| format!("request {req:?} failed: {e}"));
+                for s in p.first..p.first + p.count {
+                    let st = &mut self.sectors[s as usize];
+                    st.cur = WILD;
+                    st.wild_since.get_or_insert(p.write_id.max(1));
+                }
+                continue;
+            }
+            match p.op {
+                Op::Write { fua } => self.acked_write(p.write_id, p.first, p.count, fua),
+                Op::Zeroes => self.acked_write_as(p.write_id, 0, p.first, p.count),
+                Op::Read => self.check_read(p.first, &buf.expect("read buffer")),
+                Op::Flush => {
+                    let Some(pos) = self.flushes.iter().position(|(r, _)| *r == req) else { continue };
+                    for (_, writes) in self.flushes.drain(..=pos).collect::<Vec<_>>() {
+                        for (id, first, count) in writes {
+                            self.make_durable(id, first, count);
+                        }
+                    }
+                }
+                Op::Discard => {}
+            }
+        }
+    }
+
+    fn acked_write(&mut self, id: u64, first: u64, count: u64, fua: bool) {
+        self.acked_write_as(id, id, first, count);
+        if fua {
+            self.make_durable(id, first, count);
+        }
+    }
+
+    /// Write `id` (whose sectors hold `version`) was acknowledged.
+    fn acked_write_as(&mut self, id: u64, version: u64, first: u64, count: u64) {
+        for s in first..first + count {
+            self.sectors[s as usize].cur = version;
+        }
+        let _ = id;
+        self.acked_unflushed.push((version, first, count));
+    }
+
+    fn make_durable(&mut self, version: u64, first: u64, count: u64) {
+        for s in first..first + count {
+            let st = &mut self.sectors[s as usize];
+            if let Some(i) = st.later.iter().position(|&v| v == version) {
+                st.later.drain(..=i);
+                st.durable = version;
+                if st.wild_since.is_some_and(|w| version >= w && version != 0) {
+                    st.wild_since = None;
+                }
+            }
+        }
+    }
+
+    fn check_read(&mut self, first: u64, buf: &[u8]) {
+        for (i, sector) in buf.chunks(SECTOR).enumerate() {
+            let lba = first + i as u64;
+            let got = content::decode(sector, lba);
+            let want = self.sectors[lba as usize].cur;
+            let ok = match got {
+                Version::Garbage => false,
+                _ if want == WILD => true,
+                Version::Zero => want == 0,
+                Version::Write(id) => id == want,
+            };
+            if !ok {
+                self.out.corrupt_reads += 1;
+                self.note(|| format!("read of sector {lba} returned {got:?}, expected version {want}"));
+            }
+        }
+    }
+
+    fn crash_and_recover(&mut self, h: Harness) -> Option<Harness> {
+        self.out.crashes += 1;
+        self.out.partial_logs += h.engine.stats().nr_partial_flushed;
+        self.out.logs += h.engine.stats().nr_logs;
+        let images = h.crash(&mut self.rng);
+        self.pending.clear();
+        self.acked_unflushed.clear();
+        self.flushes.clear();
+        let mut h = self.harness(SimDevice::from_image(images.0), SimDevice::from_image(images.1))?;
+        self.verify_all(&mut h);
+        Some(h)
+    }
+
+    /// Reads the whole device through the engine and checks every sector
+    /// against what may have survived; the result becomes the new baseline.
+    fn verify_all(&mut self, h: &mut Harness) {
+        let nsec = self.sectors.len() as u64;
+        let chunk = 128u64;
+        for first in (0..nsec).step_by(chunk as usize) {
+            let req = ReqId(self.next_req);
+            self.next_req += 1;
+            let count = chunk.min(nsec - first);
+            h.user.insert(req, vec![0u8; (count * SECTOR as u64) as usize]);
+            if h.engine.submit_read(req, first * SECTOR as u64, count * SECTOR as u64, h.now).is_err() {
+                self.out.stuck += 1;
+                return;
+            }
+            h.drain();
+            while h.done.is_empty() {
+                if !h.step() {
+                    self.note(|| "verification read never completed".into());
+                    self.out.stuck += 1;
+                    return;
+                }
+            }
+            let (r, result) = h.done.remove(0);
+            let buf = h.user.remove(&r).expect("buffer");
+            if result.is_err() {
+                self.out.io_errors += 1;
+                continue;
+            }
+            for (i, sector) in buf.chunks(SECTOR).enumerate() {
+                let lba = first + i as u64;
+                let got = content::decode(sector, lba);
+                let st = &mut self.sectors[lba as usize];
+                let v = match got {
+                    Version::Garbage => {
+                        self.out.corrupt_reads += 1;
+                        let msg = format!("sector {lba} is garbage after recovery");
+                        if self.opts.verbose {
+                            eprintln!("seed {}: {msg}", self.opts.seed);
+                        }
+                        continue;
+                    }
+                    Version::Zero => 0,
+                    Version::Write(id) => id,
+                };
+                let allowed = v == st.durable || st.later.contains(&v) || st.wild_since.is_some();
+                if !allowed {
+                    let older = v < st.durable || (v == 0 && st.durable != 0);
+                    if older {
+                        self.out.acknowledged_lost += 1;
+                    } else {
+                        self.out.corrupt_reads += 1;
+                    }
+                    if self.opts.verbose {
+                        eprintln!(
+                            "seed {}: sector {lba} read version {v}, durable {} later {:?}",
+                            self.opts.seed, st.durable, st.later
+                        );
+                    }
+                }
+                st.durable = v;
+                st.cur = v;
+                st.later.clear();
+                st.wild_since = None;
+            }
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Runs an engine against simulated devices in simulated time.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use writeboost_engine::{
+    Command, CommandKind, DataRef, Device, DeviceError, Engine, Event, HeapAlloc, IoError, Nanos, OpenError,
+    OpenParams, ReqId, Token,
+};
+
+use crate::device::SimDevice;
+
+/// Command latencies in nanoseconds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Latency {
+    pub cache_read: Nanos,
+    pub cache_write: Nanos,
+    pub cache_flush: Nanos,
+    pub backing_read: Nanos,
+    pub backing_write: Nanos,
+    pub backing_flush: Nanos,
+    /// Each latency is drawn uniformly from [l/2, 3l/2] when set.
+    pub jitter: bool,
+}
+
+struct InFlight {
+    cmd: Command,
+    /// Payload of a write, taken when the command started.
+    data: Option<Vec<u8>>,
+    flush_point: u64,
+}
+
+pub struct Harness {
+    pub engine: Engine<HeapAlloc>,
+    pub cache: SimDevice,
+    pub backing: SimDevice,
+    pub now: Nanos,
+    queue: BinaryHeap<Reverse<(Nanos, u64, Token)>>,
+    inflight: BTreeMap<Token, InFlight>,
+    /// Buffers of user requests in flight (write data for bypass, read destinations).
+    pub user: HashMap<ReqId, Vec<u8>>,
+    /// Completed user requests, oldest first (the caller drains it).
+    pub done: Vec<(ReqId, Result<(), IoError>)>,
+    pub opened: Option<Result<(), OpenError>>,
+    pub shut_down: bool,
+    pub lat: Latency,
+    /// Probability that a device command fails.
+    pub error_rate: f64,
+    rng: ChaCha8Rng,
+    seq: u64,
+}
+
+impl Harness {
+    pub fn new(params: OpenParams, cache: SimDevice, backing: SimDevice, lat: Latency, seed: u64) -> Self {
+        let engine = Engine::open(params, HeapAlloc, 0).expect("valid parameters");
+        let mut h = Self {
+            engine,
+            cache,
+            backing,
+            now: 0,
+            queue: BinaryHeap::new(),
+            inflight: BTreeMap::new(),
+            user: HashMap::new(),
+            done: Vec::new(),
+            opened: None,
+            shut_down: false,
+            lat,
+            error_rate: 0.0,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            seq: 0,
+        };
+        h.drain();
+        h
+    }
+
+    /// Runs until the engine reports ready or failed; false if it got stuck.
+    pub fn wait_open(&mut self) -> bool {
+        while self.opened.is_none() {
+            if !self.step() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Starts every command the engine emitted and delivers its events.
+    pub fn drain(&mut self) {
+        while let Some(cmd) = self.engine.poll_command() {
+            self.start(cmd);
+        }
+        while let Some(ev) = self.engine.poll_event() {
+            match ev {
+                Event::Ready => self.opened = Some(Ok(())),
+                Event::OpenFailed(e) => self.opened = Some(Err(e)),
+                Event::CopyToUser { req, dst_offset, src, src_offset, len } => {
+                    let src = &self.engine.buffer(src)[src_offset..src_offset + len];
+                    let dst = self.user.get_mut(&req).expect("user buffer");
+                    dst[dst_offset..dst_offset + len].copy_from_slice(src);
+                }
+                Event::Completed { req, result } => self.done.push((req, result)),
+                Event::ShutdownComplete => self.shut_down = true,
+            }
+        }
+    }
+
+    fn latency(&mut self, base: Nanos) -> Nanos {
+        if self.lat.jitter && base > 1 { self.rng.random_range(base / 2..=base * 3 / 2) } else { base }
+    }
+
+    fn start(&mut self, cmd: Command) {
+        let base = match (cmd.device, cmd.kind) {
+            (Device::Cache, CommandKind::Read { .. }) => self.lat.cache_read,
+            (Device::Cache, CommandKind::Flush) => self.lat.cache_flush,
+            (Device::Cache, _) => self.lat.cache_write,
+            (Device::Backing, CommandKind::Read { .. }) => self.lat.backing_read,
+            (Device::Backing, CommandKind::Flush) => self.lat.backing_flush,
+            (Device::Backing, _) => self.lat.backing_write,
+        };
+        let data = match cmd.kind {
+            CommandKind::Write { len, src, .. } => Some(match src {
+                DataRef::Engine { buf, offset } => self.engine.buffer(buf)[offset..offset + len].to_vec(),
+                DataRef::User { req, offset } => self.user[&req][offset..offset + len].to_vec(),
+            }),
+            _ => None,
+        };
+        let dev = match cmd.device {
+            Device::Cache => &self.cache,
+            Device::Backing => &self.backing,
+        };
+        let flush_point = dev.flush_point();
+        let at = self.now + self.latency(base);
+        self.seq += 1;
+        self.queue.push(Reverse((at, self.seq, cmd.token)));
+        self.inflight.insert(cmd.token, InFlight { cmd, data, flush_point });
+    }
+
+    /// Advances to the next completion or engine deadline. False if nothing is pending.
+    pub fn step(&mut self) -> bool {
+        let next_io = self.queue.peek().map(|Reverse((t, _, _))| *t);
+        let timeout = self.engine.poll_timeout();
+        match (next_io, timeout) {
+            (None, None) => false,
+            (Some(t), Some(d)) if d < t => {
+                self.now = self.now.max(d);
+                self.engine.handle_timeout(self.now);
+                self.drain();
+                true
+            }
+            (None, Some(d)) => {
+                self.now = self.now.max(d);
+                self.engine.handle_timeout(self.now);
+                self.drain();
+                true
+            }
+            (Some(t), _) => {
+                let Reverse((_, _, token)) = self.queue.pop().expect("queued");
+                self.now = self.now.max(t);
+                self.complete(token);
+                true
+            }
+        }
+    }
+
+    fn complete(&mut self, token: Token) {
+        let f = self.inflight.remove(&token).expect("in flight");
+        let fail = self.error_rate > 0.0 && self.rng.random_bool(self.error_rate);
+        let dev = match f.cmd.device {
+            Device::Cache => &mut self.cache,
+            Device::Backing => &mut self.backing,
+        };
+        match f.cmd.kind {
+            CommandKind::Write { offset, .. } => {
+                let data = f.data.expect("write payload");
+                if fail { dev.write_some(offset, &data, &mut self.rng) } else { dev.write(offset, &data) }
+            }
+            CommandKind::WriteZeroes { offset, len } | CommandKind::Discard { offset, len } if !fail => {
+                dev.write_zeroes(offset, len)
+            }
+            CommandKind::Flush if !fail => dev.flush(f.flush_point),
+            CommandKind::Read { offset, len, dst } if !fail => match dst {
+                DataRef::Engine { buf, offset: o } => dev.read(offset, &mut self.engine.buffer_mut(buf)[o..o + len]),
+                DataRef::User { req, offset: o } => {
+                    let b = self.user.get_mut(&req).expect("user buffer");
+                    dev.read(offset, &mut b[o..o + len]);
+                }
+            },
+            _ => {}
+        }
+        let result = if fail { Err(DeviceError) } else { Ok(()) };
+        self.engine.handle_completion(token, result, self.now);
+        self.drain();
+    }
+
+    /// Device images after a power loss now.
+    pub fn crash(self, rng: &mut impl Rng) -> (Vec<u8>, Vec<u8>) {
+        let mut cache_w = Vec::new();
+        let mut backing_w = Vec::new();
+        for f in self.inflight.values() {
+            if let (CommandKind::Write { offset, .. }, Some(d)) = (f.cmd.kind, &f.data) {
+                match f.cmd.device {
+                    Device::Cache => cache_w.push((offset, d.clone())),
+                    Device::Backing => backing_w.push((offset, d.clone())),
+                }
+            }
+        }
+        (self.cache.crash(&cache_w, rng), self.backing.crash(&backing_w, rng))
+    }
+
+    pub fn commands_in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+}
