@@ -23,6 +23,8 @@ pub struct SimOptions {
     pub error_rate: f64,
     /// Print every problem found.
     pub verbose: bool,
+    /// Tunables forced over the seed's random choice (name, value).
+    pub force: Vec<(String, u64)>,
 }
 
 /// What a run found.
@@ -120,6 +122,9 @@ pub fn run_seed(opts: &SimOptions) -> Outcome {
     t.nr_max_batched_writeback = rng.random_range(1..=4);
     t.update_sb_record_interval = [0, 1][rng.random_range(0..2)];
     t.sync_data_interval = [0, 1][rng.random_range(0..2)];
+    for (name, value) in &opts.force {
+        t.set(name, *value).expect("valid forced tunable");
+    }
     let mut params = OpenParams::new(cache_size, BackingIdentity { uuid: [9; 16], size: backing_size }, [0; 16]);
     params.segment_size = seg;
     params.nr_buffers = rng.random_range(2..=4);
@@ -150,6 +155,12 @@ pub fn run_seed(opts: &SimOptions) -> Outcome {
         next_write: 1,
         out: Outcome::default(),
     };
+    if opts.verbose {
+        eprintln!(
+            "seed {}: segment {} cache {} backing {} buffers {} {:?}",
+            opts.seed, seg, cache_size, backing_size, run.params.nr_buffers, run.params.tunables
+        );
+    }
     run.go(cache_size, backing_size);
     run.out
 }
@@ -258,6 +269,13 @@ impl Run {
         if op != Op::Flush && self.overlaps(first, count) {
             return false;
         }
+        if let Some(t) = trace_sector()
+            && op != Op::Flush
+            && (first..first + count).contains(&t)
+        {
+            let desc = h.engine.describe_block(t / 8);
+            eprintln!("t={} submit req {} {:?} [{first}+{count}) wid {} | before: {desc}", h.now, self.next_req, op_name(op), self.next_write);
+        }
         let req = ReqId(self.next_req);
         self.next_req += 1;
         let (off, len) = (first * SECTOR as u64, count * SECTOR as u64);
@@ -315,6 +333,13 @@ impl Run {
     fn collect(&mut self, h: &mut Harness) {
         for (req, result) in std::mem::take(&mut h.done) {
             let p = self.pending.remove(&req).expect("known request");
+            if let Some(t) = trace_sector()
+                && p.op != Op::Flush
+                && (p.first..p.first + p.count).contains(&t)
+            {
+                let desc = h.engine.describe_block(t / 8);
+                eprintln!("t={} done req {} {:?} {result:?} | after: {desc}", h.now, req.0, op_name(p.op));
+            }
             let buf = h.user.remove(&req);
             if let Err(e) = result {
                 self.out.io_errors += 1;
@@ -438,7 +463,10 @@ impl Run {
                 let v = match got {
                     Version::Garbage => {
                         self.out.corrupt_reads += 1;
-                        let msg = format!("sector {lba} is garbage after recovery");
+                        let id = u64::from_le_bytes(sector[..8].try_into().expect("8"));
+                        let at = u64::from_le_bytes(sector[8..16].try_into().expect("8"));
+                        let where_ = h.engine.describe_block(lba / 8);
+                        let msg = format!("sector {lba} is garbage after recovery (header says write {id} lba {at}); {where_}");
                         if self.opts.verbose {
                             eprintln!("seed {}: {msg}", self.opts.seed);
                         }
@@ -468,5 +496,20 @@ impl Run {
                 st.wild_since = None;
             }
         }
+    }
+}
+
+fn trace_sector() -> Option<u64> {
+    std::env::var("WB_TRACE_SECTOR").ok().and_then(|v| v.parse().ok())
+}
+
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Read => "read",
+        Op::Write { fua: true } => "write+fua",
+        Op::Write { fua: false } => "write",
+        Op::Zeroes => "zeroes",
+        Op::Discard => "discard",
+        Op::Flush => "flush",
     }
 }

@@ -15,8 +15,9 @@ pub struct SimDevice {
     visible: Vec<u8>,
     /// What survives a crash for sure.
     durable: Vec<u8>,
-    /// Sectors written but not yet flushed, with the write generation.
-    volatile: BTreeMap<u64, u64>,
+    /// Sectors written but not yet flushed: every version since the last
+    /// flush that covered them, with its write generation, oldest first.
+    volatile: BTreeMap<u64, Vec<(u64, Box<[u8]>)>>,
     generation: u64,
     /// When false, the device stores nothing (benchmarks of the engine alone).
     store: bool,
@@ -59,7 +60,9 @@ impl SimDevice {
         self.visible[offset as usize..offset as usize + src.len()].copy_from_slice(src);
         self.generation += 1;
         for s in offset / SECTOR as u64..(offset + src.len() as u64).div_ceil(SECTOR as u64) {
-            self.volatile.insert(s, self.generation);
+            let a = s as usize * SECTOR;
+            let v = self.visible[a..a + SECTOR].to_vec().into_boxed_slice();
+            self.volatile.entry(s).or_default().push((self.generation, v));
         }
     }
 
@@ -85,22 +88,26 @@ impl SimDevice {
 
     /// A flush issued at `point` completed: those writes are durable.
     pub fn flush(&mut self, point: u64) {
-        let done: Vec<u64> = self.volatile.iter().filter(|(_, g)| **g <= point).map(|(s, _)| *s).collect();
-        for s in done {
-            self.volatile.remove(&s);
-            let a = s as usize * SECTOR;
-            self.durable[a..a + SECTOR].copy_from_slice(&self.visible[a..a + SECTOR]);
-        }
+        self.volatile.retain(|&s, versions| {
+            let covered = versions.iter().take_while(|(g, _)| *g <= point).count();
+            if covered > 0 {
+                let a = s as usize * SECTOR;
+                self.durable[a..a + SECTOR].copy_from_slice(&versions[covered - 1].1);
+                versions.drain(..covered);
+            }
+            !versions.is_empty()
+        });
     }
 
     /// The image after a power loss: durable data plus a random subset of the
     /// volatile sectors and of the sectors of `in_flight` writes.
     pub fn crash(mut self, in_flight: &[(u64, Vec<u8>)], rng: &mut impl Rng) -> Vec<u8> {
-        for (&s, _) in &self.volatile {
-            if rng.random_bool(0.5) {
+        // A volatile cache may have written back any one of the versions, or none.
+        for (&s, versions) in &self.volatile {
+            let pick = rng.random_range(0..=versions.len());
+            if pick > 0 {
                 let a = s as usize * SECTOR;
-                let v = self.visible[a..a + SECTOR].to_vec();
-                self.durable[a..a + SECTOR].copy_from_slice(&v);
+                self.durable[a..a + SECTOR].copy_from_slice(&versions[pick - 1].1);
             }
         }
         for (offset, data) in in_flight {

@@ -110,6 +110,9 @@ impl Harness {
     }
 
     fn start(&mut self, cmd: Command) {
+        if std::env::var_os("WB_TRACE_CMDS").is_some() {
+            eprintln!("t={} start {:?}", self.now, cmd);
+        }
         let base = match (cmd.device, cmd.kind) {
             (Device::Cache, CommandKind::Read { .. }) => self.lat.cache_read,
             (Device::Cache, CommandKind::Flush) => self.lat.cache_flush,
@@ -165,6 +168,9 @@ impl Harness {
 
     fn complete(&mut self, token: Token) {
         let f = self.inflight.remove(&token).expect("in flight");
+        if std::env::var_os("WB_TRACE_CMDS").is_some() {
+            eprintln!("t={} done {:?}", self.now, f.cmd.token);
+        }
         let fail = self.error_rate > 0.0 && self.rng.random_bool(self.error_rate);
         let dev = match f.cmd.device {
             Device::Cache => &mut self.cache,

@@ -45,6 +45,8 @@ pub(super) enum RecordState {
 pub(super) enum BackingWaiter {
     Req(ReqId),
     Writeback,
+    /// Clean shutdown makes bypass writes durable.
+    Shutdown,
 }
 
 impl<A: BufAlloc> Engine<A> {
@@ -316,6 +318,7 @@ impl<A: BufAlloc> Engine<A> {
             match w {
                 BackingWaiter::Req(req) => self.part_done(req, if ok { Ok(()) } else { Err(IoError::BackingDevice) }),
                 BackingWaiter::Writeback => self.wb_flushed(ok),
+                BackingWaiter::Shutdown => {}
             }
         }
     }

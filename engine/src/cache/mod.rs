@@ -468,6 +468,8 @@ impl<A: BufAlloc> Engine<A> {
                 self.fail_stalled(IoError::ReadOnly);
                 self.request_seal();
                 self.record_wanted = true;
+                // Bypass writes were acknowledged before they were durable.
+                self.backing_flush_waiting.push(commit::BackingWaiter::Shutdown);
             }
             Phase::Starting | Phase::Failed => {
                 self.phase = Phase::Stopped;
@@ -497,6 +499,22 @@ impl<A: BufAlloc> Engine<A> {
             drop_caches_active: self.drop_caches,
             epoch: self.epoch,
             cache_uuid: self.record.cache_uuid,
+        }
+    }
+
+    /// Where the cache holds `block` (for diagnostics).
+    pub fn describe_block(&self, block: u64) -> String {
+        match self.index.get(&block) {
+            None => "not cached".into(),
+            Some(e) => format!(
+                "log {} slot {} valid {:08b} dirty {:08b} logged_dirty {} in_ram {}",
+                e.id,
+                e.slot,
+                e.valid,
+                e.dirty,
+                e.logged_dirty,
+                self.seg(e.id).buf.is_some()
+            ),
         }
     }
 
@@ -714,6 +732,8 @@ impl<A: BufAlloc> Engine<A> {
             || self.record_state != RecordState::Idle
             || self.record_wanted
             || !self.reqs.is_empty()
+            || self.backing_flush_inflight.is_some()
+            || !self.backing_flush_waiting.is_empty()
         {
             return;
         }

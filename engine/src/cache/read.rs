@@ -42,7 +42,7 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     /// Sectors of an entry still waiting for a fill read (not readable yet).
-    fn pending_fill(&self, e: &Entry) -> u8 {
+    pub(super) fn pending_fill(&self, e: &Entry) -> u8 {
         let slot = |slots: &Vec<Slot>| slots.get(e.slot as usize).map_or(0, |s| s.fill);
         match &self.open {
             Some(o) if o.id == e.id => slot(&o.slots),

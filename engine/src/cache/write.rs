@@ -249,6 +249,13 @@ impl<A: BufAlloc> Engine<A> {
             self.stats.count(true, true, true, full);
             return Some(id);
         }
+        // Sectors to carry over that are themselves still being filled in
+        // cannot be copied yet: wait for that fill (the write stalls briefly).
+        if let Some(old) = existing
+            && self.pending_fill(&old) & old.dirty & !mask != 0
+        {
+            return None;
+        }
         if !self.ensure_open_slot() {
             return None;
         }

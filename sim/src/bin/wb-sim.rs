@@ -23,9 +23,20 @@ struct Args {
     /// Probability that any device command fails (the engine retries).
     #[arg(long, default_value_t = 0.002)]
     error_rate: f64,
+    /// Force a tunable for every seed, e.g. `--set read_cache_threshold=0` (repeatable).
+    #[arg(long = "set", value_parser = parse_kv)]
+    set: Vec<(String, u64)>,
     /// Print each problem as it is found.
     #[arg(long, short)]
     verbose: bool,
+}
+
+fn parse_kv(s: &str) -> Result<(String, u64), String> {
+    let (k, v) = s.split_once('=').ok_or("expected name=value")?;
+    let v: u64 = v.parse().map_err(|e| format!("{k}: {e}"))?;
+    let mut t = writeboost_engine::Tunables::default();
+    t.set(k, v).map_err(|e| e.to_string())?;
+    Ok((k.to_string(), v))
 }
 
 fn main() {
@@ -39,6 +50,7 @@ fn main() {
             crashes: a.crashes,
             error_rate: a.error_rate,
             verbose: a.verbose,
+            force: a.set.clone(),
         });
         if !o.clean() {
             bad_seeds.push(seed);
