@@ -308,13 +308,16 @@ impl<A: BufAlloc> Engine<A> {
         if self.backing_flush_inflight.is_some() || self.backing_flush_waiting.is_empty() {
             return;
         }
-        self.backing_flush_inflight = Some(std::mem::take(&mut self.backing_flush_waiting));
-        self.backing_unflushed = false;
+        self.backing_flush_inflight = Some((std::mem::take(&mut self.backing_flush_waiting), self.backing_write_gen));
         self.issue(Device::Backing, CommandKind::Flush, Purpose::BackingFlush);
     }
 
     pub(super) fn backing_flush_done(&mut self, ok: bool) {
-        for w in self.backing_flush_inflight.take().unwrap_or_default() {
+        let (waiters, gen_) = self.backing_flush_inflight.take().unwrap_or_default();
+        if ok {
+            self.backing_flushed_gen = self.backing_flushed_gen.max(gen_);
+        }
+        for w in waiters {
             match w {
                 BackingWaiter::Req(req) => self.part_done(req, if ok { Ok(()) } else { Err(IoError::BackingDevice) }),
                 BackingWaiter::Writeback => self.wb_flushed(ok),

@@ -194,9 +194,12 @@ pub struct Engine<A: BufAlloc> {
     durable_id: u64,
     cache_flush: CacheFlush,
     backing_flush_waiting: Vec<commit::BackingWaiter>,
-    backing_flush_inflight: Option<Vec<commit::BackingWaiter>>,
-    /// A bypass write completed since the last backing flush was issued.
-    backing_unflushed: bool,
+    /// Waiters of the backing flush in flight, and the write generation it covers.
+    backing_flush_inflight: Option<(Vec<commit::BackingWaiter>, u64)>,
+    /// Counts completed bypass writes (and discards) on the backing device.
+    backing_write_gen: u64,
+    /// Generation covered by the last completed backing flush.
+    backing_flushed_gen: u64,
     /// Requests waiting for the durable frontier, by the log id they need.
     durability_waiters: BTreeMap<u64, Vec<ReqId>>,
     barrier_deadline: Option<Nanos>,
@@ -271,7 +274,8 @@ impl<A: BufAlloc> Engine<A> {
             cache_flush: CacheFlush::default(),
             backing_flush_waiting: Vec::new(),
             backing_flush_inflight: None,
-            backing_unflushed: false,
+            backing_write_gen: 0,
+            backing_flushed_gen: 0,
             durability_waiters: BTreeMap::new(),
             barrier_deadline: None,
             stalled: VecDeque::new(),

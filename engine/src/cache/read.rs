@@ -278,7 +278,7 @@ impl<A: BufAlloc> Engine<A> {
         if backing && !matches!(cmd.kind, CommandKind::Read { .. }) {
             self.backing_bypass_inflight -= 1;
             if ok {
-                self.backing_unflushed = true;
+                self.backing_write_gen += 1;
             }
         }
         let err = if backing { IoError::BackingDevice } else { IoError::CacheDevice };

@@ -89,7 +89,7 @@ impl<A: BufAlloc> Engine<A> {
             return Ok(());
         }
         let wait_log = self.last_dirty_log();
-        let needs_backing_flush = self.backing_unflushed;
+        let needs_backing_flush = self.backing_write_gen > self.backing_flushed_gen;
         let r = self.track(req);
         r.wait_log = wait_log;
         r.needs_backing_flush = needs_backing_flush;
