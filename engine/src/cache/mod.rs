@@ -372,7 +372,7 @@ impl<A: BufAlloc> Engine<A> {
         let Some(mut f) = self.inflight.remove(&token) else {
             return;
         };
-        if result.is_err() && f.tries < MAX_RETRIES && !matches!(f.purpose, Purpose::Startup(_)) {
+        if result.is_err() && f.tries < MAX_RETRIES {
             f.tries += 1;
             self.stats.io_retries += 1;
             self.commands.push_back(f.cmd);
