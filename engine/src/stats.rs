@@ -72,6 +72,8 @@ pub struct Status {
     pub stalled_writes: u32,
     pub read_only: bool,
     pub drop_caches_active: bool,
+    /// A writeback batch is in flight.
+    pub writeback_active: bool,
     pub epoch: u64,
     pub cache_uuid: [u8; 16],
 }

@@ -42,6 +42,11 @@ impl SimDevice {
         Self { visible: image.clone(), durable: image, volatile: BTreeMap::new(), generation: 0, store: true }
     }
 
+    /// Current contents (what reads return).
+    pub fn image(&self) -> &[u8] {
+        &self.visible
+    }
+
     pub fn size(&self) -> u64 {
         self.visible.len() as u64
     }

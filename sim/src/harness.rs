@@ -48,6 +48,8 @@ pub struct Harness {
     pub lat: Latency,
     /// Probability that a device command fails.
     pub error_rate: f64,
+    /// Every write and flush on the cache device fails (a dying SSD).
+    pub fail_cache_writes: bool,
     rng: ChaCha8Rng,
     seq: u64,
 }
@@ -68,6 +70,7 @@ impl Harness {
             shut_down: false,
             lat,
             error_rate: 0.0,
+            fail_cache_writes: false,
             rng: ChaCha8Rng::seed_from_u64(seed),
             seq: 0,
         };
@@ -171,7 +174,10 @@ impl Harness {
         if std::env::var_os("WB_TRACE_CMDS").is_some() {
             eprintln!("t={} done {:?}", self.now, f.cmd.token);
         }
-        let fail = self.error_rate > 0.0 && self.rng.random_bool(self.error_rate);
+        let fail = (self.error_rate > 0.0 && self.rng.random_bool(self.error_rate))
+            || (self.fail_cache_writes
+                && f.cmd.device == Device::Cache
+                && !matches!(f.cmd.kind, CommandKind::Read { .. }));
         let dev = match f.cmd.device {
             Device::Cache => &mut self.cache,
             Device::Backing => &mut self.backing,
@@ -216,5 +222,53 @@ impl Harness {
 
     pub fn commands_in_flight(&self) -> usize {
         self.inflight.len()
+    }
+}
+
+impl Harness {
+    /// Submits a write and runs until it completes.
+    pub fn write(&mut self, req: u64, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
+        let req = ReqId(req);
+        self.user.insert(req, data.to_vec());
+        self.engine.submit_write(req, offset, data, fua, self.now).expect("valid write");
+        self.wait(req)
+    }
+
+    /// Reads and runs until done.
+    pub fn read(&mut self, req: u64, offset: u64, len: usize) -> Result<Vec<u8>, IoError> {
+        let req = ReqId(req);
+        self.user.insert(req, vec![0; len]);
+        self.engine.submit_read(req, offset, len as u64, self.now).expect("valid read");
+        self.wait(req)?;
+        Ok(self.user.remove(&req).expect("buffer"))
+    }
+
+    pub fn flush(&mut self, req: u64) -> Result<(), IoError> {
+        let req = ReqId(req);
+        self.engine.submit_flush(req, self.now).expect("valid flush");
+        self.wait(req)
+    }
+
+    /// Runs until request `req` completes (panics if the engine gets stuck).
+    pub fn wait(&mut self, req: ReqId) -> Result<(), IoError> {
+        self.drain();
+        loop {
+            if let Some(i) = self.done.iter().position(|(r, _)| *r == req) {
+                let (_, result) = self.done.remove(i);
+                return result;
+            }
+            assert!(self.step(), "engine stuck waiting for {req:?}");
+        }
+    }
+
+    /// Runs until no command is in flight and no deadline is within `horizon` ns.
+    pub fn settle(&mut self, horizon: Nanos) {
+        self.drain();
+        let end = self.now + horizon;
+        while self.commands_in_flight() > 0 || self.engine.poll_timeout().is_some_and(|t| t <= end) {
+            if !self.step() {
+                break;
+            }
+        }
     }
 }

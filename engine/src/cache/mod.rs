@@ -501,6 +501,7 @@ impl<A: BufAlloc> Engine<A> {
             stalled_writes: self.stalled.len() as u32,
             read_only: self.read_only,
             drop_caches_active: self.drop_caches,
+            writeback_active: self.wb.is_some(),
             epoch: self.epoch,
             cache_uuid: self.record.cache_uuid,
         }
@@ -721,7 +722,10 @@ impl<A: BufAlloc> Engine<A> {
             self.maybe_writeback();
             self.maybe_write_record();
             if self.drop_caches && self.nr_dirty == 0 && self.open.as_ref().is_none_or(|o| !o.has_dirty) {
+                // Record the clean state so a restart replays nothing.
                 self.drop_caches = false;
+                self.record_wanted = true;
+                self.maybe_write_record();
             }
             self.check_shutdown_done();
         }

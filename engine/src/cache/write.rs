@@ -139,7 +139,15 @@ impl<A: BufAlloc> Engine<A> {
     fn wants_bypass(&self, len: u64) -> bool {
         self.tunables.write_around_mode
             || (self.tunables.bypass_write_kib > 0 && len >= self.tunables.bypass_write_kib as u64 * 1024)
-            || !self.can_take_block()
+            || self.cache_full()
+    }
+
+    /// No room for a new block until writeback frees a segment: writes the
+    /// cache does not have to hold go to the backing device meanwhile, so a
+    /// full cache is never slower than the backing device itself.
+    fn cache_full(&self) -> bool {
+        self.open.as_ref().is_none_or(|o| o.slots.len() as u32 >= self.geo.data_blocks)
+            && self.next_position_blocked_on().is_some_and(|occupant| occupant > self.last_wb)
     }
 
     /// No block in the range holds data that only the cache has, or that

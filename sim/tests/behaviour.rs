@@ -1,0 +1,371 @@
+//! Behaviour of the engine on simulated devices: bad input, device failures,
+//! writeback, recovery cost, bypass, read caching and backpressure.
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use writeboost_engine::format::{FORMAT_VERSION, Superblock};
+use writeboost_engine::geometry::Geometry;
+use writeboost_engine::{
+    BackingIdentity, ConfigError, Engine, FormatError, HeapAlloc, IoError, OpenError, OpenParams, ReqId, Tunables,
+};
+use writeboost_sim::device::SimDevice;
+use writeboost_sim::harness::{Harness, Latency};
+
+const MIB: u64 = 1 << 20;
+const BACKING: u64 = 64 * MIB;
+const UUID: [u8; 16] = [5; 16];
+
+fn params(cache: u64) -> OpenParams {
+    let mut p = OpenParams::new(cache, BackingIdentity { uuid: [3; 16], size: BACKING }, UUID);
+    p.segment_size = 128 << 10;
+    p
+}
+
+fn lat() -> Latency {
+    Latency {
+        cache_read: 10_000,
+        cache_write: 20_000,
+        cache_flush: 50_000,
+        backing_read: 100_000,
+        backing_write: 100_000,
+        backing_flush: 200_000,
+        jitter: false,
+    }
+}
+
+fn open(p: OpenParams, cache: SimDevice, backing: SimDevice) -> Harness {
+    let mut h = Harness::new(p, cache, backing, lat(), 7);
+    assert!(h.wait_open());
+    h
+}
+
+fn fresh(p: OpenParams) -> Harness {
+    let cache = SimDevice::new(p.cache_size);
+    let mut h = open(p, cache, SimDevice::new(BACKING));
+    assert_eq!(h.opened, Some(Ok(())));
+    // Counters start at zero for the test body.
+    h.engine.clear_stats();
+    h
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| seed.wrapping_add((i / 512) as u8).wrapping_mul(31) ^ i as u8).collect()
+}
+
+/// Clean shutdown, then a new engine over the resulting device images.
+fn restart(mut h: Harness, p: OpenParams) -> Harness {
+    h.engine.shutdown(h.now);
+    h.drain();
+    while !h.shut_down {
+        assert!(h.step(), "shutdown stuck");
+    }
+    let (c, b) = (h.cache.image().to_vec(), h.backing.image().to_vec());
+    open(p, SimDevice::from_image(c), SimDevice::from_image(b))
+}
+
+/// Power loss now: only what is durable survives (plus random volatile bits).
+fn power_loss(h: Harness, p: OpenParams) -> Harness {
+    let (c, b) = h.crash(&mut ChaCha8Rng::seed_from_u64(1));
+    open(p, SimDevice::from_image(c), SimDevice::from_image(b))
+}
+
+fn crc32c(b: &[u8]) -> u32 {
+    // Bitwise CRC-32C, independent of the crate the engine uses.
+    let mut crc = !0u32;
+    for &x in b {
+        crc ^= x as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn cache_too_small_is_refused_and_nothing_is_written() {
+    let p = params(256 << 10);
+    let h = open(p, SimDevice::new(256 << 10), SimDevice::new(BACKING));
+    assert!(matches!(h.opened, Some(Err(OpenError::Geometry(FormatError::CacheTooSmall { .. })))));
+    assert!(h.cache.image().iter().all(|&b| b == 0));
+    assert_eq!(h.engine.stats().cache_write_cmds, 0);
+}
+
+#[test]
+fn a_cache_of_another_backing_device_is_refused_untouched() {
+    let p = params(8 * MIB);
+    let mut h = fresh(p.clone());
+    h.write(1, 0, &pattern(1, 4096), true).unwrap();
+    let h = restart(h, p.clone());
+    let image = h.cache.image().to_vec();
+    let mut other = p.clone();
+    other.backing.uuid = [4; 16];
+    let h2 = open(other, SimDevice::from_image(image.clone()), SimDevice::new(BACKING));
+    let Some(Err(e @ OpenError::BackingMismatch { .. })) = &h2.opened else { panic!("{:?}", h2.opened) };
+    assert!(e.to_string().contains("format=true"), "message says what to do: {e}");
+    assert_eq!(h2.cache.image(), &image[..]);
+}
+
+#[test]
+fn newer_version_corruption_and_block_size_are_typed_errors_and_nothing_is_written() {
+    let p = params(8 * MIB);
+    let h = restart(fresh(p.clone()), p.clone());
+    let good = h.cache.image().to_vec();
+    let resign = |img: &mut Vec<u8>| {
+        let crc = crc32c(&img[..124]);
+        img[124..128].copy_from_slice(&crc.to_le_bytes());
+    };
+    let mut newer = good.clone();
+    newer[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+    resign(&mut newer);
+    let mut corrupt = good.clone();
+    corrupt[30] ^= 0xff;
+    let mut block = good.clone();
+    block[12..16].copy_from_slice(&8192u32.to_le_bytes());
+    resign(&mut block);
+    for (img, want) in [(newer, "newer"), (corrupt, "checksum"), (block, "block size")] {
+        let h = open(p.clone(), SimDevice::from_image(img.clone()), SimDevice::new(BACKING));
+        let Some(Err(e)) = &h.opened else { panic!("{want}: opened") };
+        assert!(e.to_string().contains(want), "{want}: {e}");
+        assert_eq!(h.cache.image(), &img[..], "{want}: device untouched");
+    }
+    // The intact device opens and keeps its identity.
+    let h = open(p.clone(), SimDevice::from_image(good), SimDevice::new(BACKING));
+    assert_eq!(h.opened, Some(Ok(())));
+    let sb = Superblock::parse(&h.cache.image()[..4096], p.cache_size).unwrap();
+    assert_eq!(sb.cache_uuid, UUID);
+}
+
+#[test]
+fn bad_parameters_are_rejected_before_any_io() {
+    let mut p = params(8 * MIB);
+    p.cache_block_size = 1024;
+    assert!(matches!(
+        Engine::open(p, HeapAlloc, 0),
+        Err(ConfigError::OutOfRange { name: "cache_block_size", .. })
+    ));
+    let mut t = Tunables::default();
+    assert!(t.set("barrier_deadline_ms", 10_001).is_err());
+    let mut h = fresh(params(8 * MIB));
+    let before = *h.engine.tunables();
+    let err = h.engine.set_options(&[("writeback_threshold", 50), ("read_cache_threshold", 500)], 0).unwrap_err();
+    assert!(err.to_string().contains("read_cache_threshold=500"), "{err}");
+    assert_eq!(*h.engine.tunables(), before, "all or nothing");
+    h.engine.set_options(&[("writeback_threshold", 50)], 0).unwrap();
+    assert_eq!(h.engine.tunables().writeback_threshold, 50);
+}
+
+#[test]
+fn misaligned_and_out_of_range_requests_are_refused() {
+    let mut h = fresh(params(8 * MIB));
+    let now = h.now;
+    let e = &mut h.engine;
+    assert!(e.submit_read(ReqId(1), 100, 512, now).is_err());
+    assert!(e.submit_read(ReqId(1), BACKING - 512, 1024, now).is_err());
+    assert!(e.submit_write(ReqId(1), 0, &[0; 100], false, now).is_err());
+    assert!(e.submit_read(ReqId(1), u64::MAX - 511, 512, now).is_err());
+    assert!(e.submit_read(ReqId(1), 0, 0, now).is_err());
+}
+
+#[test]
+fn partial_sectors_merge_with_cached_and_backing_data() {
+    let mut p = params(8 * MIB);
+    p.tunables.writeback_threshold = 0;
+    let mut h = fresh(p);
+    let full = pattern(9, 8192);
+    h.write(1, 0, &full, false).unwrap();
+    h.flush(2).unwrap();
+    h.engine.drop_caches(h.now);
+    h.settle(1_000_000_000);
+    assert_eq!(h.engine.status().nr_dirty_blocks, 0);
+    // Sector 3 of block 0 and sectors 0..2 of block 1 are rewritten.
+    let a = pattern(40, 512);
+    let b = pattern(41, 1024);
+    h.write(3, 1536, &a, false).unwrap();
+    h.write(4, 4096, &b, false).unwrap();
+    let mut want = full.clone();
+    want[1536..2048].copy_from_slice(&a);
+    want[4096..5120].copy_from_slice(&b);
+    assert_eq!(h.read(5, 0, 8192).unwrap(), want);
+    assert_eq!(h.read(6, 1024, 4608).unwrap(), want[1024..5632]);
+    // And once the buffer is on the cache device too.
+    h.flush(7).unwrap();
+    assert_eq!(h.read(8, 512, 7168).unwrap(), want[512..7680]);
+}
+
+#[test]
+fn drop_caches_writes_everything_back_with_falling_dirty_count() {
+    let mut p = params(8 * MIB);
+    p.tunables.writeback_threshold = 0; // nothing in the background
+    p.tunables.nr_max_batched_writeback = 1;
+    let mut h = fresh(p.clone());
+    for i in 0..200u64 {
+        h.write(10 + i, i * 3 * 4096, &pattern(i as u8, 4096), false).unwrap();
+    }
+    h.flush(1).unwrap();
+    let start = h.engine.status().nr_dirty_blocks;
+    assert_eq!(start, 200);
+    assert_eq!(h.engine.stats().backing_write_cmds, 0);
+    h.engine.drop_caches(h.now);
+    h.drain();
+    let mut last = start;
+    let mut seen_between = false;
+    while h.engine.status().drop_caches_active {
+        assert!(h.step());
+        let d = h.engine.status().nr_dirty_blocks;
+        assert!(d <= last, "dirty count never rises");
+        seen_between |= d > 0 && d < start;
+        last = d;
+    }
+    assert_eq!(last, 0);
+    assert!(seen_between, "progress is observable");
+    for i in 0..200u64 {
+        let off = (i * 3 * 4096) as usize;
+        assert_eq!(&h.backing.image()[off..off + 4096], &pattern(i as u8, 4096)[..]);
+    }
+    // The clean state is recorded: a restart after power loss replays nothing.
+    h.settle(1_000_000_000);
+    let h2 = power_loss(h, p);
+    assert_eq!(h2.opened, Some(Ok(())));
+    // Region 0, and one read that finds no log after the recorded frontier.
+    assert!(h2.engine.stats().cache_read_cmds <= 2, "{:?}", h2.engine.stats());
+}
+
+#[test]
+fn recovery_reads_only_what_is_dirty() {
+    let mut p = params(16 * MIB);
+    p.tunables.writeback_threshold = 0;
+    p.tunables.update_sb_record_interval = 0;
+    let mut h = fresh(p.clone());
+    // Fill many logs and write them all back, then dirty just a few blocks.
+    for i in 0..600u64 {
+        h.write(100 + i, i * 4096, &pattern(i as u8, 4096), false).unwrap();
+    }
+    h.flush(1).unwrap();
+    h.engine.drop_caches(h.now);
+    h.settle(1_000_000_000);
+    for i in 0..10u64 {
+        h.write(1000 + i, i * 8192, &pattern(200 + i as u8, 4096), true).unwrap();
+    }
+    let mut h2 = power_loss(h, p);
+    assert_eq!(h2.opened, Some(Ok(())));
+    // Region 0 plus the logs after the recorded writeback frontier.
+    let replay_reads = h2.engine.stats().cache_read_cmds - 1;
+    assert!(replay_reads <= 12, "replay read {replay_reads} logs for 10 dirty ones");
+    for i in 0..10u64 {
+        assert_eq!(h2.read(2000 + i, i * 8192, 4096).unwrap(), pattern(200 + i as u8, 4096));
+    }
+    for i in (1..600u64).step_by(2) {
+        assert_eq!(h2.read(3000 + i, i * 4096, 4096).unwrap(), pattern(i as u8, 4096), "block {i}");
+    }
+}
+
+#[test]
+fn a_torn_last_log_is_ignored_and_earlier_data_survives() {
+    let p = params(8 * MIB);
+    let mut h = fresh(p.clone());
+    h.write(1, 0, &pattern(1, 4096), true).unwrap();
+    let second = h.engine.status().next_segment_id;
+    h.write(2, 4096, &pattern(2, 4096), true).unwrap();
+    let (mut c, b) = h.crash(&mut ChaCha8Rng::seed_from_u64(1));
+    // Tear the second log: one byte of its data block differs.
+    let geo = Geometry::new(128 << 10, 8 * MIB, BACKING).unwrap();
+    let off = geo.slot_offset(second, 0) as usize;
+    c[off + 100] ^= 0xff;
+    let mut h2 = open(p, SimDevice::from_image(c), SimDevice::from_image(b));
+    assert_eq!(h2.opened, Some(Ok(())));
+    assert_eq!(h2.read(3, 0, 4096).unwrap(), pattern(1, 4096));
+    // The torn log is not replayed: block 1 reads as before it (zeroes).
+    assert_eq!(h2.read(4, 4096, 4096).unwrap(), vec![0; 4096]);
+}
+
+#[test]
+fn failing_cache_writes_fail_durable_requests_and_go_read_only_without_losing_reads() {
+    let mut h = fresh(params(8 * MIB));
+    h.write(1, 0, &pattern(1, 4096), true).unwrap();
+    h.fail_cache_writes = true;
+    h.write(2, 8192, &pattern(2, 4096), false).unwrap(); // buffered: acknowledged
+    assert_eq!(h.write(3, 16384, &pattern(3, 4096), true), Err(IoError::CacheDevice));
+    assert!(h.engine.is_read_only());
+    assert_eq!(h.write(4, 0, &pattern(4, 4096), false), Err(IoError::ReadOnly));
+    assert_eq!(h.flush(5), Err(IoError::ReadOnly));
+    assert!(h.engine.stats().io_retries >= 3, "retried before giving up");
+    // Everything acknowledged still reads back.
+    assert_eq!(h.read(6, 0, 4096).unwrap(), pattern(1, 4096));
+    assert_eq!(h.read(7, 8192, 4096).unwrap(), pattern(2, 4096));
+    assert_eq!(h.read(8, 16384, 4096).unwrap(), pattern(3, 4096));
+}
+
+#[test]
+fn large_writes_bypass_the_log_and_write_around_keeps_cached_lines_consistent() {
+    let mut p = params(8 * MIB);
+    p.tunables.bypass_write_kib = 256;
+    let mut h = fresh(p);
+    let big = pattern(7, 512 << 10);
+    h.write(1, MIB, &big, true).unwrap();
+    let s = h.engine.stats().clone();
+    assert_eq!(s.cache_write_cmds, 0);
+    assert_eq!(s.bypass_write_bytes, 512 << 10);
+    assert_eq!(h.read(2, MIB, 512 << 10).unwrap(), big);
+    // A dirty cached block inside a large write keeps that write in the log.
+    h.write(3, 4 * MIB, &pattern(8, 4096), false).unwrap();
+    let mixed = pattern(9, 256 << 10);
+    h.write(4, 4 * MIB, &mixed, false).unwrap();
+    assert_eq!(h.read(5, 4 * MIB, 256 << 10).unwrap(), mixed);
+    h.engine.set_options(&[("write_around_mode", 1)], h.now).unwrap();
+    h.write(6, 20 * MIB, &pattern(10, 4096), false).unwrap();
+    assert!(h.engine.describe_block(20 * MIB / 4096).contains("not cached"));
+    assert_eq!(h.read(7, 20 * MIB, 4096).unwrap(), pattern(10, 4096));
+}
+
+#[test]
+fn read_caching_stages_random_misses_but_not_long_sequential_runs() {
+    let mut p = params(8 * MIB);
+    p.tunables.read_cache_threshold = 4;
+    let mut h = fresh(p);
+    h.read(1, 40 * 4096, 4096).unwrap();
+    h.read(2, 90 * 4096, 8192).unwrap();
+    assert_eq!(h.engine.stats().read_cache_staged, 3);
+    let backing_reads = h.engine.stats().backing_read_cmds;
+    assert_eq!(h.read(3, 40 * 4096, 4096).unwrap(), vec![0; 4096]);
+    assert_eq!(h.engine.stats().backing_read_cmds, backing_reads, "second read is a hit");
+    // A long sequential stream is not cached past the threshold.
+    for i in 0..16u64 {
+        h.read(10 + i, (200 + i * 2) * 4096, 8192).unwrap();
+    }
+    assert!(h.engine.stats().read_cache_staged <= 3 + 4);
+}
+
+#[test]
+fn a_full_cache_applies_backpressure_and_loses_nothing() {
+    let mut p = params(MIB); // 7 segments of 128 KiB
+    p.tunables.writeback_threshold = 0;
+    p.tunables.bypass_write_kib = 0;
+    let mut h = fresh(p.clone());
+    // Ten times the cache size, with overwrites, at queue depth 1.
+    for i in 0..1500u64 {
+        let block = (i * 7) % 600;
+        h.write(100 + i, block * 4096, &pattern(i as u8, 4096), false).unwrap();
+    }
+    assert!(h.engine.stats().backing_write_cmds > 0, "writeback ran because the cache filled");
+    let mut h = restart(h, p);
+    for block in 0..600u64 {
+        let last = (0..1500u64).filter(|i| (i * 7) % 600 == block).last().unwrap();
+        assert_eq!(h.read(5000 + block, block * 4096, 4096).unwrap(), pattern(last as u8, 4096), "block {block}");
+    }
+}
+
+#[test]
+fn fua_in_volatile_mode_makes_partial_logs_and_counts_them() {
+    let mut p = params(8 * MIB);
+    p.tunables.barrier_deadline_ms = 0;
+    let mut h = fresh(p);
+    for i in 0..5u64 {
+        h.write(i + 1, i * 4096, &pattern(i as u8, 4096), true).unwrap();
+    }
+    let s = h.engine.stats();
+    assert_eq!(s.nr_partial_flushed, 5);
+    // One log write per FUA write.
+    assert_eq!(s.cache_write_cmds, 5);
+    // Five full-size write misses, not on buffer.
+    assert_eq!(s.io[1][0][0][1], 5);
+}
