@@ -226,8 +226,9 @@ fn drop_caches_writes_everything_back_with_falling_dirty_count() {
     h.settle(1_000_000_000);
     let h2 = power_loss(h, p);
     assert_eq!(h2.opened, Some(Ok(())));
-    // Region 0, and one read that finds no log after the recorded frontier.
-    assert!(h2.engine.stats().cache_read_cmds <= 2, "{:?}", h2.engine.stats());
+    // Region 0, plus the read-ahead (4 logs) that finds no log after the
+    // recorded frontier.
+    assert!(h2.engine.stats().cache_read_cmds <= 1 + 4, "{:?}", h2.engine.stats());
 }
 
 #[test]
@@ -250,7 +251,8 @@ fn recovery_reads_only_what_is_dirty() {
     assert_eq!(h2.opened, Some(Ok(())));
     // Region 0 plus the logs after the recorded writeback frontier.
     let replay_reads = h2.engine.stats().cache_read_cmds - 1;
-    assert!(replay_reads <= 12, "replay read {replay_reads} logs for 10 dirty ones");
+    // Ten logs hold the dirty blocks; four more are read ahead.
+    assert!(replay_reads <= 10 + 4, "replay read {replay_reads} logs for 10 dirty ones");
     for i in 0..10u64 {
         assert_eq!(h2.read(2000 + i, i * 8192, 4096).unwrap(), pattern(200 + i as u8, 4096));
     }
