@@ -62,6 +62,13 @@ impl Outcome {
 }
 
 const WILD: u64 = u64::MAX;
+/// Marks the version of a write-zeroes (its content is zeroes, its id is unique).
+const ZERO: u64 = 1 << 62;
+
+/// Whether version `v` reads as zeroes (0 is the device's initial content).
+fn is_zero(v: u64) -> bool {
+    v == 0 || (v != WILD && v & ZERO != 0)
+}
 
 /// What the model knows about one sector.
 #[derive(Clone, Default)]
@@ -298,7 +305,7 @@ impl Run {
                 write_id = self.next_write;
                 self.next_write += 1;
                 for s in first..first + count {
-                    self.sectors[s as usize].later.push(0);
+                    self.sectors[s as usize].later.push(ZERO | write_id);
                 }
                 h.engine.submit_write_zeroes(req, off, len, now)
             }
@@ -353,7 +360,7 @@ impl Run {
             }
             match p.op {
                 Op::Write { fua } => self.acked_write(p.write_id, p.first, p.count, fua),
-                Op::Zeroes => self.acked_write_as(p.write_id, 0, p.first, p.count),
+                Op::Zeroes => self.acked_write_as(p.write_id, ZERO | p.write_id, p.first, p.count),
                 Op::Read => self.check_read(p.first, &buf.expect("read buffer")),
                 Op::Flush => {
                     let Some(pos) = self.flushes.iter().position(|(r, _)| *r == req) else { continue };
@@ -390,7 +397,7 @@ impl Run {
             if let Some(i) = st.later.iter().position(|&v| v == version) {
                 st.later.drain(..=i);
                 st.durable = version;
-                if st.wild_since.is_some_and(|w| version >= w && version != 0) {
+                if st.wild_since.is_some_and(|w| version & !ZERO >= w) {
                     st.wild_since = None;
                 }
             }
@@ -405,7 +412,7 @@ impl Run {
             let ok = match got {
                 Version::Garbage => false,
                 _ if want == WILD => true,
-                Version::Zero => want == 0,
+                Version::Zero => is_zero(want),
                 Version::Write(id) => id == want,
             };
             if !ok {
@@ -460,7 +467,7 @@ impl Run {
                 let lba = first + i as u64;
                 let got = content::decode(sector, lba);
                 let st = &mut self.sectors[lba as usize];
-                let v = match got {
+                let version = match got {
                     Version::Garbage => {
                         self.out.corrupt_reads += 1;
                         let id = u64::from_le_bytes(sector[..8].try_into().expect("8"));
@@ -472,12 +479,17 @@ impl Run {
                         }
                         continue;
                     }
-                    Version::Zero => 0,
-                    Version::Write(id) => id,
+                    Version::Zero => None,
+                    Version::Write(id) => Some(id),
                 };
-                let allowed = v == st.durable || st.later.contains(&v) || st.wild_since.is_some();
+                let matches = |v: u64| match version {
+                    None => is_zero(v),
+                    Some(id) => v == id,
+                };
+                let allowed = matches(st.durable) || st.later.iter().any(|&v| matches(v)) || st.wild_since.is_some();
+                let v = version.unwrap_or(0);
                 if !allowed {
-                    let older = v < st.durable || (v == 0 && st.durable != 0);
+                    let older = v < st.durable & !ZERO || (version.is_none() && !is_zero(st.durable));
                     if older {
                         self.out.acknowledged_lost += 1;
                     } else {

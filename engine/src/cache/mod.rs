@@ -732,8 +732,19 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     fn check_shutdown_done(&mut self) {
-        if self.phase != Phase::ShuttingDown
-            || self.open.is_some()
+        if self.phase != Phase::ShuttingDown {
+            return;
+        }
+        // After a cache-device failure nothing more can be made durable:
+        // finish once in-flight work has ended.
+        if self.read_only {
+            if self.reqs.is_empty() && self.wb.is_none() && self.inflight.is_empty() {
+                self.phase = Phase::Stopped;
+                self.events.push_back(Event::ShutdownComplete);
+            }
+            return;
+        }
+        if self.open.is_some()
             || !self.unflushed.is_empty()
             || self.cache_flush.busy()
             || self.wb.is_some()
