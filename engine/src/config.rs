@@ -68,7 +68,12 @@ impl Tunables {
             .find(|(n, _, _)| *n == name)
             .ok_or_else(|| ConfigError::Unknown(name.to_string()))?;
         if !(min..=max).contains(&value) {
-            return Err(ConfigError::OutOfRange { name, value, min, max });
+            return Err(ConfigError::OutOfRange {
+                name,
+                value,
+                min,
+                max,
+            });
         }
         let v = value as u32;
         match name {
@@ -88,8 +93,14 @@ impl Tunables {
     pub fn values(&self) -> [(&'static str, u64); 8] {
         [
             ("writeback_threshold", self.writeback_threshold as u64),
-            ("nr_max_batched_writeback", self.nr_max_batched_writeback as u64),
-            ("update_sb_record_interval", self.update_sb_record_interval as u64),
+            (
+                "nr_max_batched_writeback",
+                self.nr_max_batched_writeback as u64,
+            ),
+            (
+                "update_sb_record_interval",
+                self.update_sb_record_interval as u64,
+            ),
             ("sync_data_interval", self.sync_data_interval as u64),
             ("read_cache_threshold", self.read_cache_threshold as u64),
             ("barrier_deadline_ms", self.barrier_deadline_ms as u64),
@@ -162,7 +173,12 @@ impl OpenParams {
             ("backing_block_size", self.backing_block_size),
         ] {
             if !(v == 512 || v == 4096) {
-                return Err(ConfigError::OutOfRange { name, value: v as u64, min: 512, max: 4096 });
+                return Err(ConfigError::OutOfRange {
+                    name,
+                    value: v as u64,
+                    min: 512,
+                    max: 4096,
+                });
             }
         }
         Ok(())
@@ -183,8 +199,14 @@ mod tests {
             t.set("writeback_threshold", 101),
             Err(ConfigError::OutOfRange { max: 100, .. })
         ));
-        assert!(matches!(t.set("nr_max_batched_writeback", 0), Err(ConfigError::OutOfRange { .. })));
-        assert!(matches!(t.set("no_such_knob", 1), Err(ConfigError::Unknown(_))));
+        assert!(matches!(
+            t.set("nr_max_batched_writeback", 0),
+            Err(ConfigError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            t.set("no_such_knob", 1),
+            Err(ConfigError::Unknown(_))
+        ));
         assert_eq!(t, before);
         t.set("write_around_mode", 1).unwrap();
         assert!(t.write_around_mode);

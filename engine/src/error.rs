@@ -58,7 +58,12 @@ pub enum OpenError {
          got uuid {got}, size {got_size}); attach the right backing device, or reformat with \
          format=true to discard the cache"
     )]
-    BackingMismatch { expected: String, expected_size: u64, got: String, got_size: u64 },
+    BackingMismatch {
+        expected: String,
+        expected_size: u64,
+        got: String,
+        got_size: u64,
+    },
     #[error(
         "both superblock records are unreadable and no valid log chain was found; \
          reopen with format=true to discard the cache"
@@ -72,7 +77,12 @@ pub enum OpenError {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ConfigError {
     #[error("{name}={value} is out of range; allowed: {min}..={max}")]
-    OutOfRange { name: &'static str, value: u64, min: u64, max: u64 },
+    OutOfRange {
+        name: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+    },
     #[error("unknown tunable '{0}'")]
     Unknown(String),
 }

@@ -72,7 +72,12 @@ pub struct Superblock {
 }
 
 impl Superblock {
-    pub fn new(geo: &Geometry, cache_uuid: [u8; 16], backing: BackingIdentity, cache_size: u64) -> Self {
+    pub fn new(
+        geo: &Geometry,
+        cache_uuid: [u8; 16],
+        backing: BackingIdentity,
+        cache_size: u64,
+    ) -> Self {
         Self {
             version: FORMAT_VERSION,
             segment_size: geo.segment_size,
@@ -117,7 +122,10 @@ impl Superblock {
         }
         let version = get_u32(b, 8);
         if version > FORMAT_VERSION {
-            return Err(FormatError::NewerVersion { found: version, supported: FORMAT_VERSION });
+            return Err(FormatError::NewerVersion {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
         }
         let (block, sector) = (get_u32(b, 12) as u64, get_u32(b, 16) as u64);
         if block != BLOCK_SIZE || sector != SECTOR_SIZE {
@@ -129,7 +137,10 @@ impl Superblock {
             segment_size: get_u64(b, 24),
             nr_segments: get_u64(b, 32),
             cache_uuid: get_uuid(b, 40),
-            backing: BackingIdentity { uuid: get_uuid(b, 56), size: get_u64(b, 72) },
+            backing: BackingIdentity {
+                uuid: get_uuid(b, 56),
+                size: get_u64(b, 72),
+            },
             cache_size: get_u64(b, 80),
             data_blocks: get_u32(b, 88),
         };
@@ -140,10 +151,15 @@ impl Superblock {
             || geo.data_blocks != sb.data_blocks
             || geo.nr_segments != sb.nr_segments
         {
-            return Err(FormatError::BadChecksum { what: "superblock geometry" });
+            return Err(FormatError::BadChecksum {
+                what: "superblock geometry",
+            });
         }
         if sb.cache_size > cache_size {
-            return Err(FormatError::CacheShrunk { formatted: sb.cache_size, now: cache_size });
+            return Err(FormatError::CacheShrunk {
+                formatted: sb.cache_size,
+                now: cache_size,
+            });
         }
         Ok(sb)
     }
@@ -188,14 +204,23 @@ impl SbRecord {
 
     pub fn parse(b: &[u8], cache_uuid: &[u8; 16]) -> Result<Self, FormatError> {
         if b.len() < BLOCK_SIZE as usize {
-            return Err(FormatError::Truncated { what: "superblock record" });
+            return Err(FormatError::Truncated {
+                what: "superblock record",
+            });
         }
-        if b[..8] != RECORD_MAGIC || crc32c::crc32c(&b[..RECORD_CRC_AT]) != get_u32(b, RECORD_CRC_AT) {
-            return Err(FormatError::BadChecksum { what: "superblock record" });
+        if b[..8] != RECORD_MAGIC
+            || crc32c::crc32c(&b[..RECORD_CRC_AT]) != get_u32(b, RECORD_CRC_AT)
+        {
+            return Err(FormatError::BadChecksum {
+                what: "superblock record",
+            });
         }
         let version = get_u32(b, 8);
         if version > FORMAT_VERSION {
-            return Err(FormatError::NewerVersion { found: version, supported: FORMAT_VERSION });
+            return Err(FormatError::NewerVersion {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
         }
         let r = Self {
             seq: get_u64(b, 16),
@@ -204,7 +229,9 @@ impl SbRecord {
             cache_uuid: get_uuid(b, 40),
         };
         if &r.cache_uuid != cache_uuid {
-            return Err(FormatError::BadChecksum { what: "superblock record (other cache)" });
+            return Err(FormatError::BadChecksum {
+                what: "superblock record (other cache)",
+            });
         }
         Ok(r)
     }
@@ -273,18 +300,25 @@ pub fn parse_segment_header(
     cache_uuid: &[u8; 16],
 ) -> Result<SegmentHeader, FormatError> {
     if hdr.len() < geo.header_len() {
-        return Err(FormatError::Truncated { what: "segment header" });
+        return Err(FormatError::Truncated {
+            what: "segment header",
+        });
     }
     if hdr[..8] != SEGMENT_MAGIC || &get_uuid(hdr, 32) != cache_uuid {
         return Err(FormatError::NotALog);
     }
     let version = get_u16(hdr, 8) as u32;
     if version > FORMAT_VERSION {
-        return Err(FormatError::NewerVersion { found: version, supported: FORMAT_VERSION });
+        return Err(FormatError::NewerVersion {
+            found: version,
+            supported: FORMAT_VERSION,
+        });
     }
     let nr_valid = get_u16(hdr, 12) as u32;
     if get_u16(hdr, 10) as u32 != geo.header_blocks || nr_valid == 0 || nr_valid > geo.data_blocks {
-        return Err(FormatError::BadChecksum { what: "segment header fields" });
+        return Err(FormatError::BadChecksum {
+            what: "segment header fields",
+        });
     }
     Ok(SegmentHeader {
         id: get_u64(hdr, 16),
@@ -305,7 +339,9 @@ pub fn verify_segment(
     let hl = geo.header_len();
     let data_len = h.nr_valid as usize * BLOCK_SIZE as usize;
     if seg.len() < hl + data_len {
-        return Err(FormatError::Truncated { what: "segment data" });
+        return Err(FormatError::Truncated {
+            what: "segment data",
+        });
     }
     let mut crc = crc32c::crc32c(&seg[..SEG_CRC_AT]);
     crc = crc32c::crc32c_append(crc, &[0u8; 4]);
@@ -320,7 +356,7 @@ pub fn verify_segment(
         let sector = get_u64(seg, at);
         let (valid, flags) = (seg[at + 8], seg[at + 9]);
         let block = sector / SECTORS_PER_BLOCK;
-        if sector % SECTORS_PER_BLOCK != 0
+        if !sector.is_multiple_of(SECTORS_PER_BLOCK)
             || block >= geo.backing_blocks()
             || valid == 0
             || flags & !MB_FLAG_DIRTY != 0
@@ -328,7 +364,11 @@ pub fn verify_segment(
         {
             return Err(FormatError::BadMetablock { index: i as u32 });
         }
-        blocks.push(Metablock { block, valid, dirty: flags & MB_FLAG_DIRTY != 0 });
+        blocks.push(Metablock {
+            block,
+            valid,
+            dirty: flags & MB_FLAG_DIRTY != 0,
+        });
     }
     Ok((h, blocks))
 }
@@ -346,29 +386,62 @@ mod tests {
     #[test]
     fn superblock_round_trips_and_detects_damage() {
         let g = geo();
-        let sb = Superblock::new(&g, UUID, BackingIdentity { uuid: [1; 16], size: 1 << 30 }, 16 << 20);
+        let sb = Superblock::new(
+            &g,
+            UUID,
+            BackingIdentity {
+                uuid: [1; 16],
+                size: 1 << 30,
+            },
+            16 << 20,
+        );
         let mut b = sb.encode();
         assert_eq!(Superblock::parse(&b, 16 << 20).unwrap(), sb);
-        assert!(matches!(Superblock::parse(&b, 8 << 20), Err(FormatError::CacheShrunk { .. })));
+        assert!(matches!(
+            Superblock::parse(&b, 8 << 20),
+            Err(FormatError::CacheShrunk { .. })
+        ));
         b[30] ^= 1;
-        assert!(matches!(Superblock::parse(&b, 16 << 20), Err(FormatError::BadChecksum { .. })));
-        assert!(matches!(Superblock::parse(&[0; 4096], 16 << 20), Err(FormatError::NotACache)));
+        assert!(matches!(
+            Superblock::parse(&b, 16 << 20),
+            Err(FormatError::BadChecksum { .. })
+        ));
+        assert!(matches!(
+            Superblock::parse(&[0; 4096], 16 << 20),
+            Err(FormatError::NotACache)
+        ));
     }
 
     #[test]
     fn newer_version_is_reported_as_such() {
         let g = geo();
-        let sb = Superblock::new(&g, UUID, BackingIdentity { uuid: [1; 16], size: 1 << 30 }, 16 << 20);
+        let sb = Superblock::new(
+            &g,
+            UUID,
+            BackingIdentity {
+                uuid: [1; 16],
+                size: 1 << 30,
+            },
+            16 << 20,
+        );
         let mut b = sb.encode();
         b[8] = 9;
         let crc = crc32c::crc32c(&b[..SB_CRC_AT]);
         b[SB_CRC_AT..SB_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
-        assert!(matches!(Superblock::parse(&b, 16 << 20), Err(FormatError::NewerVersion { found: 9, .. })));
+        assert!(matches!(
+            Superblock::parse(&b, 16 << 20),
+            Err(FormatError::NewerVersion { found: 9, .. })
+        ));
     }
 
     #[test]
     fn record_round_trips_and_rejects_other_caches() {
-        let r = SbRecord { seq: 5, last_writeback_id: 3, epoch: 2, cache_uuid: UUID };
+        let r = SbRecord {
+            seq: 5,
+            last_writeback_id: 3,
+            epoch: 2,
+            cache_uuid: UUID,
+        };
         let b = r.encode();
         assert_eq!(SbRecord::parse(&b, &UUID).unwrap(), r);
         assert!(SbRecord::parse(&b, &[0; 16]).is_err());
@@ -384,8 +457,16 @@ mod tests {
             *x = (i % 251) as u8;
         }
         let mbs = [
-            Metablock { block: 10, valid: 0xff, dirty: true },
-            Metablock { block: 3, valid: 0x0f, dirty: false },
+            Metablock {
+                block: 10,
+                valid: 0xff,
+                dirty: true,
+            },
+            Metablock {
+                block: 3,
+                valid: 0x0f,
+                dirty: false,
+            },
         ];
         let (hdr, data) = seg.split_at_mut(hl);
         encode_segment_header(hdr, &data[..2 * 4096], &g, 42, 3, &UUID, &mbs);
@@ -395,7 +476,10 @@ mod tests {
         for at in [0, 20, 70, hl + 5, hl + 8191] {
             let mut torn = seg.clone();
             torn[at] ^= 0x40;
-            assert!(verify_segment(&torn, &g, &UUID).is_err(), "flip at {at} undetected");
+            assert!(
+                verify_segment(&torn, &g, &UUID).is_err(),
+                "flip at {at} undetected"
+            );
         }
         // Bytes past the valid data are not part of the log.
         seg[hl + 3 * 4096] ^= 1;
@@ -408,8 +492,15 @@ mod tests {
         let mut seg = vec![0u8; g.segment_size as usize];
         let hl = g.header_len();
         let (hdr, data) = seg.split_at_mut(hl);
-        let mbs = [Metablock { block: 1 << 40, valid: 0xff, dirty: true }];
+        let mbs = [Metablock {
+            block: 1 << 40,
+            valid: 0xff,
+            dirty: true,
+        }];
         encode_segment_header(hdr, &data[..4096], &g, 1, 1, &UUID, &mbs);
-        assert!(matches!(verify_segment(&seg, &g, &UUID), Err(FormatError::BadMetablock { index: 0 })));
+        assert!(matches!(
+            verify_segment(&seg, &g, &UUID),
+            Err(FormatError::BadMetablock { index: 0 })
+        ));
     }
 }

@@ -51,7 +51,7 @@ impl Geometry {
         {
             return Err(FormatError::BadSegmentSize { segment_size });
         }
-        if backing_size == 0 || backing_size % SECTOR_SIZE != 0 {
+        if backing_size == 0 || !backing_size.is_multiple_of(SECTOR_SIZE) {
             return Err(FormatError::BadBackingSize { backing_size });
         }
         let (header_blocks, data_blocks) = Self::split(segment_size);

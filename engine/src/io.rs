@@ -39,10 +39,18 @@ pub enum DataRef {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CommandKind {
     /// Read `len` bytes at byte `offset` of the device into `dst`.
-    Read { offset: u64, len: usize, dst: DataRef },
+    Read {
+        offset: u64,
+        len: usize,
+        dst: DataRef,
+    },
     /// Write `len` bytes from `src` at byte `offset`. Completion means written,
     /// not durable.
-    Write { offset: u64, len: usize, src: DataRef },
+    Write {
+        offset: u64,
+        len: usize,
+        src: DataRef,
+    },
     /// Write zeroes over `len` bytes at `offset`.
     WriteZeroes { offset: u64, len: u64 },
     /// Unmap `len` bytes at `offset` (contents become unspecified).
@@ -70,9 +78,18 @@ pub enum Event {
     /// Copy `len` bytes from `engine.buffer(src)[src_offset..]` into byte
     /// `dst_offset` of request `req`'s buffer. Must be done before the next
     /// call into the engine (the source may change afterwards).
-    CopyToUser { req: ReqId, dst_offset: usize, src: BufId, src_offset: usize, len: usize },
+    CopyToUser {
+        req: ReqId,
+        dst_offset: usize,
+        src: BufId,
+        src_offset: usize,
+        len: usize,
+    },
     /// A user request finished.
-    Completed { req: ReqId, result: Result<(), IoError> },
+    Completed {
+        req: ReqId,
+        result: Result<(), IoError>,
+    },
     /// `shutdown` finished: the cache is clean to detach.
     ShutdownComplete,
 }

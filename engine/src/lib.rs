@@ -31,5 +31,7 @@ pub use cache::Engine;
 pub use config::{OpenParams, Tunables};
 pub use error::{ConfigError, DeviceError, FormatError, IoError, OpenError, SubmitError};
 pub use format::BackingIdentity;
-pub use io::{BufAlloc, BufId, Command, CommandKind, DataRef, Device, Event, HeapAlloc, Nanos, ReqId, Token};
+pub use io::{
+    BufAlloc, BufId, Command, CommandKind, DataRef, Device, Event, HeapAlloc, Nanos, ReqId, Token,
+};
 pub use stats::{Stats, Status};

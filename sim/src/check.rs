@@ -99,6 +99,9 @@ struct Pending {
     write_id: u64,
 }
 
+/// Writes as (version, first sector, sector count).
+type AckedWrites = Vec<(u64, u64, u64)>;
+
 struct Run {
     opts: SimOptions,
     rng: ChaCha8Rng,
@@ -106,8 +109,9 @@ struct Run {
     lat: Latency,
     sectors: Vec<Sector>,
     /// Writes (id, first sector, count) acknowledged since the last flush was submitted.
-    acked_unflushed: Vec<(u64, u64, u64)>,
-    flushes: VecDeque<(ReqId, Vec<(u64, u64, u64)>)>,
+    acked_unflushed: AckedWrites,
+    /// Flushes in flight with the writes acknowledged before each was submitted.
+    flushes: VecDeque<(ReqId, AckedWrites)>,
     pending: std::collections::BTreeMap<ReqId, Pending>,
     next_req: u64,
     next_write: u64,
@@ -120,19 +124,27 @@ pub fn run_seed(opts: &SimOptions) -> Outcome {
     let seg = [64u64 << 10, 128 << 10][rng.random_range(0..2)];
     let cache_size = seg * rng.random_range(5..=16);
     let backing_size: u64 = [1u64 << 20, 2 << 20][rng.random_range(0..2)];
-    let mut t = Tunables::default();
-    t.barrier_deadline_ms = [0, 1, 10][rng.random_range(0..3)];
-    t.read_cache_threshold = [0, 0, 4, 32][rng.random_range(0..4)];
-    t.write_around_mode = rng.random_bool(0.1);
-    t.bypass_write_kib = [0, 32, 64][rng.random_range(0..3)];
-    t.writeback_threshold = [0, 50, 100][rng.random_range(0..3)];
-    t.nr_max_batched_writeback = rng.random_range(1..=4);
-    t.update_sb_record_interval = [0, 1][rng.random_range(0..2)];
-    t.sync_data_interval = [0, 1][rng.random_range(0..2)];
+    let mut t = Tunables {
+        barrier_deadline_ms: [0, 1, 10][rng.random_range(0..3)],
+        read_cache_threshold: [0, 0, 4, 32][rng.random_range(0..4)],
+        write_around_mode: rng.random_bool(0.1),
+        bypass_write_kib: [0, 32, 64][rng.random_range(0..3)],
+        writeback_threshold: [0, 50, 100][rng.random_range(0..3)],
+        nr_max_batched_writeback: rng.random_range(1..=4),
+        update_sb_record_interval: [0, 1][rng.random_range(0..2)],
+        sync_data_interval: [0, 1][rng.random_range(0..2)],
+    };
     for (name, value) in &opts.force {
         t.set(name, *value).expect("valid forced tunable");
     }
-    let mut params = OpenParams::new(cache_size, BackingIdentity { uuid: [9; 16], size: backing_size }, [0; 16]);
+    let mut params = OpenParams::new(
+        cache_size,
+        BackingIdentity {
+            uuid: [9; 16],
+            size: backing_size,
+        },
+        [0; 16],
+    );
     params.segment_size = seg;
     params.nr_buffers = rng.random_range(2..=4);
     params.tunables = t;
@@ -180,7 +192,13 @@ impl Run {
     }
 
     fn harness(&mut self, cache: SimDevice, backing: SimDevice) -> Option<Harness> {
-        let mut h = Harness::new(self.params.clone(), cache, backing, self.lat, self.rng.random());
+        let mut h = Harness::new(
+            self.params.clone(),
+            cache,
+            backing,
+            self.lat,
+            self.rng.random(),
+        );
         h.error_rate = self.opts.error_rate;
         if !h.wait_open() || h.opened.as_ref().is_some_and(|r| r.is_err()) {
             let why = format!("{:?}", h.opened);
@@ -192,17 +210,22 @@ impl Run {
     }
 
     fn go(&mut self, cache_size: u64, backing_size: u64) {
-        let Some(mut h) = self.harness(SimDevice::new(cache_size), SimDevice::new(backing_size)) else {
+        let Some(mut h) = self.harness(SimDevice::new(cache_size), SimDevice::new(backing_size))
+        else {
             return;
         };
-        let mut crash_at: Vec<u64> = (0..self.opts.crashes).map(|_| self.rng.random_range(1..self.opts.ops)).collect();
+        let mut crash_at: Vec<u64> = (0..self.opts.crashes)
+            .map(|_| self.rng.random_range(1..self.opts.ops))
+            .collect();
         crash_at.sort_unstable();
         let qd = self.rng.random_range(1..=8usize);
         let mut issued = 0u64;
         loop {
             while crash_at.first().is_some_and(|&c| c <= issued) {
                 crash_at.remove(0);
-                let Some(nh) = self.crash_and_recover(h) else { return };
+                let Some(nh) = self.crash_and_recover(h) else {
+                    return;
+                };
                 h = nh;
             }
             while self.pending.len() < qd && issued < self.opts.ops {
@@ -241,20 +264,27 @@ impl Run {
             s.durable = s.cur;
             s.later.clear();
         }
-        if let Some(mut h) = self.harness(SimDevice::from_image(images.0), SimDevice::from_image(images.1)) {
+        if let Some(mut h) = self.harness(
+            SimDevice::from_image(images.0),
+            SimDevice::from_image(images.1),
+        ) {
             self.verify_all(&mut h);
         }
     }
 
     fn overlaps(&self, first: u64, count: u64) -> bool {
-        self.pending.values().any(|p| p.op != Op::Flush && first < p.first + p.count && p.first < first + count)
+        self.pending
+            .values()
+            .any(|p| p.op != Op::Flush && first < p.first + p.count && p.first < first + count)
     }
 
     fn submit_one(&mut self, h: &mut Harness) -> bool {
         let nsec = self.sectors.len() as u64;
         let roll = self.rng.random_range(0..100);
         let op = match roll {
-            0..=54 => Op::Write { fua: self.rng.random_bool(0.2) },
+            0..=54 => Op::Write {
+                fua: self.rng.random_bool(0.2),
+            },
             55..=79 => Op::Read,
             80..=89 => Op::Flush,
             90..=94 => Op::Discard,
@@ -272,7 +302,11 @@ impl Run {
         } else {
             self.rng.random_range(0..=nsec - count)
         };
-        let first = if count >= 8 && self.rng.random_bool(0.7) { first / 8 * 8 } else { first };
+        let first = if count >= 8 && self.rng.random_bool(0.7) {
+            first / 8 * 8
+        } else {
+            first
+        };
         if op != Op::Flush && self.overlaps(first, count) {
             return false;
         }
@@ -281,7 +315,13 @@ impl Run {
             && (first..first + count).contains(&t)
         {
             let desc = h.engine.describe_block(t / 8);
-            eprintln!("t={} submit req {} {:?} [{first}+{count}) wid {} | before: {desc}", h.now, self.next_req, op_name(op), self.next_write);
+            eprintln!(
+                "t={} submit req {} {:?} [{first}+{count}) wid {} | before: {desc}",
+                h.now,
+                self.next_req,
+                op_name(op),
+                self.next_write
+            );
         }
         let req = ReqId(self.next_req);
         self.next_req += 1;
@@ -322,7 +362,8 @@ impl Run {
                 h.engine.submit_read(req, off, len, now)
             }
             Op::Flush => {
-                self.flushes.push_back((req, std::mem::take(&mut self.acked_unflushed)));
+                self.flushes
+                    .push_back((req, std::mem::take(&mut self.acked_unflushed)));
                 h.engine.submit_flush(req, now)
             }
         };
@@ -331,7 +372,15 @@ impl Run {
             self.out.stuck += 1;
             return false;
         }
-        self.pending.insert(req, Pending { op, first, count, write_id });
+        self.pending.insert(
+            req,
+            Pending {
+                op,
+                first,
+                count,
+                write_id,
+            },
+        );
         h.drain();
         self.collect(h);
         true
@@ -345,7 +394,12 @@ impl Run {
                 && (p.first..p.first + p.count).contains(&t)
             {
                 let desc = h.engine.describe_block(t / 8);
-                eprintln!("t={} done req {} {:?} {result:?} | after: {desc}", h.now, req.0, op_name(p.op));
+                eprintln!(
+                    "t={} done req {} {:?} {result:?} | after: {desc}",
+                    h.now,
+                    req.0,
+                    op_name(p.op)
+                );
             }
             let buf = h.user.remove(&req);
             if let Err(e) = result {
@@ -363,7 +417,9 @@ impl Run {
                 Op::Zeroes => self.acked_write_as(p.write_id, ZERO | p.write_id, p.first, p.count),
                 Op::Read => self.check_read(p.first, &buf.expect("read buffer")),
                 Op::Flush => {
-                    let Some(pos) = self.flushes.iter().position(|(r, _)| *r == req) else { continue };
+                    let Some(pos) = self.flushes.iter().position(|(r, _)| *r == req) else {
+                        continue;
+                    };
                     for (_, writes) in self.flushes.drain(..=pos).collect::<Vec<_>>() {
                         for (id, first, count) in writes {
                             self.make_durable(id, first, count);
@@ -417,7 +473,9 @@ impl Run {
             };
             if !ok {
                 self.out.corrupt_reads += 1;
-                self.note(|| format!("read of sector {lba} returned {got:?}, expected version {want}"));
+                self.note(|| {
+                    format!("read of sector {lba} returned {got:?}, expected version {want}")
+                });
             }
         }
     }
@@ -430,7 +488,10 @@ impl Run {
         self.pending.clear();
         self.acked_unflushed.clear();
         self.flushes.clear();
-        let mut h = self.harness(SimDevice::from_image(images.0), SimDevice::from_image(images.1))?;
+        let mut h = self.harness(
+            SimDevice::from_image(images.0),
+            SimDevice::from_image(images.1),
+        )?;
         self.verify_all(&mut h);
         Some(h)
     }
@@ -444,8 +505,12 @@ impl Run {
             let req = ReqId(self.next_req);
             self.next_req += 1;
             let count = chunk.min(nsec - first);
-            h.user.insert(req, vec![0u8; (count * SECTOR as u64) as usize]);
-            if h.engine.submit_read(req, first * SECTOR as u64, count * SECTOR as u64, h.now).is_err() {
+            h.user
+                .insert(req, vec![0u8; (count * SECTOR as u64) as usize]);
+            if h.engine
+                .submit_read(req, first * SECTOR as u64, count * SECTOR as u64, h.now)
+                .is_err()
+            {
                 self.out.stuck += 1;
                 return;
             }
@@ -473,7 +538,9 @@ impl Run {
                         let id = u64::from_le_bytes(sector[..8].try_into().expect("8"));
                         let at = u64::from_le_bytes(sector[8..16].try_into().expect("8"));
                         let where_ = h.engine.describe_block(lba / 8);
-                        let msg = format!("sector {lba} is garbage after recovery (header says write {id} lba {at}); {where_}");
+                        let msg = format!(
+                            "sector {lba} is garbage after recovery (header says write {id} lba {at}); {where_}"
+                        );
                         if self.opts.verbose {
                             eprintln!("seed {}: {msg}", self.opts.seed);
                         }
@@ -486,10 +553,13 @@ impl Run {
                     None => is_zero(v),
                     Some(id) => v == id,
                 };
-                let allowed = matches(st.durable) || st.later.iter().any(|&v| matches(v)) || st.wild_since.is_some();
+                let allowed = matches(st.durable)
+                    || st.later.iter().any(|&v| matches(v))
+                    || st.wild_since.is_some();
                 let v = version.unwrap_or(0);
                 if !allowed {
-                    let older = v < st.durable & !ZERO || (version.is_none() && !is_zero(st.durable));
+                    let older =
+                        v < st.durable & !ZERO || (version.is_none() && !is_zero(st.durable));
                     if older {
                         self.out.acknowledged_lost += 1;
                     } else {
@@ -512,7 +582,9 @@ impl Run {
 }
 
 fn trace_sector() -> Option<u64> {
-    std::env::var("WB_TRACE_SECTOR").ok().and_then(|v| v.parse().ok())
+    std::env::var("WB_TRACE_SECTOR")
+        .ok()
+        .and_then(|v| v.parse().ok())
 }
 
 fn op_name(op: Op) -> &'static str {

@@ -10,7 +10,9 @@ pub fn fill(buf: &mut [u8], write_id: u64, first_sector: u64) {
         let lba = first_sector + i as u64;
         s[..8].copy_from_slice(&write_id.to_le_bytes());
         s[8..16].copy_from_slice(&lba.to_le_bytes());
-        let mut x = write_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ lba.wrapping_mul(0xC2B2_AE3D_27D4_EB4F) | 1;
+        let mut x = write_id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ lba.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+            | 1;
         for c in s[16..].chunks_mut(8) {
             x ^= x << 13;
             x ^= x >> 7;
@@ -35,7 +37,11 @@ pub fn decode(sector: &[u8], lba: u64) -> Version {
     let id = u64::from_le_bytes(sector[..8].try_into().expect("8 bytes"));
     let mut expect = [0u8; SECTOR];
     fill(&mut expect, id, lba);
-    if expect[..] == sector[..SECTOR] { Version::Write(id) } else { Version::Garbage }
+    if expect[..] == sector[..SECTOR] {
+        Version::Write(id)
+    } else {
+        Version::Garbage
+    }
 }
 
 #[cfg(test)]

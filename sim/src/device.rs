@@ -10,6 +10,9 @@ use rand::Rng;
 
 const SECTOR: usize = 512;
 
+/// Versions of one sector as (write generation, contents), oldest first.
+type Versions = Vec<(u64, Box<[u8]>)>;
+
 pub struct SimDevice {
     /// What reads return.
     visible: Vec<u8>,
@@ -17,7 +20,7 @@ pub struct SimDevice {
     durable: Vec<u8>,
     /// Sectors written but not yet flushed: every version since the last
     /// flush that covered them, with its write generation, oldest first.
-    volatile: BTreeMap<u64, Vec<(u64, Box<[u8]>)>>,
+    volatile: BTreeMap<u64, Versions>,
     generation: u64,
     /// When false, the device stores nothing (benchmarks of the engine alone).
     store: bool,
@@ -39,7 +42,13 @@ impl SimDevice {
 
     /// A device whose durable and visible contents are `image` (after a crash).
     pub fn from_image(image: Vec<u8>) -> Self {
-        Self { visible: image.clone(), durable: image, volatile: BTreeMap::new(), generation: 0, store: true }
+        Self {
+            visible: image.clone(),
+            durable: image,
+            volatile: BTreeMap::new(),
+            generation: 0,
+            store: true,
+        }
     }
 
     /// Current contents (what reads return).
@@ -67,7 +76,10 @@ impl SimDevice {
         for s in offset / SECTOR as u64..(offset + src.len() as u64).div_ceil(SECTOR as u64) {
             let a = s as usize * SECTOR;
             let v = self.visible[a..a + SECTOR].to_vec().into_boxed_slice();
-            self.volatile.entry(s).or_default().push((self.generation, v));
+            self.volatile
+                .entry(s)
+                .or_default()
+                .push((self.generation, v));
         }
     }
 

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use writeboost_engine::{
-    Command, CommandKind, DataRef, Device, DeviceError, Engine, Event, HeapAlloc, IoError, Nanos, OpenError,
-    OpenParams, ReqId, Token,
+    Command, CommandKind, DataRef, Device, DeviceError, Engine, Event, HeapAlloc, IoError, Nanos,
+    OpenError, OpenParams, ReqId, Token,
 };
 
 use crate::device::SimDevice;
@@ -55,7 +55,13 @@ pub struct Harness {
 }
 
 impl Harness {
-    pub fn new(params: OpenParams, cache: SimDevice, backing: SimDevice, lat: Latency, seed: u64) -> Self {
+    pub fn new(
+        params: OpenParams,
+        cache: SimDevice,
+        backing: SimDevice,
+        lat: Latency,
+        seed: u64,
+    ) -> Self {
         let engine = Engine::open(params, HeapAlloc, 0).expect("valid parameters");
         let mut h = Self {
             engine,
@@ -97,7 +103,13 @@ impl Harness {
             match ev {
                 Event::Ready => self.opened = Some(Ok(())),
                 Event::OpenFailed(e) => self.opened = Some(Err(e)),
-                Event::CopyToUser { req, dst_offset, src, src_offset, len } => {
+                Event::CopyToUser {
+                    req,
+                    dst_offset,
+                    src,
+                    src_offset,
+                    len,
+                } => {
                     let src = &self.engine.buffer(src)[src_offset..src_offset + len];
                     let dst = self.user.get_mut(&req).expect("user buffer");
                     dst[dst_offset..dst_offset + len].copy_from_slice(src);
@@ -109,7 +121,11 @@ impl Harness {
     }
 
     fn latency(&mut self, base: Nanos) -> Nanos {
-        if self.lat.jitter && base > 1 { self.rng.random_range(base / 2..=base * 3 / 2) } else { base }
+        if self.lat.jitter && base > 1 {
+            self.rng.random_range(base / 2..=base * 3 / 2)
+        } else {
+            base
+        }
     }
 
     fn start(&mut self, cmd: Command) {
@@ -126,7 +142,9 @@ impl Harness {
         };
         let data = match cmd.kind {
             CommandKind::Write { len, src, .. } => Some(match src {
-                DataRef::Engine { buf, offset } => self.engine.buffer(buf)[offset..offset + len].to_vec(),
+                DataRef::Engine { buf, offset } => {
+                    self.engine.buffer(buf)[offset..offset + len].to_vec()
+                }
                 DataRef::User { req, offset } => self.user[&req][offset..offset + len].to_vec(),
             }),
             _ => None,
@@ -139,7 +157,14 @@ impl Harness {
         let at = self.now + self.latency(base);
         self.seq += 1;
         self.queue.push(Reverse((at, self.seq, cmd.token)));
-        self.inflight.insert(cmd.token, InFlight { cmd, data, flush_point });
+        self.inflight.insert(
+            cmd.token,
+            InFlight {
+                cmd,
+                data,
+                flush_point,
+            },
+        );
     }
 
     /// Advances to the next completion or engine deadline. False if nothing is pending.
@@ -185,14 +210,22 @@ impl Harness {
         match f.cmd.kind {
             CommandKind::Write { offset, .. } => {
                 let data = f.data.expect("write payload");
-                if fail { dev.write_some(offset, &data, &mut self.rng) } else { dev.write(offset, &data) }
+                if fail {
+                    dev.write_some(offset, &data, &mut self.rng)
+                } else {
+                    dev.write(offset, &data)
+                }
             }
-            CommandKind::WriteZeroes { offset, len } | CommandKind::Discard { offset, len } if !fail => {
+            CommandKind::WriteZeroes { offset, len } | CommandKind::Discard { offset, len }
+                if !fail =>
+            {
                 dev.write_zeroes(offset, len)
             }
             CommandKind::Flush if !fail => dev.flush(f.flush_point),
             CommandKind::Read { offset, len, dst } if !fail => match dst {
-                DataRef::Engine { buf, offset: o } => dev.read(offset, &mut self.engine.buffer_mut(buf)[o..o + len]),
+                DataRef::Engine { buf, offset: o } => {
+                    dev.read(offset, &mut self.engine.buffer_mut(buf)[o..o + len])
+                }
                 DataRef::User { req, offset: o } => {
                     let b = self.user.get_mut(&req).expect("user buffer");
                     dev.read(offset, &mut b[o..o + len]);
@@ -217,7 +250,10 @@ impl Harness {
                 }
             }
         }
-        (self.cache.crash(&cache_w, rng), self.backing.crash(&backing_w, rng))
+        (
+            self.cache.crash(&cache_w, rng),
+            self.backing.crash(&backing_w, rng),
+        )
     }
 
     pub fn commands_in_flight(&self) -> usize {
@@ -230,7 +266,9 @@ impl Harness {
     pub fn write(&mut self, req: u64, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
         let req = ReqId(req);
         self.user.insert(req, data.to_vec());
-        self.engine.submit_write(req, offset, data, fua, self.now).expect("valid write");
+        self.engine
+            .submit_write(req, offset, data, fua, self.now)
+            .expect("valid write");
         self.wait(req)
     }
 
@@ -238,14 +276,18 @@ impl Harness {
     pub fn read(&mut self, req: u64, offset: u64, len: usize) -> Result<Vec<u8>, IoError> {
         let req = ReqId(req);
         self.user.insert(req, vec![0; len]);
-        self.engine.submit_read(req, offset, len as u64, self.now).expect("valid read");
+        self.engine
+            .submit_read(req, offset, len as u64, self.now)
+            .expect("valid read");
         self.wait(req)?;
         Ok(self.user.remove(&req).expect("buffer"))
     }
 
     pub fn flush(&mut self, req: u64) -> Result<(), IoError> {
         let req = ReqId(req);
-        self.engine.submit_flush(req, self.now).expect("valid flush");
+        self.engine
+            .submit_flush(req, self.now)
+            .expect("valid flush");
         self.wait(req)
     }
 
@@ -265,7 +307,8 @@ impl Harness {
     pub fn settle(&mut self, horizon: Nanos) {
         self.drain();
         let end = self.now + horizon;
-        while self.commands_in_flight() > 0 || self.engine.poll_timeout().is_some_and(|t| t <= end) {
+        while self.commands_in_flight() > 0 || self.engine.poll_timeout().is_some_and(|t| t <= end)
+        {
             if !self.step() {
                 break;
             }

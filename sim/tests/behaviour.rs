@@ -6,7 +6,8 @@ use rand_chacha::ChaCha8Rng;
 use writeboost_engine::format::{FORMAT_VERSION, Superblock};
 use writeboost_engine::geometry::Geometry;
 use writeboost_engine::{
-    BackingIdentity, ConfigError, Engine, FormatError, HeapAlloc, IoError, OpenError, OpenParams, ReqId, Tunables,
+    BackingIdentity, ConfigError, Engine, FormatError, HeapAlloc, IoError, OpenError, OpenParams,
+    ReqId, Tunables,
 };
 use writeboost_sim::device::SimDevice;
 use writeboost_sim::harness::{Harness, Latency};
@@ -16,7 +17,14 @@ const BACKING: u64 = 64 * MIB;
 const UUID: [u8; 16] = [5; 16];
 
 fn params(cache: u64) -> OpenParams {
-    let mut p = OpenParams::new(cache, BackingIdentity { uuid: [3; 16], size: BACKING }, UUID);
+    let mut p = OpenParams::new(
+        cache,
+        BackingIdentity {
+            uuid: [3; 16],
+            size: BACKING,
+        },
+        UUID,
+    );
     p.segment_size = 128 << 10;
     p
 }
@@ -49,7 +57,9 @@ fn fresh(p: OpenParams) -> Harness {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| seed.wrapping_add((i / 512) as u8).wrapping_mul(31) ^ i as u8).collect()
+    (0..len)
+        .map(|i| seed.wrapping_add((i / 512) as u8).wrapping_mul(31) ^ i as u8)
+        .collect()
 }
 
 /// Clean shutdown, then a new engine over the resulting device images.
@@ -75,7 +85,11 @@ fn crc32c(b: &[u8]) -> u32 {
     for &x in b {
         crc ^= x as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -85,7 +99,10 @@ fn crc32c(b: &[u8]) -> u32 {
 fn cache_too_small_is_refused_and_nothing_is_written() {
     let p = params(256 << 10);
     let h = open(p, SimDevice::new(256 << 10), SimDevice::new(BACKING));
-    assert!(matches!(h.opened, Some(Err(OpenError::Geometry(FormatError::CacheTooSmall { .. })))));
+    assert!(matches!(
+        h.opened,
+        Some(Err(OpenError::Geometry(FormatError::CacheTooSmall { .. })))
+    ));
     assert!(h.cache.image().iter().all(|&b| b == 0));
     assert_eq!(h.engine.stats().cache_write_cmds, 0);
 }
@@ -99,9 +116,18 @@ fn a_cache_of_another_backing_device_is_refused_untouched() {
     let image = h.cache.image().to_vec();
     let mut other = p.clone();
     other.backing.uuid = [4; 16];
-    let h2 = open(other, SimDevice::from_image(image.clone()), SimDevice::new(BACKING));
-    let Some(Err(e @ OpenError::BackingMismatch { .. })) = &h2.opened else { panic!("{:?}", h2.opened) };
-    assert!(e.to_string().contains("format=true"), "message says what to do: {e}");
+    let h2 = open(
+        other,
+        SimDevice::from_image(image.clone()),
+        SimDevice::new(BACKING),
+    );
+    let Some(Err(e @ OpenError::BackingMismatch { .. })) = &h2.opened else {
+        panic!("{:?}", h2.opened)
+    };
+    assert!(
+        e.to_string().contains("format=true"),
+        "message says what to do: {e}"
+    );
     assert_eq!(h2.cache.image(), &image[..]);
 }
 
@@ -122,14 +148,28 @@ fn newer_version_corruption_and_block_size_are_typed_errors_and_nothing_is_writt
     let mut block = good.clone();
     block[12..16].copy_from_slice(&8192u32.to_le_bytes());
     resign(&mut block);
-    for (img, want) in [(newer, "newer"), (corrupt, "checksum"), (block, "block size")] {
-        let h = open(p.clone(), SimDevice::from_image(img.clone()), SimDevice::new(BACKING));
-        let Some(Err(e)) = &h.opened else { panic!("{want}: opened") };
+    for (img, want) in [
+        (newer, "newer"),
+        (corrupt, "checksum"),
+        (block, "block size"),
+    ] {
+        let h = open(
+            p.clone(),
+            SimDevice::from_image(img.clone()),
+            SimDevice::new(BACKING),
+        );
+        let Some(Err(e)) = &h.opened else {
+            panic!("{want}: opened")
+        };
         assert!(e.to_string().contains(want), "{want}: {e}");
         assert_eq!(h.cache.image(), &img[..], "{want}: device untouched");
     }
     // The intact device opens and keeps its identity.
-    let h = open(p.clone(), SimDevice::from_image(good), SimDevice::new(BACKING));
+    let h = open(
+        p.clone(),
+        SimDevice::from_image(good),
+        SimDevice::new(BACKING),
+    );
     assert_eq!(h.opened, Some(Ok(())));
     let sb = Superblock::parse(&h.cache.image()[..4096], p.cache_size).unwrap();
     assert_eq!(sb.cache_uuid, UUID);
@@ -141,16 +181,30 @@ fn bad_parameters_are_rejected_before_any_io() {
     p.cache_block_size = 1024;
     assert!(matches!(
         Engine::open(p, HeapAlloc, 0),
-        Err(ConfigError::OutOfRange { name: "cache_block_size", .. })
+        Err(ConfigError::OutOfRange {
+            name: "cache_block_size",
+            ..
+        })
     ));
     let mut t = Tunables::default();
     assert!(t.set("barrier_deadline_ms", 10_001).is_err());
     let mut h = fresh(params(8 * MIB));
     let before = *h.engine.tunables();
-    let err = h.engine.set_options(&[("writeback_threshold", 50), ("read_cache_threshold", 500)], 0).unwrap_err();
-    assert!(err.to_string().contains("read_cache_threshold=500"), "{err}");
+    let err = h
+        .engine
+        .set_options(
+            &[("writeback_threshold", 50), ("read_cache_threshold", 500)],
+            0,
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("read_cache_threshold=500"),
+        "{err}"
+    );
     assert_eq!(*h.engine.tunables(), before, "all or nothing");
-    h.engine.set_options(&[("writeback_threshold", 50)], 0).unwrap();
+    h.engine
+        .set_options(&[("writeback_threshold", 50)], 0)
+        .unwrap();
     assert_eq!(h.engine.tunables().writeback_threshold, 50);
 }
 
@@ -199,7 +253,8 @@ fn drop_caches_writes_everything_back_with_falling_dirty_count() {
     p.tunables.nr_max_batched_writeback = 1;
     let mut h = fresh(p.clone());
     for i in 0..200u64 {
-        h.write(10 + i, i * 3 * 4096, &pattern(i as u8, 4096), false).unwrap();
+        h.write(10 + i, i * 3 * 4096, &pattern(i as u8, 4096), false)
+            .unwrap();
     }
     h.flush(1).unwrap();
     let start = h.engine.status().nr_dirty_blocks;
@@ -220,7 +275,10 @@ fn drop_caches_writes_everything_back_with_falling_dirty_count() {
     assert!(seen_between, "progress is observable");
     for i in 0..200u64 {
         let off = (i * 3 * 4096) as usize;
-        assert_eq!(&h.backing.image()[off..off + 4096], &pattern(i as u8, 4096)[..]);
+        assert_eq!(
+            &h.backing.image()[off..off + 4096],
+            &pattern(i as u8, 4096)[..]
+        );
     }
     // The clean state is recorded: a restart after power loss replays nothing.
     h.settle(1_000_000_000);
@@ -228,7 +286,11 @@ fn drop_caches_writes_everything_back_with_falling_dirty_count() {
     assert_eq!(h2.opened, Some(Ok(())));
     // Region 0, plus the read-ahead (4 logs) that finds no log after the
     // recorded frontier.
-    assert!(h2.engine.stats().cache_read_cmds <= 1 + 4, "{:?}", h2.engine.stats());
+    assert!(
+        h2.engine.stats().cache_read_cmds <= 1 + 4,
+        "{:?}",
+        h2.engine.stats()
+    );
 }
 
 #[test]
@@ -239,25 +301,37 @@ fn recovery_reads_only_what_is_dirty() {
     let mut h = fresh(p.clone());
     // Fill many logs and write them all back, then dirty just a few blocks.
     for i in 0..600u64 {
-        h.write(100 + i, i * 4096, &pattern(i as u8, 4096), false).unwrap();
+        h.write(100 + i, i * 4096, &pattern(i as u8, 4096), false)
+            .unwrap();
     }
     h.flush(1).unwrap();
     h.engine.drop_caches(h.now);
     h.settle(1_000_000_000);
     for i in 0..10u64 {
-        h.write(1000 + i, i * 8192, &pattern(200 + i as u8, 4096), true).unwrap();
+        h.write(1000 + i, i * 8192, &pattern(200 + i as u8, 4096), true)
+            .unwrap();
     }
     let mut h2 = power_loss(h, p);
     assert_eq!(h2.opened, Some(Ok(())));
     // Region 0 plus the logs after the recorded writeback frontier.
     let replay_reads = h2.engine.stats().cache_read_cmds - 1;
     // Ten logs hold the dirty blocks; four more are read ahead.
-    assert!(replay_reads <= 10 + 4, "replay read {replay_reads} logs for 10 dirty ones");
+    assert!(
+        replay_reads <= 10 + 4,
+        "replay read {replay_reads} logs for 10 dirty ones"
+    );
     for i in 0..10u64 {
-        assert_eq!(h2.read(2000 + i, i * 8192, 4096).unwrap(), pattern(200 + i as u8, 4096));
+        assert_eq!(
+            h2.read(2000 + i, i * 8192, 4096).unwrap(),
+            pattern(200 + i as u8, 4096)
+        );
     }
     for i in (1..600u64).step_by(2) {
-        assert_eq!(h2.read(3000 + i, i * 4096, 4096).unwrap(), pattern(i as u8, 4096), "block {i}");
+        assert_eq!(
+            h2.read(3000 + i, i * 4096, 4096).unwrap(),
+            pattern(i as u8, 4096),
+            "block {i}"
+        );
     }
 }
 
@@ -286,9 +360,15 @@ fn failing_cache_writes_fail_durable_requests_and_go_read_only_without_losing_re
     h.write(1, 0, &pattern(1, 4096), true).unwrap();
     h.fail_cache_writes = true;
     h.write(2, 8192, &pattern(2, 4096), false).unwrap(); // buffered: acknowledged
-    assert_eq!(h.write(3, 16384, &pattern(3, 4096), true), Err(IoError::CacheDevice));
+    assert_eq!(
+        h.write(3, 16384, &pattern(3, 4096), true),
+        Err(IoError::CacheDevice)
+    );
     assert!(h.engine.is_read_only());
-    assert_eq!(h.write(4, 0, &pattern(4, 4096), false), Err(IoError::ReadOnly));
+    assert_eq!(
+        h.write(4, 0, &pattern(4, 4096), false),
+        Err(IoError::ReadOnly)
+    );
     assert_eq!(h.flush(5), Err(IoError::ReadOnly));
     assert!(h.engine.stats().io_retries >= 3, "retried before giving up");
     // Everything acknowledged still reads back.
@@ -313,9 +393,15 @@ fn large_writes_bypass_the_log_and_write_around_keeps_cached_lines_consistent() 
     let mixed = pattern(9, 256 << 10);
     h.write(4, 4 * MIB, &mixed, false).unwrap();
     assert_eq!(h.read(5, 4 * MIB, 256 << 10).unwrap(), mixed);
-    h.engine.set_options(&[("write_around_mode", 1)], h.now).unwrap();
+    h.engine
+        .set_options(&[("write_around_mode", 1)], h.now)
+        .unwrap();
     h.write(6, 20 * MIB, &pattern(10, 4096), false).unwrap();
-    assert!(h.engine.describe_block(20 * MIB / 4096).contains("not cached"));
+    assert!(
+        h.engine
+            .describe_block(20 * MIB / 4096)
+            .contains("not cached")
+    );
     assert_eq!(h.read(7, 20 * MIB, 4096).unwrap(), pattern(10, 4096));
 }
 
@@ -329,7 +415,11 @@ fn read_caching_stages_random_misses_but_not_long_sequential_runs() {
     assert_eq!(h.engine.stats().read_cache_staged, 3);
     let backing_reads = h.engine.stats().backing_read_cmds;
     assert_eq!(h.read(3, 40 * 4096, 4096).unwrap(), vec![0; 4096]);
-    assert_eq!(h.engine.stats().backing_read_cmds, backing_reads, "second read is a hit");
+    assert_eq!(
+        h.engine.stats().backing_read_cmds,
+        backing_reads,
+        "second read is a hit"
+    );
     // A long sequential stream is not cached past the threshold.
     for i in 0..16u64 {
         h.read(10 + i, (200 + i * 2) * 4096, 8192).unwrap();
@@ -346,13 +436,21 @@ fn a_full_cache_applies_backpressure_and_loses_nothing() {
     // Ten times the cache size, with overwrites, at queue depth 1.
     for i in 0..1500u64 {
         let block = (i * 7) % 600;
-        h.write(100 + i, block * 4096, &pattern(i as u8, 4096), false).unwrap();
+        h.write(100 + i, block * 4096, &pattern(i as u8, 4096), false)
+            .unwrap();
     }
-    assert!(h.engine.stats().backing_write_cmds > 0, "writeback ran because the cache filled");
+    assert!(
+        h.engine.stats().backing_write_cmds > 0,
+        "writeback ran because the cache filled"
+    );
     let mut h = restart(h, p);
     for block in 0..600u64 {
-        let last = (0..1500u64).filter(|i| (i * 7) % 600 == block).last().unwrap();
-        assert_eq!(h.read(5000 + block, block * 4096, 4096).unwrap(), pattern(last as u8, 4096), "block {block}");
+        let last = (0..1500u64).rev().find(|i| (i * 7) % 600 == block).unwrap();
+        assert_eq!(
+            h.read(5000 + block, block * 4096, 4096).unwrap(),
+            pattern(last as u8, 4096),
+            "block {block}"
+        );
     }
 }
 
@@ -362,7 +460,8 @@ fn fua_in_volatile_mode_makes_partial_logs_and_counts_them() {
     p.tunables.barrier_deadline_ms = 0;
     let mut h = fresh(p);
     for i in 0..5u64 {
-        h.write(i + 1, i * 4096, &pattern(i as u8, 4096), true).unwrap();
+        h.write(i + 1, i * 4096, &pattern(i as u8, 4096), true)
+            .unwrap();
     }
     let s = h.engine.stats();
     assert_eq!(s.nr_partial_flushed, 5);

@@ -8,7 +8,14 @@ fn run(seeds: std::ops::Range<u64>, error_rate: f64) -> (Outcome, Vec<u64>) {
     let mut total = Outcome::default();
     let mut bad = Vec::new();
     for seed in seeds {
-        let o = run_seed(&SimOptions { seed, ops: 1000, crashes: 3, error_rate, verbose: false, force: Vec::new() });
+        let o = run_seed(&SimOptions {
+            seed,
+            ops: 1000,
+            crashes: 3,
+            error_rate,
+            verbose: false,
+            force: Vec::new(),
+        });
         if !o.clean() {
             bad.push(seed);
         }
@@ -24,7 +31,10 @@ fn hundreds_of_seeds_lose_and_corrupt_nothing() {
         "wb-sim: seeds=300 crashes={} acknowledged_lost={} corrupt_reads={}",
         total.crashes, total.acknowledged_lost, total.corrupt_reads
     );
-    assert!(bad.is_empty(), "failing seeds {bad:?}: rerun with wb-sim --first-seed S --seeds 1 -v");
+    assert!(
+        bad.is_empty(),
+        "failing seeds {bad:?}: rerun with wb-sim --first-seed S --seeds 1 -v"
+    );
     assert!(total.crashes >= 800, "the run really crashed the engine");
     assert!(total.partial_logs > 0 && total.logs > total.partial_logs);
 }
@@ -32,6 +42,9 @@ fn hundreds_of_seeds_lose_and_corrupt_nothing() {
 #[test]
 fn heavy_error_injection_loses_nothing() {
     let (total, bad) = run(1000..1050, 0.05);
-    assert!(bad.is_empty(), "failing seeds {bad:?}: rerun with wb-sim --error-rate 0.05 --first-seed S --seeds 1 -v");
+    assert!(
+        bad.is_empty(),
+        "failing seeds {bad:?}: rerun with wb-sim --error-rate 0.05 --first-seed S --seeds 1 -v"
+    );
     assert_eq!(total.acknowledged_lost + total.corrupt_reads, 0);
 }

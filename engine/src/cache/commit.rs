@@ -96,12 +96,27 @@ impl<A: BufAlloc> Engine<A> {
     fn seal_log(&mut self, o: OpenLog) {
         let n = o.slots.len();
         let hl = self.geo.header_len();
-        let mbs: Vec<Metablock> =
-            o.slots.iter().map(|s| Metablock { block: s.block, valid: s.valid, dirty: s.dirty }).collect();
+        let mbs: Vec<Metablock> = o
+            .slots
+            .iter()
+            .map(|s| Metablock {
+                block: s.block,
+                valid: s.valid,
+                dirty: s.dirty,
+            })
+            .collect();
         let (geo, epoch, uuid) = (self.geo, self.epoch, self.record.cache_uuid);
         let b = self.buf_mut(o.buf);
         let (hdr, data) = b.split_at_mut(hl);
-        encode_segment_header(hdr, &data[..n * BLOCK_SIZE as usize], &geo, o.id, epoch, &uuid, &mbs);
+        encode_segment_header(
+            hdr,
+            &data[..n * BLOCK_SIZE as usize],
+            &geo,
+            o.id,
+            epoch,
+            &uuid,
+            &mbs,
+        );
         self.stats.nr_logs += 1;
         if (n as u32) < self.geo.data_blocks {
             self.stats.nr_partial_flushed += 1;
@@ -110,7 +125,14 @@ impl<A: BufAlloc> Engine<A> {
         let offset = self.geo.segment_offset(o.id);
         self.issue(
             Device::Cache,
-            CommandKind::Write { offset, len: hl + n * BLOCK_SIZE as usize, src: DataRef::Engine { buf: o.buf, offset: 0 } },
+            CommandKind::Write {
+                offset,
+                len: hl + n * BLOCK_SIZE as usize,
+                src: DataRef::Engine {
+                    buf: o.buf,
+                    offset: 0,
+                },
+            },
             Purpose::LogWrite { id: o.id },
         );
     }
@@ -139,8 +161,12 @@ impl<A: BufAlloc> Engine<A> {
         if self.cache_flush.busy() || self.read_only {
             return;
         }
-        let logs: Vec<u64> =
-            self.unflushed.iter().filter(|(_, s)| **s == LogState::Written).map(|(id, _)| *id).collect();
+        let logs: Vec<u64> = self
+            .unflushed
+            .iter()
+            .filter(|(_, s)| **s == LogState::Written)
+            .map(|(id, _)| *id)
+            .collect();
         let record = match self.record_state {
             RecordState::Written(r) => Some(r),
             _ => None,
@@ -228,7 +254,10 @@ impl<A: BufAlloc> Engine<A> {
             let at = hl + slot as usize * BLOCK_SIZE as usize;
             let dst = &mut self.buf_mut(buf)[at..at + BLOCK_SIZE as usize];
             super::for_each_run(fill, |s0, n| {
-                let (a, z) = (s0 as usize * SECTOR_SIZE as usize, (s0 + n) as usize * SECTOR_SIZE as usize);
+                let (a, z) = (
+                    s0 as usize * SECTOR_SIZE as usize,
+                    (s0 + n) as usize * SECTOR_SIZE as usize,
+                );
                 dst[a..z].copy_from_slice(&tmp[a..z]);
             });
         }
@@ -237,7 +266,10 @@ impl<A: BufAlloc> Engine<A> {
             self.fail_cache();
         }
         if !in_open
-            && let Some(i) = self.sealing.iter().position(|o| o.id == id && o.fills_pending == 0)
+            && let Some(i) = self
+                .sealing
+                .iter()
+                .position(|o| o.id == id && o.fills_pending == 0)
         {
             let o = self.sealing.swap_remove(i);
             if !self.read_only {
@@ -253,7 +285,9 @@ impl<A: BufAlloc> Engine<A> {
         if self.record_state != RecordState::Idle || self.read_only {
             return;
         }
-        let urgent = self.next_position_blocked_on().is_some_and(|occ| occ <= self.last_wb);
+        let urgent = self
+            .next_position_blocked_on()
+            .is_some_and(|occ| occ <= self.last_wb);
         let at_shutdown = self.phase == Phase::ShuttingDown
             && self.wb.is_none()
             && self.open.is_none()
@@ -262,7 +296,8 @@ impl<A: BufAlloc> Engine<A> {
         if !urgent && !wanted {
             return;
         }
-        if !urgent && self.phase == Phase::Running && self.last_wb == self.record.last_writeback_id {
+        if !urgent && self.phase == Phase::Running && self.last_wb == self.record.last_writeback_id
+        {
             self.record_wanted = false;
             return;
         }
@@ -284,7 +319,11 @@ impl<A: BufAlloc> Engine<A> {
         self.record_buf = Some(buf);
         self.issue(
             Device::Cache,
-            CommandKind::Write { offset: rec.offset(), len: BLOCK_SIZE as usize, src: DataRef::Engine { buf, offset: 0 } },
+            CommandKind::Write {
+                offset: rec.offset(),
+                len: BLOCK_SIZE as usize,
+                src: DataRef::Engine { buf, offset: 0 },
+            },
             purpose,
         );
     }
@@ -308,7 +347,10 @@ impl<A: BufAlloc> Engine<A> {
         if self.backing_flush_inflight.is_some() || self.backing_flush_waiting.is_empty() {
             return;
         }
-        self.backing_flush_inflight = Some((std::mem::take(&mut self.backing_flush_waiting), self.backing_write_gen));
+        self.backing_flush_inflight = Some((
+            std::mem::take(&mut self.backing_flush_waiting),
+            self.backing_write_gen,
+        ));
         self.issue(Device::Backing, CommandKind::Flush, Purpose::BackingFlush);
     }
 
@@ -319,7 +361,14 @@ impl<A: BufAlloc> Engine<A> {
         }
         for w in waiters {
             match w {
-                BackingWaiter::Req(req) => self.part_done(req, if ok { Ok(()) } else { Err(IoError::BackingDevice) }),
+                BackingWaiter::Req(req) => self.part_done(
+                    req,
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(IoError::BackingDevice)
+                    },
+                ),
                 BackingWaiter::Writeback => self.wb_flushed(ok),
                 BackingWaiter::Shutdown => {}
             }

@@ -25,7 +25,9 @@ use crate::config::{OpenParams, Tunables};
 use crate::error::{ConfigError, DeviceError, IoError, SubmitError};
 use crate::format::{SbRecord, Superblock};
 use crate::geometry::{BLOCK_SIZE, Geometry, SECTOR_SIZE};
-use crate::io::{BufAlloc, BufId, Command, CommandKind, DataRef, Device, Event, Nanos, ReqId, Token};
+use crate::io::{
+    BufAlloc, BufId, Command, CommandKind, DataRef, Device, Event, Nanos, ReqId, Token,
+};
 use crate::stats::{Stats, Status};
 
 use self::commit::{CacheFlush, RecordState};
@@ -113,17 +115,29 @@ struct UserReq {
 #[derive(Debug)]
 enum Purpose {
     Startup(startup::StartIo),
-    LogWrite { id: u64 },
+    LogWrite {
+        id: u64,
+    },
     CacheFlush,
     BackingFlush,
     RecordWrite,
     /// A user request's own read or write.
-    User { req: ReqId, backing: bool },
+    User {
+        req: ReqId,
+        backing: bool,
+    },
     /// Old sectors for a slot of the open log.
-    Fill { id: u64, slot: u32, src_id: u64, buf: BufId },
+    Fill {
+        id: u64,
+        slot: u32,
+        src_id: u64,
+        buf: BufId,
+    },
     /// A missed read staged into the cache.
     Stage(read::Stage),
-    WbRead { id: u64 },
+    WbRead {
+        id: u64,
+    },
     WbWrite,
 }
 
@@ -280,7 +294,12 @@ impl<A: BufAlloc> Engine<A> {
             barrier_deadline: None,
             stalled: VecDeque::new(),
             last_wb: 0,
-            record: SbRecord { seq: 0, last_writeback_id: 0, epoch: 0, cache_uuid: [0; 16] },
+            record: SbRecord {
+                seq: 0,
+                last_writeback_id: 0,
+                epoch: 0,
+                cache_uuid: [0; 16],
+            },
             record_state: RecordState::Idle,
             record_buf: None,
             record_wanted: false,
@@ -329,11 +348,16 @@ impl<A: BufAlloc> Engine<A> {
             && self.tunables.sync_data_interval > 0
             && !o.slots.is_empty()
         {
-            take(Some(o.opened_at + self.tunables.sync_data_interval as u64 * 1_000_000_000));
-        }
-        if self.tunables.update_sb_record_interval > 0 && self.last_wb > self.record.last_writeback_id {
             take(Some(
-                self.last_record_at + self.tunables.update_sb_record_interval as u64 * 1_000_000_000,
+                o.opened_at + self.tunables.sync_data_interval as u64 * 1_000_000_000,
+            ));
+        }
+        if self.tunables.update_sb_record_interval > 0
+            && self.last_wb > self.record.last_writeback_id
+        {
+            take(Some(
+                self.last_record_at
+                    + self.tunables.update_sb_record_interval as u64 * 1_000_000_000,
             ));
         }
         take(self.wb_retry_at);
@@ -356,7 +380,8 @@ impl<A: BufAlloc> Engine<A> {
         }
         if self.tunables.update_sb_record_interval > 0
             && self.last_wb > self.record.last_writeback_id
-            && self.last_record_at + self.tunables.update_sb_record_interval as u64 * 1_000_000_000 <= now
+            && self.last_record_at + self.tunables.update_sb_record_interval as u64 * 1_000_000_000
+                <= now
         {
             self.record_wanted = true;
         }
@@ -387,7 +412,12 @@ impl<A: BufAlloc> Engine<A> {
             Purpose::BackingFlush => self.backing_flush_done(ok),
             Purpose::RecordWrite => self.record_written(ok),
             Purpose::User { req, backing } => self.user_io_done(req, backing, f.cmd, ok),
-            Purpose::Fill { id, slot, src_id, buf } => self.fill_done(id, slot, src_id, buf, ok),
+            Purpose::Fill {
+                id,
+                slot,
+                src_id,
+                buf,
+            } => self.fill_done(id, slot, src_id, buf, ok),
             Purpose::Stage(s) => self.stage_done(s, ok),
             Purpose::WbRead { id } => self.wb_read_done(id, ok),
             Purpose::WbWrite => self.wb_write_done(ok),
@@ -397,7 +427,10 @@ impl<A: BufAlloc> Engine<A> {
 
     /// Bytes of an engine buffer, for the host to read from or DMA into.
     pub fn buffer(&self, id: BufId) -> &[u8] {
-        self.bufs[id.0 as usize].as_ref().map(|b| b.as_ref()).unwrap_or(&[])
+        self.bufs[id.0 as usize]
+            .as_ref()
+            .map(|b| b.as_ref())
+            .unwrap_or(&[])
     }
 
     /// Mutable bytes of an engine buffer (the destination of a device read).
@@ -473,7 +506,8 @@ impl<A: BufAlloc> Engine<A> {
                 self.request_seal();
                 self.record_wanted = true;
                 // Bypass writes were acknowledged before they were durable.
-                self.backing_flush_waiting.push(commit::BackingWaiter::Shutdown);
+                self.backing_flush_waiting
+                    .push(commit::BackingWaiter::Shutdown);
             }
             Phase::Starting | Phase::Failed => {
                 self.phase = Phase::Stopped;
@@ -487,7 +521,11 @@ impl<A: BufAlloc> Engine<A> {
     pub fn status(&self) -> Status {
         Status {
             next_segment_id: self.next_id,
-            cursor: if self.geo.nr_segments > 0 { self.geo.position(self.next_id) } else { 0 },
+            cursor: if self.geo.nr_segments > 0 {
+                self.geo.position(self.next_id)
+            } else {
+                0
+            },
             nr_segments: self.geo.nr_segments,
             segment_size: self.geo.segment_size,
             data_blocks_per_segment: self.geo.data_blocks,
@@ -541,9 +579,11 @@ impl<A: BufAlloc> Engine<A> {
         }
         let align = self.params.backing_block_size as u64;
         if len == 0
-            || offset % align != 0
-            || len % align != 0
-            || offset.checked_add(len).is_none_or(|end| end > self.geo.backing_size)
+            || !offset.is_multiple_of(align)
+            || !len.is_multiple_of(align)
+            || offset
+                .checked_add(len)
+                .is_none_or(|end| end > self.geo.backing_size)
         {
             return Err(SubmitError::BadRange { offset, len });
         }
@@ -573,11 +613,17 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     fn buf_mut(&mut self, id: BufId) -> &mut [u8] {
-        self.bufs[id.0 as usize].as_mut().expect("live engine buffer").as_mut()
+        self.bufs[id.0 as usize]
+            .as_mut()
+            .expect("live engine buffer")
+            .as_mut()
     }
 
     fn buf(&self, id: BufId) -> &[u8] {
-        self.bufs[id.0 as usize].as_ref().expect("live engine buffer").as_ref()
+        self.bufs[id.0 as usize]
+            .as_ref()
+            .expect("live engine buffer")
+            .as_ref()
     }
 
     fn issue(&mut self, device: Device, kind: CommandKind, purpose: Purpose) -> Token {
@@ -608,9 +654,20 @@ impl<A: BufAlloc> Engine<A> {
             (Device::Backing, CommandKind::Flush) => self.stats.backing_flush_cmds += 1,
             _ => {}
         }
-        let cmd = Command { token, device, kind };
+        let cmd = Command {
+            token,
+            device,
+            kind,
+        };
         self.commands.push_back(cmd);
-        self.inflight.insert(token, InFlight { cmd, tries: 0, purpose });
+        self.inflight.insert(
+            token,
+            InFlight {
+                cmd,
+                tries: 0,
+                purpose,
+            },
+        );
         token
     }
 
@@ -643,7 +700,8 @@ impl<A: BufAlloc> Engine<A> {
             if r.needs_backing_flush {
                 r.needs_backing_flush = false;
                 r.parts += 1;
-                self.backing_flush_waiting.push(commit::BackingWaiter::Req(req));
+                self.backing_flush_waiting
+                    .push(commit::BackingWaiter::Req(req));
                 return;
             }
             if r.wait_log > self.durable_id {
@@ -662,7 +720,10 @@ impl<A: BufAlloc> Engine<A> {
             self.unhold(id);
         }
         self.backing_load -= r.backing_load as u64;
-        self.events.push_back(Event::Completed { req, result: r.error.map_or(Ok(()), Err) });
+        self.events.push_back(Event::Completed {
+            req,
+            result: r.error.map_or(Ok(()), Err),
+        });
     }
 
     fn complete_now(&mut self, req: ReqId, result: Result<(), IoError>) {
@@ -721,7 +782,10 @@ impl<A: BufAlloc> Engine<A> {
             self.issue_backing_flush();
             self.maybe_writeback();
             self.maybe_write_record();
-            if self.drop_caches && self.nr_dirty == 0 && self.open.as_ref().is_none_or(|o| !o.has_dirty) {
+            if self.drop_caches
+                && self.nr_dirty == 0
+                && self.open.as_ref().is_none_or(|o| !o.has_dirty)
+            {
                 // Record the clean state so a restart replays nothing.
                 self.drop_caches = false;
                 self.record_wanted = true;
@@ -771,9 +835,16 @@ impl<A: BufAlloc> Engine<A> {
     fn block_span(block: u64, offset: u64, len: u64) -> (u8, usize, usize) {
         let start = (block * BLOCK_SIZE).max(offset);
         let end = ((block + 1) * BLOCK_SIZE).min(offset + len);
-        let (s0, s1) = ((start % BLOCK_SIZE) / SECTOR_SIZE, (end - block * BLOCK_SIZE).div_ceil(SECTOR_SIZE));
+        let (s0, s1) = (
+            (start % BLOCK_SIZE) / SECTOR_SIZE,
+            (end - block * BLOCK_SIZE).div_ceil(SECTOR_SIZE),
+        );
         let mask = (((1u16 << s1) - 1) & !((1u16 << s0) - 1)) as u8;
-        ((mask), (start - block * BLOCK_SIZE) as usize, (end - block * BLOCK_SIZE) as usize)
+        (
+            (mask),
+            (start - block * BLOCK_SIZE) as usize,
+            (end - block * BLOCK_SIZE) as usize,
+        )
     }
 }
 

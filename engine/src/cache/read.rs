@@ -31,7 +31,13 @@ struct Run {
 impl<A: BufAlloc> Engine<A> {
     /// Reads `len` bytes at byte `offset` into the request's buffer (through
     /// commands with [`DataRef::User`] and [`Event::CopyToUser`]).
-    pub fn submit_read(&mut self, req: ReqId, offset: u64, len: u64, now: Nanos) -> Result<(), SubmitError> {
+    pub fn submit_read(
+        &mut self,
+        req: ReqId,
+        offset: u64,
+        len: u64,
+        now: Nanos,
+    ) -> Result<(), SubmitError> {
         self.enter(now);
         self.check_submit(req, offset, len)?;
         self.stats.user_read_cmds += 1;
@@ -46,7 +52,11 @@ impl<A: BufAlloc> Engine<A> {
         let slot = |slots: &Vec<Slot>| slots.get(e.slot as usize).map_or(0, |s| s.fill);
         match &self.open {
             Some(o) if o.id == e.id => slot(&o.slots),
-            _ => self.sealing.iter().find(|o| o.id == e.id).map_or(0, |o| slot(&o.slots)),
+            _ => self
+                .sealing
+                .iter()
+                .find(|o| o.id == e.id)
+                .map_or(0, |o| slot(&o.slots)),
         }
     }
 
@@ -65,7 +75,11 @@ impl<A: BufAlloc> Engine<A> {
         }
         // Sequential detection for read caching.
         let nblocks = last - first + 1;
-        self.seq_run = if first == self.seq_next_block { self.seq_run + nblocks } else { nblocks };
+        self.seq_run = if first == self.seq_next_block {
+            self.seq_run + nblocks
+        } else {
+            nblocks
+        };
         self.seq_next_block = last + 1;
         let stage_ok = self.tunables.read_cache_threshold > 0
             && self.seq_run <= self.tunables.read_cache_threshold as u64
@@ -85,11 +99,21 @@ impl<A: BufAlloc> Engine<A> {
                 let kind = CommandKind::Read {
                     offset: r.dev_offset,
                     len: r.len,
-                    dst: DataRef::User { req, offset: r.user_offset },
+                    dst: DataRef::User {
+                        req,
+                        offset: r.user_offset,
+                    },
                 };
                 cmds.push((
-                    Command { token: crate::io::Token(0), device: r.device, kind },
-                    Purpose::User { req, backing: r.device == Device::Backing },
+                    Command {
+                        token: crate::io::Token(0),
+                        device: r.device,
+                        kind,
+                    },
+                    Purpose::User {
+                        req,
+                        backing: r.device == Device::Backing,
+                    },
                 ));
                 if let Some(id) = r.hold {
                     holds.push(id);
@@ -121,7 +145,10 @@ impl<A: BufAlloc> Engine<A> {
                     let ram = self.seg(e.id).buf;
                     self.stats.count(false, hit != 0, ram.is_some(), full);
                     for_each_run(hit, |s0, n| {
-                        let (a, l) = (s0 as usize * SECTOR_SIZE as usize, n as usize * SECTOR_SIZE as usize);
+                        let (a, l) = (
+                            s0 as usize * SECTOR_SIZE as usize,
+                            n as usize * SECTOR_SIZE as usize,
+                        );
                         match ram {
                             Some(buf) => self.events.push_back(Event::CopyToUser {
                                 req,
@@ -180,7 +207,8 @@ impl<A: BufAlloc> Engine<A> {
                             device: Device::Backing,
                             dev_offset: block * BLOCK_SIZE + b0 as u64,
                             user_offset: uoff,
-                            len: ((block * BLOCK_SIZE + BLOCK_SIZE).min(offset + len) - (block * BLOCK_SIZE + b0 as u64))
+                            len: ((block * BLOCK_SIZE + BLOCK_SIZE).min(offset + len)
+                                - (block * BLOCK_SIZE + b0 as u64))
                                 as usize,
                             hold: None,
                         },
@@ -219,10 +247,21 @@ impl<A: BufAlloc> Engine<A> {
     fn issue_stage(&mut self, req: ReqId, (first_block, nblocks, user_offset): (u64, u64, usize)) {
         let len = (nblocks * BLOCK_SIZE) as usize;
         let buf = self.alloc_buf(len);
-        let s = Stage { req, first_block, nblocks, buf, user_offset, seq: self.bypass_seq };
+        let s = Stage {
+            req,
+            first_block,
+            nblocks,
+            buf,
+            user_offset,
+            seq: self.bypass_seq,
+        };
         self.issue(
             Device::Backing,
-            CommandKind::Read { offset: first_block * BLOCK_SIZE, len, dst: DataRef::Engine { buf, offset: 0 } },
+            CommandKind::Read {
+                offset: first_block * BLOCK_SIZE,
+                len,
+                dst: DataRef::Engine { buf, offset: 0 },
+            },
             Purpose::Stage(s),
         );
     }
@@ -247,19 +286,36 @@ impl<A: BufAlloc> Engine<A> {
             let hl = self.geo.header_len();
             for i in 0..s.nblocks {
                 let block = s.first_block + i;
-                if self.index.contains_key(&block) || !self.can_take_block() || !self.ensure_open_slot() {
+                if self.index.contains_key(&block)
+                    || !self.can_take_block()
+                    || !self.ensure_open_slot()
+                {
                     continue;
                 }
                 let o = self.open.as_mut().expect("open log");
                 let (id, buf, slot) = (o.id, o.buf, o.slots.len() as u32);
-                o.slots.push(Slot { block, valid: FULL_MASK, dirty: false, fill: 0 });
+                o.slots.push(Slot {
+                    block,
+                    valid: FULL_MASK,
+                    dirty: false,
+                    fill: 0,
+                });
                 let full = o.slots.len() as u32 == self.geo.data_blocks;
                 let at = hl + slot as usize * BLOCK_SIZE as usize;
                 let from = (i * BLOCK_SIZE) as usize;
                 self.buf_mut(buf)[at..at + BLOCK_SIZE as usize]
                     .copy_from_slice(&scratch.as_ref()[from..from + BLOCK_SIZE as usize]);
                 self.seg_mut(id).blocks.push(block);
-                self.index.insert(block, Entry { id, slot, valid: FULL_MASK, dirty: 0, logged_dirty: false });
+                self.index.insert(
+                    block,
+                    Entry {
+                        id,
+                        slot,
+                        valid: FULL_MASK,
+                        dirty: 0,
+                        logged_dirty: false,
+                    },
+                );
                 self.stats.read_cache_staged += 1;
                 if full {
                     self.request_seal();
@@ -281,7 +337,11 @@ impl<A: BufAlloc> Engine<A> {
                 self.backing_write_gen += 1;
             }
         }
-        let err = if backing { IoError::BackingDevice } else { IoError::CacheDevice };
+        let err = if backing {
+            IoError::BackingDevice
+        } else {
+            IoError::CacheDevice
+        };
         self.part_done(req, if ok { Ok(()) } else { Err(err) });
     }
 

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 
 use super::{Engine, Entry, Phase, Purpose, SegMeta};
 use crate::error::{FormatError, OpenError};
-use crate::format::{BackingIdentity, META_AREA_LEN, RECORD_OFFSETS, SbRecord, Superblock, verify_segment};
+use crate::format::{
+    BackingIdentity, META_AREA_LEN, RECORD_OFFSETS, SbRecord, Superblock, verify_segment,
+};
 use crate::geometry::{BLOCK_SIZE, Geometry};
 use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Event};
 
@@ -45,14 +47,21 @@ impl<A: BufAlloc> Engine<A> {
     pub(super) fn start(&mut self) {
         self.startup = Some(Startup::default());
         if self.params.cache_size < META_AREA_LEN as u64 {
-            let e = FormatError::CacheTooSmall { cache_size: self.params.cache_size, needed: 3 * self.params.segment_size };
+            let e = FormatError::CacheTooSmall {
+                cache_size: self.params.cache_size,
+                needed: 3 * self.params.segment_size,
+            };
             return self.fail_open(OpenError::Geometry(e));
         }
         let buf = self.alloc_buf(META_AREA_LEN);
         self.st().buf = Some(buf);
         self.issue(
             Device::Cache,
-            CommandKind::Read { offset: 0, len: META_AREA_LEN, dst: DataRef::Engine { buf, offset: 0 } },
+            CommandKind::Read {
+                offset: 0,
+                len: META_AREA_LEN,
+                dst: DataRef::Engine { buf, offset: 0 },
+            },
             Purpose::Startup(StartIo::Meta),
         );
     }
@@ -65,7 +74,12 @@ impl<A: BufAlloc> Engine<A> {
         self.phase = Phase::Failed;
         self.events.push_back(Event::OpenFailed(e));
         if let Some(st) = self.startup.take() {
-            for b in st.buf.into_iter().chain(st.ready.into_values()).chain(st.spare) {
+            for b in st
+                .buf
+                .into_iter()
+                .chain(st.ready.into_values())
+                .chain(st.spare)
+            {
                 self.release_buf(b);
             }
         }
@@ -76,22 +90,36 @@ impl<A: BufAlloc> Engine<A> {
             return;
         }
         match io {
-            StartIo::Meta if !ok => self.fail_open(OpenError::Device { op: "reading the superblock" }),
+            StartIo::Meta if !ok => self.fail_open(OpenError::Device {
+                op: "reading the superblock",
+            }),
             StartIo::Meta => self.meta_read(),
             StartIo::FormatWrite | StartIo::RecordWrite if !ok => {
-                self.fail_open(OpenError::Device { op: "writing the superblock" })
+                self.fail_open(OpenError::Device {
+                    op: "writing the superblock",
+                })
             }
             StartIo::FormatWrite => {
-                self.issue(Device::Cache, CommandKind::Flush, Purpose::Startup(StartIo::FormatFlush));
+                self.issue(
+                    Device::Cache,
+                    CommandKind::Flush,
+                    Purpose::Startup(StartIo::FormatFlush),
+                );
             }
             StartIo::RecordWrite => {
                 if let Some(b) = self.record_buf.take() {
                     self.release_buf(b);
                 }
-                self.issue(Device::Cache, CommandKind::Flush, Purpose::Startup(StartIo::RecordFlush));
+                self.issue(
+                    Device::Cache,
+                    CommandKind::Flush,
+                    Purpose::Startup(StartIo::RecordFlush),
+                );
             }
             StartIo::FormatFlush | StartIo::RecordFlush if !ok => {
-                self.fail_open(OpenError::Device { op: "flushing the superblock" })
+                self.fail_open(OpenError::Device {
+                    op: "flushing the superblock",
+                })
             }
             StartIo::FormatFlush | StartIo::RecordFlush => self.become_ready(),
             StartIo::Replay { id, buf } => {
@@ -150,7 +178,9 @@ impl<A: BufAlloc> Engine<A> {
     fn install_geometry(&mut self, sb: Superblock) {
         self.geo = sb.geometry();
         self.sb = Some(sb);
-        self.segs = (0..self.geo.nr_segments).map(|_| SegMeta::default()).collect();
+        self.segs = (0..self.geo.nr_segments)
+            .map(|_| SegMeta::default())
+            .collect();
     }
 
     fn format(&mut self) {
@@ -159,10 +189,18 @@ impl<A: BufAlloc> Engine<A> {
             Ok(g) => g,
             Err(e) => return self.fail_open(OpenError::Geometry(e)),
         };
-        let backing = BackingIdentity { uuid: p.backing.uuid, size: p.backing.size };
+        let backing = BackingIdentity {
+            uuid: p.backing.uuid,
+            size: p.backing.size,
+        };
         let sb = Superblock::new(&geo, p.new_cache_uuid, backing, p.cache_size);
         // Record slot 0 is zeroed, slot 1 gets seq 1: both slots are defined.
-        let record = SbRecord { seq: 1, last_writeback_id: 0, epoch: 1, cache_uuid: p.new_cache_uuid };
+        let record = SbRecord {
+            seq: 1,
+            last_writeback_id: 0,
+            epoch: 1,
+            cache_uuid: p.new_cache_uuid,
+        };
         let buf = self.alloc_buf(META_AREA_LEN);
         {
             let b = self.buf_mut(buf);
@@ -178,13 +216,21 @@ impl<A: BufAlloc> Engine<A> {
         self.record_buf = Some(buf);
         self.issue(
             Device::Cache,
-            CommandKind::Write { offset: 0, len: META_AREA_LEN, src: DataRef::Engine { buf, offset: 0 } },
+            CommandKind::Write {
+                offset: 0,
+                len: META_AREA_LEN,
+                src: DataRef::Engine { buf, offset: 0 },
+            },
             Purpose::Startup(StartIo::FormatWrite),
         );
     }
 
     fn issue_replay_reads(&mut self) {
-        let (nr, last_wb, seg_len) = (self.geo.nr_segments, self.last_wb, self.geo.segment_size as usize);
+        let (nr, last_wb, seg_len) = (
+            self.geo.nr_segments,
+            self.last_wb,
+            self.geo.segment_size as usize,
+        );
         loop {
             let st = self.st();
             if st.stop || st.inflight >= REPLAY_QD || st.next_issue - last_wb > nr {
@@ -200,7 +246,11 @@ impl<A: BufAlloc> Engine<A> {
             let offset = self.geo.segment_offset(id);
             self.issue(
                 Device::Cache,
-                CommandKind::Read { offset, len: seg_len, dst: DataRef::Engine { buf, offset: 0 } },
+                CommandKind::Read {
+                    offset,
+                    len: seg_len,
+                    dst: DataRef::Engine { buf, offset: 0 },
+                },
                 Purpose::Startup(StartIo::Replay { id, buf }),
             );
         }
@@ -220,7 +270,9 @@ impl<A: BufAlloc> Engine<A> {
             if st.stop {
                 break;
             }
-            let Some(buf) = st.ready.remove(&id) else { break };
+            let Some(buf) = st.ready.remove(&id) else {
+                break;
+            };
             let prev_epoch = st.prev_epoch;
             let verdict = verify_segment(self.buf(buf), &self.geo, &uuid);
             let st = self.st();
@@ -239,7 +291,11 @@ impl<A: BufAlloc> Engine<A> {
 
     fn replay_log(&mut self, id: u64, mbs: &[crate::format::Metablock]) {
         let pos = self.geo.position(id) as usize;
-        self.segs[pos] = SegMeta { id, blocks: mbs.iter().map(|m| m.block).collect(), ..SegMeta::default() };
+        self.segs[pos] = SegMeta {
+            id,
+            blocks: mbs.iter().map(|m| m.block).collect(),
+            ..SegMeta::default()
+        };
         for (slot, mb) in mbs.iter().enumerate() {
             // Clean (read-cached) blocks are not replayed: an invalidation of
             // them may not be on disk, and the backing device has their data.
@@ -251,7 +307,13 @@ impl<A: BufAlloc> Engine<A> {
             }
             self.index.insert(
                 mb.block,
-                Entry { id, slot: slot as u32, valid: mb.valid, dirty: mb.valid, logged_dirty: true },
+                Entry {
+                    id,
+                    slot: slot as u32,
+                    valid: mb.valid,
+                    dirty: mb.valid,
+                    logged_dirty: true,
+                },
             );
             self.nr_dirty += 1;
             self.segs[pos].live_dirty += 1;
@@ -261,7 +323,12 @@ impl<A: BufAlloc> Engine<A> {
     fn finish_replay(&mut self) {
         let st = self.startup.as_mut().expect("starting");
         let next = st.next_apply;
-        let bufs: Vec<BufId> = st.ready.values().copied().chain(st.spare.drain(..)).collect();
+        let bufs: Vec<BufId> = st
+            .ready
+            .values()
+            .copied()
+            .chain(st.spare.drain(..))
+            .collect();
         st.ready.clear();
         for b in bufs {
             self.release_buf(b);

@@ -1,6 +1,8 @@
 //! User writes: placing cache lines into the open buffer, or bypassing the log.
 
-use super::{Engine, Entry, OpenLog, Purpose, SegMeta, Slot, StalledWrite, data_ref_user, for_each_run};
+use super::{
+    Engine, Entry, OpenLog, Purpose, SegMeta, Slot, StalledWrite, data_ref_user, for_each_run,
+};
 use crate::error::{IoError, SubmitError};
 use crate::geometry::{BLOCK_SIZE, FULL_MASK, SECTOR_SIZE};
 use crate::io::{BufAlloc, CommandKind, DataRef, Device, Nanos, ReqId};
@@ -42,7 +44,13 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     /// Makes `[offset, offset+len)` read as zeroes.
-    pub fn submit_write_zeroes(&mut self, req: ReqId, offset: u64, len: u64, now: Nanos) -> Result<(), SubmitError> {
+    pub fn submit_write_zeroes(
+        &mut self,
+        req: ReqId,
+        offset: u64,
+        len: u64,
+        now: Nanos,
+    ) -> Result<(), SubmitError> {
         self.enter(now);
         self.check_submit(req, offset, len)?;
         self.stats.user_write_cmds += 1;
@@ -56,7 +64,13 @@ impl<A: BufAlloc> Engine<A> {
     /// the request is passed to the backing device. Dirty cached data inside
     /// the range is kept (and later written back): unmapped contents are
     /// unspecified, so that is allowed, and it never loses a newer write.
-    pub fn submit_discard(&mut self, req: ReqId, offset: u64, len: u64, now: Nanos) -> Result<(), SubmitError> {
+    pub fn submit_discard(
+        &mut self,
+        req: ReqId,
+        offset: u64,
+        len: u64,
+        now: Nanos,
+    ) -> Result<(), SubmitError> {
         self.enter(now);
         self.check_submit(req, offset, len)?;
         let first = offset.div_ceil(BLOCK_SIZE);
@@ -74,7 +88,11 @@ impl<A: BufAlloc> Engine<A> {
         r.parts += 1;
         r.backing_load += 1;
         self.backing_load += 1;
-        self.issue(Device::Backing, CommandKind::Discard { offset, len }, Purpose::User { req, backing: true });
+        self.issue(
+            Device::Backing,
+            CommandKind::Discard { offset, len },
+            Purpose::User { req, backing: true },
+        );
         self.pump();
         Ok(())
     }
@@ -131,14 +149,21 @@ impl<A: BufAlloc> Engine<A> {
                 Src::Data(d) => Some(d[placed as usize..].to_vec()),
                 Src::Zeros => None,
             };
-            self.stalled.push_back(StalledWrite { req, offset: offset + placed, data, len: len - placed, fua });
+            self.stalled.push_back(StalledWrite {
+                req,
+                offset: offset + placed,
+                data,
+                len: len - placed,
+                fua,
+            });
         }
         self.try_finish(req);
     }
 
     fn wants_bypass(&self, len: u64) -> bool {
         self.tunables.write_around_mode
-            || (self.tunables.bypass_write_kib > 0 && len >= self.tunables.bypass_write_kib as u64 * 1024)
+            || (self.tunables.bypass_write_kib > 0
+                && len >= self.tunables.bypass_write_kib as u64 * 1024)
             || self.cache_full()
     }
 
@@ -146,8 +171,12 @@ impl<A: BufAlloc> Engine<A> {
     /// cache does not have to hold go to the backing device meanwhile, so a
     /// full cache is never slower than the backing device itself.
     fn cache_full(&self) -> bool {
-        self.open.as_ref().is_none_or(|o| o.slots.len() as u32 >= self.geo.data_blocks)
-            && self.next_position_blocked_on().is_some_and(|occupant| occupant > self.last_wb)
+        self.open
+            .as_ref()
+            .is_none_or(|o| o.slots.len() as u32 >= self.geo.data_blocks)
+            && self
+                .next_position_blocked_on()
+                .is_some_and(|occupant| occupant > self.last_wb)
     }
 
     /// No block in the range holds data that only the cache has, or that
@@ -173,7 +202,11 @@ impl<A: BufAlloc> Engine<A> {
         r.backing_load += 1;
         self.backing_load += 1;
         let kind = match src {
-            Src::Data(_) => CommandKind::Write { offset, len: len as usize, src: data_ref_user(req, 0) },
+            Src::Data(_) => CommandKind::Write {
+                offset,
+                len: len as usize,
+                src: data_ref_user(req, 0),
+            },
             Src::Zeros => CommandKind::WriteZeroes { offset, len },
         };
         self.issue(Device::Backing, kind, Purpose::User { req, backing: true });
@@ -229,7 +262,15 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     /// Puts bytes `b0..b1` of `block` into the open buffer; None if no room.
-    fn place_block(&mut self, block: u64, mask: u8, b0: usize, b1: usize, src: Src<'_>, from: usize) -> Option<u64> {
+    fn place_block(
+        &mut self,
+        block: u64,
+        mask: u8,
+        b0: usize,
+        b1: usize,
+        src: Src<'_>,
+        from: usize,
+    ) -> Option<u64> {
         let full = mask == FULL_MASK;
         let hl = self.geo.header_len();
         let existing = self.index.get(&block).copied();
@@ -286,7 +327,10 @@ impl<A: BufAlloc> Engine<A> {
                     tmp.copy_from_slice(&self.buf(src_buf)[src_at..src_at + BLOCK_SIZE as usize]);
                     let dst = &mut self.buf_mut(buf)[at..at + BLOCK_SIZE as usize];
                     for_each_run(carry, |s0, n| {
-                        let (a, z) = (s0 as usize * SECTOR_SIZE as usize, (s0 + n) as usize * SECTOR_SIZE as usize);
+                        let (a, z) = (
+                            s0 as usize * SECTOR_SIZE as usize,
+                            (s0 + n) as usize * SECTOR_SIZE as usize,
+                        );
                         dst[a..z].copy_from_slice(&tmp[a..z]);
                     });
                 } else {
@@ -300,14 +344,28 @@ impl<A: BufAlloc> Engine<A> {
             self.stats.count(true, false, false, full);
         }
         let o = self.open.as_mut().expect("open log");
-        o.slots.push(Slot { block, valid, dirty: true, fill });
+        o.slots.push(Slot {
+            block,
+            valid,
+            dirty: true,
+            fill,
+        });
         o.has_dirty = true;
         let full_log = o.slots.len() as u32 == self.geo.data_blocks;
         let seg = self.seg_mut(id);
         seg.blocks.push(block);
         seg.live_dirty += 1;
         self.nr_dirty += 1;
-        self.index.insert(block, Entry { id, slot: s, valid, dirty: valid, logged_dirty: true });
+        self.index.insert(
+            block,
+            Entry {
+                id,
+                slot: s,
+                valid,
+                dirty: valid,
+                logged_dirty: true,
+            },
+        );
         if let Some(old) = fill_src {
             self.open.as_mut().expect("open log").fills_pending += 1;
             let fbuf = self.alloc_buf(BLOCK_SIZE as usize);
@@ -315,8 +373,20 @@ impl<A: BufAlloc> Engine<A> {
             let offset = self.geo.slot_offset(old.id, old.slot);
             self.issue(
                 Device::Cache,
-                CommandKind::Read { offset, len: BLOCK_SIZE as usize, dst: DataRef::Engine { buf: fbuf, offset: 0 } },
-                Purpose::Fill { id, slot: s, src_id: old.id, buf: fbuf },
+                CommandKind::Read {
+                    offset,
+                    len: BLOCK_SIZE as usize,
+                    dst: DataRef::Engine {
+                        buf: fbuf,
+                        offset: 0,
+                    },
+                },
+                Purpose::Fill {
+                    id,
+                    slot: s,
+                    src_id: old.id,
+                    buf: fbuf,
+                },
             );
         }
         if full_log {
@@ -327,7 +397,10 @@ impl<A: BufAlloc> Engine<A> {
 
     /// Whether a new block could be placed right now.
     pub(super) fn can_take_block(&self) -> bool {
-        self.open.as_ref().is_some_and(|o| (o.slots.len() as u32) < self.geo.data_blocks) || self.can_open_log()
+        self.open
+            .as_ref()
+            .is_some_and(|o| (o.slots.len() as u32) < self.geo.data_blocks)
+            || self.can_open_log()
     }
 
     pub(super) fn ensure_open_slot(&mut self) -> bool {
@@ -348,7 +421,10 @@ impl<A: BufAlloc> Engine<A> {
     /// A buffer is free and the next ring position holds nothing the cache
     /// still needs (written back, recorded durably, nobody reading it).
     pub(super) fn can_open_log(&self) -> bool {
-        if self.open.is_some() || self.free_log_bufs.is_empty() || self.phase != super::Phase::Running {
+        if self.open.is_some()
+            || self.free_log_bufs.is_empty()
+            || self.phase != super::Phase::Running
+        {
             return false;
         }
         let nr = self.geo.nr_segments;
@@ -368,7 +444,8 @@ impl<A: BufAlloc> Engine<A> {
             return None;
         }
         let occupant = self.next_id - nr;
-        (self.seg(self.next_id).id == occupant && occupant > self.record.last_writeback_id).then_some(occupant)
+        (self.seg(self.next_id).id == occupant && occupant > self.record.last_writeback_id)
+            .then_some(occupant)
     }
 
     fn open_log(&mut self) {
@@ -378,7 +455,10 @@ impl<A: BufAlloc> Engine<A> {
         let pos = self.geo.position(id) as usize;
         // Reclaim the position: the old log is written back, so whatever of it
         // is still indexed is clean and can go.
-        let (old_id, mut blocks) = (self.segs[pos].id, std::mem::take(&mut self.segs[pos].blocks));
+        let (old_id, mut blocks) = (
+            self.segs[pos].id,
+            std::mem::take(&mut self.segs[pos].blocks),
+        );
         for &b in &blocks {
             if self.index.get(&b).is_some_and(|e| e.id == old_id) {
                 self.drop_entry(b);
@@ -386,7 +466,13 @@ impl<A: BufAlloc> Engine<A> {
         }
         blocks.clear();
         blocks.reserve(self.geo.data_blocks as usize);
-        self.segs[pos] = SegMeta { id, blocks, buf: Some(buf), readers: 0, live_dirty: 0 };
+        self.segs[pos] = SegMeta {
+            id,
+            blocks,
+            buf: Some(buf),
+            readers: 0,
+            live_dirty: 0,
+        };
         self.open = Some(OpenLog {
             id,
             buf,

@@ -28,7 +28,8 @@ impl<A: BufAlloc> Engine<A> {
     fn writeback_urgent(&self) -> bool {
         let used = self.next_id - 1 - self.last_wb;
         let reserve = (self.params.nr_buffers as u64).max(self.geo.nr_segments / 16);
-        used + reserve >= self.geo.nr_segments || (!self.stalled.is_empty() && self.next_position_blocked_on().is_some())
+        used + reserve >= self.geo.nr_segments
+            || (!self.stalled.is_empty() && self.next_position_blocked_on().is_some())
     }
 
     pub(super) fn maybe_writeback(&mut self) {
@@ -42,9 +43,16 @@ impl<A: BufAlloc> Engine<A> {
             if !(background || self.drop_caches || self.writeback_urgent()) {
                 return;
             }
-            let last = (self.last_wb + self.tunables.nr_max_batched_writeback as u64).min(self.durable_id);
-            let mut batch =
-                WbBatch { last, bufs: Vec::new(), reads_pending: 0, writes_pending: 0, failed: false, written: Vec::new() };
+            let last =
+                (self.last_wb + self.tunables.nr_max_batched_writeback as u64).min(self.durable_id);
+            let mut batch = WbBatch {
+                last,
+                bufs: Vec::new(),
+                reads_pending: 0,
+                writes_pending: 0,
+                failed: false,
+                written: Vec::new(),
+            };
             for id in self.last_wb + 1..=last {
                 let seg = self.seg(id);
                 if seg.id != id || seg.live_dirty == 0 {
@@ -59,7 +67,11 @@ impl<A: BufAlloc> Engine<A> {
                 let offset = self.geo.slot_offset(id, 0);
                 self.issue(
                     Device::Cache,
-                    CommandKind::Read { offset, len, dst: DataRef::Engine { buf, offset: 0 } },
+                    CommandKind::Read {
+                        offset,
+                        len,
+                        dst: DataRef::Engine { buf, offset: 0 },
+                    },
                     Purpose::WbRead { id },
                 );
                 batch.bufs.push((id, buf));
@@ -124,7 +136,12 @@ impl<A: BufAlloc> Engine<A> {
             } else {
                 for_each_run(mask, |s0, n| {
                     let a = s0 as usize * SECTOR_SIZE as usize;
-                    cmds.push((block * BLOCK_SIZE + a as u64, n as usize * SECTOR_SIZE as usize, buf, boff + a));
+                    cmds.push((
+                        block * BLOCK_SIZE + a as u64,
+                        n as usize * SECTOR_SIZE as usize,
+                        buf,
+                        boff + a,
+                    ));
                 });
             }
         }
@@ -133,7 +150,11 @@ impl<A: BufAlloc> Engine<A> {
         for (offset, len, buf, boff) in cmds {
             self.issue(
                 Device::Backing,
-                CommandKind::Write { offset, len, src: DataRef::Engine { buf, offset: boff } },
+                CommandKind::Write {
+                    offset,
+                    len,
+                    src: DataRef::Engine { buf, offset: boff },
+                },
                 Purpose::WbWrite,
             );
         }
@@ -150,13 +171,18 @@ impl<A: BufAlloc> Engine<A> {
             if b.failed {
                 self.wb_abort();
             } else {
-                self.backing_flush_waiting.push(super::commit::BackingWaiter::Writeback);
+                self.backing_flush_waiting
+                    .push(super::commit::BackingWaiter::Writeback);
             }
         }
     }
 
     pub(super) fn wb_flushed(&mut self, ok: bool) {
-        if ok { self.wb_finish() } else { self.wb_abort() }
+        if ok {
+            self.wb_finish()
+        } else {
+            self.wb_abort()
+        }
     }
 
     /// The batch is durable on the backing device: its blocks are clean.

@@ -25,6 +25,9 @@ enum What {
         /// Operations per workload.
         #[arg(long, default_value_t = 2_000_000)]
         ops: u64,
+        /// Run only this workload (randwrite, read-hit, fua-qd1).
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -37,7 +40,14 @@ struct Bench {
 
 impl Bench {
     fn new(cache_size: u64, backing_size: u64) -> Self {
-        let params = OpenParams::new(cache_size, BackingIdentity { uuid: [1; 16], size: backing_size }, [2; 16]);
+        let params = OpenParams::new(
+            cache_size,
+            BackingIdentity {
+                uuid: [1; 16],
+                size: backing_size,
+            },
+            [2; 16],
+        );
         let e = Engine::open(params, HeapAlloc, 0).expect("parameters");
         let mut b = Self { e, now: 0, done: 0 };
         b.run_ready();
@@ -86,21 +96,37 @@ fn report(name: &str, ops: u64, secs: f64, b: &Bench) {
     );
 }
 
-fn engine(ops: u64) {
+fn engine(ops: u64, only: Option<&str>) {
+    let run = |w: &str| only.is_none_or(|o| o == w);
     const BLOCKS: u64 = 1 << 20; // 4 GiB of backing address space
     let mut rng = ChaCha8Rng::seed_from_u64(42);
     let data = vec![0x5au8; 4096];
 
     // 4 KiB random writes; the cache (8 GiB) never fills, so this is the write path alone.
     let mut b = Bench::new(8 << 30, 64 << 30);
-    let offsets: Vec<u64> = (0..ops).map(|_| rng.random_range(0..BLOCKS) * 4096).collect();
+    let offsets: Vec<u64> = (0..ops)
+        .map(|_| rng.random_range(0..BLOCKS) * 4096)
+        .collect();
     b.e.clear_stats();
     let t = Instant::now();
     for (i, &off) in offsets.iter().enumerate() {
-        b.e.submit_write(ReqId(i as u64), off, &data, false, b.now).expect("submit");
+        b.e.submit_write(ReqId(i as u64), off, &data, false, b.now)
+            .expect("submit");
         b.run_ready();
     }
-    report("4k-randwrite", ops, t.elapsed().as_secs_f64(), &b);
+    if run("randwrite") {
+        report("4k-randwrite", ops, t.elapsed().as_secs_f64(), &b);
+    }
+    if run("read-hit") {
+        read_hit(&mut b, &offsets, ops, &mut rng);
+    }
+    if run("fua-qd1") {
+        fua_qd1(ops / 10, &data, &mut rng);
+    }
+}
+
+fn read_hit(b: &mut Bench, offsets: &[u64], ops: u64, rng: &mut ChaCha8Rng) {
+    const BLOCKS: u64 = 1 << 20;
 
     // 4 KiB reads of cached blocks (most on the cache device, some in RAM).
     let n = ops.min(BLOCKS);
@@ -108,23 +134,36 @@ fn engine(ops: u64) {
     b.e.clear_stats();
     for i in 0..n {
         let off = offsets[rng.random_range(0..offsets.len())];
-        b.e.submit_read(ReqId(ops + i), off, 4096, b.now).expect("submit");
+        b.e.submit_read(ReqId(ops + i), off, 4096, b.now)
+            .expect("submit");
         b.run_ready();
     }
     let s = b.e.stats();
     let hits: u64 = s.io[0][1].iter().flatten().sum();
-    report("4k-read-hit", n, t.elapsed().as_secs_f64(), &b);
-    println!("engine 4k-read-hit: hit_ratio={:.3}", hits as f64 / n as f64);
+    report("4k-read-hit", n, t.elapsed().as_secs_f64(), b);
+    println!(
+        "engine 4k-read-hit: hit_ratio={:.3}",
+        hits as f64 / n as f64
+    );
+}
 
+fn fua_qd1(n: u64, data: &[u8], rng: &mut ChaCha8Rng) {
+    const BLOCKS: u64 = 1 << 20;
     // FUA writes at queue depth 1 with the default barrier deadline: the
     // volatile-buffer worst case (every write becomes a partial log).
     let mut b = Bench::new(8 << 30, 64 << 30);
-    let n = ops / 10;
     b.e.clear_stats();
     let t = Instant::now();
     for i in 0..n {
         let before = b.done;
-        b.e.submit_write(ReqId(i), rng.random_range(0..BLOCKS) * 4096, &data, true, b.now).expect("submit");
+        b.e.submit_write(
+            ReqId(i),
+            rng.random_range(0..BLOCKS) * 4096,
+            data,
+            true,
+            b.now,
+        )
+        .expect("submit");
         b.run_ready();
         while b.done == before {
             b.run_timeouts();
@@ -134,7 +173,10 @@ fn engine(ops: u64) {
 }
 
 fn main() {
-    match Args::parse().what.unwrap_or(What::Engine { ops: 2_000_000 }) {
-        What::Engine { ops } => engine(ops),
+    match Args::parse().what.unwrap_or(What::Engine {
+        ops: 2_000_000,
+        only: None,
+    }) {
+        What::Engine { ops, only } => engine(ops, only.as_deref()),
     }
 }
