@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use writeboost_engine::config::TUNABLE_RANGES;
 use writeboost_engine::{BackingIdentity, OpenParams, ReqId, Tunables};
 
 use crate::content::{self, SECTOR, Version};
@@ -280,6 +281,15 @@ impl Run {
 
     fn submit_one(&mut self, h: &mut Harness) -> bool {
         let nsec = self.sectors.len() as u64;
+        // Now and then, operator actions while I/O runs.
+        if self.rng.random_bool(0.005) {
+            h.engine.drop_caches(h.now);
+        }
+        if self.rng.random_bool(0.005) {
+            let (name, _, max) = TUNABLE_RANGES[self.rng.random_range(0..TUNABLE_RANGES.len())];
+            let value = self.rng.random_range(0..=max.min(128));
+            let _ = h.engine.set_options(&[(name, value)], h.now);
+        }
         let roll = self.rng.random_range(0..100);
         let op = match roll {
             0..=54 => Op::Write {

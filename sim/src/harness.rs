@@ -52,6 +52,8 @@ pub struct Harness {
     pub fail_cache_writes: bool,
     rng: ChaCha8Rng,
     seq: u64,
+    /// Deadlines handled in a row without time moving (a livelock if large).
+    idle_timeouts: u32,
 }
 
 impl Harness {
@@ -79,6 +81,7 @@ impl Harness {
             fail_cache_writes: false,
             rng: ChaCha8Rng::seed_from_u64(seed),
             seq: 0,
+            idle_timeouts: 0,
         };
         h.drain();
         h
@@ -168,23 +171,14 @@ impl Harness {
     }
 
     /// Advances to the next completion or engine deadline. False if nothing is pending.
+    /// Also false if the engine keeps asking for a deadline it does not act on.
     pub fn step(&mut self) -> bool {
         let next_io = self.queue.peek().map(|Reverse((t, _, _))| *t);
         let timeout = self.engine.poll_timeout();
         match (next_io, timeout) {
             (None, None) => false,
-            (Some(t), Some(d)) if d < t => {
-                self.now = self.now.max(d);
-                self.engine.handle_timeout(self.now);
-                self.drain();
-                true
-            }
-            (None, Some(d)) => {
-                self.now = self.now.max(d);
-                self.engine.handle_timeout(self.now);
-                self.drain();
-                true
-            }
+            (Some(t), Some(d)) if d < t => self.timeout(d),
+            (None, Some(d)) => self.timeout(d),
             (Some(t), _) => {
                 let Reverse((_, _, token)) = self.queue.pop().expect("queued");
                 self.now = self.now.max(t);
@@ -192,6 +186,21 @@ impl Harness {
                 true
             }
         }
+    }
+
+    fn timeout(&mut self, at: Nanos) -> bool {
+        if at <= self.now {
+            self.idle_timeouts += 1;
+            if self.idle_timeouts > 1000 {
+                return false;
+            }
+        } else {
+            self.idle_timeouts = 0;
+        }
+        self.now = self.now.max(at);
+        self.engine.handle_timeout(self.now);
+        self.drain();
+        true
     }
 
     fn complete(&mut self, token: Token) {

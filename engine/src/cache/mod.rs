@@ -334,34 +334,42 @@ impl<A: BufAlloc> Engine<A> {
 
     /// When [`Engine::handle_timeout`] should be called next.
     pub fn poll_timeout(&self) -> Option<Nanos> {
-        let mut t: Option<Nanos> = None;
-        let mut take = |x: Option<Nanos>| {
-            if let Some(x) = x {
-                t = Some(t.map_or(x, |t| t.min(x)));
-            }
-        };
         if self.phase != Phase::Running && self.phase != Phase::ShuttingDown {
             return None;
         }
-        take(self.barrier_deadline);
-        if let Some(o) = &self.open
-            && self.tunables.sync_data_interval > 0
+        // Only deadlines whose handler can act now: a deadline left in the
+        // past with nothing to do would spin the host.
+        [
+            self.barrier_deadline,
+            self.sync_deadline(),
+            self.record_deadline(),
+            self.wb_retry_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// When the open buffer is written as a log for `sync_data_interval`.
+    fn sync_deadline(&self) -> Option<Nanos> {
+        let o = self.open.as_ref()?;
+        (self.tunables.sync_data_interval > 0
             && !o.slots.is_empty()
-        {
-            take(Some(
-                o.opened_at + self.tunables.sync_data_interval as u64 * 1_000_000_000,
-            ));
-        }
-        if self.tunables.update_sb_record_interval > 0
+            && !o.seal_requested
+            && !self.read_only)
+            .then(|| o.opened_at + self.tunables.sync_data_interval as u64 * 1_000_000_000)
+    }
+
+    /// When the superblock record is next due under `update_sb_record_interval`.
+    fn record_deadline(&self) -> Option<Nanos> {
+        (self.tunables.update_sb_record_interval > 0
             && self.last_wb > self.record.last_writeback_id
-        {
-            take(Some(
-                self.last_record_at
-                    + self.tunables.update_sb_record_interval as u64 * 1_000_000_000,
-            ));
-        }
-        take(self.wb_retry_at);
-        t
+            && self.record_state == RecordState::Idle
+            && !self.record_wanted
+            && !self.read_only)
+            .then(|| {
+                self.last_record_at + self.tunables.update_sb_record_interval as u64 * 1_000_000_000
+            })
     }
 
     /// Tells the engine the time has come (or passed) for a deadline.
@@ -371,18 +379,10 @@ impl<A: BufAlloc> Engine<A> {
             self.barrier_deadline = None;
             self.request_seal();
         }
-        if let Some(o) = &self.open
-            && self.tunables.sync_data_interval > 0
-            && !o.slots.is_empty()
-            && o.opened_at + self.tunables.sync_data_interval as u64 * 1_000_000_000 <= now
-        {
+        if self.sync_deadline().is_some_and(|d| d <= now) {
             self.request_seal();
         }
-        if self.tunables.update_sb_record_interval > 0
-            && self.last_wb > self.record.last_writeback_id
-            && self.last_record_at + self.tunables.update_sb_record_interval as u64 * 1_000_000_000
-                <= now
-        {
+        if self.record_deadline().is_some_and(|d| d <= now) {
             self.record_wanted = true;
         }
         if self.wb_retry_at.is_some_and(|t| t <= now) {
