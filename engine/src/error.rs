@@ -65,8 +65,9 @@ pub enum OpenError {
         got_size: u64,
     },
     #[error(
-        "both superblock records are unreadable and no valid log chain was found; \
-         reopen with format=true to discard the cache"
+        "both superblock records are unreadable; without one, logs already written back \
+         cannot be told from dirty ones, so nothing was replayed or written. Restore the \
+         cache device's first 12 KiB from a copy, or reopen with format=true to discard the cache"
     )]
     NoRecord,
     #[error("the cache device failed during start-up ({op}); check the device and retry")]

@@ -470,3 +470,16 @@ fn fua_in_volatile_mode_makes_partial_logs_and_counts_them() {
     // Five full-size write misses, not on buffer.
     assert_eq!(s.io[1][0][0][1], 5);
 }
+
+#[test]
+fn losing_both_superblock_records_is_refused_without_writing() {
+    let p = params(8 * MIB);
+    let mut h = fresh(p.clone());
+    h.write(1, 0, &pattern(1, 4096), true).unwrap();
+    let (mut c, b) = h.crash(&mut ChaCha8Rng::seed_from_u64(3));
+    c[4096..3 * 4096].fill(0xee);
+    let h2 = open(p, SimDevice::from_image(c.clone()), SimDevice::from_image(b));
+    assert_eq!(h2.opened, Some(Err(OpenError::NoRecord)));
+    assert_eq!(h2.cache.image(), &c[..]);
+    assert!(OpenError::NoRecord.to_string().contains("format=true"));
+}
