@@ -478,7 +478,11 @@ fn losing_both_superblock_records_is_refused_without_writing() {
     h.write(1, 0, &pattern(1, 4096), true).unwrap();
     let (mut c, b) = h.crash(&mut ChaCha8Rng::seed_from_u64(3));
     c[4096..3 * 4096].fill(0xee);
-    let h2 = open(p, SimDevice::from_image(c.clone()), SimDevice::from_image(b));
+    let h2 = open(
+        p,
+        SimDevice::from_image(c.clone()),
+        SimDevice::from_image(b),
+    );
     assert_eq!(h2.opened, Some(Err(OpenError::NoRecord)));
     assert_eq!(h2.cache.image(), &c[..]);
     assert!(OpenError::NoRecord.to_string().contains("format=true"));
