@@ -119,6 +119,16 @@ impl Tunables {
     }
 }
 
+/// Where the segment buffer lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BufferMode {
+    /// Mode 0: RAM; FUA/FLUSH wait for a (possibly partial) log on the cache device.
+    #[default]
+    Volatile,
+    /// Mode 1: a pmem pool; writes are acknowledged once persisted there.
+    Persistent,
+}
+
 /// Everything the engine needs to format or recover a cache.
 #[derive(Clone, Debug)]
 pub struct OpenParams {
@@ -138,7 +148,10 @@ pub struct OpenParams {
     /// Segment size used if the cache is formatted now.
     pub segment_size: u64,
     /// Number of segment-sized RAM buffers (one open, the rest in flight).
+    /// With a pmem pool there is one per pool slot instead.
     pub nr_buffers: u32,
+    /// Mode 0 (volatile RAM buffer) or mode 1 (pmem buffer).
+    pub mode: BufferMode,
     pub tunables: Tunables,
 }
 
@@ -154,6 +167,7 @@ impl OpenParams {
             new_cache_uuid,
             segment_size: DEFAULT_SEGMENT_SIZE,
             nr_buffers: 4,
+            mode: BufferMode::Volatile,
             tunables: Tunables::default(),
         }
     }

@@ -39,6 +39,11 @@ pub enum FormatError {
     CacheShrunk { formatted: u64, now: u64 },
     #[error("metablock {index} of a log points outside the backing device or has bad flags")]
     BadMetablock { index: u32 },
+    #[error(
+        "pmem pool of {len} bytes is too small: it needs at least {needed} bytes \
+         (header and two segment slots)"
+    )]
+    PoolTooSmall { len: u64, needed: u64 },
 }
 
 /// Opening (formatting or recovering) a cache failed. Nothing was written.
@@ -72,6 +77,18 @@ pub enum OpenError {
     NoRecord,
     #[error("the cache device failed during start-up ({op}); check the device and retry")]
     Device { op: &'static str },
+    #[error("pmem pool: {0}")]
+    Pool(FormatError),
+    #[error(
+        "the pmem pool belongs to another cache (or to an earlier format of this one); \
+         give the pool of this cache, or reopen with format=true to reformat both"
+    )]
+    PoolMismatch,
+    #[error(
+        "this cache was last run with a pmem buffer (mode 1) that may hold acknowledged \
+         writes; open it in mode 1, or give the pmem pool so its contents are drained first"
+    )]
+    PoolRequired,
 }
 
 /// A tunable or parameter is out of range.
@@ -86,6 +103,8 @@ pub enum ConfigError {
     },
     #[error("unknown tunable '{0}'")]
     Unknown(String),
+    #[error("mode 1 (pmem buffer) needs a pmem pool: give pmem_path")]
+    PoolRequired,
 }
 
 /// A user request was refused before it started.

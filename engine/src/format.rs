@@ -22,7 +22,7 @@ pub const RECORD_OFFSETS: [u64; 2] = [BLOCK_SIZE, 2 * BLOCK_SIZE];
 pub const META_AREA_LEN: usize = 3 * BLOCK_SIZE as usize;
 
 const SB_CRC_AT: usize = 124;
-const RECORD_CRC_AT: usize = 56;
+const RECORD_CRC_AT: usize = 72;
 const SEG_CRC_AT: usize = 48;
 
 /// Metablock flag: the block was dirty (not on the backing device) when logged.
@@ -183,10 +183,18 @@ pub struct SbRecord {
     pub seq: u64,
     /// Every log with an id at or below this is on the backing device, durably.
     pub last_writeback_id: u64,
+    /// Epoch of that log: the log after it must not be older.
+    pub last_writeback_epoch: u64,
     /// Incarnation of the cache; bumped at every start before new logs are written.
     pub epoch: u64,
     pub cache_uuid: [u8; 16],
+    /// [`RECORD_FLAG_PMEM`]: a pmem pool may hold acknowledged writes.
+    pub flags: u32,
 }
+
+/// Record flag: the cache runs (or ran) with a pmem buffer whose slots may
+/// hold acknowledged writes not yet in a durable log.
+pub const RECORD_FLAG_PMEM: u32 = 1;
 
 impl SbRecord {
     pub fn encode(&self) -> [u8; BLOCK_SIZE as usize] {
@@ -197,6 +205,8 @@ impl SbRecord {
         put(&mut b, 24, &self.last_writeback_id.to_le_bytes());
         put(&mut b, 32, &self.epoch.to_le_bytes());
         put(&mut b, 40, &self.cache_uuid);
+        put(&mut b, 56, &self.flags.to_le_bytes());
+        put(&mut b, 64, &self.last_writeback_epoch.to_le_bytes());
         let crc = crc32c::crc32c(&b[..RECORD_CRC_AT]);
         put(&mut b, RECORD_CRC_AT, &crc.to_le_bytes());
         b
@@ -227,8 +237,10 @@ impl SbRecord {
             last_writeback_id: get_u64(b, 24),
             epoch: get_u64(b, 32),
             cache_uuid: get_uuid(b, 40),
+            flags: get_u32(b, 56),
+            last_writeback_epoch: get_u64(b, 64),
         };
-        if &r.cache_uuid != cache_uuid {
+        if &r.cache_uuid != cache_uuid || r.flags & !RECORD_FLAG_PMEM != 0 {
             return Err(FormatError::BadChecksum {
                 what: "superblock record (other cache)",
             });
@@ -350,8 +362,24 @@ pub fn verify_segment(
     if crc != h.checksum {
         return Err(FormatError::BadChecksum { what: "log" });
     }
-    let mut blocks = Vec::with_capacity(h.nr_valid as usize);
-    for i in 0..h.nr_valid as usize {
+    let blocks = parse_metablocks(seg, geo, h.nr_valid)?;
+    Ok((h, blocks))
+}
+
+/// The first `nr` metablocks of a segment header, each range-checked (the
+/// log's checksum is not verified here).
+pub fn parse_metablocks(
+    seg: &[u8],
+    geo: &Geometry,
+    nr: u32,
+) -> Result<Vec<Metablock>, FormatError> {
+    if nr > geo.data_blocks || seg.len() < geo.header_len() {
+        return Err(FormatError::Truncated {
+            what: "segment header",
+        });
+    }
+    let mut blocks = Vec::with_capacity(nr as usize);
+    for i in 0..nr as usize {
         let at = SEGMENT_HEADER_FIXED + i * METABLOCK_SIZE;
         let sector = get_u64(seg, at);
         let (valid, flags) = (seg[at + 8], seg[at + 9]);
@@ -370,7 +398,7 @@ pub fn verify_segment(
             dirty: flags & MB_FLAG_DIRTY != 0,
         });
     }
-    Ok((h, blocks))
+    Ok(blocks)
 }
 
 #[cfg(test)]
@@ -439,8 +467,10 @@ mod tests {
         let r = SbRecord {
             seq: 5,
             last_writeback_id: 3,
+            last_writeback_epoch: 1,
             epoch: 2,
             cache_uuid: UUID,
+            flags: RECORD_FLAG_PMEM,
         };
         let b = r.encode();
         assert_eq!(SbRecord::parse(&b, &UUID).unwrap(), r);

@@ -25,6 +25,7 @@ pub mod error;
 pub mod format;
 pub mod geometry;
 pub mod io;
+pub mod pmem;
 pub mod stats;
 
 pub use cache::Engine;

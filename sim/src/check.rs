@@ -5,12 +5,16 @@ use std::collections::VecDeque;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use writeboost_engine::config::BufferMode;
 use writeboost_engine::config::TUNABLE_RANGES;
+use writeboost_engine::geometry::Geometry;
+use writeboost_engine::pmem::PoolLayout;
 use writeboost_engine::{BackingIdentity, OpenParams, ReqId, Tunables};
 
 use crate::content::{self, SECTOR, Version};
 use crate::device::SimDevice;
 use crate::harness::{Harness, Latency};
+use crate::pmem::SimPmem;
 
 /// Options of one simulation run.
 #[derive(Clone, Debug)]
@@ -26,6 +30,22 @@ pub struct SimOptions {
     pub verbose: bool,
     /// Tunables forced over the seed's random choice (name, value).
     pub force: Vec<(String, u64)>,
+    /// Which buffer modes the seed runs in.
+    pub mode: ModeChoice,
+}
+
+/// Buffer modes a simulation uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ModeChoice {
+    /// Mode 0 only (no pool).
+    Volatile,
+    /// Mode 1 only.
+    Pmem,
+    /// Mode 0 or 1 at random at every (re)start, with the pool always attached.
+    Mixed,
+    /// Each seed picks one of the above.
+    #[default]
+    Any,
 }
 
 /// What a run found.
@@ -117,6 +137,10 @@ struct Run {
     next_req: u64,
     next_write: u64,
     out: Outcome,
+    mode: ModeChoice,
+    /// The current incarnation runs in mode 1.
+    persistent: bool,
+    pool_len: u64,
 }
 
 /// Runs one seed: workload, crashes, recoveries, clean shutdown, checks.
@@ -159,8 +183,20 @@ pub fn run_seed(opts: &SimOptions) -> Outcome {
         backing_read: 200_000,
         backing_write: 200_000,
         backing_flush: 500_000,
+        pmem_persist_4k: 1_000,
         jitter: true,
     };
+    let mode = match opts.mode {
+        ModeChoice::Any => {
+            [ModeChoice::Volatile, ModeChoice::Pmem, ModeChoice::Mixed][rng.random_range(0..3)]
+        }
+        m => m,
+    };
+    let geo = Geometry::new(seg, cache_size, backing_size).expect("geometry");
+    let slot = PoolLayout::new(u64::MAX / 2, &geo)
+        .expect("layout")
+        .slot_size;
+    let pool_len = 4096 + slot * rng.random_range(2..=5);
     let nsec = backing_size / SECTOR as u64;
     let mut run = Run {
         opts: opts.clone(),
@@ -174,11 +210,20 @@ pub fn run_seed(opts: &SimOptions) -> Outcome {
         next_req: 1,
         next_write: 1,
         out: Outcome::default(),
+        mode,
+        persistent: false,
+        pool_len,
     };
     if opts.verbose {
         eprintln!(
-            "seed {}: segment {} cache {} backing {} buffers {} {:?}",
-            opts.seed, seg, cache_size, backing_size, run.params.nr_buffers, run.params.tunables
+            "seed {}: mode {:?} segment {} cache {} backing {} buffers {} {:?}",
+            opts.seed,
+            run.mode,
+            seg,
+            cache_size,
+            backing_size,
+            run.params.nr_buffers,
+            run.params.tunables
         );
     }
     run.go(cache_size, backing_size);
@@ -192,14 +237,30 @@ impl Run {
         }
     }
 
-    fn harness(&mut self, cache: SimDevice, backing: SimDevice) -> Option<Harness> {
-        let mut h = Harness::new(
-            self.params.clone(),
-            cache,
-            backing,
-            self.lat,
-            self.rng.random(),
-        );
+    fn harness(
+        &mut self,
+        cache: SimDevice,
+        backing: SimDevice,
+        pool: Option<SimPmem>,
+    ) -> Option<Harness> {
+        self.persistent = match self.mode {
+            ModeChoice::Pmem => true,
+            ModeChoice::Mixed => self.rng.random_bool(0.5),
+            _ => false,
+        };
+        let mut params = self.params.clone();
+        params.mode = if self.persistent {
+            BufferMode::Persistent
+        } else {
+            BufferMode::Volatile
+        };
+        let pool = match self.mode {
+            ModeChoice::Volatile => None,
+            _ => Some(pool.unwrap_or_else(|| SimPmem::new(self.pool_len))),
+        };
+        let mut h = Harness::with_pool(params, cache, backing, pool, self.lat, self.rng.random());
+        let persistent = self.persistent;
+        self.note(|| format!("(re)open in mode {}", persistent as u8));
         h.error_rate = self.opts.error_rate;
         if !h.wait_open() || h.opened.as_ref().is_some_and(|r| r.is_err()) {
             let why = format!("{:?}", h.opened);
@@ -211,8 +272,11 @@ impl Run {
     }
 
     fn go(&mut self, cache_size: u64, backing_size: u64) {
-        let Some(mut h) = self.harness(SimDevice::new(cache_size), SimDevice::new(backing_size))
-        else {
+        let Some(mut h) = self.harness(
+            SimDevice::new(cache_size),
+            SimDevice::new(backing_size),
+            None,
+        ) else {
             return;
         };
         let mut crash_at: Vec<u64> = (0..self.opts.crashes)
@@ -240,7 +304,13 @@ impl Run {
                 break;
             }
             if !h.step() {
-                self.note(|| format!("stuck with {} requests pending", self.pending.len()));
+                let status = format!("{:?} {}", h.engine.status(), h.engine.debug_state());
+                self.note(|| {
+                    format!(
+                        "stuck with {} requests pending: {status:?}",
+                        self.pending.len()
+                    )
+                });
                 self.out.stuck += 1;
                 return;
             }
@@ -260,14 +330,26 @@ impl Run {
                 return;
             }
         }
+        let pool = h
+            .pmem
+            .as_ref()
+            .map(|p| SimPmem::from_image(p.crash(&mut self.rng)));
+        let read_only = h.engine.is_read_only();
         let images = h.crash(&mut self.rng);
-        for s in &mut self.sectors {
-            s.durable = s.cur;
-            s.later.clear();
+        // After a cache-device failure nothing more could be made durable,
+        // so only durable writes are owed; otherwise every acknowledged one.
+        if !read_only {
+            for s in &mut self.sectors {
+                if s.cur != WILD {
+                    s.durable = s.cur;
+                    s.later.clear();
+                }
+            }
         }
         if let Some(mut h) = self.harness(
             SimDevice::from_image(images.0),
             SimDevice::from_image(images.1),
+            pool,
         ) {
             self.verify_all(&mut h);
         }
@@ -290,6 +372,7 @@ impl Run {
             let value = self.rng.random_range(0..=max.min(128));
             let _ = h.engine.set_options(&[(name, value)], h.now);
         }
+        h.drain();
         let roll = self.rng.random_range(0..100);
         let op = match roll {
             0..=54 => Op::Write {
@@ -397,6 +480,15 @@ impl Run {
     }
 
     fn collect(&mut self, h: &mut Harness) {
+        if let Err(e) = h.engine.check_invariants() {
+            self.out.corrupt_reads += 1;
+            if self.opts.verbose {
+                eprintln!(
+                    "seed {}: t={} engine invariant broken: {e}",
+                    self.opts.seed, h.now
+                );
+            }
+        }
         for (req, result) in std::mem::take(&mut h.done) {
             let p = self.pending.remove(&req).expect("known request");
             if let Some(t) = trace_sector()
@@ -404,11 +496,15 @@ impl Run {
                 && (p.first..p.first + p.count).contains(&t)
             {
                 let desc = h.engine.describe_block(t / 8);
+                let st = h.engine.status();
                 eprintln!(
-                    "t={} done req {} {:?} {result:?} | after: {desc}",
+                    "t={} done req {} {:?} {result:?} | after: {desc} | durable {} wb {} recorded {}",
                     h.now,
                     req.0,
-                    op_name(p.op)
+                    op_name(p.op),
+                    st.last_flushed_id,
+                    st.last_writeback_id,
+                    st.recorded_writeback_id
                 );
             }
             let buf = h.user.remove(&req);
@@ -424,7 +520,12 @@ impl Run {
             }
             match p.op {
                 Op::Write { fua } => self.acked_write(p.write_id, p.first, p.count, fua),
-                Op::Zeroes => self.acked_write_as(p.write_id, ZERO | p.write_id, p.first, p.count),
+                Op::Zeroes => {
+                    self.acked_write_as(p.write_id, ZERO | p.write_id, p.first, p.count);
+                    if self.persistent {
+                        self.make_durable(ZERO | p.write_id, p.first, p.count);
+                    }
+                }
                 Op::Read => self.check_read(p.first, &buf.expect("read buffer")),
                 Op::Flush => {
                     let Some(pos) = self.flushes.iter().position(|(r, _)| *r == req) else {
@@ -443,7 +544,8 @@ impl Run {
 
     fn acked_write(&mut self, id: u64, first: u64, count: u64, fua: bool) {
         self.acked_write_as(id, id, first, count);
-        if fua {
+        // In mode 1 every acknowledged write is durable.
+        if fua || self.persistent {
             self.make_durable(id, first, count);
         }
     }
@@ -494,6 +596,10 @@ impl Run {
         self.out.crashes += 1;
         self.out.partial_logs += h.engine.stats().nr_partial_flushed;
         self.out.logs += h.engine.stats().nr_logs;
+        let pool = h
+            .pmem
+            .as_ref()
+            .map(|p| SimPmem::from_image(p.crash(&mut self.rng)));
         let images = h.crash(&mut self.rng);
         self.pending.clear();
         self.acked_unflushed.clear();
@@ -501,6 +607,7 @@ impl Run {
         let mut h = self.harness(
             SimDevice::from_image(images.0),
             SimDevice::from_image(images.1),
+            pool,
         )?;
         self.verify_all(&mut h);
         Some(h)
@@ -577,8 +684,11 @@ impl Run {
                     }
                     if self.opts.verbose {
                         eprintln!(
-                            "seed {}: sector {lba} read version {v}, durable {} later {:?}",
-                            self.opts.seed, st.durable, st.later
+                            "seed {}: sector {lba} read version {v}, durable {} later {:?} ({})",
+                            self.opts.seed,
+                            st.durable,
+                            st.later,
+                            h.engine.describe_block(lba / 8)
                         );
                     }
                 }

@@ -11,6 +11,7 @@ use writeboost_engine::{
 };
 
 use crate::device::SimDevice;
+use crate::pmem::SimPmem;
 
 /// Command latencies in nanoseconds.
 #[derive(Clone, Copy, Debug, Default)]
@@ -21,6 +22,8 @@ pub struct Latency {
     pub backing_read: Nanos,
     pub backing_write: Nanos,
     pub backing_flush: Nanos,
+    /// A pmem persist of 4 KiB (smaller ones cost proportionally, at least 1/16).
+    pub pmem_persist_4k: Nanos,
     /// Each latency is drawn uniformly from [l/2, 3l/2] when set.
     pub jitter: bool,
 }
@@ -36,6 +39,8 @@ pub struct Harness {
     pub engine: Engine<HeapAlloc>,
     pub cache: SimDevice,
     pub backing: SimDevice,
+    /// The pmem pool the engine uses, if any (shared with the engine).
+    pub pmem: Option<SimPmem>,
     pub now: Nanos,
     queue: BinaryHeap<Reverse<(Nanos, u64, Token)>>,
     inflight: BTreeMap<Token, InFlight>,
@@ -64,11 +69,31 @@ impl Harness {
         lat: Latency,
         seed: u64,
     ) -> Self {
-        let engine = Engine::open(params, HeapAlloc, 0).expect("valid parameters");
+        Self::with_pool(params, cache, backing, None, lat, seed)
+    }
+
+    /// An engine with a pmem pool (mode from `params.mode`).
+    pub fn with_pool(
+        params: OpenParams,
+        cache: SimDevice,
+        backing: SimDevice,
+        pmem: Option<SimPmem>,
+        lat: Latency,
+        seed: u64,
+    ) -> Self {
+        let engine = match &pmem {
+            Some(p) => {
+                p.set_persist_cost(lat.pmem_persist_4k);
+                Engine::open_with_pool(params, HeapAlloc, Box::new(p.clone()), 0)
+            }
+            None => Engine::open(params, HeapAlloc, 0),
+        }
+        .expect("valid parameters");
         let mut h = Self {
             engine,
             cache,
             backing,
+            pmem,
             now: 0,
             queue: BinaryHeap::new(),
             inflight: BTreeMap::new(),
@@ -99,6 +124,10 @@ impl Harness {
 
     /// Starts every command the engine emitted and delivers its events.
     pub fn drain(&mut self) {
+        // Persisting to pmem takes the engine's thread this long.
+        if let Some(p) = &self.pmem {
+            self.now += p.take_elapsed();
+        }
         while let Some(cmd) = self.engine.poll_command() {
             self.start(cmd);
         }

@@ -6,3 +6,4 @@ pub mod check;
 pub mod content;
 pub mod device;
 pub mod harness;
+pub mod pmem;

@@ -3,6 +3,7 @@
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use writeboost_engine::config::BufferMode;
 use writeboost_engine::format::{FORMAT_VERSION, Superblock};
 use writeboost_engine::geometry::Geometry;
 use writeboost_engine::{
@@ -11,6 +12,7 @@ use writeboost_engine::{
 };
 use writeboost_sim::device::SimDevice;
 use writeboost_sim::harness::{Harness, Latency};
+use writeboost_sim::pmem::SimPmem;
 
 const MIB: u64 = 1 << 20;
 const BACKING: u64 = 64 * MIB;
@@ -37,6 +39,7 @@ fn lat() -> Latency {
         backing_read: 100_000,
         backing_write: 100_000,
         backing_flush: 200_000,
+        pmem_persist_4k: 1_000,
         jitter: false,
     }
 }
@@ -486,4 +489,177 @@ fn losing_both_superblock_records_is_refused_without_writing() {
     assert_eq!(h2.opened, Some(Err(OpenError::NoRecord)));
     assert_eq!(h2.cache.image(), &c[..]);
     assert!(OpenError::NoRecord.to_string().contains("format=true"));
+}
+
+fn pool_params(cache: u64) -> OpenParams {
+    let mut p = params(cache);
+    p.mode = BufferMode::Persistent;
+    p
+}
+
+/// A pool with room for `slots` slots of 128 KiB segments.
+fn pool(slots: u64) -> SimPmem {
+    let geo = Geometry::new(128 << 10, 8 * MIB, BACKING).unwrap();
+    let slot = writeboost_engine::pmem::PoolLayout::new(u64::MAX / 2, &geo)
+        .unwrap()
+        .slot_size;
+    SimPmem::new(4096 + slots * slot)
+}
+
+fn open_pool(p: OpenParams, cache: SimDevice, backing: SimDevice, pm: Option<SimPmem>) -> Harness {
+    let mut h = Harness::with_pool(p, cache, backing, pm, lat(), 7);
+    assert!(h.wait_open());
+    h
+}
+
+#[test]
+fn mode_1_needs_a_pool_and_refuses_foreign_or_tiny_ones() {
+    assert!(matches!(
+        Engine::open(pool_params(8 * MIB), HeapAlloc, 0),
+        Err(ConfigError::PoolRequired)
+    ));
+    let h = open_pool(
+        pool_params(8 * MIB),
+        SimDevice::new(8 * MIB),
+        SimDevice::new(BACKING),
+        Some(SimPmem::new(64 << 10)),
+    );
+    assert!(
+        matches!(
+            h.opened,
+            Some(Err(OpenError::Pool(FormatError::PoolTooSmall { .. })))
+        ),
+        "{:?}",
+        h.opened
+    );
+    // A pool formatted for one cache is refused by another, untouched.
+    let pm = pool(3);
+    let mut h = open_pool(
+        pool_params(8 * MIB),
+        SimDevice::new(8 * MIB),
+        SimDevice::new(BACKING),
+        Some(pm.clone()),
+    );
+    assert_eq!(h.opened, Some(Ok(())));
+    h.write(1, 0, &pattern(1, 4096), false).unwrap();
+    let image = pm.crash(&mut ChaCha8Rng::seed_from_u64(1));
+    let mut other = pool_params(8 * MIB);
+    other.new_cache_uuid = [6; 16];
+    let h2 = open_pool(
+        other,
+        SimDevice::new(8 * MIB),
+        SimDevice::new(BACKING),
+        Some(SimPmem::from_image(image.clone())),
+    );
+    assert_eq!(h2.opened, Some(Err(OpenError::PoolMismatch)));
+    assert_eq!(
+        h2.pmem.unwrap().crash(&mut ChaCha8Rng::seed_from_u64(1)),
+        image
+    );
+}
+
+#[test]
+fn mode_1_acknowledges_fua_from_pmem_without_partial_logs() {
+    let pm = pool(3);
+    let mut h = open_pool(
+        pool_params(8 * MIB),
+        SimDevice::new(8 * MIB),
+        SimDevice::new(BACKING),
+        Some(pm),
+    );
+    h.engine.clear_stats();
+    for i in 0..40u64 {
+        let t0 = h.now;
+        h.write(10 + i, i * 4096, &pattern(i as u8, 4096), true)
+            .unwrap();
+        // Far below one cache-device write plus flush (70 µs here).
+        assert!(h.now - t0 < 20_000, "FUA write took {} ns", h.now - t0);
+    }
+    h.flush(100).unwrap();
+    let s = h.engine.stats().clone();
+    assert_eq!(s.nr_partial_flushed, 0);
+    assert_eq!(
+        s.cache_write_cmds, 1,
+        "one full log of 31 blocks, the rest still in pmem"
+    );
+    // Power loss: everything acknowledged comes back from the pool.
+    let pimg = h
+        .pmem
+        .as_ref()
+        .unwrap()
+        .crash(&mut ChaCha8Rng::seed_from_u64(2));
+    let (c, b) = h.crash(&mut ChaCha8Rng::seed_from_u64(2));
+    let mut h2 = open_pool(
+        pool_params(8 * MIB),
+        SimDevice::from_image(c),
+        SimDevice::from_image(b),
+        Some(SimPmem::from_image(pimg)),
+    );
+    assert_eq!(h2.opened, Some(Ok(())));
+    for i in 0..40u64 {
+        assert_eq!(
+            h2.read(200 + i, i * 4096, 4096).unwrap(),
+            pattern(i as u8, 4096),
+            "block {i}"
+        );
+    }
+}
+
+#[test]
+fn leaving_mode_1_needs_the_pool_and_drains_it() {
+    let pm = pool(3);
+    let mut h = open_pool(
+        pool_params(8 * MIB),
+        SimDevice::new(8 * MIB),
+        SimDevice::new(BACKING),
+        Some(pm),
+    );
+    for i in 0..5u64 {
+        h.write(10 + i, i * 4096, &pattern(i as u8, 4096), false)
+            .unwrap();
+    }
+    // Clean shutdown in mode 1 leaves the partial buffer in pmem.
+    h.engine.shutdown(h.now);
+    h.drain();
+    while !h.shut_down {
+        assert!(h.step());
+    }
+    assert_eq!(h.engine.stats().nr_partial_flushed, 0);
+    let pimg = h
+        .pmem
+        .as_ref()
+        .unwrap()
+        .crash(&mut ChaCha8Rng::seed_from_u64(3));
+    let (c, b) = (h.cache.image().to_vec(), h.backing.image().to_vec());
+    // Mode 0 without the pool would lose those writes: refused, untouched.
+    let h0 = open_pool(
+        params(8 * MIB),
+        SimDevice::from_image(c.clone()),
+        SimDevice::from_image(b.clone()),
+        None,
+    );
+    assert_eq!(h0.opened, Some(Err(OpenError::PoolRequired)));
+    assert_eq!(h0.cache.image(), &c[..]);
+    // Mode 0 with the pool drains it to the cache device.
+    let mut h1 = open_pool(
+        params(8 * MIB),
+        SimDevice::from_image(c),
+        SimDevice::from_image(b),
+        Some(SimPmem::from_image(pimg)),
+    );
+    assert_eq!(h1.opened, Some(Ok(())));
+    assert!(!h1.engine.is_persistent());
+    for i in 0..5u64 {
+        assert_eq!(
+            h1.read(100 + i, i * 4096, 4096).unwrap(),
+            pattern(i as u8, 4096)
+        );
+    }
+    h1.settle(1_000_000_000);
+    let h2 = restart(h1, params(8 * MIB));
+    assert_eq!(
+        h2.opened,
+        Some(Ok(())),
+        "drained: the pool is no longer needed"
+    );
 }

@@ -15,6 +15,7 @@ fn run(seeds: std::ops::Range<u64>, error_rate: f64) -> (Outcome, Vec<u64>) {
             error_rate,
             verbose: false,
             force: Vec::new(),
+            mode: Default::default(),
         });
         if !o.clean() {
             bad.push(seed);

@@ -93,7 +93,7 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     /// Writes the header and issues the log write.
-    fn seal_log(&mut self, o: OpenLog) {
+    pub(super) fn seal_log(&mut self, o: OpenLog) {
         let n = o.slots.len();
         let hl = self.geo.header_len();
         let mbs: Vec<Metablock> = o
@@ -146,14 +146,33 @@ impl<A: BufAlloc> Engine<A> {
         if let Some(st) = self.unflushed.get_mut(&id) {
             *st = LogState::Written;
         }
+        if self.persistent {
+            // The pmem slot is the only durable copy until the log is.
+            return;
+        }
         // Reads go to the device from now on; the buffer takes new writes.
         // (No CopyToUser event can name it: copies are emitted only by calls
         // that do not complete log writes, and the host drains events between calls.)
+        self.release_log_buf(id);
+    }
+
+    /// Returns log `id`'s buffer (and in mode 1 its pmem slot) for reuse.
+    fn release_log_buf(&mut self, id: u64) {
         let seg = self.seg_mut(id);
-        if seg.id == id
-            && let Some(b) = seg.buf.take()
-        {
+        if seg.id != id {
+            return;
+        }
+        let Some(b) = seg.buf.take() else { return };
+        // Buffers taken only to recover pmem slots go back to the allocator.
+        let pooled = if self.persistent {
+            self.slot_bufs.contains(&b)
+        } else {
+            self.free_log_bufs.len() < self.params.nr_buffers as usize
+        };
+        if pooled {
             self.free_log_bufs.push(b);
+        } else {
+            self.release_buf(b);
         }
     }
 
@@ -212,7 +231,21 @@ impl<A: BufAlloc> Engine<A> {
         for o in &self.sealing {
             lowest = lowest.min(o.id);
         }
+        let before = self.durable_id;
         self.durable_id = self.durable_id.max(lowest - 1);
+        if self.persistent {
+            // A pool slot is the only safe copy until recovery would replay
+            // its log, that is until every earlier log is durable too.
+            for id in before + 1..=self.durable_id {
+                self.release_log_buf(id);
+            }
+        }
+        if self.pmem_drain_until > 0 && !self.persistent && self.durable_id >= self.pmem_drain_until
+        {
+            // The drained pool holds nothing the cache device lacks: say so.
+            self.pmem_drain_until = 0;
+            self.record_wanted = true;
+        }
         let later = self.durability_waiters.split_off(&(self.durable_id + 1));
         let ready = std::mem::replace(&mut self.durability_waiters, later);
         for (_, reqs) in ready {
@@ -262,6 +295,12 @@ impl<A: BufAlloc> Engine<A> {
             });
         }
         self.release_buf(fbuf);
+        if self.persistent {
+            self.publish(id, slot);
+            for req in self.fill_waiters.remove(&(id, slot)).unwrap_or_default() {
+                self.part_done(req, Ok(()));
+            }
+        }
         if !ok {
             self.fail_cache();
         }
@@ -288,15 +327,20 @@ impl<A: BufAlloc> Engine<A> {
         let urgent = self
             .next_position_blocked_on()
             .is_some_and(|occ| occ <= self.last_wb);
+        // At shutdown the record goes last (in mode 1 a partial buffer stays open in pmem).
         let at_shutdown = self.phase == Phase::ShuttingDown
             && self.wb.is_none()
-            && self.open.is_none()
-            && self.sealing.is_empty();
+            && (self.open.is_none() || self.persistent)
+            && self.sealing.is_empty()
+            && self.unflushed.is_empty();
         let wanted = self.record_wanted && (self.phase == Phase::Running || at_shutdown);
         if !urgent && !wanted {
             return;
         }
-        if !urgent && self.phase == Phase::Running && self.last_wb == self.record.last_writeback_id
+        if !urgent
+            && self.phase == Phase::Running
+            && self.last_wb == self.record.last_writeback_id
+            && self.record.flags == self.record_flags()
         {
             self.record_wanted = false;
             return;
@@ -305,8 +349,10 @@ impl<A: BufAlloc> Engine<A> {
         let rec = SbRecord {
             seq: self.record.seq + 1,
             last_writeback_id: self.last_wb,
+            last_writeback_epoch: self.last_wb_epoch,
             epoch: self.epoch,
             cache_uuid: self.record.cache_uuid,
+            flags: self.record_flags(),
         };
         self.write_record(rec, Purpose::RecordWrite);
         self.record_state = RecordState::Writing(rec);

@@ -21,13 +21,14 @@ use std::collections::{BTreeMap, VecDeque};
 
 use rustc_hash::FxHashMap;
 
-use crate::config::{OpenParams, Tunables};
+use crate::config::{BufferMode, OpenParams, Tunables};
 use crate::error::{ConfigError, DeviceError, IoError, SubmitError};
-use crate::format::{SbRecord, Superblock};
+use crate::format::{RECORD_FLAG_PMEM, SbRecord, Superblock};
 use crate::geometry::{BLOCK_SIZE, Geometry, SECTOR_SIZE};
 use crate::io::{
     BufAlloc, BufId, Command, CommandKind, DataRef, Device, Event, Nanos, ReqId, Token,
 };
+use crate::pmem::{Pmem, PoolLayout};
 use crate::stats::{Stats, Status};
 
 use self::commit::{CacheFlush, RecordState};
@@ -69,6 +70,8 @@ struct SegMeta {
     readers: u32,
     /// Slots whose index entry is dirty and points here.
     live_dirty: u32,
+    /// Epoch the log was (or will be) written with.
+    epoch: u64,
 }
 
 /// A slot of the open log.
@@ -93,6 +96,8 @@ struct OpenLog {
     has_dirty: bool,
     seal_requested: bool,
     opened_at: Nanos,
+    /// The pmem slot mirroring this buffer (mode 1).
+    pslot: Option<u32>,
 }
 
 /// A user request that is not complete yet.
@@ -220,6 +225,8 @@ pub struct Engine<A: BufAlloc> {
     stalled: VecDeque<StalledWrite>,
 
     last_wb: u64,
+    /// Epoch of log `last_wb`.
+    last_wb_epoch: u64,
     record: SbRecord,
     record_state: RecordState,
     record_buf: Option<BufId>,
@@ -241,6 +248,23 @@ pub struct Engine<A: BufAlloc> {
     /// Reads waiting for a fill to land.
     deferred_reads: Vec<(ReqId, u64, u64)>,
 
+    /// The pmem pool, when one is attached.
+    pmem: Option<Box<dyn Pmem>>,
+    pool: Option<PoolLayout>,
+    /// Mode 1: writes are acknowledged once persisted in the pool.
+    persistent: bool,
+    /// RAM buffer of each pool slot (index = slot).
+    slot_bufs: Vec<BufId>,
+    /// Logs recovered from the pool, written to the cache device once ready.
+    recovered: Vec<OpenLog>,
+    /// The record keeps the pmem flag until logs up to this id are durable
+    /// (draining a pool when switching to mode 0).
+    pmem_drain_until: u64,
+    /// Mode 1 writes waiting for a fill before their block can be published.
+    fill_waiters: FxHashMap<(u64, u32), Vec<ReqId>>,
+    /// Fills the placement in progress started (mode 1).
+    new_fills: Vec<(u64, u32)>,
+
     stats: Stats,
 }
 
@@ -249,7 +273,32 @@ impl<A: BufAlloc> Engine<A> {
     /// reports [`Event::Ready`] or [`Event::OpenFailed`]. Parameters are
     /// checked here, before any I/O.
     pub fn open(params: OpenParams, alloc: A, now: Nanos) -> Result<Self, ConfigError> {
+        if params.mode == BufferMode::Persistent {
+            return Err(ConfigError::PoolRequired);
+        }
+        Self::open_inner(params, alloc, None, now)
+    }
+
+    /// Like [`Engine::open`], with a pmem pool. In mode 1 the pool is the
+    /// write buffer; in mode 0 whatever it still holds is recovered and
+    /// written to the cache device, after which it is no longer used.
+    pub fn open_with_pool(
+        params: OpenParams,
+        alloc: A,
+        pool: Box<dyn Pmem>,
+        now: Nanos,
+    ) -> Result<Self, ConfigError> {
+        Self::open_inner(params, alloc, Some(pool), now)
+    }
+
+    fn open_inner(
+        params: OpenParams,
+        alloc: A,
+        pmem: Option<Box<dyn Pmem>>,
+        now: Nanos,
+    ) -> Result<Self, ConfigError> {
         params.validate()?;
+        let persistent = params.mode == BufferMode::Persistent;
         let tunables = params.tunables;
         let mut e = Self {
             alloc,
@@ -294,11 +343,14 @@ impl<A: BufAlloc> Engine<A> {
             barrier_deadline: None,
             stalled: VecDeque::new(),
             last_wb: 0,
+            last_wb_epoch: 0,
             record: SbRecord {
                 seq: 0,
                 last_writeback_id: 0,
+                last_writeback_epoch: 0,
                 epoch: 0,
                 cache_uuid: [0; 16],
+                flags: 0,
             },
             record_state: RecordState::Idle,
             record_buf: None,
@@ -314,6 +366,14 @@ impl<A: BufAlloc> Engine<A> {
             seq_next_block: u64::MAX,
             seq_run: 0,
             deferred_reads: Vec::new(),
+            pmem,
+            pool: None,
+            persistent,
+            slot_bufs: Vec::new(),
+            recovered: Vec::new(),
+            pmem_drain_until: 0,
+            fill_waiters: FxHashMap::default(),
+            new_fills: Vec::new(),
             stats: Stats::default(),
         };
         e.start();
@@ -356,7 +416,9 @@ impl<A: BufAlloc> Engine<A> {
         (self.tunables.sync_data_interval > 0
             && !o.slots.is_empty()
             && !o.seal_requested
-            && !self.read_only)
+            && !self.read_only
+            // In mode 1 the open buffer is persistent already.
+            && !self.persistent)
             .then(|| o.opened_at + self.tunables.sync_data_interval as u64 * 1_000_000_000)
     }
 
@@ -503,7 +565,10 @@ impl<A: BufAlloc> Engine<A> {
             Phase::Running => {
                 self.phase = Phase::ShuttingDown;
                 self.fail_stalled(IoError::ReadOnly);
-                self.request_seal();
+                // In mode 1 a partial buffer stays in pmem: no partial log.
+                if !self.persistent {
+                    self.request_seal();
+                }
                 self.record_wanted = true;
                 // Bypass writes were acknowledged before they were durable.
                 self.backing_flush_waiting
@@ -543,6 +608,79 @@ impl<A: BufAlloc> Engine<A> {
             epoch: self.epoch,
             cache_uuid: self.record.cache_uuid,
         }
+    }
+
+    /// Checks the engine's internal bookkeeping (for the simulator and tests):
+    /// the index, the per-segment metadata and the dirty counts agree.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        if self.phase != Phase::Running {
+            return Ok(());
+        }
+        let mut dirty = 0u64;
+        let mut live = vec![0u32; self.segs.len()];
+        for (&block, e) in &self.index {
+            let pos = self.geo.position(e.id) as usize;
+            let seg = &self.segs[pos];
+            if seg.id != e.id {
+                return Err(format!(
+                    "block {block}: log {} is not at its position (holds {})",
+                    e.id, seg.id
+                ));
+            }
+            if seg.blocks.get(e.slot as usize) != Some(&block) {
+                return Err(format!(
+                    "block {block}: slot {} of log {} holds {:?}",
+                    e.slot,
+                    e.id,
+                    seg.blocks.get(e.slot as usize)
+                ));
+            }
+            if e.dirty & !e.valid != 0 {
+                return Err(format!("block {block}: dirty sectors not valid"));
+            }
+            if e.dirty != 0 {
+                dirty += 1;
+                live[pos] += 1;
+            }
+        }
+        if dirty != self.nr_dirty {
+            return Err(format!(
+                "nr_dirty {} but {dirty} dirty entries",
+                self.nr_dirty
+            ));
+        }
+        for (pos, seg) in self.segs.iter().enumerate() {
+            if seg.live_dirty != live[pos] {
+                return Err(format!(
+                    "log {} live_dirty {} but {} dirty entries",
+                    seg.id, seg.live_dirty, live[pos]
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Internal queues, for diagnosing a stalled engine.
+    pub fn debug_state(&self) -> String {
+        format!(
+            "sealing {:?} unflushed {:?} waiters {:?} deferred_reads {:?} reqs {:?} stalled {} record {:?} backing_flush {:?}/{} inflight {}",
+            self.sealing
+                .iter()
+                .map(|o| (o.id, o.fills_pending, o.slots.len()))
+                .collect::<Vec<_>>(),
+            self.unflushed,
+            self.durability_waiters,
+            self.deferred_reads,
+            self.reqs
+                .iter()
+                .map(|(r, u)| (r.0, u.parts, u.wait_log, u.needs_backing_flush))
+                .collect::<Vec<_>>(),
+            self.stalled.len(),
+            self.record_state,
+            self.backing_flush_inflight.as_ref().map(|f| f.0.len()),
+            self.backing_flush_waiting.len(),
+            self.inflight.len(),
+        )
     }
 
     /// Where the cache holds `block` (for diagnostics).
@@ -795,6 +933,20 @@ impl<A: BufAlloc> Engine<A> {
         }
     }
 
+    /// Flags for the next superblock record.
+    fn record_flags(&self) -> u32 {
+        if self.persistent || self.durable_id < self.pmem_drain_until {
+            RECORD_FLAG_PMEM
+        } else {
+            0
+        }
+    }
+
+    /// Whether the engine runs in mode 1.
+    pub fn is_persistent(&self) -> bool {
+        self.persistent
+    }
+
     fn check_shutdown_done(&mut self) {
         if self.phase != Phase::ShuttingDown {
             return;
@@ -808,7 +960,8 @@ impl<A: BufAlloc> Engine<A> {
             }
             return;
         }
-        if self.open.is_some()
+        if (self.open.is_some() && !self.persistent)
+            || !self.sealing.is_empty()
             || !self.unflushed.is_empty()
             || self.cache_flush.busy()
             || self.wb.is_some()

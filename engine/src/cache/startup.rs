@@ -6,13 +6,15 @@
 
 use std::collections::BTreeMap;
 
-use super::{Engine, Entry, Phase, Purpose, SegMeta};
+use super::{Engine, Entry, OpenLog, Phase, Purpose, SegMeta, Slot};
 use crate::error::{FormatError, OpenError};
 use crate::format::{
     BackingIdentity, META_AREA_LEN, RECORD_OFFSETS, SbRecord, Superblock, verify_segment,
 };
+use crate::format::{Metablock, RECORD_FLAG_PMEM};
 use crate::geometry::{BLOCK_SIZE, Geometry};
 use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Event};
+use crate::pmem::{ENTRY_SIZE, Pmem, PoolHeader, PoolLayout, parse_entry, parse_slot_header};
 
 /// Logs read ahead during replay.
 const REPLAY_QD: u64 = 4;
@@ -169,9 +171,12 @@ impl<A: BufAlloc> Engine<A> {
         self.install_geometry(sb);
         self.record = record;
         self.last_wb = record.last_writeback_id;
+        self.last_wb_epoch = record.last_writeback_epoch;
         let st = self.st();
         st.next_issue = record.last_writeback_id + 1;
         st.next_apply = record.last_writeback_id + 1;
+        // The first log replayed must not be older than the last one written back.
+        st.prev_epoch = record.last_writeback_epoch;
         self.issue_replay_reads();
     }
 
@@ -198,8 +203,14 @@ impl<A: BufAlloc> Engine<A> {
         let record = SbRecord {
             seq: 1,
             last_writeback_id: 0,
+            last_writeback_epoch: 0,
             epoch: 1,
             cache_uuid: p.new_cache_uuid,
+            flags: if p.mode == crate::config::BufferMode::Persistent {
+                crate::format::RECORD_FLAG_PMEM
+            } else {
+                0
+            },
         };
         let buf = self.alloc_buf(META_AREA_LEN);
         {
@@ -210,6 +221,9 @@ impl<A: BufAlloc> Engine<A> {
         }
         self.install_geometry(sb);
         self.record = record;
+        if let Err(e) = self.pmem_attach(true) {
+            return self.fail_open(e);
+        }
         self.epoch = record.epoch;
         self.next_id = 1;
         self.durable_id = 0;
@@ -281,7 +295,7 @@ impl<A: BufAlloc> Engine<A> {
                 Ok((h, mbs)) if h.id == id && h.epoch >= prev_epoch && h.epoch <= max_epoch => {
                     st.prev_epoch = h.epoch;
                     st.next_apply += 1;
-                    self.replay_log(id, &mbs);
+                    self.replay_log(id, h.epoch, &mbs);
                 }
                 _ => st.stop = true,
             }
@@ -289,10 +303,11 @@ impl<A: BufAlloc> Engine<A> {
         self.issue_replay_reads();
     }
 
-    fn replay_log(&mut self, id: u64, mbs: &[crate::format::Metablock]) {
+    fn replay_log(&mut self, id: u64, epoch: u64, mbs: &[crate::format::Metablock]) {
         let pos = self.geo.position(id) as usize;
         self.segs[pos] = SegMeta {
             id,
+            epoch,
             blocks: mbs.iter().map(|m| m.block).collect(),
             ..SegMeta::default()
         };
@@ -335,14 +350,19 @@ impl<A: BufAlloc> Engine<A> {
         }
         self.next_id = next;
         self.durable_id = next - 1;
+        if let Err(e) = self.pmem_attach(false) {
+            return self.fail_open(e);
+        }
         // A new incarnation: logs written from now on carry a higher epoch, so
         // stale logs after the chain end can never be mistaken for its continuation.
         self.epoch = self.record.epoch + 1;
         let rec = SbRecord {
             seq: self.record.seq + 1,
             last_writeback_id: self.last_wb,
+            last_writeback_epoch: self.last_wb_epoch,
             epoch: self.epoch,
             cache_uuid: self.record.cache_uuid,
+            flags: self.record_flags(),
         };
         self.st().record = Some(rec);
         self.write_record(rec, Purpose::Startup(StartIo::RecordWrite));
@@ -355,13 +375,181 @@ impl<A: BufAlloc> Engine<A> {
         if let Some(rec) = self.startup.take().and_then(|st| st.record) {
             self.record = rec;
         }
-        let seg_len = self.geo.segment_size as usize;
-        for _ in 0..self.params.nr_buffers {
-            let b = self.alloc_buf(seg_len);
-            self.free_log_bufs.push(b);
+        if self.persistent {
+            let busy: Vec<BufId> = self.recovered.iter().map(|o| o.buf).collect();
+            self.free_log_bufs = self
+                .slot_bufs
+                .iter()
+                .copied()
+                .filter(|b| !busy.contains(b))
+                .collect();
+        } else {
+            let seg_len = self.geo.segment_size as usize;
+            for _ in 0..self.params.nr_buffers {
+                let b = self.alloc_buf(seg_len);
+                self.free_log_bufs.push(b);
+            }
         }
         self.last_record_at = self.now;
         self.phase = Phase::Running;
+        // What the pool held goes to the cache device as logs (ids continue
+        // right after the last durable log).
+        for o in std::mem::take(&mut self.recovered) {
+            self.seal_log(o);
+        }
         self.events.push_back(Event::Ready);
+    }
+
+    /// Checks the pmem pool against this cache and recovers its slots.
+    /// `formatted`: the cache was formatted now, so the pool is too.
+    fn pmem_attach(&mut self, formatted: bool) -> Result<(), OpenError> {
+        let Some(mut pm) = self.pmem.take() else {
+            if !formatted && self.record.flags & RECORD_FLAG_PMEM != 0 {
+                return Err(OpenError::PoolRequired);
+            }
+            return Ok(());
+        };
+        let result = self.pmem_attach_with(pm.as_mut(), formatted);
+        self.pmem = Some(pm);
+        result
+    }
+
+    fn pmem_attach_with(&mut self, pm: &mut dyn Pmem, formatted: bool) -> Result<(), OpenError> {
+        let layout = PoolLayout::new(pm.len(), &self.geo).map_err(OpenError::Pool)?;
+        let mut hdr = [0u8; 64];
+        pm.read(0, &mut hdr);
+        let want = PoolHeader {
+            cache_uuid: self.record.cache_uuid,
+            segment_size: self.geo.segment_size,
+            data_blocks: self.geo.data_blocks,
+            nr_slots: layout.nr_slots,
+        };
+        let had_pmem = self.record.flags & RECORD_FLAG_PMEM != 0;
+        let reformat = match PoolHeader::parse(&hdr).map_err(OpenError::Pool)? {
+            // Only an explicit format request may take over a used pool.
+            _ if formatted && self.params.format => true,
+            None if formatted => true,
+            // An empty pool is fine unless this cache's writes may be in one.
+            None if had_pmem => return Err(OpenError::PoolMismatch),
+            None => true,
+            Some(h) if h == want => false,
+            Some(_) => return Err(OpenError::PoolMismatch),
+        };
+        if reformat {
+            // Slot headers first, so no slot of an earlier use can pass for
+            // one of this cache once the header names it.
+            for i in 0..layout.nr_slots {
+                pm.write(layout.slot(i), &[0u8; 24]);
+                pm.persist(layout.slot(i), 24);
+            }
+            pm.write(0, &want.encode());
+            pm.persist(0, 64);
+        }
+        self.pool = Some(layout);
+        let seg_len = self.geo.segment_size as usize;
+        if self.persistent {
+            for _ in 0..layout.nr_slots.min(self.params.nr_buffers) {
+                let b = self.alloc_buf(seg_len);
+                self.slot_bufs.push(b);
+            }
+        }
+        self.recover_slots(pm, &layout);
+        Ok(())
+    }
+
+    /// Turns the pool slots holding logs newer than the last durable one
+    /// into logs again, with every committed block, in id order.
+    fn recover_slots(&mut self, pm: &mut dyn Pmem, layout: &PoolLayout) {
+        let durable = self.next_id - 1;
+        let mut found = Vec::new();
+        for i in 0..layout.nr_slots {
+            let mut h = [0u8; 24];
+            pm.read(layout.slot(i), &mut h);
+            if let Some((id, epoch)) = parse_slot_header(&h)
+                && id > durable
+            {
+                found.push((id, std::cmp::Reverse(epoch), i));
+            }
+        }
+        // An id can appear twice: a slot left empty by a crash keeps its
+        // header, and the next incarnation reuses the id in another slot.
+        // The newest epoch is the real one.
+        found.sort_unstable();
+        let mut stale = Vec::new();
+        let (hl, seg_len) = (self.geo.header_len(), self.geo.segment_size as usize);
+        let mut data = vec![0u8; BLOCK_SIZE as usize];
+        let mut done = false;
+        for (id, _, i) in found {
+            // Logs are opened in id order with their slot header persisted
+            // first, so only a run continuing the durable logs is genuine.
+            if done || id != self.next_id {
+                stale.push(i);
+                continue;
+            }
+            let buf = match self.slot_bufs.get(i as usize) {
+                Some(&b) => b,
+                None => self.alloc_buf(seg_len),
+            };
+            let mut slots = Vec::new();
+            let mut raw = [0u8; ENTRY_SIZE as usize];
+            for s in 0..layout.data_blocks {
+                pm.read(layout.entry(i, s), &mut raw);
+                if raw[24..] == [0u8; 8] {
+                    continue;
+                }
+                pm.read(layout.data(i, s), &mut data);
+                if let Some(e) = parse_entry(&raw, id, &data, &self.geo) {
+                    let at = hl + slots.len() * BLOCK_SIZE as usize;
+                    self.buf_mut(buf)[at..at + BLOCK_SIZE as usize].copy_from_slice(&data);
+                    slots.push(Slot {
+                        block: e.block,
+                        valid: e.valid,
+                        dirty: true,
+                        fill: 0,
+                    });
+                }
+            }
+            if slots.is_empty() {
+                // The open buffer, with nothing acknowledged in it yet.
+                if !self.slot_bufs.contains(&buf) {
+                    self.release_buf(buf);
+                }
+                stale.push(i);
+                done = true;
+                continue;
+            }
+            let mbs: Vec<Metablock> = slots
+                .iter()
+                .map(|s| Metablock {
+                    block: s.block,
+                    valid: s.valid,
+                    dirty: true,
+                })
+                .collect();
+            // Written again as a log of the new incarnation.
+            self.replay_log(id, self.record.epoch + 1, &mbs);
+            self.seg_mut(id).buf = Some(buf);
+            self.recovered.push(OpenLog {
+                id,
+                buf,
+                slots,
+                fills_pending: 0,
+                has_dirty: true,
+                seal_requested: true,
+                opened_at: self.now,
+                pslot: Some(i),
+            });
+            self.next_id = id + 1;
+        }
+        // Slots not recovered hold nothing acknowledged (a later slot cannot
+        // hold acknowledged data without every earlier one). Clear them, so a
+        // later recovery can never take them for a continuation of new logs.
+        for i in stale {
+            pm.write(layout.slot(i), &[0u8; 24]);
+            pm.persist(layout.slot(i), 24);
+        }
+        if !self.recovered.is_empty() {
+            self.pmem_drain_until = self.next_id - 1;
+        }
     }
 }

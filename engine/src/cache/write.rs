@@ -106,7 +106,12 @@ impl<A: BufAlloc> Engine<A> {
             self.complete_now(req, Err(IoError::ReadOnly));
             return Ok(());
         }
-        let wait_log = self.last_dirty_log();
+        // In mode 1 whatever was acknowledged is in pmem already.
+        let wait_log = if self.persistent {
+            0
+        } else {
+            self.last_dirty_log()
+        };
         let needs_backing_flush = self.backing_write_gen > self.backing_flushed_gen;
         let r = self.track(req);
         r.wait_log = wait_log;
@@ -135,14 +140,16 @@ impl<A: BufAlloc> Engine<A> {
             return;
         }
         let (placed, max_id) = self.place(offset, len, src, 0);
-        if placed == len && !fua {
+        // Mode 0: FUA waits for the log. Mode 1: every write is durable once
+        // its blocks are published in pmem, which may wait for fills.
+        let wait_log = if fua && !self.persistent { max_id } else { 0 };
+        if placed == len && wait_log == 0 && self.new_fills.is_empty() {
             self.complete_now(req, Ok(()));
             return;
         }
+        self.wait_for_fills(req);
         let r = self.track(req);
-        if fua {
-            r.wait_log = r.wait_log.max(max_id);
-        }
+        r.wait_log = r.wait_log.max(wait_log);
         if placed < len {
             r.parts += 1;
             let data = match src {
@@ -158,6 +165,14 @@ impl<A: BufAlloc> Engine<A> {
             });
         }
         self.try_finish(req);
+    }
+
+    /// Makes `req` wait for the fills its placement started (mode 1).
+    fn wait_for_fills(&mut self, req: ReqId) {
+        for f in std::mem::take(&mut self.new_fills) {
+            self.track(req).parts += 1;
+            self.fill_waiters.entry(f).or_default().push(req);
+        }
     }
 
     fn wants_bypass(&self, len: u64) -> bool {
@@ -196,9 +211,11 @@ impl<A: BufAlloc> Engine<A> {
         self.bypass_seq += 1;
         self.backing_bypass_inflight += 1;
         self.stats.bypass_write_bytes += len;
+        // In mode 1 every acknowledged write is durable, bypass writes too.
+        let durable = fua || self.persistent;
         let r = self.track(req);
         r.parts += 1;
-        r.needs_backing_flush = fua;
+        r.needs_backing_flush = durable;
         r.backing_load += 1;
         self.backing_load += 1;
         let kind = match src {
@@ -224,7 +241,9 @@ impl<A: BufAlloc> Engine<A> {
                 None => Src::Zeros,
             };
             let (placed, max_id) = self.place(s.offset, s.len, src, 0);
+            self.wait_for_fills(s.req);
             if s.fua
+                && !self.persistent
                 && let Some(r) = self.reqs.get_mut(&s.req)
             {
                 r.wait_log = r.wait_log.max(max_id);
@@ -274,9 +293,11 @@ impl<A: BufAlloc> Engine<A> {
         let full = mask == FULL_MASK;
         let hl = self.geo.header_len();
         let existing = self.index.get(&block).copied();
-        // A line already in the open buffer is updated in place.
+        // A line already in the open buffer is updated in place (mode 0;
+        // in mode 1 an in-place update could tear acknowledged data).
         if let (Some(e), Some(o)) = (existing, self.open.as_ref())
             && e.id == o.id
+            && !self.persistent
         {
             let (id, buf) = (o.id, o.buf);
             let at = hl + e.slot as usize * BLOCK_SIZE as usize;
@@ -366,6 +387,13 @@ impl<A: BufAlloc> Engine<A> {
                 logged_dirty: true,
             },
         );
+        if self.persistent {
+            if fill == 0 {
+                self.publish(id, s);
+            } else {
+                self.new_fills.push((id, s));
+            }
+        }
         if let Some(old) = fill_src {
             self.open.as_mut().expect("open log").fills_pending += 1;
             let fbuf = self.alloc_buf(BLOCK_SIZE as usize);
@@ -466,8 +494,24 @@ impl<A: BufAlloc> Engine<A> {
         }
         blocks.clear();
         blocks.reserve(self.geo.data_blocks as usize);
+        // Mode 1: the buffer's pool slot now holds this log; its header is
+        // persistent before any block is published into it.
+        let pslot = if self.persistent {
+            self.slot_bufs
+                .iter()
+                .position(|&b| b == buf)
+                .map(|i| i as u32)
+        } else {
+            None
+        };
+        if let (Some(i), Some(pool), Some(pm)) = (pslot, self.pool, self.pmem.as_mut()) {
+            let at = pool.slot(i);
+            pm.write(at, &crate::pmem::encode_slot_header(id, self.epoch));
+            pm.persist(at, crate::pmem::SLOT_HEADER);
+        }
         self.segs[pos] = SegMeta {
             id,
+            epoch: self.epoch,
             blocks,
             buf: Some(buf),
             readers: 0,
@@ -481,6 +525,43 @@ impl<A: BufAlloc> Engine<A> {
             has_dirty: false,
             seal_requested: false,
             opened_at: self.now,
+            pslot,
         });
+    }
+
+    /// Publishes slot `slot` of log `id` in its pmem slot: data, then the
+    /// entry, then the commit word, each persisted before the next.
+    pub(super) fn publish(&mut self, id: u64, slot: u32) {
+        let log = match &self.open {
+            Some(o) if o.id == id => o,
+            _ => match self.sealing.iter().find(|o| o.id == id) {
+                Some(o) => o,
+                None => return,
+            },
+        };
+        let (Some(i), Some(pool)) = (log.pslot, self.pool) else {
+            return;
+        };
+        let s = log.slots[slot as usize];
+        let at = self.geo.header_len() + slot as usize * BLOCK_SIZE as usize;
+        let data = &self.bufs[log.buf.0 as usize]
+            .as_ref()
+            .expect("log buffer")
+            .as_ref()[at..at + BLOCK_SIZE as usize];
+        let entry = crate::pmem::encode_entry(
+            &crate::pmem::SlotEntry {
+                block: s.block,
+                valid: s.valid,
+            },
+            crc32c::crc32c(data),
+        );
+        let pm = self.pmem.as_mut().expect("pmem pool");
+        let (d, e) = (pool.data(i, slot), pool.entry(i, slot));
+        pm.write(d, data);
+        pm.persist(d, BLOCK_SIZE);
+        pm.write(e, &entry);
+        pm.persist(e, entry.len() as u64);
+        pm.write(e + 24, &crate::pmem::commit_word(id, &entry).to_le_bytes());
+        pm.persist(e + 24, 8);
     }
 }

@@ -43,8 +43,26 @@ impl<A: BufAlloc> Engine<A> {
             if !(background || self.drop_caches || self.writeback_urgent()) {
                 return;
             }
-            let last =
+            let limit =
                 (self.last_wb + self.tunables.nr_max_batched_writeback as u64).min(self.durable_id);
+            // The batch stops before a log holding a block whose newest copy
+            // is not durable yet: if that copy were lost in a crash, this log
+            // would be the durable copy, so it must stay replayable.
+            let blocked = (self.last_wb + 1..=limit)
+                .find_map(|id| self.superseded_by_volatile(id).map(|b| (id, b)));
+            let last = blocked.map_or(limit, |(id, _)| id - 1);
+            if let Some((_, blocker)) = blocked
+                && last == self.last_wb
+                && self.open.as_ref().is_some_and(|o| o.id == blocker)
+            {
+                // Make the blocking buffer durable (mode 0); in mode 1 the
+                // block is waiting for a fill and will be published.
+                self.request_seal();
+                self.seal_if_due();
+            }
+            if last == self.last_wb {
+                return;
+            }
             let mut batch = WbBatch {
                 last,
                 bufs: Vec::new(),
@@ -53,9 +71,26 @@ impl<A: BufAlloc> Engine<A> {
                 failed: false,
                 written: Vec::new(),
             };
+            // The copies to write are fixed now: each block's newest copy, if
+            // it lies in the batch. A write arriving during the batch may
+            // supersede one with a copy that is not durable yet; the batch's
+            // copy is then the durable one and must still reach the backing device.
             for id in self.last_wb + 1..=last {
                 let seg = self.seg(id);
                 if seg.id != id || seg.live_dirty == 0 {
+                    continue;
+                }
+                let before = batch.written.len();
+                for (slot, &block) in seg.blocks.iter().enumerate() {
+                    if let Some(e) = self.index.get(&block)
+                        && e.id == id
+                        && e.slot == slot as u32
+                        && e.dirty != 0
+                    {
+                        batch.written.push((block, id, slot as u32, e.dirty));
+                    }
+                }
+                if batch.written.len() == before {
                     continue;
                 }
                 let len = seg.blocks.len() * BLOCK_SIZE as usize;
@@ -80,10 +115,32 @@ impl<A: BufAlloc> Engine<A> {
             if batch.reads_pending == 0 {
                 // Nothing live was dirty: the logs are superseded or clean.
                 self.last_wb = last;
+                self.last_wb_epoch = self.seg(last).epoch;
                 continue;
             }
             self.wb = Some(batch);
         }
+    }
+
+    /// A log (id) holding the newest copy of a block that log `id` also
+    /// holds, where that newest copy is not durable yet.
+    fn superseded_by_volatile(&self, id: u64) -> Option<u64> {
+        let seg = self.seg(id);
+        if seg.id != id {
+            return None;
+        }
+        seg.blocks.iter().enumerate().find_map(|(slot, b)| {
+            let e = self.index.get(b)?;
+            ((e.id, e.slot) != (id, slot as u32) && e.dirty != 0 && !self.copy_durable(e))
+                .then_some(e.id)
+        })
+    }
+
+    /// Whether the copy an index entry names survives a crash: its log is
+    /// durable, or it is published in the pmem pool.
+    fn copy_durable(&self, e: &super::Entry) -> bool {
+        e.id <= self.durable_id
+            || ((self.persistent || e.id <= self.pmem_drain_until) && self.pending_fill(e) == 0)
     }
 
     pub(super) fn wb_read_done(&mut self, id: u64, ok: bool) {
@@ -103,31 +160,30 @@ impl<A: BufAlloc> Engine<A> {
             self.wb_abort();
             return;
         }
-        // Blocks still indexed at their place in these logs and still dirty.
-        let mut items: Vec<(u64, u8, BufId, u32, u64)> = Vec::new();
-        for &(id, buf) in &b.bufs {
-            for (slot, &block) in self.seg(id).blocks.iter().enumerate() {
-                if let Some(e) = self.index.get(&block)
-                    && e.id == id
-                    && e.slot == slot as u32
-                    && e.dirty != 0
-                {
-                    items.push((block, e.dirty, buf, slot as u32, id));
-                }
-            }
-        }
+        let mut items: Vec<(u64, u8, BufId, u32)> = b
+            .written
+            .iter()
+            .map(|&(block, id, slot, mask)| {
+                let buf = b
+                    .bufs
+                    .iter()
+                    .find(|(i, _)| *i == id)
+                    .expect("log read for the batch")
+                    .1;
+                (block, mask, buf, slot)
+            })
+            .collect();
         items.sort_unstable_by_key(|i| i.0);
         // Merge full blocks that are contiguous on the backing device and in memory.
         let mut cmds: Vec<(u64, usize, BufId, usize)> = Vec::new(); // backing offset, len, buf, buf offset
-        for &(block, mask, buf, slot, id) in &items {
-            b.written.push((block, id, slot, mask));
+        for &(block, mask, buf, slot) in &items {
             let boff = slot as usize * BLOCK_SIZE as usize;
             if mask == FULL_MASK {
                 if let Some(last) = cmds.last_mut()
                     && last.2 == buf
                     && last.0 + last.1 as u64 == block * BLOCK_SIZE
                     && last.3 + last.1 == boff
-                    && last.1 % BLOCK_SIZE as usize == 0
+                    && last.1.is_multiple_of(BLOCK_SIZE as usize)
                 {
                     last.1 += BLOCK_SIZE as usize;
                     continue;
@@ -201,7 +257,10 @@ impl<A: BufAlloc> Engine<A> {
                 }
             }
         }
-        self.last_wb = self.last_wb.max(b.last);
+        if b.last > self.last_wb {
+            self.last_wb = b.last;
+            self.last_wb_epoch = self.seg(b.last).epoch;
+        }
         self.wb_bufs.extend(b.bufs.iter().map(|&(_, buf)| buf));
     }
 

@@ -3,7 +3,26 @@
 //! reference model, and prints what was lost or corrupted (nothing, we hope).
 
 use clap::Parser;
-use writeboost_sim::check::{Outcome, SimOptions, run_seed};
+use writeboost_sim::check::{ModeChoice, Outcome, SimOptions, run_seed};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ModeArg {
+    Volatile,
+    Pmem,
+    Mixed,
+    Any,
+}
+
+impl From<ModeArg> for ModeChoice {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Volatile => ModeChoice::Volatile,
+            ModeArg::Pmem => ModeChoice::Pmem,
+            ModeArg::Mixed => ModeChoice::Mixed,
+            ModeArg::Any => ModeChoice::Any,
+        }
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(about = "Deterministic crash simulator for the writeboost engine")]
@@ -26,6 +45,9 @@ struct Args {
     /// Force a tunable for every seed, e.g. `--set read_cache_threshold=0` (repeatable).
     #[arg(long = "set", value_parser = parse_kv)]
     set: Vec<(String, u64)>,
+    /// Buffer mode: volatile (mode 0), pmem (mode 1), mixed (restarts in either), any (per seed).
+    #[arg(long, value_enum, default_value = "any")]
+    mode: ModeArg,
     /// Print each problem as it is found.
     #[arg(long, short)]
     verbose: bool,
@@ -51,6 +73,7 @@ fn main() {
             error_rate: a.error_rate,
             verbose: a.verbose,
             force: a.set.clone(),
+            mode: a.mode.into(),
         });
         if !o.clean() {
             bad_seeds.push(seed);
