@@ -9,7 +9,11 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use writeboost_engine::config::BufferMode;
 use writeboost_engine::{BackingIdentity, Engine, Event, HeapAlloc, Nanos, OpenParams, ReqId};
+use writeboost_sim::device::SimDevice;
+use writeboost_sim::harness::{Harness, Latency};
+use writeboost_sim::pmem::SimPmem;
 
 #[derive(Parser)]
 #[command(about = "writeboost benchmarks on simulated devices")]
@@ -29,6 +33,121 @@ enum What {
         #[arg(long)]
         only: Option<String>,
     },
+    /// One writer, 4 KiB FUA writes at queue depth 1 (the volatile buffer's
+    /// worst case), on simulated devices with realistic latency: mode 0 with
+    /// the default barrier deadline and with 0, and mode 1.
+    FuaQd1 {
+        #[arg(long, default_value_t = 5000)]
+        writes: u64,
+        /// Cache-device write latency (µs).
+        #[arg(long, default_value_t = 20)]
+        ssd_write_us: u64,
+        /// Cache-device flush latency (µs).
+        #[arg(long, default_value_t = 50)]
+        ssd_flush_us: u64,
+        /// Persisting 4 KiB to pmem (µs).
+        #[arg(long, default_value_t = 1.0)]
+        pmem_persist_us: f64,
+    },
+}
+
+struct FuaResult {
+    median_ns: u64,
+    p99_ns: u64,
+    cache_writes_per_io: f64,
+    cache_bytes_per_user_byte: f64,
+    partial_logs: u64,
+    logs: u64,
+}
+
+fn fua_run(pmem: bool, barrier_ms: u32, writes: u64, lat: Latency) -> FuaResult {
+    const MIB: u64 = 1 << 20;
+    let (cache, backing) = (256 * MIB, 1024 * MIB);
+    let mut p = OpenParams::new(
+        cache,
+        BackingIdentity {
+            uuid: [1; 16],
+            size: backing,
+        },
+        [2; 16],
+    );
+    p.tunables.barrier_deadline_ms = barrier_ms;
+    p.mode = if pmem {
+        BufferMode::Persistent
+    } else {
+        BufferMode::Volatile
+    };
+    let pool = pmem.then(|| SimPmem::new(4096 + 4 * (12288 + 255 * 4096)));
+    let mut h = Harness::with_pool(
+        p,
+        SimDevice::new(cache),
+        SimDevice::new(backing),
+        pool,
+        lat,
+        1,
+    );
+    assert!(
+        h.wait_open() && h.opened == Some(Ok(())),
+        "open failed: {:?}",
+        h.opened
+    );
+    h.engine.clear_stats();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let data = vec![0xa5u8; 4096];
+    let mut lats = Vec::with_capacity(writes as usize);
+    for i in 0..writes {
+        let off = rng.random_range(0..backing / 4096) * 4096;
+        let t0 = h.now;
+        h.write(i + 1, off, &data, true).expect("write");
+        lats.push(h.now - t0);
+    }
+    lats.sort_unstable();
+    let s = h.engine.stats();
+    FuaResult {
+        median_ns: lats[lats.len() / 2],
+        p99_ns: lats[lats.len() * 99 / 100],
+        cache_writes_per_io: s.cache_write_cmds as f64 / writes as f64,
+        cache_bytes_per_user_byte: s.cache_write_bytes as f64 / (writes * 4096) as f64,
+        partial_logs: s.nr_partial_flushed,
+        logs: s.nr_logs,
+    }
+}
+
+fn fua_qd1(writes: u64, ssd_write_us: u64, ssd_flush_us: u64, pmem_persist_us: f64) {
+    let lat = Latency {
+        cache_read: 20_000,
+        cache_write: ssd_write_us * 1000,
+        cache_flush: ssd_flush_us * 1000,
+        backing_read: 2_000_000,
+        backing_write: 2_000_000,
+        backing_flush: 5_000_000,
+        pmem_persist_4k: (pmem_persist_us * 1000.0) as u64,
+        jitter: false,
+    };
+    let runs = [
+        ("volatile(barrier=10ms)", fua_run(false, 10, writes, lat)),
+        ("volatile(barrier=0)", fua_run(false, 0, writes, lat)),
+        ("pmem", fua_run(true, 10, writes, lat)),
+    ];
+    for (name, r) in &runs {
+        println!(
+            "fua-qd1 {name}: median_us={:.1} p99_us={:.1} cache_writes_per_io={:.4} cache_bytes_per_user_byte={:.3} partial_logs={}/{}",
+            r.median_ns as f64 / 1000.0,
+            r.p99_ns as f64 / 1000.0,
+            r.cache_writes_per_io,
+            r.cache_bytes_per_user_byte,
+            r.partial_logs,
+            r.logs
+        );
+    }
+    // The volatile figures are those of barrier_deadline_ms=0, the faster of the two.
+    let (v, p) = (&runs[1].1, &runs[2].1);
+    println!(
+        "fua-qd1: volatile_cache_writes_per_io={:.4} pmem_cache_writes_per_io={:.4} pmem_latency_ratio={:.4}",
+        v.cache_writes_per_io,
+        p.cache_writes_per_io,
+        p.median_ns as f64 / v.median_ns as f64
+    );
 }
 
 /// An engine on devices that finish every command immediately.
@@ -121,7 +240,7 @@ fn engine(ops: u64, only: Option<&str>) {
         read_hit(&mut b, &offsets, ops, &mut rng);
     }
     if run("fua-qd1") {
-        fua_qd1(ops / 10, &data, &mut rng);
+        engine_fua_qd1(ops / 10, &data, &mut rng);
     }
 }
 
@@ -147,7 +266,7 @@ fn read_hit(b: &mut Bench, offsets: &[u64], ops: u64, rng: &mut ChaCha8Rng) {
     );
 }
 
-fn fua_qd1(n: u64, data: &[u8], rng: &mut ChaCha8Rng) {
+fn engine_fua_qd1(n: u64, data: &[u8], rng: &mut ChaCha8Rng) {
     const BLOCKS: u64 = 1 << 20;
     // FUA writes at queue depth 1 with the default barrier deadline: the
     // volatile-buffer worst case (every write becomes a partial log).
@@ -178,5 +297,11 @@ fn main() {
         only: None,
     }) {
         What::Engine { ops, only } => engine(ops, only.as_deref()),
+        What::FuaQd1 {
+            writes,
+            ssd_write_us,
+            ssd_flush_us,
+            pmem_persist_us,
+        } => fua_qd1(writes, ssd_write_us, ssd_flush_us, pmem_persist_us),
     }
 }
