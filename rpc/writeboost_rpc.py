@@ -1,0 +1,97 @@
+"""writeboost JSON-RPC methods for SPDK's rpc.py.
+
+    PYTHONPATH=/path/to/writeboost/rpc rpc.py --plugin writeboost_rpc \\
+        bdev_writeboost_create -n wb0 -b Backing0 -c Cache0 --mode 1 --pmem-path /mnt/pmem/wb0
+
+Parameter names follow SPDK's conventions (snake_case); the methods are
+served by the SPDK bdev module and by the standalone host alike.
+"""
+
+import json
+
+# Runtime tunables: (name, help). Ranges are checked by the server.
+TUNABLES = [
+    ("writeback_threshold", "background writeback runs while backing load %% is below this (0-100)"),
+    ("nr_max_batched_writeback", "segments per writeback batch (1-32)"),
+    ("update_sb_record_interval", "seconds between superblock record updates (0-3600)"),
+    ("sync_data_interval", "seconds after which an idle partial buffer is logged (0-3600)"),
+    ("read_cache_threshold", "stage missed reads unless a sequential run is longer (0 = off, 0-127)"),
+    ("barrier_deadline_ms", "how long FUA/FLUSH waits for the buffer to fill (0-10000)"),
+    ("write_around_mode", "1: writes go straight to the backing device"),
+    ("bypass_write_kib", "writes of at least this many KiB bypass the log (0 = never)"),
+]
+
+
+def _print(result):
+    print(json.dumps(result, indent=2))
+
+
+def _tunables(args):
+    return {name: getattr(args, name) for name, _ in TUNABLES if getattr(args, name) is not None}
+
+
+def _add_tunables(p):
+    for name, help_text in TUNABLES:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, help=help_text)
+
+
+def spdk_rpc_plugin_initialize(subparsers):
+    def bdev_writeboost_create(args):
+        params = {"name": args.name, "backing_bdev": args.backing_bdev, "cache_bdev": args.cache_bdev}
+        if args.mode is not None:
+            params["mode"] = args.mode
+        if args.pmem_path:
+            params["pmem_path"] = args.pmem_path
+        if args.format:
+            params["format"] = True
+        if args.segment_size_kib is not None:
+            params["segment_size_kib"] = args.segment_size_kib
+        params.update(_tunables(args))
+        _print(args.client.call("bdev_writeboost_create", params))
+
+    p = subparsers.add_parser("bdev_writeboost_create", help="Create a writeboost bdev over a cache and a backing bdev")
+    p.add_argument("-n", "--name", required=True, help="name of the writeboost bdev")
+    p.add_argument("-b", "--backing-bdev", dest="backing_bdev", required=True, help="slow backing bdev")
+    p.add_argument("-c", "--cache-bdev", dest="cache_bdev", required=True, help="fast cache bdev")
+    p.add_argument("-m", "--mode", type=int, choices=[0, 1], help="0 = volatile RAM buffer (default), 1 = pmem buffer")
+    p.add_argument("-p", "--pmem-path", dest="pmem_path", help="pmem pool (needed for mode 1)")
+    p.add_argument("-f", "--format", action="store_true", help="reformat even if a valid cache is present")
+    p.add_argument("--segment-size-kib", dest="segment_size_kib", type=int, help="segment size when formatting (64-4096)")
+    _add_tunables(p)
+    p.set_defaults(func=bdev_writeboost_create)
+
+    def bdev_writeboost_delete(args):
+        _print(args.client.call("bdev_writeboost_delete", {"name": args.name}))
+
+    p = subparsers.add_parser("bdev_writeboost_delete", help="Detach a writeboost bdev cleanly")
+    p.add_argument("name", help="writeboost bdev name")
+    p.set_defaults(func=bdev_writeboost_delete)
+
+    def bdev_writeboost_get_stats(args):
+        params = {"name": args.name} if args.name else None
+        _print(args.client.call("bdev_writeboost_get_stats", params))
+
+    p = subparsers.add_parser("bdev_writeboost_get_stats", help="Counters, device traffic and status")
+    p.add_argument("-n", "--name", help="only this writeboost bdev")
+    p.set_defaults(func=bdev_writeboost_get_stats)
+
+    def bdev_writeboost_set_options(args):
+        params = {"name": args.name}
+        params.update(_tunables(args))
+        _print(args.client.call("bdev_writeboost_set_options", params))
+
+    p = subparsers.add_parser("bdev_writeboost_set_options", help="Change tunables at runtime")
+    p.add_argument("name", help="writeboost bdev name")
+    _add_tunables(p)
+    p.set_defaults(func=bdev_writeboost_set_options)
+
+    for method, help_text in [
+        ("bdev_writeboost_drop_caches", "Write back every dirty block (returns at once; watch get_stats)"),
+        ("bdev_writeboost_clear_stats", "Reset the counters"),
+    ]:
+        def call(args, method=method):
+            _print(args.client.call(method, {"name": args.name}))
+
+        p = subparsers.add_parser(method, help=help_text)
+        p.add_argument("name", help="writeboost bdev name")
+        p.set_defaults(func=call)
