@@ -4,6 +4,10 @@
 # standalone host's end-to-end tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# PMDK (libpmem2) maps pmem pools; install it on Debian if it is missing.
+if ! ldconfig -p | grep -q libpmem2.so && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends libpmem2-dev >/dev/null
+fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace

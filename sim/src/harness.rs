@@ -59,6 +59,9 @@ pub struct Harness {
     seq: u64,
     /// Deadlines handled in a row without time moving (a livelock if large).
     idle_timeouts: u32,
+    /// Real time spent in an external pool's stores and persists, charged
+    /// to simulated time.
+    pool_clock: Option<std::rc::Rc<std::cell::Cell<u64>>>,
 }
 
 impl Harness {
@@ -107,7 +110,43 @@ impl Harness {
             rng: ChaCha8Rng::seed_from_u64(seed),
             seq: 0,
             idle_timeouts: 0,
+            pool_clock: None,
         };
+        h.drain();
+        h
+    }
+
+    /// An engine in the params' mode over a real pool; `clock` accumulates
+    /// the nanoseconds the pool spends storing and persisting.
+    pub fn with_real_pool(
+        params: OpenParams,
+        cache: SimDevice,
+        backing: SimDevice,
+        pool: Box<dyn writeboost_engine::pmem::Pmem>,
+        clock: std::rc::Rc<std::cell::Cell<u64>>,
+        lat: Latency,
+        seed: u64,
+    ) -> Self {
+        // Built around a throw-away engine, then given the real one.
+        let mut placeholder = params.clone();
+        placeholder.mode = writeboost_engine::config::BufferMode::Volatile;
+        let mut h = Self::with_pool(
+            placeholder,
+            SimDevice::new(0),
+            SimDevice::new(0),
+            None,
+            lat,
+            seed,
+        );
+        h.engine = Engine::open_with_pool(params, HeapAlloc, pool, 0).expect("valid parameters");
+        h.cache = cache;
+        h.backing = backing;
+        h.opened = None;
+        h.shut_down = false;
+        h.queue.clear();
+        h.inflight.clear();
+        h.done.clear();
+        h.pool_clock = Some(clock);
         h.drain();
         h
     }
@@ -127,6 +166,9 @@ impl Harness {
         // Persisting to pmem takes the engine's thread this long.
         if let Some(p) = &self.pmem {
             self.now += p.take_elapsed();
+        }
+        if let Some(c) = &self.pool_clock {
+            self.now += c.take();
         }
         while let Some(cmd) = self.engine.poll_command() {
             self.start(cmd);

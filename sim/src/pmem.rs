@@ -103,6 +103,37 @@ impl Pmem for SimPmem {
     }
 }
 
+/// Wraps a real pool and measures the wall time of its stores and persists.
+pub struct TimedPmem<P> {
+    pub inner: P,
+    pub clock: Rc<std::cell::Cell<u64>>,
+}
+
+impl<P: Pmem> TimedPmem<P> {
+    fn timed<R>(&mut self, f: impl FnOnce(&mut P) -> R) -> R {
+        let t = std::time::Instant::now();
+        let r = f(&mut self.inner);
+        self.clock
+            .set(self.clock.get() + t.elapsed().as_nanos() as u64);
+        r
+    }
+}
+
+impl<P: Pmem> Pmem for TimedPmem<P> {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, dst: &mut [u8]) {
+        self.inner.read(offset, dst)
+    }
+    fn write(&mut self, offset: u64, src: &[u8]) {
+        self.timed(|p| p.write(offset, src))
+    }
+    fn persist(&mut self, offset: u64, len: u64) {
+        self.timed(|p| p.persist(offset, len))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

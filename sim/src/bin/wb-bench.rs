@@ -48,6 +48,10 @@ enum What {
         /// Persisting 4 KiB to pmem (µs).
         #[arg(long, default_value_t = 1.0)]
         pmem_persist_us: f64,
+        /// Also run mode 1 on this pool file mapped with PMDK (created or
+        /// resized to the size needed); its real store and persist time counts.
+        #[arg(long)]
+        pmem_file: Option<std::path::PathBuf>,
     },
 }
 
@@ -61,6 +65,18 @@ struct FuaResult {
 }
 
 fn fua_run(pmem: bool, barrier_ms: u32, writes: u64, lat: Latency) -> FuaResult {
+    fua_run_on(pmem, barrier_ms, writes, lat, None)
+}
+
+const POOL_LEN: u64 = 4096 + 4 * (12288 + 255 * 4096);
+
+fn fua_run_on(
+    pmem: bool,
+    barrier_ms: u32,
+    writes: u64,
+    lat: Latency,
+    file: Option<&std::path::Path>,
+) -> FuaResult {
     const MIB: u64 = 1 << 20;
     let (cache, backing) = (256 * MIB, 1024 * MIB);
     let mut p = OpenParams::new(
@@ -77,15 +93,52 @@ fn fua_run(pmem: bool, barrier_ms: u32, writes: u64, lat: Latency) -> FuaResult 
     } else {
         BufferMode::Volatile
     };
-    let pool = pmem.then(|| SimPmem::new(4096 + 4 * (12288 + 255 * 4096)));
-    let mut h = Harness::with_pool(
-        p,
-        SimDevice::new(cache),
-        SimDevice::new(backing),
-        pool,
-        lat,
-        1,
-    );
+    let mut h = match file {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(path)
+                .expect("pool file");
+            // A fresh pool every run: the benchmark formats its cache.
+            f.set_len(0).expect("truncate pool");
+            f.set_len(POOL_LEN).expect("size pool");
+            let pool = writeboost_pmem::PmdkPool::open(path).expect("map pool");
+            if !pool.is_dax() {
+                eprintln!(
+                    "fua-qd1: {} is not on a DAX filesystem: persistence relies on msync",
+                    path.display()
+                );
+            }
+            let clock = std::rc::Rc::new(std::cell::Cell::new(0));
+            let timed = writeboost_sim::pmem::TimedPmem {
+                inner: pool,
+                clock: clock.clone(),
+            };
+            Harness::with_real_pool(
+                p,
+                SimDevice::new(cache),
+                SimDevice::new(backing),
+                Box::new(timed),
+                clock,
+                lat,
+                1,
+            )
+        }
+        None => {
+            let pool = pmem.then(|| SimPmem::new(POOL_LEN));
+            Harness::with_pool(
+                p,
+                SimDevice::new(cache),
+                SimDevice::new(backing),
+                pool,
+                lat,
+                1,
+            )
+        }
+    };
     assert!(
         h.wait_open() && h.opened == Some(Ok(())),
         "open failed: {:?}",
@@ -113,7 +166,13 @@ fn fua_run(pmem: bool, barrier_ms: u32, writes: u64, lat: Latency) -> FuaResult 
     }
 }
 
-fn fua_qd1(writes: u64, ssd_write_us: u64, ssd_flush_us: u64, pmem_persist_us: f64) {
+fn fua_qd1(
+    writes: u64,
+    ssd_write_us: u64,
+    ssd_flush_us: u64,
+    pmem_persist_us: f64,
+    file: Option<&std::path::Path>,
+) {
     let lat = Latency {
         cache_read: 20_000,
         cache_write: ssd_write_us * 1000,
@@ -124,11 +183,17 @@ fn fua_qd1(writes: u64, ssd_write_us: u64, ssd_flush_us: u64, pmem_persist_us: f
         pmem_persist_4k: (pmem_persist_us * 1000.0) as u64,
         jitter: false,
     };
-    let runs = [
+    let mut runs = vec![
         ("volatile(barrier=10ms)", fua_run(false, 10, writes, lat)),
         ("volatile(barrier=0)", fua_run(false, 0, writes, lat)),
         ("pmem", fua_run(true, 10, writes, lat)),
     ];
+    if let Some(f) = file {
+        runs.push((
+            "pmem(pmdk file)",
+            fua_run_on(true, 10, writes, lat, Some(f)),
+        ));
+    }
     for (name, r) in &runs {
         println!(
             "fua-qd1 {name}: median_us={:.1} p99_us={:.1} cache_writes_per_io={:.4} cache_bytes_per_user_byte={:.3} partial_logs={}/{}",
@@ -302,6 +367,13 @@ fn main() {
             ssd_write_us,
             ssd_flush_us,
             pmem_persist_us,
-        } => fua_qd1(writes, ssd_write_us, ssd_flush_us, pmem_persist_us),
+            pmem_file,
+        } => fua_qd1(
+            writes,
+            ssd_write_us,
+            ssd_flush_us,
+            pmem_persist_us,
+            pmem_file.as_deref(),
+        ),
     }
 }

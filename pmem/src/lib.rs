@@ -1,0 +1,252 @@
+//! A pmem pool file mapped through PMDK's libpmem2, as the engine's
+//! [`Pmem`]: stores are plain copies into the mapping, and `persist` is
+//! libpmem2's persist function (cache-line flushes and a fence on DAX
+//! mappings, msync elsewhere).
+//!
+//! This is the FFI edge for pmem: every `unsafe` block says why it is sound.
+
+use std::ffi::{CStr, c_char, c_int, c_void};
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+use writeboost_engine::pmem::Pmem;
+
+#[repr(C)]
+struct Pmem2Config {
+    _opaque: [u8; 0],
+}
+#[repr(C)]
+struct Pmem2Source {
+    _opaque: [u8; 0],
+}
+#[repr(C)]
+struct Pmem2Map {
+    _opaque: [u8; 0],
+}
+
+/// `enum pmem2_granularity`.
+const PMEM2_GRANULARITY_BYTE: c_int = 0;
+const PMEM2_GRANULARITY_PAGE: c_int = 2;
+
+type PersistFn = unsafe extern "C" fn(ptr: *const c_void, size: usize);
+
+unsafe extern "C" {
+    fn pmem2_config_new(cfg: *mut *mut Pmem2Config) -> c_int;
+    fn pmem2_config_delete(cfg: *mut *mut Pmem2Config) -> c_int;
+    fn pmem2_config_set_required_store_granularity(cfg: *mut Pmem2Config, g: c_int) -> c_int;
+    fn pmem2_source_from_fd(src: *mut *mut Pmem2Source, fd: c_int) -> c_int;
+    fn pmem2_source_delete(src: *mut *mut Pmem2Source) -> c_int;
+    fn pmem2_map_new(
+        map: *mut *mut Pmem2Map,
+        cfg: *const Pmem2Config,
+        src: *const Pmem2Source,
+    ) -> c_int;
+    fn pmem2_map_delete(map: *mut *mut Pmem2Map) -> c_int;
+    fn pmem2_map_get_address(map: *mut Pmem2Map) -> *mut c_void;
+    fn pmem2_map_get_size(map: *mut Pmem2Map) -> usize;
+    fn pmem2_map_get_store_granularity(map: *mut Pmem2Map) -> c_int;
+    fn pmem2_get_persist_fn(map: *mut Pmem2Map) -> Option<PersistFn>;
+    fn pmem2_errormsg() -> *const c_char;
+}
+
+/// Opening or mapping a pool failed.
+#[derive(Debug, Error)]
+pub enum PoolError {
+    #[error("cannot open pmem pool {path}: {source}; check the path and that it is writable")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "pmem pool {path} is empty; create it with the size you want (e.g. fallocate -l 64M {path})"
+    )]
+    Empty { path: PathBuf },
+    #[error("PMDK could not map pmem pool {path}: {msg}")]
+    Map { path: PathBuf, msg: String },
+}
+
+fn pmdk_error() -> String {
+    // SAFETY: pmem2_errormsg returns a pointer to a NUL-terminated
+    // thread-local buffer that stays valid until the next libpmem2 call here.
+    unsafe {
+        let p = pmem2_errormsg();
+        if p.is_null() {
+            "unknown error".into()
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
+/// A mapped pool.
+pub struct PmdkPool {
+    map: *mut Pmem2Map,
+    base: *mut u8,
+    len: u64,
+    persist_fn: PersistFn,
+    dax: bool,
+    _file: std::fs::File,
+}
+
+impl PmdkPool {
+    /// Maps an existing pool file (or devdax device).
+    pub fn open(path: &Path) -> Result<Self, PoolError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| PoolError::Open {
+                path: path.into(),
+                source,
+            })?;
+        if file.metadata().map(|m| m.len()).unwrap_or(0) == 0 && !path.starts_with("/dev") {
+            return Err(PoolError::Empty { path: path.into() });
+        }
+        let map_err = |msg: String| PoolError::Map {
+            path: path.into(),
+            msg,
+        };
+        let mut cfg: *mut Pmem2Config = std::ptr::null_mut();
+        let mut src: *mut Pmem2Source = std::ptr::null_mut();
+        let mut map: *mut Pmem2Map = std::ptr::null_mut();
+        // SAFETY: each call gets valid out-pointers; cfg and src are deleted
+        // on every path once the mapping exists or failed, and the file
+        // descriptor outlives the mapping (kept in `_file`).
+        unsafe {
+            if pmem2_config_new(&mut cfg) != 0 {
+                return Err(map_err(pmdk_error()));
+            }
+            // Accept page granularity so regular files work (persist is then msync).
+            let mut rc = pmem2_config_set_required_store_granularity(cfg, PMEM2_GRANULARITY_PAGE);
+            if rc == 0 {
+                rc = pmem2_source_from_fd(&mut src, file.as_raw_fd());
+            }
+            if rc == 0 {
+                rc = pmem2_map_new(&mut map, cfg, src);
+            }
+            let msg = if rc != 0 { Some(pmdk_error()) } else { None };
+            if !src.is_null() {
+                pmem2_source_delete(&mut src);
+            }
+            pmem2_config_delete(&mut cfg);
+            if let Some(msg) = msg {
+                return Err(map_err(msg));
+            }
+            let persist_fn =
+                pmem2_get_persist_fn(map).ok_or_else(|| map_err("no persist function".into()))?;
+            Ok(Self {
+                base: pmem2_map_get_address(map) as *mut u8,
+                len: pmem2_map_get_size(map) as u64,
+                persist_fn,
+                dax: pmem2_map_get_store_granularity(map) != PMEM2_GRANULARITY_PAGE,
+                map,
+                _file: file,
+            })
+        }
+    }
+
+    /// Whether stores become persistent by CPU cache flushes (DAX); if not,
+    /// persistence relies on msync and is slow.
+    pub fn is_dax(&self) -> bool {
+        self.dax
+    }
+
+    /// Byte granularity (the platform flushes caches on power loss).
+    pub fn byte_granular(&self) -> bool {
+        // SAFETY: `map` is a live mapping owned by self.
+        unsafe { pmem2_map_get_store_granularity(self.map) == PMEM2_GRANULARITY_BYTE }
+    }
+
+    fn check(&self, offset: u64, len: usize) {
+        assert!(
+            offset
+                .checked_add(len as u64)
+                .is_some_and(|end| end <= self.len),
+            "pmem access out of range"
+        );
+    }
+}
+
+impl Pmem for PmdkPool {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read(&self, offset: u64, dst: &mut [u8]) {
+        self.check(offset, dst.len());
+        // SAFETY: the range is inside the live mapping (checked above) and
+        // `dst` is a distinct Rust buffer, so the regions do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.base.add(offset as usize),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
+        }
+    }
+
+    fn write(&mut self, offset: u64, src: &[u8]) {
+        self.check(offset, src.len());
+        // SAFETY: as in `read`; `&mut self` makes this the only access.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.add(offset as usize), src.len())
+        }
+    }
+
+    fn persist(&mut self, offset: u64, len: u64) {
+        self.check(offset, len as usize);
+        // SAFETY: the range is inside the live mapping; the persist function
+        // comes from this mapping.
+        unsafe {
+            (self.persist_fn)(
+                self.base.add(offset as usize) as *const c_void,
+                len as usize,
+            )
+        }
+    }
+}
+
+impl Drop for PmdkPool {
+    fn drop(&mut self) {
+        // SAFETY: `map` came from pmem2_map_new and is deleted once.
+        unsafe {
+            pmem2_map_delete(&mut self.map);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_file_maps_and_keeps_what_was_persisted() {
+        let dir = std::env::temp_dir().join(format!("wb-pmem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pool");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        {
+            let mut p = PmdkPool::open(&path).unwrap();
+            assert_eq!(p.len(), 1 << 20);
+            p.write(4096, b"writeboost");
+            p.persist(4096, 10);
+        }
+        let p = PmdkPool::open(&path).unwrap();
+        let mut b = [0u8; 10];
+        p.read(4096, &mut b);
+        assert_eq!(&b, b"writeboost");
+        assert!(matches!(
+            PmdkPool::open(&dir.join("missing")),
+            Err(PoolError::Open { .. })
+        ));
+        std::fs::File::create(dir.join("empty")).unwrap();
+        let e = PmdkPool::open(&dir.join("empty")).err().unwrap();
+        assert!(e.to_string().contains("fallocate"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
