@@ -13,75 +13,164 @@ mod spdk {
     use std::path::PathBuf;
     use std::process::Command;
 
-    /// Include directory and linker arguments of an installed SPDK.
-    fn locate() -> (PathBuf, Vec<String>) {
-        if let Ok(dir) = std::env::var("SPDK_DIR") {
-            let dir = PathBuf::from(dir);
-            let include = [dir.join("include"), dir.join("build/include")]
-                .into_iter()
-                .find(|p| p.join("spdk/bdev_module.h").exists())
-                .unwrap_or_else(|| {
-                    panic!(
-                        "SPDK_DIR={} has no include/spdk/bdev_module.h",
-                        dir.display()
-                    )
-                });
-            let lib = [dir.join("lib"), dir.join("build/lib")]
-                .into_iter()
-                .find(|p| p.exists());
-            let libs = lib
-                .map(|l| vec![format!("-L{}", l.display())])
-                .unwrap_or_default();
-            return (include, libs);
+    /// What was found: the include directory, library search directories and
+    /// the linker arguments an SPDK application needs.
+    struct Found {
+        include: PathBuf,
+        lib_dirs: Vec<PathBuf>,
+        app_libs: Vec<String>,
+    }
+
+    /// Libraries spdk_tgt links: the event framework, every bdev, accel and
+    /// sock module, NVMe-oF, vhost, NBD, and the DPDK environment.
+    const APP_PACKAGES: [&str; 12] = [
+        "spdk_event",
+        "spdk_event_bdev",
+        "spdk_event_accel",
+        "spdk_event_nvmf",
+        "spdk_event_nbd",
+        "spdk_event_vhost_blk",
+        "spdk_event_vhost_scsi",
+        "spdk_bdev_modules",
+        "spdk_accel_modules",
+        "spdk_sock_modules",
+        "spdk_env_dpdk",
+        "spdk_syslibs",
+    ];
+
+    fn pkg_config(path: Option<&PathBuf>, args: &[&str]) -> Option<String> {
+        let mut cmd = Command::new("pkg-config");
+        if let Some(p) = path {
+            let shim = ocfenv_shim(p);
+            let mut dirs = vec![p.clone()];
+            dirs.extend(shim);
+            cmd.env(
+                "PKG_CONFIG_PATH",
+                std::env::join_paths(dirs).expect("pkg-config path"),
+            );
         }
-        let out = Command::new("pkg-config")
-            .args(["--cflags-only-I", "--libs", "spdk_bdev", "spdk_event", "spdk_env_dpdk"])
+        let out = cmd
+            .args(args)
             .output()
             .ok()
-            .filter(|o| o.status.success())
-            .unwrap_or_else(|| {
-                panic!("SPDK not found: set SPDK_DIR to an SPDK install (or source tree), or make `pkg-config spdk_bdev` work")
+            .filter(|o| o.status.success())?;
+        Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// SPDK built with OCF names `spdk_ocfenv` in spdk_bdev_modules.pc but
+    /// does not write spdk_ocfenv.pc (the library is static only), which
+    /// breaks every pkg-config query of the tree. Supply the missing file.
+    fn ocfenv_shim(pc_dir: &std::path::Path) -> Option<PathBuf> {
+        let lib = pc_dir.parent()?;
+        if pc_dir.join("spdk_ocfenv.pc").exists() || !lib.join("libspdk_ocfenv.a").exists() {
+            return None;
+        }
+        let out = PathBuf::from(std::env::var("OUT_DIR").ok()?).join("pkgconfig");
+        std::fs::create_dir_all(&out).ok()?;
+        let pc = format!(
+            "Name: spdk_ocfenv\nDescription: SPDK OCF environment\nVersion: 1.0\nLibs: -L{} -lspdk_ocfenv\n",
+            lib.display()
+        );
+        std::fs::write(out.join("spdk_ocfenv.pc"), pc).ok()?;
+        Some(out)
+    }
+
+    fn locate() -> Found {
+        let pc_dir = std::env::var("SPDK_DIR").ok().map(|dir| {
+            let dir = PathBuf::from(dir);
+            [dir.join("build/lib/pkgconfig"), dir.join("lib/pkgconfig")]
+                .into_iter()
+                .find(|p| p.join("spdk_bdev.pc").exists())
+                .unwrap_or_else(|| {
+                    panic!(
+                        "SPDK_DIR={} has neither build/lib/pkgconfig/spdk_bdev.pc (a built source tree) \
+                         nor lib/pkgconfig/spdk_bdev.pc (an installed SPDK)",
+                        dir.display()
+                    )
+                })
+        });
+        let cflags =
+            pkg_config(pc_dir.as_ref(), &["--cflags-only-I", "spdk_bdev"]).unwrap_or_else(|| {
+                panic!(
+                    "SPDK not found: set SPDK_DIR to a built SPDK source tree or install prefix, \
+                 or make `pkg-config spdk_bdev` work"
+                )
             });
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let include = text
+        let include = cflags
             .split_whitespace()
-            .find_map(|t| t.strip_prefix("-I"))
+            .filter_map(|t| t.strip_prefix("-I"))
             .map(PathBuf::from)
-            .expect("pkg-config gave no include directory for spdk_bdev");
-        let libs = text
-            .split_whitespace()
-            .filter(|t| !t.starts_with("-I"))
-            .map(str::to_string)
-            .collect();
-        (include, libs)
+            .find(|p| p.join("spdk/bdev_module.h").exists())
+            .expect("pkg-config spdk_bdev names no include directory holding spdk/bdev_module.h");
+        let mut args = vec!["--libs"];
+        args.extend(APP_PACKAGES);
+        let libs = pkg_config(pc_dir.as_ref(), &args)
+            .expect("pkg-config could not resolve the SPDK application libraries");
+        let mut lib_dirs: Vec<PathBuf> = Vec::new();
+        for t in libs.split_whitespace() {
+            if let Some(d) = t.strip_prefix("-L") {
+                let d = PathBuf::from(d);
+                if !lib_dirs.contains(&d) {
+                    lib_dirs.push(d);
+                }
+            }
+        }
+        // Module libraries register themselves from constructors, so none may
+        // be dropped as unused; rpath lets the binary run without LD_LIBRARY_PATH.
+        let mut app_libs = vec!["-Wl,--no-as-needed".to_string()];
+        app_libs.extend(libs.split_whitespace().map(str::to_string));
+        app_libs.push("-Wl,--as-needed".into());
+        for d in &lib_dirs {
+            app_libs.push(format!("-Wl,-rpath,{}", d.display()));
+        }
+        Found {
+            include,
+            lib_dirs,
+            app_libs,
+        }
     }
 
     pub fn generate() {
-        let (include, libs) = locate();
-        for l in libs {
-            if let Some(dir) = l.strip_prefix("-L") {
-                println!("cargo:rustc-link-search=native={dir}");
-            } else if let Some(name) = l.strip_prefix("-l") {
-                println!("cargo:rustc-link-lib={name}");
-            }
+        let Found {
+            include,
+            lib_dirs,
+            app_libs,
+        } = locate();
+        // No -l here: the shared module resolves SPDK's symbols from the
+        // spdk_tgt that preloads it; executables link `app_libs` themselves.
+        for d in &lib_dirs {
+            println!("cargo:rustc-link-search=native={}", d.display());
         }
         println!("cargo:include={}", include.display());
+        println!("cargo:app_libs={}", app_libs.join(" "));
+        println!("cargo:rerun-if-env-changed=PKG_CONFIG_PATH");
         println!("cargo:rerun-if-changed=wrapper.h");
         println!("cargo:rerun-if-changed=src/helpers.c");
         cc::Build::new()
             .file("src/helpers.c")
             .include(&include)
             .warnings(true)
+            .flag_if_supported("-Wno-unused-parameter")
             .compile("spdk_sys_helpers");
         let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
         bindgen::Builder::default()
             .header("wrapper.h")
             .clang_arg(format!("-I{}", include.display()))
-            .allowlist_function("spdk_(bdev|bdev_module|thread|poller|io_channel|io_device|get_io_channel|put_io_channel|json|jsonrpc|rpc|log|dma|zmalloc|malloc|free|env|app|spdk_bdev_io)_.*")
-            .allowlist_function("spdk_(get_thread|set_thread|thread_send_msg|poller_register|poller_unregister|dma_malloc|dma_zmalloc|dma_free|get_ticks|get_ticks_hz)")
+            .allowlist_function("spdk_(bdev|bdev_module|thread|poller|io_channel|io_device|get_io_channel|put_io_channel|json|jsonrpc|rpc|log|dma|zmalloc|malloc|free|env|app|uuid)_.*")
+            .allowlist_function("spdk_(get_thread|set_thread|thread_send_msg|poller_register|poller_unregister|dma_malloc|dma_zmalloc|dma_free|get_ticks|get_ticks_hz|get_io_channel|put_io_channel|strerror)")
             .allowlist_function("spdk_sys_.*")
-            .allowlist_type("spdk_(bdev|bdev_io|bdev_module|bdev_fn_table|bdev_desc|bdev_io_wait_entry|json_.*|jsonrpc_.*|thread|poller|io_channel).*")
-            .allowlist_var("SPDK_(BDEV|JSONRPC|LOG|RPC)_.*")
+            .allowlist_type("spdk_(bdev|bdev_io|bdev_module|bdev_fn_table|bdev_desc|bdev_io_wait_entry|json_.*|jsonrpc_.*|thread|poller|io_channel|app_opts|uuid).*")
+            .allowlist_var("SPDK_(BDEV|JSONRPC|LOG|RPC|APP)_.*")
+            // Fields of these are reached through helpers.c; their NVMe
+            // passthrough unions are packed bitfields bindgen cannot lay out.
+            .opaque_type("spdk_bdev")
+            .opaque_type("spdk_bdev_io")
+            .opaque_type("spdk_bdev_ext_io_opts")
+            .opaque_type("spdk_nvme_.*")
+            .opaque_type("spdk_bdev_nvme_.*")
+            .opaque_type("spdk_bdev_io_nvme_.*")
+            .derive_debug(false)
+            .wrap_unsafe_ops(true)
             .derive_default(true)
             .layout_tests(true)
             .generate()

@@ -11,6 +11,7 @@
         non_upper_case_globals,
         non_camel_case_types,
         non_snake_case,
+        unnecessary_transmutes,
         clippy::all
     )
 )]

@@ -1,0 +1,782 @@
+//! One writeboost device: the engine, its two base bdevs and the user I/O in
+//! flight, all owned by the SPDK thread the device was created on.
+//!
+//! Every entry point (user I/O on that thread, base-bdev completions, the
+//! poller, RPCs, destruct) takes the `busy` flag and then runs [`Device::run`]
+//! until the engine has nothing more to say. A user completion can make the
+//! bdev layer submit new I/O at once; that I/O finds `busy` set and waits on
+//! the inbox ring, which `run` drains before it returns, so the engine is
+//! never entered twice.
+
+use std::collections::HashMap;
+use std::ffi::{CString, c_void};
+use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crossbeam_queue::SegQueue;
+use spdk_sys as sys;
+use writeboost_engine::config::BufferMode;
+use writeboost_engine::{
+    Command, CommandKind, DataRef, DeviceError, Engine, Event, Nanos, ReqId, Token,
+};
+use writeboost_rpc::{CreateRequest, DeviceReport, RpcError, code, report_json};
+
+use super::channel::{ChannelCtx, UserIo, UserKind};
+use super::dma::{DmaAlloc, DmaBuf};
+use super::log;
+use super::rpc::Responder;
+
+/// How long a device whose base bdev went away waits for a clean shutdown
+/// before it lets go anyway (the logs on the cache survive for a re-create).
+const REMOVED_SHUTDOWN_GRACE_NS: u64 = 5_000_000_000;
+
+/// The part of a device other threads may touch.
+pub struct Shared {
+    /// User I/O handed over by other threads (or while the device is busy).
+    pub inbox: SegQueue<UserIo>,
+    /// Set while the owning thread is inside the engine.
+    pub busy: AtomicBool,
+    /// The owning thread.
+    pub thread: *mut sys::spdk_thread,
+    /// Dereferenced only on `thread`.
+    pub dev: *mut Device,
+    pub supports_unmap: bool,
+    pub supports_write_zeroes: bool,
+}
+
+// SAFETY: `thread` is only compared and passed to SPDK; `dev` is dereferenced
+// only on the owning thread; the rest is Sync.
+unsafe impl Sync for Shared {}
+// SAFETY: as above.
+unsafe impl Send for Shared {}
+
+/// A base bdev held open and claimed.
+pub struct Base {
+    pub name: String,
+    pub desc: *mut sys::spdk_bdev_desc,
+    pub bdev: *mut sys::spdk_bdev,
+    pub ch: *mut sys::spdk_io_channel,
+    pub size: u64,
+    pub block_size: u32,
+    pub supports_flush: bool,
+    pub supports_unmap: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// The engine is recovering the cache; the bdev is not registered yet.
+    Opening,
+    /// Registered and serving I/O.
+    Online,
+    /// destruct was called: the engine is shutting down.
+    Closing,
+    /// Opening failed or shutdown finished; waiting to be torn down.
+    Done,
+}
+
+/// A device command handed to a base bdev.
+struct CmdCtx {
+    dev: *mut Device,
+    cmd: Command,
+    wait: sys::spdk_bdev_io_wait_entry,
+}
+
+pub struct Device {
+    pub shared: *mut Shared,
+    pub req: CreateRequest,
+    pub engine: Engine<DmaAlloc>,
+    pub state: State,
+    pub cache: Base,
+    pub backing: Base,
+    /// The registered bdev (null until the engine is ready).
+    pub bdev: *mut sys::spdk_bdev,
+    pub io_device_registered: bool,
+    poller: *mut sys::spdk_poller,
+    users: HashMap<u64, UserIo>,
+    next_req: u64,
+    /// Resets waiting for the device's I/O in flight to drain.
+    resets: Vec<UserIo>,
+    /// Commands that could not be started; reported failed on the next turn.
+    failed: Vec<Token>,
+    /// Commands waiting for a base bdev_io to become free.
+    waiting: usize,
+    /// Commands on the base bdevs.
+    inflight: usize,
+    /// The create RPC waiting for the engine to be ready.
+    pub responder: Option<Responder>,
+    pub pmem_is_dax: Option<bool>,
+    /// A base bdev was hot-removed.
+    pub removed_at: Option<Nanos>,
+    hz: u64,
+    start_ticks: u64,
+}
+
+unsafe extern "C" {
+    fn wb_bdev_new(
+        name: *const std::ffi::c_char,
+        blocklen: u32,
+        blockcnt: u64,
+        write_cache: bool,
+        uuid: *const sys::spdk_uuid,
+        ctxt: *mut c_void,
+    ) -> *mut sys::spdk_bdev;
+    fn wb_bdev_free(bdev: *mut sys::spdk_bdev);
+}
+
+/// Nanoseconds on SPDK's tick counter.
+pub fn now_ns(hz: u64, start: u64) -> Nanos {
+    // SAFETY: spdk_get_ticks has no preconditions.
+    let t = unsafe { sys::spdk_get_ticks() }.saturating_sub(start);
+    (t as u128 * 1_000_000_000 / hz.max(1) as u128) as u64
+}
+
+impl Device {
+    /// Wraps an engine that has started opening; registers the poller. The
+    /// caller adds the device to the registry and calls `enter`.
+    pub fn new(
+        req: CreateRequest,
+        engine: Engine<DmaAlloc>,
+        cache: Base,
+        backing: Base,
+        responder: Option<Responder>,
+        pmem_is_dax: Option<bool>,
+        start_ticks: u64,
+    ) -> *mut Device {
+        // SAFETY: plain getters without preconditions.
+        let (thread, hz) = unsafe { (sys::spdk_get_thread(), sys::spdk_get_ticks_hz()) };
+        let shared = Box::into_raw(Box::new(Shared {
+            inbox: SegQueue::new(),
+            busy: AtomicBool::new(false),
+            thread,
+            dev: ptr::null_mut(),
+            supports_unmap: backing.supports_unmap,
+            supports_write_zeroes: true,
+        }));
+        let dev = Box::into_raw(Box::new(Device {
+            shared,
+            req,
+            engine,
+            state: State::Opening,
+            cache,
+            backing,
+            bdev: ptr::null_mut(),
+            io_device_registered: false,
+            poller: ptr::null_mut(),
+            users: HashMap::new(),
+            next_req: 1,
+            resets: Vec::new(),
+            failed: Vec::new(),
+            waiting: 0,
+            inflight: 0,
+            responder,
+            pmem_is_dax,
+            removed_at: None,
+            hz,
+            start_ticks,
+        }));
+        // SAFETY: both pointers were just created from Boxes and are live;
+        // the poller is unregistered in `teardown` before `dev` is freed.
+        unsafe {
+            (*shared).dev = dev;
+            let name = CString::new(format!("writeboost_{}", (*dev).req.name)).unwrap_or_default();
+            (*dev).poller = sys::spdk_poller_register_named(
+                Some(device_poller),
+                dev.cast::<c_void>(),
+                0,
+                name.as_ptr(),
+            );
+        }
+        dev
+    }
+
+    pub fn now(&self) -> Nanos {
+        now_ns(self.hz, self.start_ticks)
+    }
+
+    fn shared(&self) -> &Shared {
+        // SAFETY: shared outlives the device (freed after it, in teardown or
+        // the io_device unregister callback).
+        unsafe { &*self.shared }
+    }
+
+    /// Runs `f` and then the engine, unless the device is already busy on
+    /// this thread (then `f` must have queued its work on the inbox). With
+    /// `may_finish`, a device that is done is torn down afterwards.
+    ///
+    /// # Safety
+    /// `dev` must be a live device and the caller on its thread.
+    pub unsafe fn enter(dev: *mut Device, may_finish: bool, f: impl FnOnce(&mut Device)) {
+        // SAFETY: per the contract; the busy flag ensures no other &mut
+        // exists (every entry point comes through here).
+        unsafe {
+            let shared = &*(*dev).shared;
+            if shared.busy.swap(true, Ordering::Acquire) {
+                return;
+            }
+            {
+                let d = &mut *dev;
+                f(d);
+                d.run();
+            }
+            shared.busy.store(false, Ordering::Release);
+            if may_finish {
+                maybe_finish(dev);
+            }
+        }
+    }
+
+    /// Feeds the engine until it has no commands, events or queued work left.
+    fn run(&mut self) {
+        loop {
+            let mut did = false;
+            while let Some(io) = self.shared().inbox.pop() {
+                self.start_user(io);
+                did = true;
+            }
+            let now = self.now();
+            for t in std::mem::take(&mut self.failed) {
+                self.engine.handle_completion(t, Err(DeviceError), now);
+                did = true;
+            }
+            while let Some(cmd) = self.engine.poll_command() {
+                self.issue(cmd);
+                did = true;
+            }
+            while let Some(ev) = self.engine.poll_event() {
+                self.on_event(ev);
+                did = true;
+            }
+            if !self.resets.is_empty() && self.users.is_empty() {
+                for r in std::mem::take(&mut self.resets) {
+                    r.complete(true);
+                }
+                did = true;
+            }
+            if !did {
+                break;
+            }
+        }
+    }
+
+    /// Takes a user request: checks it and hands it to the engine.
+    fn start_user(&mut self, io: UserIo) {
+        if self.state != State::Online {
+            io.complete(false);
+            return;
+        }
+        let now = self.now();
+        if io.kind == UserKind::Reset {
+            self.resets.push(io);
+            return;
+        }
+        let req = ReqId(self.next_req);
+        self.next_req += 1;
+        let r = match io.kind {
+            UserKind::Read => self.engine.submit_read(req, io.offset, io.len as u64, now),
+            UserKind::Write => {
+                // SAFETY: the request's buffer is valid for len bytes until
+                // it completes.
+                let data = unsafe { std::slice::from_raw_parts(io.data, io.len) };
+                self.engine.submit_write(req, io.offset, data, false, now)
+            }
+            UserKind::Flush => self.engine.submit_flush(req, now),
+            UserKind::Unmap => self
+                .engine
+                .submit_discard(req, io.offset, io.len as u64, now),
+            UserKind::WriteZeroes => {
+                self.engine
+                    .submit_write_zeroes(req, io.offset, io.len as u64, now)
+            }
+            UserKind::Reset => unreachable!("handled above"),
+        };
+        match r {
+            Ok(()) => {
+                self.users.insert(req.0, io);
+            }
+            Err(e) => {
+                log::error(&format!("{}: request refused: {e}", self.req.name));
+                io.complete(false);
+            }
+        }
+    }
+
+    fn user_ptr(&mut self, req: ReqId, offset: usize) -> *mut u8 {
+        match self.users.get_mut(&req.0) {
+            // SAFETY: the engine only names offsets inside the request.
+            Some(u) => unsafe { u.data.add(offset) },
+            None => ptr::null_mut(),
+        }
+    }
+
+    fn data_ptr(&mut self, r: DataRef) -> *mut u8 {
+        match r {
+            DataRef::Engine { buf, offset } => {
+                // SAFETY: offset is inside the engine buffer, which stays put
+                // while the command is in flight.
+                unsafe { self.engine.buffer_mut(buf).as_mut_ptr().add(offset) }
+            }
+            DataRef::User { req, offset } => self.user_ptr(req, offset),
+        }
+    }
+
+    /// Starts one engine command on its base bdev.
+    fn issue(&mut self, cmd: Command) {
+        let ctx = Box::into_raw(Box::new(CmdCtx {
+            dev: self,
+            cmd,
+            wait: sys::spdk_bdev_io_wait_entry::default(),
+        }));
+        // SAFETY: ctx is a fresh Box pointer that the completion (or the
+        // io_wait callback) takes back exactly once.
+        unsafe { self.submit_cmd(ctx) }
+    }
+
+    /// # Safety
+    /// `ctx` is a live CmdCtx owned by this call.
+    unsafe fn submit_cmd(&mut self, ctx: *mut CmdCtx) {
+        // SAFETY: per the contract.
+        let cmd = unsafe { (*ctx).cmd };
+        let base = match cmd.device {
+            writeboost_engine::Device::Cache => &self.cache,
+            writeboost_engine::Device::Backing => &self.backing,
+        };
+        let (desc, ch, size, flush_ok, unmap_ok) = (
+            base.desc,
+            base.ch,
+            base.size,
+            base.supports_flush,
+            base.supports_unmap,
+        );
+        let arg = ctx.cast::<c_void>();
+        let cb: sys::spdk_bdev_io_completion_cb = Some(base_io_done);
+        // SAFETY: desc and ch are open on this thread; buffers named by the
+        // command stay valid until it completes (engine buffers are pinned,
+        // user buffers live until the user request completes, which the
+        // engine does only after its commands are done).
+        let rc = unsafe {
+            match cmd.kind {
+                CommandKind::Read { offset, len, dst } => {
+                    let p = self.data_ptr(dst);
+                    if p.is_null() {
+                        -libc_einval()
+                    } else {
+                        sys::spdk_bdev_read(desc, ch, p.cast(), offset, len as u64, cb, arg)
+                    }
+                }
+                CommandKind::Write { offset, len, src } => {
+                    let p = self.data_ptr(src);
+                    if p.is_null() {
+                        -libc_einval()
+                    } else {
+                        sys::spdk_bdev_write(desc, ch, p.cast(), offset, len as u64, cb, arg)
+                    }
+                }
+                CommandKind::WriteZeroes { offset, len } => {
+                    sys::spdk_bdev_write_zeroes(desc, ch, offset, len, cb, arg)
+                }
+                CommandKind::Discard { offset, len } => {
+                    if unmap_ok {
+                        sys::spdk_bdev_unmap(desc, ch, offset, len, cb, arg)
+                    } else {
+                        // Unmap is advisory: a device without it keeps the data.
+                        self.instant_done(ctx);
+                        0
+                    }
+                }
+                CommandKind::Flush => {
+                    if flush_ok {
+                        sys::spdk_bdev_flush(desc, ch, 0, size, cb, arg)
+                    } else {
+                        // No volatile cache to flush.
+                        self.instant_done(ctx);
+                        0
+                    }
+                }
+            }
+        };
+        if rc == 0
+            && !matches!(
+                (cmd.kind, unmap_ok, flush_ok),
+                (CommandKind::Discard { .. }, false, _) | (CommandKind::Flush, _, false)
+            )
+        {
+            self.inflight += 1;
+        }
+        if rc == -12 {
+            // -ENOMEM: no bdev_io free now; SPDK calls back when one is.
+            // SAFETY: ctx lives until the callback resubmits it.
+            unsafe {
+                let bdev = match cmd.device {
+                    writeboost_engine::Device::Cache => self.cache.bdev,
+                    writeboost_engine::Device::Backing => self.backing.bdev,
+                };
+                (*ctx).wait.bdev = bdev;
+                (*ctx).wait.cb_fn = Some(resubmit_cmd);
+                (*ctx).wait.cb_arg = arg;
+                self.waiting += 1;
+                if sys::spdk_bdev_queue_io_wait(bdev, ch, &mut (*ctx).wait) != 0 {
+                    self.waiting -= 1;
+                    self.failed.push(cmd.token);
+                    drop(Box::from_raw(ctx));
+                }
+            }
+        } else if rc != 0 {
+            log::error(&format!(
+                "{}: could not start a {:?} command on the {} bdev (rc {rc})",
+                self.req.name,
+                cmd.kind,
+                match cmd.device {
+                    writeboost_engine::Device::Cache => "cache",
+                    writeboost_engine::Device::Backing => "backing",
+                }
+            ));
+            self.failed.push(cmd.token);
+            // SAFETY: nothing else refers to ctx after a failed submission.
+            unsafe { drop(Box::from_raw(ctx)) };
+        }
+    }
+
+    /// A command that needs no device I/O: completes on the next turn.
+    ///
+    /// # Safety
+    /// `ctx` is live and owned here.
+    unsafe fn instant_done(&mut self, ctx: *mut CmdCtx) {
+        // SAFETY: per the contract; the Box is freed once, here.
+        let ctx = unsafe { Box::from_raw(ctx) };
+        let now = self.now();
+        self.engine.handle_completion(ctx.cmd.token, Ok(()), now);
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::CopyToUser {
+                req,
+                dst_offset,
+                src,
+                src_offset,
+                len,
+            } => {
+                let dst = self.user_ptr(req, dst_offset);
+                if !dst.is_null() {
+                    let s = &self.engine.buffer(src)[src_offset..src_offset + len];
+                    // SAFETY: dst has len bytes inside the user buffer; the
+                    // engine buffer does not overlap user memory.
+                    unsafe { ptr::copy_nonoverlapping(s.as_ptr(), dst, len) };
+                }
+            }
+            Event::Completed { req, result } => {
+                if let Some(io) = self.users.remove(&req.0) {
+                    if let Err(e) = result {
+                        log::error(&format!("{}: I/O failed: {e}", self.req.name));
+                    }
+                    io.complete(result.is_ok());
+                }
+            }
+            Event::Ready => self.on_ready(),
+            Event::OpenFailed(e) => {
+                let msg = format!(
+                    "bdev_writeboost_create {}: {e}; nothing on {} or {} was changed",
+                    self.req.name, self.req.cache_bdev, self.req.backing_bdev
+                );
+                log::error(&msg);
+                if let Some(r) = self.responder.take() {
+                    r.error(&RpcError::new(code::EINVAL, msg));
+                }
+                self.state = State::Done;
+            }
+            Event::ShutdownComplete => {
+                log::notice(&format!(
+                    "{}: shut down cleanly; the cache holds its data for the next create",
+                    self.req.name
+                ));
+                self.state = State::Done;
+            }
+        }
+    }
+
+    /// The engine recovered the cache: register the bdev.
+    fn on_ready(&mut self) {
+        let status = self.engine.status();
+        let uuid = sys::spdk_uuid {
+            u: sys::spdk_uuid__bindgen_ty_1 {
+                raw: status.cache_uuid,
+            },
+        };
+        let name = CString::new(self.req.name.clone()).unwrap_or_default();
+        let shared = self.shared;
+        // SAFETY: name and uuid are valid for the call; the bdev keeps its
+        // own copy of the name; shared lives until the io_device is
+        // unregistered, after the bdev.
+        unsafe {
+            let ioname = CString::new(format!("writeboost_{}", self.req.name)).unwrap_or_default();
+            sys::spdk_io_device_register(
+                shared.cast(),
+                Some(super::channel::channel_create),
+                Some(super::channel::channel_destroy),
+                std::mem::size_of::<ChannelCtx>() as u32,
+                ioname.as_ptr(),
+            );
+            self.io_device_registered = true;
+            let bdev = wb_bdev_new(
+                name.as_ptr(),
+                self.backing.block_size,
+                self.backing.size / self.backing.block_size as u64,
+                self.req.mode == BufferMode::Volatile,
+                &uuid,
+                shared.cast(),
+            );
+            if bdev.is_null() {
+                self.fail_open("out of memory");
+                return;
+            }
+            self.bdev = bdev;
+            self.state = State::Online;
+            let rc = sys::spdk_bdev_register(bdev);
+            if rc != 0 {
+                self.bdev = ptr::null_mut();
+                wb_bdev_free(bdev);
+                self.state = State::Opening;
+                self.fail_open(&format!("spdk_bdev_register failed (rc {rc})"));
+                return;
+            }
+        }
+        log::notice(&format!(
+            "{}: online over cache {} and backing {} (mode {}, {} dirty blocks recovered)",
+            self.req.name,
+            self.req.cache_bdev,
+            self.req.backing_bdev,
+            if self.req.mode == BufferMode::Persistent {
+                1
+            } else {
+                0
+            },
+            status.nr_dirty_blocks
+        ));
+        if let Some(r) = self.responder.take() {
+            r.result(&serde_json::Value::String(self.req.name.clone()));
+        }
+    }
+
+    fn fail_open(&mut self, why: &str) {
+        let msg = format!("bdev_writeboost_create {}: {why}", self.req.name);
+        log::error(&msg);
+        if let Some(r) = self.responder.take() {
+            r.error(&RpcError::new(code::ENOMEM, msg));
+        }
+        self.engine.shutdown(self.now());
+        self.state = State::Done;
+    }
+
+    /// Poller turn: engine deadlines and a stuck shutdown after hot remove.
+    fn tick(&mut self) {
+        let now = self.now();
+        if let Some(t) = self.engine.poll_timeout()
+            && t <= now
+        {
+            self.engine.handle_timeout(now);
+        }
+        if self.state == State::Closing
+            && let Some(at) = self.removed_at
+            && now.saturating_sub(at) > REMOVED_SHUTDOWN_GRACE_NS
+        {
+            log::warn(&format!(
+                "{}: a base bdev is gone and the shutdown did not finish; letting go \
+                 (the cache keeps its logs: re-create the device to recover them)",
+                self.req.name
+            ));
+            self.state = State::Done;
+        }
+    }
+
+    /// Everything `bdev_writeboost_get_stats` reports.
+    pub fn report(&self) -> serde_json::Value {
+        let stats = self.engine.stats().clone();
+        let status = self.engine.status();
+        let tunables = *self.engine.tunables();
+        let mut v = report_json(&DeviceReport {
+            name: &self.req.name,
+            backing_bdev: &self.req.backing_bdev,
+            cache_bdev: &self.req.cache_bdev,
+            mode: self.req.mode,
+            pmem_path: self.req.pmem_path.as_deref(),
+            pmem_is_dax: self.pmem_is_dax,
+            stats: &stats,
+            status: &status,
+            tunables: &tunables,
+        });
+        if self.state == State::Opening {
+            v["state"] = "opening".into();
+        } else if self.state == State::Closing {
+            v["state"] = "closing".into();
+        }
+        v
+    }
+
+    /// Starts the clean shutdown that destruct waits for.
+    pub fn begin_close(&mut self) {
+        self.state = State::Closing;
+        let now = self.now();
+        self.engine.shutdown(now);
+    }
+}
+
+fn libc_einval() -> i32 {
+    22
+}
+
+/// The device's poller.
+extern "C" fn device_poller(arg: *mut c_void) -> i32 {
+    let dev = arg.cast::<Device>();
+    // SAFETY: the poller is unregistered before the device is freed and runs
+    // on the device's thread.
+    unsafe {
+        let before = (*(*dev).shared).inbox.len();
+        Device::enter(dev, true, |d| d.tick());
+        if before > 0 {
+            sys::spdk_thread_poller_rc_SPDK_POLLER_BUSY as i32
+        } else {
+            sys::spdk_thread_poller_rc_SPDK_POLLER_IDLE as i32
+        }
+    }
+}
+
+/// A base bdev finished a command.
+extern "C" fn base_io_done(bdev_io: *mut sys::spdk_bdev_io, success: bool, arg: *mut c_void) {
+    // SAFETY: arg is the CmdCtx Box given at submission, taken back once
+    // here; bdev_io is ours to free; this runs on the device's thread.
+    unsafe {
+        sys::spdk_bdev_free_io(bdev_io);
+        let ctx = Box::from_raw(arg.cast::<CmdCtx>());
+        let dev = ctx.dev;
+        let token = ctx.cmd.token;
+        drop(ctx);
+        Device::enter(dev, true, |d| {
+            d.inflight -= 1;
+            let now = d.now();
+            d.engine
+                .handle_completion(token, if success { Ok(()) } else { Err(DeviceError) }, now);
+        });
+    }
+}
+
+/// A bdev_io became free for a command that got -ENOMEM.
+extern "C" fn resubmit_cmd(arg: *mut c_void) {
+    let ctx = arg.cast::<CmdCtx>();
+    // SAFETY: ctx is the live CmdCtx queued in submit_cmd; this runs on the
+    // device's thread.
+    unsafe {
+        let dev = (*ctx).dev;
+        Device::enter(dev, true, |d| {
+            d.waiting -= 1;
+            d.submit_cmd(ctx);
+        });
+    }
+}
+
+/// Tears down a device that is done once no base command is in flight.
+///
+/// # Safety
+/// `dev` is live, on its thread, and not busy.
+unsafe fn maybe_finish(dev: *mut Device) {
+    // SAFETY: per the contract.
+    unsafe {
+        let d = &*dev;
+        if d.state != State::Done || d.inflight > 0 || d.waiting > 0 {
+            return;
+        }
+        if d.bdev.is_null() {
+            teardown(dev);
+        } else {
+            finish_destruct(dev);
+        }
+    }
+}
+
+/// Releases everything a device holds except the registered bdev.
+///
+/// # Safety
+/// `dev` is live, on its thread, not busy, and not used afterwards.
+pub unsafe fn teardown(dev: *mut Device) {
+    // SAFETY: per the contract.
+    unsafe {
+        super::module::forget(dev);
+        let d = &mut *dev;
+        // Anything still waiting fails: the device is going away.
+        for (_, io) in d.users.drain() {
+            io.complete(false);
+        }
+        for io in d.resets.drain(..) {
+            io.complete(false);
+        }
+        while let Some(io) = (*d.shared).inbox.pop() {
+            io.complete(false);
+        }
+        if !d.poller.is_null() {
+            sys::spdk_poller_unregister(&mut d.poller);
+        }
+        for base in [&mut d.cache, &mut d.backing] {
+            if !base.ch.is_null() {
+                sys::spdk_put_io_channel(base.ch);
+                base.ch = ptr::null_mut();
+            }
+            sys::spdk_bdev_module_release_bdev(base.bdev);
+            sys::spdk_bdev_close(base.desc);
+        }
+        let shared = d.shared;
+        let registered = d.io_device_registered;
+        drop(Box::from_raw(dev));
+        if registered {
+            sys::spdk_io_device_unregister(shared.cast(), Some(io_device_gone));
+        } else {
+            drop(Box::from_raw(shared));
+        }
+    }
+}
+
+/// The last channel is gone: free the shared part.
+extern "C" fn io_device_gone(io_device: *mut c_void) {
+    // SAFETY: io_device is the Shared Box registered in on_ready; SPDK calls
+    // this once, after every channel was destroyed.
+    unsafe { drop(Box::from_raw(io_device.cast::<Shared>())) }
+}
+
+/// Destruct's second half, once the engine shut down.
+///
+/// # Safety
+/// As for [`teardown`]; `dev.bdev` is registered and being destructed.
+pub unsafe fn finish_destruct(dev: *mut Device) {
+    // SAFETY: per the contract. The bdev struct is freed after SPDK is told
+    // destruct is done; SPDK does not touch it past its unregister callback,
+    // which runs from within spdk_bdev_destruct_done.
+    unsafe {
+        let bdev = (*dev).bdev;
+        teardown(dev);
+        sys::spdk_bdev_destruct_done(bdev, 0);
+        let b = BdevToFree(bdev);
+        defer_free(b);
+    }
+}
+
+struct BdevToFree(*mut sys::spdk_bdev);
+
+/// Frees the bdev struct on a later turn of the thread, after SPDK's
+/// unregister path has finished with it.
+fn defer_free(b: BdevToFree) {
+    extern "C" fn free_bdev(arg: *mut c_void) {
+        // SAFETY: arg is the bdev allocated by wb_bdev_new, freed once here.
+        unsafe { wb_bdev_free(arg.cast()) }
+    }
+    // SAFETY: the current thread is an SPDK thread; free_bdev runs on it.
+    unsafe {
+        let rc = sys::spdk_thread_send_msg(sys::spdk_get_thread(), Some(free_bdev), b.0.cast());
+        if rc != 0 {
+            // Keeping a few hundred bytes beats freeing memory SPDK may read.
+            log::warn("could not defer freeing a bdev; it is leaked");
+        }
+    }
+}
+
+/// Helpers for buffers of requests whose data must be bounced.
+pub fn bounce(len: usize) -> Option<DmaBuf> {
+    DmaBuf::try_new(len)
+}

@@ -1,0 +1,490 @@
+//! The bdev module: its callbacks (init, fini, examine, config_json,
+//! destruct, dump_info_json, base-bdev events), the registry of devices and
+//! of creates waiting for their base bdevs, and create/delete.
+//!
+//! Like SPDK's passthru module: a create that names a base bdev not present
+//! yet is remembered and completed by examine when it appears; both base
+//! bdevs are claimed exclusively; destruct shuts the engine down, then
+//! releases the claims, closes the descriptors and unregisters the
+//! io_device, in that order.
+
+use std::cell::RefCell;
+use std::ffi::{CStr, CString, c_void};
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use serde_json::json;
+use spdk_sys as sys;
+use writeboost_engine::pmem::Pmem;
+use writeboost_engine::{BackingIdentity, Engine, OpenParams};
+use writeboost_rpc::{CreateRequest, RpcError, code};
+
+use super::device::{Base, Device, Shared, State, now_ns};
+use super::dma::DmaAlloc;
+use super::json::write_value;
+use super::log;
+use super::rpc::{Responder, delete_done};
+
+unsafe extern "C" {
+    fn wb_module() -> *mut sys::spdk_bdev_module;
+}
+
+/// Ticks at module init: the engines' time origin.
+static START_TICKS: AtomicU64 = AtomicU64::new(0);
+/// "The pmem pool is not DAX" is said once per process.
+static WARNED_NOT_DAX: AtomicBool = AtomicBool::new(false);
+
+#[derive(Default)]
+struct Registry {
+    devices: Vec<*mut Device>,
+    pending: Vec<CreateRequest>,
+}
+
+thread_local! {
+    // Devices, RPCs, examine and bdev events all live on the app thread.
+    static REGISTRY: RefCell<Registry> = RefCell::new(Registry::default());
+}
+
+pub fn find(name: &str) -> Option<*mut Device> {
+    REGISTRY.with(|r| {
+        r.borrow()
+            .devices
+            .iter()
+            .copied()
+            // SAFETY: registry devices are live and owned by this thread.
+            .find(|&d| unsafe { (*d).req.name == name })
+    })
+}
+
+pub fn all() -> Vec<*mut Device> {
+    REGISTRY.with(|r| r.borrow().devices.clone())
+}
+
+pub fn pending() -> Vec<CreateRequest> {
+    REGISTRY.with(|r| r.borrow().pending.clone())
+}
+
+/// Drops a device from the registry (it is being torn down).
+pub fn forget(dev: *mut Device) {
+    REGISTRY.with(|r| r.borrow_mut().devices.retain(|&d| d != dev));
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn wb_module_init() -> i32 {
+    // SAFETY: no preconditions.
+    START_TICKS.store(unsafe { sys::spdk_get_ticks() }, Ordering::Relaxed);
+    0
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn wb_module_fini() {
+    REGISTRY.with(|r| r.borrow_mut().pending.clear());
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn wb_get_ctx_size() -> i32 {
+    // Requests are tracked in the device, not in the bdev_io.
+    0
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn wb_examine_config(_bdev: *mut sys::spdk_bdev) {
+    let ready: Vec<CreateRequest> = REGISTRY.with(|r| {
+        let mut r = r.borrow_mut();
+        let (now, later): (Vec<_>, Vec<_>) = r
+            .pending
+            .drain(..)
+            .partition(|p| exists(&p.backing_bdev) && exists(&p.cache_bdev));
+        r.pending = later;
+        now
+    });
+    for req in ready {
+        log::notice(&format!(
+            "{}: base bdevs {} and {} are present; creating",
+            req.name, req.cache_bdev, req.backing_bdev
+        ));
+        start(req, None);
+    }
+    // SAFETY: called once per examine_config, as SPDK requires.
+    unsafe { sys::spdk_bdev_module_examine_done(wb_module()) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn wb_config_json(w: *mut sys::spdk_json_write_ctx) -> i32 {
+    let mut entries = Vec::new();
+    for d in all() {
+        // SAFETY: registry devices are live and owned by this thread.
+        let d = unsafe { &*d };
+        if d.state == State::Online {
+            entries.push(d.req.config_params(d.engine.tunables()));
+        }
+    }
+    for p in pending() {
+        entries.push(p.config_params(&p.tunables));
+    }
+    for params in entries {
+        let v = json!({"method": "bdev_writeboost_create", "params": params});
+        // SAFETY: SPDK positions w inside the bdev subsystem's config array.
+        unsafe { write_value(w, &v) };
+    }
+    0
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn wb_bdev_destruct(ctx: *mut c_void) -> i32 {
+    // SAFETY: ctx is the device's Shared; destruct runs on the app thread,
+    // which owns the device.
+    unsafe {
+        let dev = (*ctx.cast::<Shared>()).dev;
+        // Finishing is left to the poller: destruct_done must come after
+        // this returns.
+        Device::enter(dev, false, |d| d.begin_close());
+    }
+    1
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn wb_bdev_dump_info_json(
+    ctx: *mut c_void,
+    w: *mut sys::spdk_json_write_ctx,
+) -> i32 {
+    // SAFETY: ctx is the device's Shared; bdev_get_bdevs runs on the app
+    // thread, which owns the device.
+    unsafe {
+        let dev = (*ctx.cast::<Shared>()).dev;
+        let v = (*dev).report();
+        let key = c"writeboost";
+        sys::spdk_json_write_name(w, key.as_ptr());
+        write_value(w, &v)
+    }
+}
+
+fn exists(name: &str) -> bool {
+    let Ok(c) = CString::new(name) else {
+        return false;
+    };
+    // SAFETY: c is a valid C string.
+    unsafe { !sys::spdk_bdev_get_by_name(c.as_ptr()).is_null() }
+}
+
+/// `bdev_writeboost_create`: start now, or wait for the base bdevs.
+pub fn create(req: CreateRequest, resp: Option<Responder>) {
+    let taken = find(&req.name).is_some()
+        || REGISTRY.with(|r| r.borrow().pending.iter().any(|p| p.name == req.name))
+        || exists(&req.name);
+    if taken {
+        if let Some(r) = resp {
+            r.error(&RpcError::new(
+                code::EEXIST,
+                format!(
+                    "a bdev named '{}' already exists; pick another name",
+                    req.name
+                ),
+            ));
+        }
+        return;
+    }
+    let missing: Vec<&str> = [&req.cache_bdev, &req.backing_bdev]
+        .into_iter()
+        .filter(|n| !exists(n))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        log::notice(&format!(
+            "{}: waiting for bdev {} to appear",
+            req.name,
+            missing.join(" and ")
+        ));
+        let name = req.name.clone();
+        REGISTRY.with(|r| r.borrow_mut().pending.push(req));
+        if let Some(r) = resp {
+            r.result(&serde_json::Value::String(name));
+        }
+        return;
+    }
+    start(req, resp);
+}
+
+/// Opens and claims both base bdevs and starts the engine.
+fn start(req: CreateRequest, resp: Option<Responder>) {
+    match try_start(&req) {
+        Ok((engine, cache, backing, dax)) => {
+            let start_ticks = START_TICKS.load(Ordering::Relaxed);
+            let dev = Device::new(req, engine, cache, backing, resp, dax, start_ticks);
+            REGISTRY.with(|r| r.borrow_mut().devices.push(dev));
+            // SAFETY: dev was just created on this thread.
+            unsafe { Device::enter(dev, true, |_| {}) };
+        }
+        Err(e) => {
+            log::error(&e.message);
+            if let Some(r) = resp {
+                r.error(&e);
+            }
+        }
+    }
+}
+
+type Started = (Engine<DmaAlloc>, Base, Base, Option<bool>);
+
+fn try_start(req: &CreateRequest) -> Result<Started, RpcError> {
+    let cache = open_base(&req.cache_bdev, "cache")?;
+    let backing = match open_base(&req.backing_bdev, "backing") {
+        Ok(b) => b,
+        Err(e) => {
+            close_base(cache);
+            return Err(e);
+        }
+    };
+    match build_engine(req, &cache, &backing) {
+        Ok((engine, dax)) => Ok((engine, cache, backing, dax)),
+        Err(e) => {
+            close_base(cache);
+            close_base(backing);
+            Err(e)
+        }
+    }
+}
+
+fn build_engine(
+    req: &CreateRequest,
+    cache: &Base,
+    backing: &Base,
+) -> Result<(Engine<DmaAlloc>, Option<bool>), RpcError> {
+    for (b, role) in [(cache, "cache"), (backing, "backing")] {
+        if b.block_size != 512 && b.block_size != 4096 {
+            return Err(RpcError::new(
+                code::EINVAL,
+                format!(
+                    "{role} bdev '{}' has {}-byte blocks; writeboost needs 512 or 4096",
+                    b.name, b.block_size
+                ),
+            ));
+        }
+    }
+    // SAFETY: backing.bdev is open; the uuid is copied out at once.
+    let backing_uuid = unsafe { (*sys::spdk_bdev_get_uuid(backing.bdev)).u.raw };
+    let mut new_uuid = sys::spdk_uuid::default();
+    // SAFETY: new_uuid is a valid out-parameter.
+    unsafe { sys::spdk_uuid_generate(&mut new_uuid) };
+    let mut params = OpenParams::new(
+        cache.size,
+        BackingIdentity {
+            uuid: backing_uuid,
+            size: backing.size,
+        },
+        // SAFETY: the union is 16 plain bytes.
+        unsafe { new_uuid.u.raw },
+    );
+    params.cache_block_size = cache.block_size;
+    params.backing_block_size = backing.block_size;
+    params.format = req.format;
+    params.mode = req.mode;
+    params.tunables = req.tunables;
+    if let Some(kib) = req.segment_size_kib {
+        params.segment_size = kib as u64 * 1024;
+    }
+    let now = now_ns(
+        // SAFETY: no preconditions.
+        unsafe { sys::spdk_get_ticks_hz() },
+        START_TICKS.load(Ordering::Relaxed),
+    );
+    let bad = |e: writeboost_engine::ConfigError| {
+        RpcError::invalid_params(format!("bdev_writeboost_create {}: {e}", req.name))
+    };
+    match &req.pmem_path {
+        Some(path) => {
+            let pool =
+                writeboost_pmem::PmdkPool::open(std::path::Path::new(path)).map_err(|e| {
+                    RpcError::new(
+                        code::EINVAL,
+                        format!("bdev_writeboost_create {}: {e}", req.name),
+                    )
+                })?;
+            let dax = pool.is_dax();
+            if !dax && !WARNED_NOT_DAX.swap(true, Ordering::Relaxed) {
+                log::warn(&format!(
+                    "pmem pool {path} is not DAX persistent memory: persistence falls back to \
+                     msync and mode 1 loses its speed (data stays safe)"
+                ));
+            }
+            let pool: Box<dyn Pmem> = Box::new(pool);
+            let engine = Engine::open_with_pool(params, DmaAlloc, pool, now).map_err(bad)?;
+            Ok((engine, Some(dax)))
+        }
+        None => {
+            let engine = Engine::open(params, DmaAlloc, now).map_err(bad)?;
+            Ok((engine, None))
+        }
+    }
+}
+
+/// Opens a base bdev for writing, claims it and gets a channel on this thread.
+fn open_base(name: &str, role: &str) -> Result<Base, RpcError> {
+    let cname = CString::new(name)
+        .map_err(|_| RpcError::invalid_params(format!("{role} bdev name contains a NUL byte")))?;
+    let mut desc: *mut sys::spdk_bdev_desc = ptr::null_mut();
+    // SAFETY: cname is valid; desc is an out-parameter.
+    let rc = unsafe {
+        sys::spdk_bdev_open_ext(
+            cname.as_ptr(),
+            true,
+            Some(base_event),
+            ptr::null_mut(),
+            &mut desc,
+        )
+    };
+    if rc != 0 {
+        return Err(RpcError::new(
+            rc,
+            format!(
+                "cannot open {role} bdev '{name}' for writing (rc {rc}); check that it exists and is not read-only"
+            ),
+        ));
+    }
+    // SAFETY: desc is open; the calls below only read the bdev or claim it.
+    unsafe {
+        let bdev = sys::spdk_bdev_desc_get_bdev(desc);
+        let holder = sys::spdk_sys_bdev_claim_module_name(bdev);
+        if !holder.is_null() {
+            let holder = CStr::from_ptr(holder).to_string_lossy().into_owned();
+            sys::spdk_bdev_close(desc);
+            return Err(RpcError::new(
+                code::EBUSY,
+                format!(
+                    "{role} bdev '{name}' is already claimed by the {holder} module; \
+                     delete whatever uses it first"
+                ),
+            ));
+        }
+        let rc = sys::spdk_bdev_module_claim_bdev(bdev, desc, wb_module());
+        if rc != 0 {
+            sys::spdk_bdev_close(desc);
+            return Err(RpcError::new(
+                code::EBUSY,
+                format!("cannot claim {role} bdev '{name}' (rc {rc}); another module uses it"),
+            ));
+        }
+        let ch = sys::spdk_bdev_get_io_channel(desc);
+        if ch.is_null() {
+            sys::spdk_bdev_module_release_bdev(bdev);
+            sys::spdk_bdev_close(desc);
+            return Err(RpcError::new(
+                code::ENOMEM,
+                format!("no I/O channel for {role} bdev '{name}'"),
+            ));
+        }
+        let block_size = sys::spdk_bdev_get_block_size(bdev);
+        Ok(Base {
+            name: name.to_string(),
+            desc,
+            bdev,
+            ch,
+            size: sys::spdk_bdev_get_num_blocks(bdev) * block_size as u64,
+            block_size,
+            supports_flush: sys::spdk_bdev_io_type_supported(
+                bdev,
+                sys::spdk_bdev_io_type_SPDK_BDEV_IO_TYPE_FLUSH,
+            ),
+            supports_unmap: sys::spdk_bdev_io_type_supported(
+                bdev,
+                sys::spdk_bdev_io_type_SPDK_BDEV_IO_TYPE_UNMAP,
+            ),
+        })
+    }
+}
+
+fn close_base(b: Base) {
+    // SAFETY: b was opened, claimed and given a channel by open_base on this thread.
+    unsafe {
+        sys::spdk_put_io_channel(b.ch);
+        sys::spdk_bdev_module_release_bdev(b.bdev);
+        sys::spdk_bdev_close(b.desc);
+    }
+}
+
+/// `bdev_writeboost_delete`.
+pub fn delete(name: &str, resp: Responder) {
+    let was_pending = REGISTRY.with(|r| {
+        let mut r = r.borrow_mut();
+        let before = r.pending.len();
+        r.pending.retain(|p| p.name != name);
+        before != r.pending.len()
+    });
+    if was_pending {
+        return resp.result(&serde_json::Value::Bool(true));
+    }
+    let Some(dev) = find(name) else {
+        return resp.error(&RpcError::no_such_device(name));
+    };
+    // SAFETY: registry devices are live and owned by this thread.
+    let state = unsafe { (*dev).state };
+    if state != State::Online {
+        return resp.error(&RpcError::new(
+            code::EBUSY,
+            format!("writeboost bdev '{name}' is still opening or already closing; retry"),
+        ));
+    }
+    let cname = CString::new(name).unwrap_or_default();
+    let arg = Box::into_raw(Box::new(resp));
+    // SAFETY: cname is valid; arg is taken back once by delete_done, or here
+    // if SPDK refuses at once.
+    unsafe {
+        let rc = sys::spdk_bdev_unregister_by_name(
+            cname.as_ptr(),
+            wb_module(),
+            Some(delete_done),
+            arg.cast(),
+        );
+        if rc != 0 {
+            let resp = Box::from_raw(arg);
+            resp.error(&RpcError::new(
+                rc,
+                format!("cannot unregister '{name}' (rc {rc})"),
+            ));
+        }
+    }
+}
+
+/// A base bdev is going away: unregister the writeboost bdev on top.
+extern "C" fn base_event(ty: u32, bdev: *mut sys::spdk_bdev, _ctx: *mut c_void) {
+    if ty != sys::spdk_bdev_event_type_SPDK_BDEV_EVENT_REMOVE {
+        return;
+    }
+    for dev in all() {
+        // SAFETY: registry devices are live and owned by this (the app) thread.
+        unsafe {
+            let d = &mut *dev;
+            if d.cache.bdev != bdev && d.backing.bdev != bdev {
+                continue;
+            }
+            log::warn(&format!(
+                "{}: base bdev {} is being removed; detaching",
+                d.req.name,
+                if d.cache.bdev == bdev {
+                    &d.req.cache_bdev
+                } else {
+                    &d.req.backing_bdev
+                }
+            ));
+            let now = d.now();
+            d.removed_at = Some(now);
+            match d.state {
+                State::Online => {
+                    sys::spdk_bdev_unregister(d.bdev, None, ptr::null_mut());
+                }
+                State::Opening => {
+                    Device::enter(dev, true, |d| {
+                        if let Some(r) = d.responder.take() {
+                            r.error(&RpcError::new(
+                                code::ENODEV,
+                                "a base bdev was removed while the cache was opening",
+                            ));
+                        }
+                        d.state = State::Done;
+                    });
+                }
+                State::Closing | State::Done => {}
+            }
+        }
+    }
+}
