@@ -172,18 +172,24 @@ pub struct CreateRequest {
     pub segment_size_kib: Option<u32>,
     /// Defaults with the given tunables applied.
     pub tunables: Tunables,
+    /// Base bdevs that do not exist yet are waited for (the device is
+    /// created when they appear) instead of being an error. A saved
+    /// configuration sets it, since its entries may come in any order.
+    pub wait_for_bdevs: bool,
 }
 
 impl CreateRequest {
     /// The parameters that recreate this device as it is now, for
     /// `save_config`. `format` is never emitted: replaying a saved
-    /// configuration must not wipe the cache.
+    /// configuration must not wipe the cache. `wait_for_bdevs` is: the
+    /// base bdevs' entries may come later in the file.
     pub fn config_params(&self, tunables: &Tunables) -> Value {
         let mut p = json!({
             "name": self.name,
             "backing_bdev": self.backing_bdev,
             "cache_bdev": self.cache_bdev,
             "mode": mode_number(self.mode),
+            "wait_for_bdevs": true,
         });
         let m = p.as_object_mut().expect("object literal");
         if let Some(path) = &self.pmem_path {
@@ -220,6 +226,7 @@ pub fn parse_create(params: Option<&Value>) -> Result<CreateRequest, RpcError> {
     };
     let pmem_path = p.string("pmem_path")?;
     let format = p.boolean("format")?.unwrap_or(false);
+    let wait_for_bdevs = p.boolean("wait_for_bdevs")?.unwrap_or(false);
     let segment_size_kib = p
         .uint(
             "segment_size_kib",
@@ -268,6 +275,7 @@ pub fn parse_create(params: Option<&Value>) -> Result<CreateRequest, RpcError> {
         format,
         segment_size_kib,
         tunables,
+        wait_for_bdevs,
     })
 }
 

@@ -10,6 +10,7 @@
 //! ```text
 //! wb_ack_check write  BDEV LOG BLOCKS SECONDS FLUSH_EVERY SEED -- <SPDK app args>
 //! wb_ack_check verify BDEV LOG all|flushed                     -- <SPDK app args>
+//! wb_ack_check pairs  BDEV COUNT SEED                           -- <SPDK app args>
 //! ```
 //!
 //! Each block holds its block number, a sequence number and a pattern
@@ -19,9 +20,13 @@
 //! `verify flushed` only those covered by a completed FLUSH (mode 0). A block
 //! may hold a newer write than the one expected (one in flight at the
 //! crash), never an older one and never a torn or foreign one.
+//!
+//! `pairs` times what a durable write costs an application that cannot
+//! batch: COUNT rounds of one 4 KiB write then one FLUSH at queue depth 1,
+//! reporting the latency of each pair (mean, median, 99th percentile).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, c_char, c_void};
 use std::io::{BufRead, BufWriter, Write};
 use std::ptr;
@@ -39,6 +44,14 @@ enum Job {
         flush_every: u64,
         rng: u64,
         log: BufWriter<std::fs::File>,
+    },
+    Pairs {
+        blocks: u64,
+        left: u64,
+        rng: u64,
+        pair_start: Instant,
+        /// Nanoseconds per write+FLUSH pair.
+        lat: Vec<u64>,
     },
     Verify {
         /// (block, lowest acceptable seq), in order.
@@ -60,6 +73,10 @@ struct State {
     since_flush: u64,
     flushing: bool,
     inflight: usize,
+    /// Blocks with a write in flight: two concurrent writes to one block may
+    /// land in either order, so a block gets a new write only once its last
+    /// one completed.
+    writing: HashSet<u64>,
     done: bool,
 }
 
@@ -105,6 +122,24 @@ fn finish(st: &mut State) -> ! {
             );
             std::process::exit(0)
         }
+        Job::Pairs { lat, .. } => {
+            lat.sort_unstable();
+            let n = lat.len().max(1);
+            let mean = lat.iter().sum::<u64>() as f64 / n as f64 / 1e3;
+            let pct = |p: usize| {
+                lat.get((lat.len() * p / 100).min(n - 1))
+                    .copied()
+                    .unwrap_or(0) as f64
+                    / 1e3
+            };
+            println!(
+                "wb_ack_check: pairs={} mean_us={mean:.1} p50_us={:.1} p99_us={:.1}",
+                lat.len(),
+                pct(50),
+                pct(99)
+            );
+            std::process::exit(0)
+        }
         Job::Verify { checked, bad, .. } => {
             println!("wb_ack_check: checked={checked} bad={bad}");
             std::process::exit(if *bad == 0 { 0 } else { 1 })
@@ -127,14 +162,31 @@ extern "C" fn io_done(bdev_io: *mut sys::spdk_bdev_io, success: bool, arg: *mut 
         if slot == usize::MAX {
             // A flush.
             st.flushing = false;
-            if let Job::Write { log, .. } = &mut st.job {
-                if success {
+            match &mut st.job {
+                Job::Write { log, .. } if success => {
                     let _ = writeln!(log, "F {seq}");
                 }
+                Job::Pairs {
+                    left,
+                    pair_start,
+                    lat,
+                    ..
+                } => {
+                    if !success {
+                        fail("a FLUSH failed");
+                    }
+                    lat.push(pair_start.elapsed().as_nanos() as u64);
+                    *left -= 1;
+                }
+                _ => {}
             }
         } else {
             st.free.push(slot);
+            st.writing.remove(&block);
             if !success {
+                if matches!(st.job, Job::Pairs { .. }) {
+                    fail("a write failed");
+                }
                 // The target went away (or failed this write): not acknowledged.
                 if let Job::Verify { bad, .. } = &mut st.job {
                     eprintln!("wb_ack_check: read of block {block} failed");
@@ -144,6 +196,10 @@ extern "C" fn io_done(bdev_io: *mut sys::spdk_bdev_io, success: bool, arg: *mut 
                 match &mut st.job {
                     Job::Write { log, .. } => {
                         let _ = writeln!(log, "W {block} {seq}");
+                        st.acked += 1;
+                        st.since_flush += 1;
+                    }
+                    Job::Pairs { .. } => {
                         st.acked += 1;
                         st.since_flush += 1;
                     }
@@ -233,6 +289,31 @@ fn pump(st: &mut State) {
                 } else if *flush_every > 0 && st.since_flush >= *flush_every && !st.flushing {
                     Next::Flush(st.acked)
                 } else {
+                    let mut block = next_rand(rng) % *blocks;
+                    while st.writing.contains(&block) {
+                        block = next_rand(rng) % *blocks;
+                    }
+                    st.seq += 1;
+                    Next::Write(block, st.seq)
+                }
+            }
+            Job::Pairs {
+                blocks,
+                left,
+                rng,
+                pair_start,
+                ..
+            } => {
+                if st.inflight > 0 {
+                    // Queue depth 1: the next command waits for this one.
+                    st.free.push(slot);
+                    break;
+                } else if *left == 0 {
+                    Next::Stop
+                } else if st.since_flush > 0 {
+                    Next::Flush(st.acked)
+                } else {
+                    *pair_start = Instant::now();
                     st.seq += 1;
                     Next::Write(next_rand(rng) % *blocks, st.seq)
                 }
@@ -265,7 +346,11 @@ fn pump(st: &mut State) {
                 // SAFETY: the buffer is free (its slot was on the free list).
                 let buf = unsafe { std::slice::from_raw_parts_mut(st.bufs[slot], BLOCK) };
                 pattern(block, seq, buf);
-                submit(st, slot, block, seq, true)
+                let ok = submit(st, slot, block, seq, true);
+                if ok {
+                    st.writing.insert(block);
+                }
+                ok
             }
             Next::Read(block, seq) => submit(st, slot, block, seq, false),
         };
@@ -286,7 +371,7 @@ extern "C" fn watchdog(_arg: *mut c_void) -> i32 {
         let st = s.as_mut().expect("state");
         let stop = match &st.job {
             Job::Write { until, .. } => Instant::now() > *until + Duration::from_secs(3),
-            Job::Verify { .. } => false,
+            Job::Verify { .. } | Job::Pairs { .. } => false,
         };
         if stop {
             finish(st);
@@ -300,6 +385,8 @@ extern "C" fn bdev_event(_ty: u32, _bdev: *mut sys::spdk_bdev, _ctx: *mut c_void
 
 struct Args {
     write: bool,
+    /// COUNT of the pairs job (0: not that job).
+    pairs: u64,
     bdev: String,
     log: String,
     blocks: u64,
@@ -338,7 +425,20 @@ extern "C" fn start(_arg: *mut c_void) {
     if ch.is_null() || bufs.iter().any(|b| b.is_null()) {
         fail("out of memory");
     }
-    let job = if a.write {
+    let job = if a.pairs > 0 {
+        // SAFETY: desc is open.
+        let bytes = unsafe {
+            let bdev = sys::spdk_bdev_desc_get_bdev(desc);
+            sys::spdk_bdev_get_num_blocks(bdev) * sys::spdk_bdev_get_block_size(bdev) as u64
+        };
+        Job::Pairs {
+            blocks: (bytes / BLOCK as u64).max(1),
+            left: a.pairs,
+            rng: a.seed.max(1),
+            pair_start: Instant::now(),
+            lat: Vec::with_capacity(a.pairs as usize),
+        }
+    } else if a.write {
         let f = std::fs::File::create(&a.log).unwrap_or_else(|e| fail(&format!("{}: {e}", a.log)));
         Job::Write {
             blocks: a.blocks,
@@ -366,6 +466,7 @@ extern "C" fn start(_arg: *mut c_void) {
         since_flush: 0,
         flushing: false,
         inflight: 0,
+        writing: HashSet::new(),
         done: false,
     };
     STATE.with(|s| *s.borrow_mut() = Some(st));
@@ -414,7 +515,8 @@ fn expectations(path: &str, all: bool) -> Vec<(u64, u64)> {
 fn usage() -> ! {
     fail(
         "usage: wb_ack_check write BDEV LOG BLOCKS SECONDS FLUSH_EVERY SEED -- <SPDK args>\n       \
-         wb_ack_check verify BDEV LOG all|flushed -- <SPDK args>",
+         wb_ack_check verify BDEV LOG all|flushed -- <SPDK args>\n       \
+         wb_ack_check pairs BDEV COUNT SEED -- <SPDK args>",
     )
 }
 
@@ -427,11 +529,27 @@ fn main() {
     let ours = &argv[1..split];
     let num = |s: &String| s.parse::<u64>().unwrap_or_else(|_| usage());
     let args = match ours.first().map(String::as_str) {
+        Some("pairs") if ours.len() == 4 => Args {
+            write: true,
+            pairs: num(&ours[2]).max(1),
+            bdev: ours[1].clone(),
+            log: String::new(),
+            blocks: 0,
+            seconds: 0,
+            flush_every: 0,
+            seed: num(&ours[3]),
+            all: false,
+        },
         Some("write") if ours.len() == 7 => Args {
             write: true,
+            pairs: 0,
             bdev: ours[1].clone(),
             log: ours[2].clone(),
-            blocks: num(&ours[3]).max(1),
+            blocks: match num(&ours[3]) {
+                // Room to pick a block with no write in flight.
+                b if b >= 2 * QUEUE_DEPTH as u64 => b,
+                _ => fail(&format!("BLOCKS must be at least {}", 2 * QUEUE_DEPTH)),
+            },
             seconds: num(&ours[4]),
             flush_every: num(&ours[5]),
             seed: num(&ours[6]),
@@ -439,6 +557,7 @@ fn main() {
         },
         Some("verify") if ours.len() == 4 => Args {
             write: false,
+            pairs: 0,
             bdev: ours[1].clone(),
             log: ours[2].clone(),
             blocks: 0,

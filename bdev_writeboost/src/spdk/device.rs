@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::ffi::{CString, c_void};
 use std::ptr;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_queue::SegQueue;
@@ -24,6 +25,7 @@ use writeboost_rpc::{CreateRequest, DeviceReport, RpcError, code, report_json};
 use super::channel::{ChannelCtx, UserIo, UserKind};
 use super::dma::{DmaAlloc, DmaBuf};
 use super::log;
+use super::module::ExamineHold;
 use super::rpc::Responder;
 
 /// How long a device whose base bdev went away waits for a clean shutdown
@@ -104,6 +106,9 @@ pub struct Device {
     inflight: usize,
     /// The create RPC waiting for the engine to be ready.
     pub responder: Option<Responder>,
+    /// Held while a create that examine started is opening, so that
+    /// `bdev_wait_for_examine` (and a JSON config's later entries) see the bdev.
+    pub examine_hold: Option<Rc<ExamineHold>>,
     pub pmem_is_dax: Option<bool>,
     /// A base bdev was hot-removed.
     pub removed_at: Option<Nanos>,
@@ -169,6 +174,7 @@ impl Device {
             waiting: 0,
             inflight: 0,
             responder,
+            examine_hold: None,
             pmem_is_dax,
             removed_at: None,
             hz,
@@ -482,6 +488,7 @@ impl Device {
                 if let Some(r) = self.responder.take() {
                     r.error(&RpcError::new(code::EINVAL, msg));
                 }
+                self.examine_hold = None;
                 self.state = State::Done;
             }
             Event::ShutdownComplete => {
@@ -555,6 +562,7 @@ impl Device {
         if let Some(r) = self.responder.take() {
             r.result(&serde_json::Value::String(self.req.name.clone()));
         }
+        self.examine_hold = None;
     }
 
     fn fail_open(&mut self, why: &str) {
@@ -563,6 +571,7 @@ impl Device {
         if let Some(r) = self.responder.take() {
             r.error(&RpcError::new(code::ENOMEM, msg));
         }
+        self.examine_hold = None;
         self.engine.shutdown(self.now());
         self.state = State::Done;
     }

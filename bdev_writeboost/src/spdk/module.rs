@@ -11,6 +11,7 @@
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_void};
 use std::ptr;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde_json::json;
@@ -87,8 +88,13 @@ pub extern "C" fn wb_get_ctx_size() -> i32 {
     0
 }
 
+/// A new bdev may complete a create that waits for its base bdevs. The
+/// examine stays in progress until that device is registered (or failed),
+/// so `bdev_wait_for_examine`, and the entries of a JSON config after it,
+/// see the writeboost bdev. (examine_disk, unlike examine_config, may finish
+/// after it returns; it runs for bdevs nobody claimed at examine_config.)
 #[unsafe(no_mangle)]
-pub extern "C" fn wb_examine_config(_bdev: *mut sys::spdk_bdev) {
+pub extern "C" fn wb_examine_disk(_bdev: *mut sys::spdk_bdev) {
     let ready: Vec<CreateRequest> = REGISTRY.with(|r| {
         let mut r = r.borrow_mut();
         let (now, later): (Vec<_>, Vec<_>) = r
@@ -98,15 +104,27 @@ pub extern "C" fn wb_examine_config(_bdev: *mut sys::spdk_bdev) {
         r.pending = later;
         now
     });
+    // Examine is done once every device started here is registered (or
+    // failed): the last clone of the hold reports it.
+    let hold = Rc::new(ExamineHold);
     for req in ready {
         log::notice(&format!(
             "{}: base bdevs {} and {} are present; creating",
             req.name, req.cache_bdev, req.backing_bdev
         ));
-        start(req, None);
+        start(req, None, Some(Rc::clone(&hold)));
     }
-    // SAFETY: called once per examine_config, as SPDK requires.
-    unsafe { sys::spdk_bdev_module_examine_done(wb_module()) }
+}
+
+/// Reports this module's examine_disk as done when dropped.
+pub struct ExamineHold;
+
+impl Drop for ExamineHold {
+    fn drop(&mut self) {
+        // SAFETY: one hold per examine_disk call, dropped once, on the app
+        // thread: exactly one examine_done per examine_disk, as SPDK requires.
+        unsafe { sys::spdk_bdev_module_examine_done(wb_module()) }
+    }
 }
 
 #[unsafe(no_mangle)]
@@ -189,6 +207,21 @@ pub fn create(req: CreateRequest, resp: Option<Responder>) {
         .filter(|n| !exists(n))
         .map(String::as_str)
         .collect();
+    if !missing.is_empty() && !req.wait_for_bdevs {
+        if let Some(r) = resp {
+            r.error(&RpcError::new(
+                code::ENODEV,
+                format!(
+                    "bdev_writeboost_create {}: no bdev named {}; create it first, or pass \
+                     wait_for_bdevs=true to create {} when it appears",
+                    req.name,
+                    missing.join(" or "),
+                    req.name
+                ),
+            ));
+        }
+        return;
+    }
     if !missing.is_empty() {
         log::notice(&format!(
             "{}: waiting for bdev {} to appear",
@@ -202,15 +235,17 @@ pub fn create(req: CreateRequest, resp: Option<Responder>) {
         }
         return;
     }
-    start(req, resp);
+    start(req, resp, None);
 }
 
 /// Opens and claims both base bdevs and starts the engine.
-fn start(req: CreateRequest, resp: Option<Responder>) {
+fn start(req: CreateRequest, resp: Option<Responder>, hold: Option<Rc<ExamineHold>>) {
     match try_start(&req) {
         Ok((engine, cache, backing, dax)) => {
             let start_ticks = START_TICKS.load(Ordering::Relaxed);
             let dev = Device::new(req, engine, cache, backing, resp, dax, start_ticks);
+            // SAFETY: dev was just created on this thread and nothing else holds it.
+            unsafe { (*dev).examine_hold = hold };
             REGISTRY.with(|r| r.borrow_mut().devices.push(dev));
             // SAFETY: dev was just created on this thread.
             unsafe { Device::enter(dev, true, |_| {}) };
@@ -480,6 +515,7 @@ extern "C" fn base_event(ty: u32, bdev: *mut sys::spdk_bdev, _ctx: *mut c_void) 
                                 "a base bdev was removed while the cache was opening",
                             ));
                         }
+                        d.examine_hold = None;
                         d.state = State::Done;
                     });
                 }

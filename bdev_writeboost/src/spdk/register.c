@@ -9,7 +9,7 @@
 
 int wb_module_init(void);
 void wb_module_fini(void);
-void wb_examine_config(struct spdk_bdev *bdev);
+void wb_examine_disk(struct spdk_bdev *bdev);
 int wb_config_json(struct spdk_json_write_ctx *w);
 int wb_get_ctx_size(void);
 
@@ -30,7 +30,7 @@ static struct spdk_bdev_module writeboost_if = {
 	.name = "writeboost",
 	.module_init = wb_module_init,
 	.module_fini = wb_module_fini,
-	.examine_config = wb_examine_config,
+	.examine_disk = wb_examine_disk,
 	.config_json = wb_config_json,
 	.get_ctx_size = wb_get_ctx_size,
 };

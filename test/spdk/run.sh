@@ -1,0 +1,307 @@
+#!/usr/bin/env bash
+# The SPDK module's tests, against a real SPDK: bdevperf verify in both
+# buffer modes, save_config and restart, kill -9 with an acknowledgement log,
+# NVMe-oF/TCP export, and bad RPC input. Skipped, saying so, without SPDK.
+#
+#   SPDK_DIR=/path/to/spdk bash test/spdk/run.sh [TEST...]
+#
+# TEST is any of: verify restart crash nvmf badinput (default: all).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+if ! spdk_locate; then
+    echo "SKIPPED: SPDK module tests: SPDK not found (set SPDK_DIR to a built SPDK, or install it for pkg-config)"
+    exit 0
+fi
+echo "SPDK module tests against $SPDK_ROOT"
+spdk_build_module
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/wb-spdk-test.XXXXXX")
+POOLS=$(pool_dir)
+[ -n "${WB_KEEP:-}" ] && echo "keeping $WORK and $POOLS" || trap 'rm -rf "$WORK" "$POOLS"' EXIT
+PORT_BASE=$((4420 + RANDOM % 2000))
+NQN=nqn.2016-06.io.spdk:writeboost-test
+
+# 1. bdevperf -w verify over malloc base bdevs, mode 0 and mode 1.
+test_verify() {
+    make_pool "$POOLS/verify" 64M
+    local mode
+    for mode in 0 1; do
+        local pool=""
+        [ "$mode" = 1 ] && pool="$POOLS/verify"
+        bdev_config "$(malloc_entry Cache0 131072 512)" "$(malloc_entry Back0 524288 512)" \
+            "$(wb_entry wb0 Cache0 Back0 "$mode" "$pool")" >"$WORK/verify$mode.json"
+        bdevperf_run "$WORK/verify$mode.log" -c "$WORK/verify$mode.json" -T wb0 \
+            -q 32 -o 4096 -w verify -t 4
+        local iops
+        iops=$(bdevperf_iops "$WORK/verify$mode.log" wb0)
+        if [ -z "$iops" ] || grep -qiE "miscompare|io error|failed" "$WORK/verify$mode.log"; then
+            echo "verify mode $mode: errors or no result" >&2
+            tail -n 30 "$WORK/verify$mode.log" >&2
+            return 1
+        fi
+        echo "  mode $mode: bdevperf verify ${iops} IOPS, no errors"
+    done
+}
+
+# A writeboost_tgt over aio bdevs on files, wb0 exported over NVMe/TCP.
+# tgt_setup DIR MODE PORT — files are created when missing.
+tgt_setup() {
+    local dir=$1 mode=$2 port=$3
+    mkdir -p "$dir"
+    [ -f "$dir/cache.img" ] || truncate -s 256M "$dir/cache.img"
+    [ -f "$dir/backing.img" ] || truncate -s 1G "$dir/backing.img"
+    local pool=$POOLS/${dir##*/}
+    [ -f "$pool" ] || make_pool "$pool" 64M
+    start_app "$dir/tgt.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m 0x1
+    TGT_PID=$APP_PID
+    local s=$dir/tgt.sock
+    rpc "$s" bdev_aio_create "$dir/cache.img" Cache0 4096 >/dev/null
+    rpc "$s" bdev_aio_create "$dir/backing.img" Back0 4096 >/dev/null
+    if [ "$mode" = 1 ]; then
+        rpc "$s" bdev_writeboost_create -n wb0 -b Back0 -c Cache0 -m 1 -p "$pool" >/dev/null
+    else
+        rpc "$s" bdev_writeboost_create -n wb0 -b Back0 -c Cache0 >/dev/null
+    fi
+    nvmf_export "$s" "$port" wb0
+}
+
+nvmf_export() { # SOCK PORT BDEV
+    rpc "$1" nvmf_create_transport -t TCP >/dev/null
+    rpc "$1" nvmf_create_subsystem "$NQN" -a -s WB0000000000001 >/dev/null
+    rpc "$1" nvmf_subsystem_add_ns "$NQN" "$3" >/dev/null
+    rpc "$1" nvmf_subsystem_add_listener "$NQN" -t tcp -a 127.0.0.1 -s "$2" >/dev/null
+}
+
+# The initiator side: a bdev_nvme controller N0 (namespace bdev N0n1).
+# SPDK's NVMe initiator acknowledges FLUSH without sending it unless
+# enable_flush is set; without it nothing a FLUSH promised would hold.
+initiator_config() { # PORT
+    printf '{"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_nvme_set_options","params":{"enable_flush":true}},{"method":"bdev_nvme_attach_controller","params":{"name":"N0","trtype":"tcp","adrfam":"ipv4","traddr":"127.0.0.1","trsvcid":"%s","subnqn":"%s"}}]}]}\n' \
+        "$1" "$NQN"
+}
+
+# checker DIR PORT ARGS... — wb_ack_check on the second core over NVMe/TCP.
+checker() {
+    local dir=$1 port=$2
+    shift 2
+    initiator_config "$port" >"$dir/initiator.json"
+    "$WB_CHECK" "$@" -- --json "$dir/initiator.json" "${SPDK_APP_ARGS[@]}" -s 1024 -m 0x2 \
+        -r "$dir/check.sock" 2>>"$dir/check.log"
+}
+
+# 2. Data survives save_config, a clean stop and a start from that config.
+test_restart() {
+    local mode
+    for mode in 0 1; do
+        local dir=$WORK/restart$mode port=$((PORT_BASE + 10 + mode))
+        tgt_setup "$dir" "$mode" "$port"
+        rpc "$dir/tgt.sock" save_config >"$dir/saved.json"
+        grep -q '"bdev_writeboost_create"' "$dir/saved.json" || {
+            echo "save_config has no bdev_writeboost_create" >&2
+            return 1
+        }
+        checker "$dir" "$port" write N0n1 "$dir/acks" 32768 3 0 $((7 + mode)) >"$dir/write.out"
+        stop_app "$TGT_PID" "$dir/tgt.sock" || {
+            echo "target did not stop cleanly" >&2
+            tail -n 20 "$dir/tgt.log" >&2
+            return 1
+        }
+        start_app "$dir/tgt2.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m 0x1 \
+            --json "$dir/saved.json"
+        TGT_PID=$APP_PID
+        local out
+        out=$(checker "$dir" "$port" verify N0n1 "$dir/acks" all) || {
+            echo "mode $mode: data lost across save_config and restart: $out" >&2
+            tail -n 20 "$dir/check.log" >&2
+            return 1
+        }
+        echo "  mode $mode: $(grep -o 'acknowledged=[0-9]*' "$dir/write.out") writes; after restart from save_config: ${out##*: }"
+        stop_app "$TGT_PID" "$dir/tgt.sock"
+    done
+}
+
+# 3. kill -9 under load; everything acknowledged as durable reads back.
+test_crash() {
+    local mode
+    for mode in 0 1; do
+        local dir=$WORK/crash$mode port=$((PORT_BASE + 20 + mode))
+        tgt_setup "$dir" "$mode" "$port"
+        rpc "$dir/tgt.sock" save_config >"$dir/saved.json"
+        # Mode 0 promises durability at FLUSH (one per 64 writes); mode 1 at every ack.
+        checker "$dir" "$port" write N0n1 "$dir/acks" 32768 6 64 $((11 + mode)) >"$dir/write.out" 2>&1 &
+        local cpid=$!
+        sleep 3
+        rpc "$dir/tgt.sock" bdev_writeboost_get_stats -n wb0 >"$dir/stats-at-kill.json" 2>&1 || true
+        kill -9 "$TGT_PID"
+        wait "$TGT_PID" 2>/dev/null || true
+        wait "$cpid" || true
+        start_app "$dir/tgt2.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m 0x1 \
+            --json "$dir/saved.json"
+        TGT_PID=$APP_PID
+        local which=flushed
+        [ "$mode" = 1 ] && which=all
+        local out
+        out=$(checker "$dir" "$port" verify N0n1 "$dir/acks" "$which") || {
+            echo "mode $mode: acknowledged data lost after kill -9: $out" >&2
+            tail -n 20 "$dir/check.log" >&2
+            return 1
+        }
+        local acked flushes
+        acked=$(grep -c '^W' "$dir/acks" || true)
+        flushes=$(grep -c '^F' "$dir/acks" || true)
+        if [ "$acked" -lt 1000 ] || { [ "$mode" = 0 ] && [ "$flushes" -lt 2 ]; }; then
+            echo "mode $mode: too little was written before the kill ($acked writes, $flushes flushes)" >&2
+            return 1
+        fi
+        echo "  mode $mode: kill -9 after $acked acknowledged writes ($flushes flushes); verify $which: ${out##*: }"
+        stop_app "$TGT_PID" "$dir/tgt.sock"
+    done
+}
+
+# 4. Export over NVMe-oF/TCP from a stock spdk_tgt with the module preloaded;
+# bdevperf verify through SPDK's NVMe/TCP initiator.
+test_nvmf() {
+    local dir=$WORK/nvmf port=$((PORT_BASE + 30))
+    mkdir -p "$dir"
+    start_app "$dir/tgt.log" "$dir/tgt.sock" env LD_PRELOAD="$WB_LIB" "$SPDK_TGT" \
+        "${SPDK_APP_ARGS[@]}" -s 2048 -m 0x1
+    local s=$dir/tgt.sock
+    rpc "$s" bdev_malloc_create -b Cache0 64 4096 >/dev/null
+    rpc "$s" bdev_malloc_create -b Back0 256 4096 >/dev/null
+    rpc "$s" bdev_writeboost_create -n wb0 -b Back0 -c Cache0 >/dev/null
+    nvmf_export "$s" "$port" wb0
+    initiator_config "$port" >"$dir/initiator.json"
+    if ! env LD_PRELOAD="$WB_LIB" "$BDEVPERF" "${SPDK_APP_ARGS[@]}" -s 1024 -m 0x2 \
+        -r "$dir/perf.sock" -c "$dir/initiator.json" -T N0n1 -q 32 -o 4096 -w verify -t 4 \
+        >"$dir/bdevperf.log" 2>&1; then
+        echo "bdevperf over NVMe/TCP failed:" >&2
+        tail -n 30 "$dir/bdevperf.log" >&2
+        return 1
+    fi
+    local iops
+    iops=$(bdevperf_iops "$dir/bdevperf.log" N0n1)
+    [ -n "$iops" ] || { echo "no bdevperf result" >&2; tail -n 30 "$dir/bdevperf.log" >&2; return 1; }
+    echo "  bdevperf verify over NVMe/TCP (stock spdk_tgt + LD_PRELOAD): ${iops} IOPS, no errors"
+    stop_app "$APP_PID" "$s"
+}
+
+# expect_error SOCK PATTERN METHOD ARGS... — the call must fail with a message matching PATTERN.
+expect_error() {
+    local sock=$1 pat=$2
+    shift 2
+    local out
+    if out=$(rpc "$sock" "$@" 2>&1); then
+        echo "expected an error from: $* ; got: $out" >&2
+        return 1
+    fi
+    if ! grep -qiE "$pat" <<<"$out"; then
+        echo "error from '$*' does not say '$pat': $out" >&2
+        return 1
+    fi
+}
+
+# Raw JSON-RPC, for requests rpc.py would refuse to send.
+raw_rpc() { # SOCK JSON
+    python3 - "$1" "$2" <<'EOF'
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode())
+s.settimeout(10)
+buf = b""
+while True:
+    try:
+        chunk = s.recv(65536)
+    except socket.timeout:
+        break
+    if not chunk:
+        break
+    buf += chunk
+    try:
+        import json
+        json.loads(buf)
+        break
+    except ValueError:
+        continue
+print(buf.decode())
+EOF
+}
+
+# 5. Bad input: each returns an error, nothing is overwritten, the target serves on.
+test_badinput() {
+    local dir=$WORK/bad
+    mkdir -p "$dir"
+    make_pool "$POOLS/bad" 64M
+    start_app "$dir/tgt.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m 0x1
+    local s=$dir/tgt.sock
+    local b
+    for b in Cache0 Cache1 Back0 Back1; do
+        rpc "$s" bdev_malloc_create -b "$b" 64 4096 >/dev/null
+    done
+    rpc "$s" bdev_writeboost_create -n wb0 -b Back0 -c Cache0 >/dev/null
+    # Wrong types, missing and unknown parameters.
+    local r
+    r=$(raw_rpc "$s" '{"jsonrpc":"2.0","id":1,"method":"bdev_writeboost_create","params":{"name":"x","backing_bdev":"Back1","cache_bdev":"Cache1","mode":"fast"}}')
+    grep -q '"code": *-32602' <<<"$r" && grep -q 'mode' <<<"$r" || { echo "mode as a string: $r" >&2; return 1; }
+    r=$(raw_rpc "$s" '{"jsonrpc":"2.0","id":2,"method":"bdev_writeboost_create","params":{"name":"x","cache_bdev":"Cache1"}}')
+    grep -q '"code": *-32602' <<<"$r" && grep -q 'backing_bdev' <<<"$r" || { echo "missing backing_bdev: $r" >&2; return 1; }
+    r=$(raw_rpc "$s" '{"jsonrpc":"2.0","id":3,"method":"bdev_writeboost_set_options","params":{"name":"wb0","no_such_tunable":1}}')
+    grep -q '"code": *-32602' <<<"$r" && grep -q 'no_such_tunable' <<<"$r" || { echo "unknown tunable: $r" >&2; return 1; }
+    r=$(raw_rpc "$s" '{"jsonrpc":"2.0","id":4,"method":"bdev_writeboost_create","params":{"name":"x","backing_bdev":"Back1","cache_bdev":"Cache1","mode":2}}')
+    grep -q '"code": *-32602' <<<"$r" || { echo "mode 2: $r" >&2; return 1; }
+    # Missing bdevs, claimed bdevs, a taken name, unknown names.
+    expect_error "$s" "NoSuch" bdev_writeboost_create -n wb1 -b Back1 -c NoSuch
+    expect_error "$s" "claim|in use|already" bdev_writeboost_create -n wb1 -b Back1 -c Cache0
+    expect_error "$s" "claim|in use|already" bdev_writeboost_create -n wb1 -b Back0 -c Cache1
+    expect_error "$s" "exist|already" bdev_writeboost_create -n wb0 -b Back1 -c Cache1
+    expect_error "$s" "pmem|pool" bdev_writeboost_create -n wb1 -b Back1 -c Cache1 -m 1 -p "$dir/missing-pool"
+    expect_error "$s" "nosuch" bdev_writeboost_delete nosuch
+    expect_error "$s" "nosuch" bdev_writeboost_get_stats -n nosuch
+    expect_error "$s" "nosuch" bdev_writeboost_drop_caches nosuch
+    expect_error "$s" "nosuch" bdev_writeboost_clear_stats nosuch
+    expect_error "$s" "nosuch" bdev_writeboost_set_options nosuch --barrier-deadline-ms 5
+    # A cache that belongs to another backing device is refused and left as it is.
+    rpc "$s" bdev_writeboost_delete wb0 >/dev/null
+    expect_error "$s" "backing|belongs|format" bdev_writeboost_create -n wb1 -b Back1 -c Cache0
+    rpc "$s" bdev_writeboost_create -n wb0 -b Back0 -c Cache0 >/dev/null || {
+        echo "the refused cache could not be re-attached to its own backing device" >&2
+        return 1
+    }
+    # The failed creates released what they claimed: Cache1 and Back1 are usable.
+    rpc "$s" bdev_writeboost_create -n wb1 -b Back1 -c Cache1 -m 1 -p "$POOLS/bad" >/dev/null
+    # With wait_for_bdevs a create names bdevs that do not exist yet and
+    # completes when they appear.
+    rpc "$s" bdev_writeboost_create -n wb2 -b Back2 -c Cache2 --wait-for-bdevs >/dev/null
+    rpc "$s" bdev_malloc_create -b Cache2 64 4096 >/dev/null
+    rpc "$s" bdev_malloc_create -b Back2 64 4096 >/dev/null
+    rpc "$s" bdev_get_bdevs -b wb2 -t 10000 >/dev/null
+    # And the target still serves.
+    rpc "$s" bdev_writeboost_get_stats | python3 -c 'import json,sys; d=json.load(sys.stdin); assert len(d) == 3, d'
+    rpc "$s" bdev_get_bdevs -b wb1 >/dev/null
+    echo "  bad input: 14 cases refused with errors, nothing overwritten; a waiting create completed; target still serving"
+    stop_app "$APP_PID" "$s"
+}
+
+TESTS=("$@")
+[ ${#TESTS[@]} -gt 0 ] || TESTS=(verify restart crash nvmf badinput)
+failed=0
+for t in "${TESTS[@]}"; do
+    echo "spdk test $t"
+    # A subshell per test, so errexit holds inside it and its processes go with it.
+    set +e
+    (
+        trap spdk_cleanup EXIT
+        set -e
+        "test_$t"
+    )
+    rc=$?
+    set -e
+    if [ $rc = 0 ]; then
+        echo "PASS $t"
+    else
+        echo "FAIL $t"
+        failed=1
+    fi
+done
+exit $failed
