@@ -199,6 +199,7 @@ expect_error() {
         echo "error from '$*' does not say '$pat': $out" >&2
         return 1
     fi
+    echo "    refused: $1: $(grep -o '"message": .*' <<<"$out" | head -n 1)"
 }
 
 # Raw JSON-RPC, for requests rpc.py would refuse to send.

@@ -353,10 +353,41 @@ fn build_engine(
     }
 }
 
+/// "In use", naming the writeboost device that uses it when it is one of ours.
+fn claimed_error(role: &str, name: &str, holder: &str) -> RpcError {
+    let user = all().into_iter().find_map(|d| {
+        // SAFETY: registry devices are live and owned by this thread.
+        let d = unsafe { &*d };
+        (d.req.cache_bdev == name || d.req.backing_bdev == name).then(|| d.req.name.clone())
+    });
+    let by = match user {
+        Some(dev) => format!("writeboost device '{dev}'"),
+        None => format!("the {holder} module"),
+    };
+    RpcError::new(
+        code::EBUSY,
+        format!("{role} bdev '{name}' is already claimed by {by}; delete whatever uses it first"),
+    )
+}
+
 /// Opens a base bdev for writing, claims it and gets a channel on this thread.
 fn open_base(name: &str, role: &str) -> Result<Base, RpcError> {
     let cname = CString::new(name)
         .map_err(|_| RpcError::invalid_params(format!("{role} bdev name contains a NUL byte")))?;
+    // A claimed bdev cannot be opened for writing: say who holds it.
+    // SAFETY: cname is valid; the bdev (if any) is only read.
+    let holder = unsafe {
+        let bdev = sys::spdk_bdev_get_by_name(cname.as_ptr());
+        let h = if bdev.is_null() {
+            ptr::null()
+        } else {
+            sys::spdk_sys_bdev_claim_module_name(bdev)
+        };
+        (!h.is_null()).then(|| CStr::from_ptr(h).to_string_lossy().into_owned())
+    };
+    if let Some(holder) = holder {
+        return Err(claimed_error(role, name, &holder));
+    }
     let mut desc: *mut sys::spdk_bdev_desc = ptr::null_mut();
     // SAFETY: cname is valid; desc is an out-parameter.
     let rc = unsafe {
@@ -383,13 +414,7 @@ fn open_base(name: &str, role: &str) -> Result<Base, RpcError> {
         if !holder.is_null() {
             let holder = CStr::from_ptr(holder).to_string_lossy().into_owned();
             sys::spdk_bdev_close(desc);
-            return Err(RpcError::new(
-                code::EBUSY,
-                format!(
-                    "{role} bdev '{name}' is already claimed by the {holder} module; \
-                     delete whatever uses it first"
-                ),
-            ));
+            return Err(claimed_error(role, name, &holder));
         }
         let rc = sys::spdk_bdev_module_claim_bdev(bdev, desc, wb_module());
         if rc != 0 {
