@@ -432,7 +432,9 @@ mod tests {
         let saved = r.config_params(&r.tunables);
         assert!(saved.get("format").is_none());
         let again = create(saved).unwrap();
+        // Replaying never formats, and waits for base bdevs listed later.
         r.format = false;
+        r.wait_for_bdevs = true;
         assert_eq!(again, r);
     }
 
