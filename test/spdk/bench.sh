@@ -101,19 +101,25 @@ delayed() {
         "$1" "$2" "$3" "$3" "$4" "$4"
 }
 declare -A MEAN
-for mode in 1 0; do
-    pool=""
+# mode 0 seals the buffer at the barrier deadline (10 ms by default) to
+# gather more writes into the log; with barrier_deadline_ms=0 it seals at
+# once and every pair writes a partial log.
+for variant in mode1 mode0 mode0-deadline0; do
+    pool="" extra=""
+    mode=${variant:4:1}
     [ "$mode" = 1 ] && pool="$POOLS/pool" && make_pool "$POOLS/pool" 64M
+    [ "$variant" = mode0-deadline0 ] && extra='"barrier_deadline_ms":0'
     bdev_config "$CACHE" "$BACK" "$(delayed Cache0 DCache 20 20)" "$(delayed Back0 DBack 2000 2000)" \
-        "$(wb_entry wb0 DCache DBack "$mode" "$pool")" >"$WORK/pairs$mode.json"
-    out=$(env LD_PRELOAD="$WB_LIB" "$WB_CHECK" pairs wb0 "$PAIRS" 5 -- --json "$WORK/pairs$mode.json" \
-        "${SPDK_APP_ARGS[@]}" -s 4096 -m 0x1 -r "$WORK/pairs.sock" 2>"$WORK/pairs$mode.log") || {
-        echo "pairs mode $mode failed:" >&2
-        tail -n 20 "$WORK/pairs$mode.log" >&2
+        "$(wb_entry wb0 DCache DBack "$mode" "$pool" "$extra")" >"$WORK/pairs-$variant.json"
+    out=$(env LD_PRELOAD="$WB_LIB" "$WB_CHECK" pairs wb0 "$PAIRS" 5 -- --json "$WORK/pairs-$variant.json" \
+        "${SPDK_APP_ARGS[@]}" -s 4096 -m 0x1 -r "$WORK/pairs.sock" 2>"$WORK/pairs-$variant.log") || {
+        echo "pairs $variant failed:" >&2
+        tail -n 20 "$WORK/pairs-$variant.log" >&2
         exit 1
     }
     line=$(grep -o 'pairs=.*' <<<"$out")
-    echo "writeboost-mode$mode: $line"
-    MEAN[$mode]=$(grep -o 'mean_us=[0-9.]*' <<<"$line" | cut -d= -f2)
+    printf '%-28s %s\n' "writeboost-$variant:" "$line"
+    MEAN[$variant]=$(grep -o 'mean_us=[0-9.]*' <<<"$line" | cut -d= -f2)
 done
-echo "mode 1 / mode 0 mean write+FLUSH latency: $(ratio "${MEAN[1]}" "${MEAN[0]}")"
+echo "mean write+FLUSH latency, mode 0 / mode 1: $(ratio "${MEAN[mode0]}" "${MEAN[mode1]}") (default deadline)," \
+    "$(ratio "${MEAN[mode0-deadline0]}" "${MEAN[mode1]}") (barrier_deadline_ms=0)"

@@ -122,11 +122,12 @@ malloc_entry() { # NAME NUM_BLOCKS BLOCK_SIZE
     printf '{"method":"bdev_malloc_create","params":{"name":"%s","num_blocks":%s,"block_size":%s}}' "$1" "$2" "$3"
 }
 
-wb_entry() { # NAME CACHE BACKING MODE [PMEM_PATH]
-    local pmem=""
+wb_entry() { # NAME CACHE BACKING MODE [PMEM_PATH] [EXTRA_PARAMS e.g. "barrier_deadline_ms":0]
+    local pmem="" extra=""
     [ -n "${5:-}" ] && pmem=",\"pmem_path\":\"$5\""
-    printf '{"method":"bdev_writeboost_create","params":{"name":"%s","cache_bdev":"%s","backing_bdev":"%s","mode":%s%s}}' \
-        "$1" "$2" "$3" "$4" "$pmem"
+    [ -n "${6:-}" ] && extra=",$6"
+    printf '{"method":"bdev_writeboost_create","params":{"name":"%s","cache_bdev":"%s","backing_bdev":"%s","mode":%s%s%s}}' \
+        "$1" "$2" "$3" "$4" "$pmem" "$extra"
 }
 
 # Where pmem pool files go: WB_POOL_DIR, else /dev/shm. tmpfs stands in for
