@@ -112,8 +112,12 @@ pub struct Device {
     pub pmem_is_dax: Option<bool>,
     /// A base bdev was hot-removed.
     pub removed_at: Option<Nanos>,
-    hz: u64,
+    /// Nanoseconds per tick, as a 32.32 fixed-point multiplier.
+    ns_per_tick: u128,
     start_ticks: u64,
+    /// The time of the current turn (read once per entry: reading the tick
+    /// counter, and converting it, for every request is measurable).
+    now_at: Nanos,
 }
 
 unsafe extern "C" {
@@ -132,7 +136,12 @@ unsafe extern "C" {
 pub fn now_ns(hz: u64, start: u64) -> Nanos {
     // SAFETY: spdk_get_ticks has no preconditions.
     let t = unsafe { sys::spdk_get_ticks() }.saturating_sub(start);
-    (t as u128 * 1_000_000_000 / hz.max(1) as u128) as u64
+    ((t as u128 * ns_per_tick(hz)) >> 32) as u64
+}
+
+/// Nanoseconds per tick as a 32.32 fixed-point multiplier (no division per reading).
+fn ns_per_tick(hz: u64) -> u128 {
+    (1_000_000_000u128 << 32) / hz.max(1) as u128
 }
 
 impl Device {
@@ -177,8 +186,9 @@ impl Device {
             examine_hold: None,
             pmem_is_dax,
             removed_at: None,
-            hz,
+            ns_per_tick: ns_per_tick(hz),
             start_ticks,
+            now_at: 0,
         }));
         // SAFETY: both pointers were just created from Boxes and are live;
         // the poller is unregistered in `teardown` before `dev` is freed.
@@ -195,8 +205,15 @@ impl Device {
         dev
     }
 
+    /// The time of this turn.
     pub fn now(&self) -> Nanos {
-        now_ns(self.hz, self.start_ticks)
+        self.now_at
+    }
+
+    pub fn refresh_now(&mut self) {
+        // SAFETY: spdk_get_ticks has no preconditions.
+        let t = unsafe { sys::spdk_get_ticks() }.saturating_sub(self.start_ticks);
+        self.now_at = ((t as u128 * self.ns_per_tick) >> 32) as u64;
     }
 
     fn shared(&self) -> &Shared {
@@ -221,6 +238,7 @@ impl Device {
             }
             {
                 let d = &mut *dev;
+                d.refresh_now();
                 f(d);
                 d.run();
             }

@@ -526,8 +526,8 @@ extern "C" fn base_event(ty: u32, bdev: *mut sys::spdk_bdev, _ctx: *mut c_void) 
                     &d.req.backing_bdev
                 }
             ));
-            let now = d.now();
-            d.removed_at = Some(now);
+            d.refresh_now();
+            d.removed_at = Some(d.now());
             match d.state {
                 State::Online => {
                     sys::spdk_bdev_unregister(d.bdev, None, ptr::null_mut());
