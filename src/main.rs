@@ -1,45 +1,71 @@
-//! `writeboost`: the standalone host. Runs a writeboost cache over two files
-//! (or block devices) and serves it over NBD.
+//! `writeboost`: the standalone host. Runs writeboost devices over base
+//! bdevs (files, block devices, RAM) on polled reactors, serves them over
+//! NBD and takes SPDK-style JSON-RPC on a Unix socket.
 //!
 //! ```text
 //! writeboost --data-dir /var/lib/wb --cache-size 256M --backing-size 1G
 //! qemu-io -f raw nbd://127.0.0.1:10809/wb0 -c 'write -P 0xab 0 1M'
+//! writeboost --config wb.yaml --cores 0,1 --rpc-socket /run/wb.sock
 //! ```
 
 mod alloc;
+mod bdev;
+mod config;
 mod device;
+mod host;
+mod jsonrpc;
 mod nbd;
 mod reactor;
 mod store;
 
 use std::io::Write;
-use std::net::TcpListener;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::Duration;
 
 use clap::Parser;
+use serde_json::{Value, json};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use writeboost_engine::{BackingIdentity, OpenParams, Tunables};
+use writeboost_engine::Tunables;
 
-use nbd::proto::{Export, TRANSMISSION_FLAGS};
-use nbd::server::{ServerCtx, spawn_tcp, spawn_unix};
-use reactor::{IoBackendKind, ReactorConfig, Shared};
+use config::Call;
+use host::{App, AppOpts, Stop};
+use reactor::{IoBackendKind, ReactorHandle, ReactorOpts};
+
+/// The RPC socket when -r is not given (SPDK's is /var/tmp/spdk.sock; a
+/// different default lets both run on one machine).
+const DEFAULT_RPC_SOCKET: &str = "/var/tmp/writeboost.sock";
 
 /// Log-structured write-back block cache, served over NBD.
 ///
-/// Creates DATA_DIR/cache.img and DATA_DIR/backing.img (sparse) if missing,
-/// opens (or formats) the cache on them and serves the cached device as an
-/// NBD export. SIGINT/SIGTERM shut down cleanly; a second signal exits at once.
+/// Without --config: creates DATA_DIR/cache.img and DATA_DIR/backing.img
+/// (sparse) if missing, opens (or formats) the cache on them and serves the
+/// cached device as an NBD export. With --config: creates the base bdevs,
+/// writeboost devices and NBD servers the file describes. Either way the
+/// same can be done at runtime over JSON-RPC (--rpc-socket). SIGINT/SIGTERM
+/// shut down cleanly; a second signal exits at once.
 #[derive(Parser, Debug)]
 #[command(name = "writeboost", version)]
 struct Cli {
+    /// Configuration file (YAML, or SPDK's JSON as save_config writes it)
+    /// describing base bdevs, writeboost devices and NBD servers. Without it
+    /// the flags below (--data-dir ... --set) describe one device.
+    #[arg(short = 'c', long)]
+    config: Option<PathBuf>,
+    /// Unix socket for JSON-RPC [default: /var/tmp/writeboost.sock].
+    #[arg(short = 'r', long)]
+    rpc_socket: Option<PathBuf>,
+    /// Cores to run reactors on, as an SPDK core mask: hex (0x3) or a list
+    /// ([0,1], [0-3]). One reactor per core, pinned to it.
+    #[arg(short = 'm', long, conflicts_with = "cores")]
+    cpumask: Option<String>,
+    /// Cores to run reactors on, as a list: 0,1 or 0-3. Without -m or
+    /// --cores: one unpinned reactor.
+    #[arg(long)]
+    cores: Option<String>,
     /// Directory holding the device files and the backing identity.
     #[arg(long, default_value = "./writeboost-data")]
     data_dir: PathBuf,
@@ -80,12 +106,12 @@ struct Cli {
     /// Do not use O_DIRECT (use the page cache; flushes still fdatasync).
     #[arg(long)]
     no_direct: bool,
-    /// Busy-poll this long (µs) after the last work before sleeping.
+    /// Busy-poll this long (µs) after a reactor's last work before sleeping.
     #[arg(long, default_value_t = 50)]
     spin_us: u64,
-    /// Longest sleep (µs) of the reactor while device I/O is in flight; it
+    /// Longest sleep (µs) of a reactor while device I/O is in flight; it
     /// bounds the extra latency a new request can see then. With nothing in
-    /// flight the reactor sleeps until woken (no CPU use when idle).
+    /// flight a reactor sleeps until woken (no CPU use when idle).
     #[arg(long, default_value_t = 200)]
     idle_sleep_us: u64,
     /// Engine tunable NAME=VALUE (repeatable), e.g. writeback_threshold=0.
@@ -111,6 +137,49 @@ fn parse_tunables(list: &[String]) -> Result<Tunables, String> {
     Ok(t)
 }
 
+/// Parses a core list: `0,1`, `0-3`, `[0,2-3]`.
+fn parse_core_list(s: &str) -> Result<Vec<usize>, String> {
+    let inner = s.trim().trim_start_matches('[').trim_end_matches(']');
+    let mut cores = Vec::new();
+    for part in inner.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("core list '{s}': '{part}' is not a core number or range like 2-5");
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let a: usize = a.parse().map_err(|_| bad())?;
+        let b: usize = b.parse().map_err(|_| bad())?;
+        if a > b || b >= 1024 {
+            return Err(bad());
+        }
+        for c in a..=b {
+            if !cores.contains(&c) {
+                cores.push(c);
+            }
+        }
+    }
+    if cores.is_empty() {
+        return Err(format!("core list '{s}' names no core"));
+    }
+    Ok(cores)
+}
+
+/// Parses an SPDK core mask: `0x3`, `3` (hex), or a list in brackets.
+fn parse_cpumask(s: &str) -> Result<Vec<usize>, String> {
+    let t = s.trim();
+    if t.starts_with('[') {
+        return parse_core_list(t);
+    }
+    let hex = t.trim_start_matches("0x").trim_start_matches("0X");
+    let mask = u128::from_str_radix(hex, 16)
+        .map_err(|_| format!("core mask '{s}' is not hex like 0x3 nor a list like [0,1]"))?;
+    let cores: Vec<usize> = (0..128).filter(|i| mask & (1u128 << i) != 0).collect();
+    if cores.is_empty() {
+        return Err(format!("core mask '{s}' names no core"));
+    }
+    Ok(cores)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -122,171 +191,174 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), String> {
-    let tunables = parse_tunables(&cli.tunables)?;
-    let st = store::open(&store::StoreOptions {
+/// The embedded default: one writeboost device over two files in the data
+/// directory, exported over NBD, as RPC calls.
+fn default_config(cli: &Cli, tunables: &Tunables) -> Result<Vec<Call>, String> {
+    let p = store::prepare(&store::StoreOptions {
         data_dir: cli.data_dir.clone(),
         cache_file: cli.cache_file.clone(),
         backing_file: cli.backing_file.clone(),
         cache_size: cli.cache_size,
         backing_size: cli.backing_size,
-        direct: !cli.no_direct,
     })
     .map_err(|e| e.to_string())?;
-    for n in &st.notes {
+    for n in &p.notes {
         eprintln!("writeboost: {n}");
     }
-
-    // Bind before opening the cache so a busy port fails fast.
-    let tcp = if cli.nbd_listen != "off" {
-        let l = TcpListener::bind(&cli.nbd_listen).map_err(|e| {
-            format!(
-                "cannot listen on {}: {e}; pick another --nbd-listen address",
-                cli.nbd_listen
-            )
-        })?;
-        Some(l)
-    } else {
-        None
-    };
-    let unix = match &cli.nbd_socket {
-        Some(p) => {
-            if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
-                // A stale socket from a previous run (nobody else can serve
-                // these files while we hold their lock).
-                let _ = std::fs::remove_file(p);
-            }
-            Some(
-                UnixListener::bind(p)
-                    .map_err(|e| format!("cannot listen on unix socket {}: {e}", p.display()))?,
-            )
-        }
-        None => None,
-    };
-    if tcp.is_none() && unix.is_none() {
+    if cli.nbd_listen == "off" && cli.nbd_socket.is_none() {
         return Err("nothing to serve on: give --nbd-listen ADDR or --nbd-socket PATH".into());
     }
-
-    let mut params = OpenParams::new(
-        st.cache_size,
-        BackingIdentity {
-            uuid: st.backing_uuid,
-            size: st.backing_size,
-        },
-        store::random_uuid().map_err(|e| e.to_string())?,
-    );
-    params.format = cli.format;
-    params.tunables = tunables;
-    let ctx_direct = (st.devices.cache.direct, st.devices.backing.direct);
-    let devices = Arc::new(st.devices);
-    let shared = Arc::new(Shared::default());
-
-    // Signals: the first asks for a clean shutdown, a second exits at once.
-    let mut signals = Signals::new([SIGINT, SIGTERM])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    {
-        let shared = Arc::clone(&shared);
-        thread::Builder::new()
-            .name("wb-signals".into())
-            .spawn(move || {
-                for (i, sig) in signals.forever().enumerate() {
-                    let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
-                    if i == 0 {
-                        eprintln!(
-                            "writeboost: {name}: finishing requests in flight and shutting down \
-                             cleanly (send it again to exit at once)"
-                        );
-                        shared.stop.store(true, Ordering::Release);
-                        shared.wake();
-                    } else {
-                        eprintln!("writeboost: {name} again: exiting without a clean shutdown");
-                        std::process::exit(130);
-                    }
-                }
-            })
-            .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    let mut wb = json!({
+        "name": cli.export_name,
+        "backing_bdev": "Backing0",
+        "cache_bdev": "Cache0",
+    });
+    if cli.format {
+        wb["format"] = json!(true);
     }
+    let defaults = Tunables::default().values();
+    for ((name, v), (_, d)) in tunables.values().into_iter().zip(defaults) {
+        if v != d {
+            wb[name] = json!(v);
+        }
+    }
+    let mut nbd = json!({"bdev_name": cli.export_name});
+    if cli.nbd_listen != "off" {
+        nbd["listen"] = json!(cli.nbd_listen);
+    }
+    if let Some(s) = &cli.nbd_socket {
+        nbd["socket"] = json!(s.to_string_lossy());
+    }
+    Ok(vec![
+        Call::new(
+            "bdev_aio_create",
+            json!({"name": "Cache0", "filename": p.cache_path.to_string_lossy()}),
+        ),
+        Call::new(
+            "bdev_aio_create",
+            json!({
+                "name": "Backing0",
+                "filename": p.backing_path.to_string_lossy(),
+                "uuid": store::uuid_string(&p.backing_uuid),
+            }),
+        ),
+        Call::new("bdev_writeboost_create", wb),
+        Call::new("nbd_server_start", nbd),
+    ])
+}
 
-    let cfg = ReactorConfig {
-        params,
-        devices,
+fn run(cli: Cli) -> Result<(), String> {
+    let tunables = parse_tunables(&cli.tunables)?;
+    let cores: Vec<Option<usize>> = match (&cli.cpumask, &cli.cores) {
+        (Some(m), _) => parse_cpumask(m)?.into_iter().map(Some).collect(),
+        (None, Some(l)) => parse_core_list(l)?.into_iter().map(Some).collect(),
+        (None, None) => vec![None],
+    };
+    let calls = match &cli.config {
+        Some(path) => config::load(path).map_err(|e| e.to_string())?,
+        None => default_config(&cli, &tunables)?,
+    };
+
+    // Bind the RPC socket first so a clash shows before anything starts.
+    let rpc_path = cli
+        .rpc_socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_RPC_SOCKET));
+    let rpc = match jsonrpc::bind(&rpc_path) {
+        Ok(l) => Some(l),
+        // Without -r, a second host on the machine still runs (without RPC).
+        Err(e) if cli.rpc_socket.is_none() => {
+            eprintln!("writeboost: warning: RPC is off: {e}");
+            None
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+
+    let opts = ReactorOpts {
         backend: cli.io_backend,
         queue_depth: cli.queue_depth,
         io_threads: cli.io_threads as usize,
         spin: Duration::from_micros(cli.spin_us),
         idle_sleep: Duration::from_micros(cli.idle_sleep_us.max(1)),
     };
-    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
-    let rshared = Arc::clone(&shared);
-    let reactor = thread::Builder::new()
-        .name("wb-reactor".into())
-        .spawn(move || {
-            reactor::run(cfg, rshared, move |r| {
-                let _ = ready_tx.send(r);
-            })
-        })
-        .map_err(|e| format!("cannot start the reactor thread: {e}"))?;
-    let info = match ready_rx.recv() {
-        Ok(Ok(info)) => info,
-        Ok(Err(e)) => {
-            let _ = reactor.join();
-            return Err(e.to_string());
-        }
-        Err(_) => return Err("the reactor thread died during start-up".into()),
-    };
-
-    let ctx = Arc::new(ServerCtx {
-        shared: Arc::clone(&shared),
-        export: Export {
-            name: cli.export_name.clone(),
-            description: format!("writeboost cache over {}", st.backing_path.display()),
-            size: st.backing_size,
-            flags: TRANSMISSION_FLAGS,
+    let mut reactors = Vec::new();
+    for (i, core) in cores.iter().enumerate() {
+        reactors.push(
+            ReactorHandle::spawn(i, *core, opts.clone())
+                .map_err(|e| format!("cannot start reactor thread {i}: {e}"))?,
+        );
+    }
+    let (stop_tx, stop_rx) = crossbeam_channel::unbounded::<Stop>();
+    let app = Arc::new(App::new(
+        AppOpts {
+            direct: !cli.no_direct,
+            verbose: cli.verbose,
         },
-        verbose: cli.verbose,
-    });
-    let mut urls = Vec::new();
-    if let Some(l) = tcp {
-        let addr = l.local_addr().map_err(|e| e.to_string())?;
-        urls.push(format!("nbd://{addr}/{}", cli.export_name));
-        spawn_tcp(l, Arc::clone(&ctx)).map_err(|e| e.to_string())?;
-    }
-    if let Some(l) = unix {
-        if let Some(p) = &cli.nbd_socket {
-            urls.push(format!(
-                "nbd+unix:///{}?socket={}",
-                cli.export_name,
-                p.display()
-            ));
+        reactors,
+        stop_tx.clone(),
+    ));
+
+    // Signals: the first asks for a clean shutdown, a second exits at once.
+    let mut signals = Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    thread::Builder::new()
+        .name("wb-signals".into())
+        .spawn(move || {
+            for (i, sig) in signals.forever().enumerate() {
+                let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+                if i == 0 {
+                    eprintln!(
+                        "writeboost: {name}: finishing requests in flight and shutting down \
+                         cleanly (send it again to exit at once)"
+                    );
+                    let _ = stop_tx.send(Stop::Clean);
+                } else {
+                    eprintln!("writeboost: {name} again: exiting without a clean shutdown");
+                    std::process::exit(130);
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+
+    let rpc_on = rpc.is_some();
+    let cleanup = |app: &App| {
+        app.shutdown();
+        if rpc_on {
+            let _ = std::fs::remove_file(&rpc_path);
         }
-        spawn_unix(l, Arc::clone(&ctx)).map_err(|e| e.to_string())?;
+    };
+    for c in &calls {
+        let params = match &c.params {
+            Value::Null => None,
+            p => Some(p),
+        };
+        if let Err(e) = app.call(&c.method, params) {
+            cleanup(&app);
+            let source = match &cli.config {
+                Some(p) => format!("{}: ", p.display()),
+                None => String::new(),
+            };
+            return Err(format!("{source}{}: {}", c.method, e.message));
+        }
     }
-    let mode = |direct: bool| if direct { "O_DIRECT" } else { "buffered" };
-    eprintln!(
-        "writeboost: cache {} ({} bytes, {}), backing {} ({} bytes, {}), I/O via {}",
-        st.cache_path.display(),
-        st.cache_size,
-        mode(ctx_direct.0),
-        st.backing_path.display(),
-        st.backing_size,
-        mode(ctx_direct.1),
-        info.backend
-    );
-    println!(
-        "writeboost: serving {} ({} bytes) on {}",
-        cli.export_name,
-        st.backing_size,
-        urls.join(" and ")
-    );
+    if let Some(l) = rpc {
+        jsonrpc::spawn(l, Arc::clone(&app))
+            .map_err(|e| format!("cannot start the RPC thread: {e}"))?;
+    }
+    for (name, size, urls) in app.nbd_summary() {
+        println!(
+            "writeboost: serving {name} ({size} bytes) on {}",
+            urls.join(" and ")
+        );
+    }
+    if rpc_on {
+        println!("writeboost: ready; JSON-RPC on {}", rpc_path.display());
+    } else {
+        println!("writeboost: ready");
+    }
     let _ = std::io::stdout().flush();
 
-    let clean = reactor.join().is_ok();
-    if let Some(p) = &cli.nbd_socket {
-        let _ = std::fs::remove_file(p);
-    }
-    if clean {
-        Ok(())
-    } else {
-        Err("the reactor thread panicked; the cache recovers from its log at the next start".into())
-    }
+    let _ = stop_rx.recv();
+    cleanup(&app);
+    Ok(())
 }

@@ -1,29 +1,36 @@
-//! The reactor: one thread owns the engine and the I/O backend and runs a
-//! polled loop. Connection threads hand it requests through a lock-free
-//! queue and get replies back on per-connection channels.
+//! Reactors: one thread per core of the core list, each running pollers.
+//! Every writeboost device's engine is owned by one reactor (assigned round
+//! robin) and driven there as a poller: one turn takes new user requests,
+//! reaps device completions and runs the engine's deadlines, which is where
+//! its stages (buffer, log commit, writeback) advance. NBD connection threads
+//! hand requests to a device over a lock-free queue; the RPC server hands a
+//! reactor work (open, statistics, options) over another.
 //!
-//! Each turn of the loop takes new requests, reaps device completions and runs
-//! engine deadlines. When a turn finds nothing to do the reactor spins for
+//! When a turn of every poller finds nothing to do the reactor spins for
 //! `spin` (lowest latency), then sleeps with growing sleeps capped at
-//! `idle_sleep` while device I/O is in flight (io_uring waits in the kernel
-//! for a completion, so completions end the sleep at once), and parks until
-//! woken or the engine's next deadline when nothing at all is in flight, so an
-//! idle host uses no CPU.
+//! `idle_sleep` while device I/O is in flight (with a single device on the
+//! reactor, io_uring waits in the kernel for a completion, so completions end
+//! the sleep at once), and parks until woken or the next engine deadline when
+//! nothing at all is in flight, so an idle host uses no CPU.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::{self, Thread};
+use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 use crossbeam_queue::SegQueue;
+use serde_json::Value;
 use thiserror::Error;
+use writeboost_engine::config::BufferMode;
+use writeboost_engine::pmem::Pmem;
 use writeboost_engine::{
     Command, CommandKind, DataRef, DeviceError, Engine, Event, IoError, Nanos, OpenError,
     OpenParams, ReqId, SubmitError,
 };
+use writeboost_rpc::{CreateRequest, DeviceReport, RpcError, report_json};
 
 use crate::alloc::{AlignedAlloc, AlignedBuf};
 use crate::device::threads::ThreadBackend;
@@ -68,19 +75,69 @@ pub enum ConnMsg {
     Close,
 }
 
-/// State shared between the reactor and everybody else.
-#[derive(Default)]
+/// One writeboost device's state shared between its reactor and everybody else.
 pub struct Shared {
     pub queue: SegQueue<Request>,
     pub reactor: OnceLock<Thread>,
-    /// Graceful shutdown requested.
+    /// Graceful shutdown requested: new requests are refused, requests in
+    /// flight finish, then the engine shuts down cleanly.
     pub stop: AtomicBool,
+    /// The engine is gone; whatever is queued now is refused.
+    closed: AtomicBool,
+    /// Told when the device has closed (cleanly or not).
+    done_tx: Sender<()>,
+    done_rx: Receiver<()>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        Self {
+            queue: SegQueue::new(),
+            reactor: OnceLock::new(),
+            stop: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            done_tx,
+            done_rx,
+        }
+    }
 }
 
 impl Shared {
     pub fn submit(&self, r: Request) {
         self.queue.push(r);
         self.wake();
+        if self.closed.load(Ordering::Acquire) {
+            self.refuse_queued();
+        }
+    }
+
+    fn refuse_queued(&self) {
+        while let Some(r) = self.queue.pop() {
+            let _ = r.reply.send(ConnMsg::Reply {
+                handle: r.handle,
+                error: proto::ESHUTDOWN,
+                data: Vec::new(),
+                cost: r.cost,
+            });
+        }
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.refuse_queued();
+        let _ = self.done_tx.try_send(());
+    }
+
+    /// Asks for a graceful shutdown and waits until the device has closed.
+    pub fn shut_down(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake();
+        if !self.closed.load(Ordering::Acquire) {
+            let _ = self.done_rx.recv();
+            // Let other waiters through too.
+            let _ = self.done_tx.try_send(());
+        }
     }
 
     pub fn wake(&self) {
@@ -102,14 +159,22 @@ pub enum IoBackendKind {
     Threads,
 }
 
-pub struct ReactorConfig {
-    pub params: OpenParams,
-    pub devices: Arc<Devices>,
+/// How every reactor runs its devices.
+#[derive(Clone, Debug)]
+pub struct ReactorOpts {
     pub backend: IoBackendKind,
     pub queue_depth: u32,
     pub io_threads: usize,
     pub spin: Duration,
     pub idle_sleep: Duration,
+}
+
+/// Everything a reactor needs to open a writeboost device.
+pub struct DeviceSpec {
+    pub req: CreateRequest,
+    pub params: OpenParams,
+    pub devices: Arc<Devices>,
+    pub shared: Arc<Shared>,
 }
 
 #[derive(Debug, Error)]
@@ -122,11 +187,15 @@ pub enum ReactorError {
     Threads(std::io::Error),
     #[error("the engine stopped making progress during start-up (no I/O in flight); this is a bug")]
     Stuck,
+    #[error("{0}")]
+    Pool(#[from] writeboost_pmem::PoolError),
 }
 
-/// Reported to the main thread once the engine is ready.
+/// Reported once the engine is ready.
 pub struct ReadyInfo {
     pub backend: &'static str,
+    /// Whether the pmem pool is real persistent memory (DAX), with a pool.
+    pub pmem_is_dax: Option<bool>,
 }
 
 struct UserReq {
@@ -149,9 +218,15 @@ enum Phase {
     /// engine.shutdown called; waiting for ShutdownComplete.
     ShuttingDown,
     Done,
+    /// The cache could not be opened.
+    Failed,
 }
 
-struct Host {
+/// One writeboost device on its reactor: a poller.
+pub struct Dev {
+    pub req: CreateRequest,
+    pmem_is_dax: Option<bool>,
+    ready_tx: Option<Sender<Result<ReadyInfo, ReactorError>>>,
     engine: Engine<AlignedAlloc>,
     backend: Box<dyn Backend>,
     shared: Arc<Shared>,
@@ -170,8 +245,8 @@ const POOL_PER_SIZE: usize = 64;
 /// Requests taken from the queue per loop turn (bounds latency of completions).
 const BATCH: usize = 256;
 
-impl Host {
-    fn now(&self) -> Nanos {
+impl Dev {
+    pub fn now(&self) -> Nanos {
         self.epoch.elapsed().as_nanos() as Nanos
     }
 
@@ -388,8 +463,12 @@ impl Host {
         self.drain();
     }
 
-    /// One turn: requests, completions, deadlines, shutdown. True if anything happened.
+    /// One turn: requests, completions, deadlines, start-up and shutdown.
+    /// True if anything happened.
     fn turn(&mut self) -> bool {
+        if self.phase == Phase::Starting {
+            return self.turn_starting();
+        }
         let mut progress = false;
         if self.phase != Phase::Starting {
             for _ in 0..BATCH {
@@ -428,39 +507,6 @@ impl Host {
         }
         progress
     }
-
-    /// Runs turns until `until` holds, backing off when idle.
-    fn run_until(&mut self, spin: Duration, idle_sleep: Duration, until: impl Fn(&Self) -> bool) {
-        let mut idle_since: Option<Instant> = None;
-        let mut sleep = Duration::from_micros(1);
-        while !until(self) {
-            if self.turn() {
-                idle_since = None;
-                sleep = Duration::from_micros(1);
-                continue;
-            }
-            let since = *idle_since.get_or_insert_with(Instant::now);
-            if since.elapsed() < spin {
-                std::hint::spin_loop();
-                continue;
-            }
-            if !self.shared.queue.is_empty() {
-                continue;
-            }
-            let deadline = self
-                .engine
-                .poll_timeout()
-                .map(|t| Duration::from_nanos(t.saturating_sub(self.now())));
-            if self.backend.inflight() == 0 && self.phase != Phase::Draining {
-                // Fully idle: sleep until woken or the engine's next deadline.
-                self.backend.wait(deadline);
-            } else {
-                let d = deadline.map_or(sleep, |t| t.min(sleep));
-                self.backend.wait(Some(d));
-                sleep = (sleep * 2).min(idle_sleep);
-            }
-        }
-    }
 }
 
 fn reply(r: &UserReq, error: u32, data: Vec<u8>) {
@@ -487,12 +533,15 @@ fn io_errno(e: IoError) -> u32 {
     }
 }
 
-fn make_backend(cfg: &ReactorConfig, shared: &Shared) -> Result<Box<dyn Backend>, ReactorError> {
-    if cfg.backend == IoBackendKind::Uring {
+fn make_backend(
+    opts: &ReactorOpts,
+    devices: &Arc<Devices>,
+) -> Result<Box<dyn Backend>, ReactorError> {
+    if opts.backend == IoBackendKind::Uring {
         // WRITEBOOST_NO_URING simulates a kernel or sandbox without io_uring.
         let ring = match std::env::var_os("WRITEBOOST_NO_URING") {
             Some(_) => Err(std::io::Error::other("disabled by WRITEBOOST_NO_URING")),
-            None => UringBackend::new(Arc::clone(&cfg.devices), cfg.queue_depth),
+            None => UringBackend::new(Arc::clone(devices), opts.queue_depth),
         };
         match ring {
             Ok(b) => return Ok(Box::new(b)),
@@ -502,73 +551,353 @@ fn make_backend(cfg: &ReactorConfig, shared: &Shared) -> Result<Box<dyn Backend>
             ),
         }
     }
-    let reactor = shared
-        .reactor
-        .get()
-        .cloned()
-        .unwrap_or_else(thread::current);
-    let b = ThreadBackend::new(Arc::clone(&cfg.devices), cfg.io_threads, reactor)
+    let b = ThreadBackend::new(Arc::clone(devices), opts.io_threads, thread::current())
         .map_err(ReactorError::Threads)?;
     Ok(Box::new(b))
 }
 
-fn open_host(cfg: &ReactorConfig, shared: &Arc<Shared>) -> Result<Host, ReactorError> {
-    let backend = make_backend(cfg, shared)?;
-    let engine = Engine::open(cfg.params.clone(), AlignedAlloc, 0)?;
-    let mut h = Host {
-        engine,
-        backend,
-        shared: Arc::clone(shared),
-        epoch: Instant::now(),
-        reqs: HashMap::new(),
-        cmds: HashMap::new(),
-        next_req: 0,
-        phase: Phase::Starting,
-        open_result: None,
-        pool: HashMap::new(),
-        dones: Vec::new(),
-    };
-    h.drain();
-    while h.open_result.is_none() {
-        if !h.turn() {
-            if h.backend.inflight() == 0 && h.open_result.is_none() {
-                return Err(ReactorError::Stuck);
+impl Dev {
+    /// Starts opening a device on this (its reactor's) thread; the outcome
+    /// is sent on `ready` once the engine has recovered or formatted the cache.
+    fn open(
+        spec: DeviceSpec,
+        opts: &ReactorOpts,
+        ready: Sender<Result<ReadyInfo, ReactorError>>,
+    ) -> Result<Dev, (ReactorError, Sender<Result<ReadyInfo, ReactorError>>)> {
+        let _ = spec.shared.reactor.set(thread::current());
+        let backend = match make_backend(opts, &spec.devices) {
+            Ok(b) => b,
+            Err(e) => return Err((e, ready)),
+        };
+        let (engine, pmem_is_dax) = match &spec.req.pmem_path {
+            Some(path) => {
+                let pool = match writeboost_pmem::PmdkPool::open(std::path::Path::new(path)) {
+                    Ok(p) => p,
+                    Err(e) => return Err((e.into(), ready)),
+                };
+                let dax = pool.is_dax();
+                if !dax && spec.req.mode == BufferMode::Persistent {
+                    eprintln!(
+                        "writeboost: {}: warning: pmem pool {path} is not DAX persistent memory: \
+                         persistence falls back to msync and mode 1 loses its speed (data stays safe)",
+                        spec.req.name
+                    );
+                }
+                let pool: Box<dyn Pmem> = Box::new(pool);
+                match Engine::open_with_pool(spec.params, AlignedAlloc, pool, 0) {
+                    Ok(e) => (e, Some(dax)),
+                    Err(e) => return Err((e.into(), ready)),
+                }
             }
-            h.backend.wait(Some(Duration::from_millis(1)));
-        }
+            None => match Engine::open(spec.params, AlignedAlloc, 0) {
+                Ok(e) => (e, None),
+                Err(e) => return Err((e.into(), ready)),
+            },
+        };
+        let mut d = Dev {
+            req: spec.req,
+            pmem_is_dax,
+            ready_tx: Some(ready),
+            engine,
+            backend,
+            shared: spec.shared,
+            epoch: Instant::now(),
+            reqs: HashMap::new(),
+            cmds: HashMap::new(),
+            next_req: 0,
+            phase: Phase::Starting,
+            open_result: None,
+            pool: HashMap::new(),
+            dones: Vec::new(),
+        };
+        d.drain();
+        Ok(d)
     }
-    match h.open_result.take() {
-        Some(Err(e)) => Err(e.into()),
-        _ => Ok(h),
+
+    /// A start-up turn: completions until the engine is ready or has failed.
+    fn turn_starting(&mut self) -> bool {
+        let mut dones = std::mem::take(&mut self.dones);
+        self.backend.poll(&mut dones);
+        let progress = !dones.is_empty();
+        for d in dones.drain(..) {
+            self.complete_io(d);
+        }
+        self.dones = dones;
+        let outcome = match self.open_result.take() {
+            Some(Ok(())) => Ok(ReadyInfo {
+                backend: self.backend.name(),
+                pmem_is_dax: self.pmem_is_dax,
+            }),
+            Some(Err(e)) => Err(ReactorError::Open(e)),
+            None if !progress && self.backend.inflight() == 0 => Err(ReactorError::Stuck),
+            None => return progress,
+        };
+        let ok = outcome.is_ok();
+        if let Some(tx) = self.ready_tx.take() {
+            let _ = tx.send(outcome);
+        }
+        self.phase = if ok { Phase::Running } else { Phase::Failed };
+        true
+    }
+
+    /// Finished: closed cleanly, or failed to open (with nothing in flight).
+    fn finished(&self) -> bool {
+        matches!(self.phase, Phase::Done | Phase::Failed) && self.backend.inflight() == 0
+    }
+
+    /// `bdev_writeboost_get_stats` / `bdev_get_bdevs` report.
+    pub fn report(&self) -> Value {
+        let stats = self.engine.stats();
+        let status = self.engine.status();
+        report_json(&DeviceReport {
+            name: &self.req.name,
+            backing_bdev: &self.req.backing_bdev,
+            cache_bdev: &self.req.cache_bdev,
+            mode: self.req.mode,
+            pmem_path: self.req.pmem_path.as_deref(),
+            pmem_is_dax: self.pmem_is_dax,
+            stats,
+            status: &status,
+            tunables: self.engine.tunables(),
+        })
+    }
+
+    pub fn online(&self) -> bool {
+        self.phase == Phase::Running
+    }
+
+    pub fn set_options(&mut self, changes: &[(&str, u64)]) -> Result<(), RpcError> {
+        let now = self.now();
+        self.engine
+            .set_options(changes, now)
+            .map_err(|e| RpcError::invalid_params(format!("bdev_writeboost_set_options: {e}")))?;
+        self.drain();
+        Ok(())
+    }
+
+    pub fn drop_caches(&mut self) {
+        let now = self.now();
+        self.engine.drop_caches(now);
+        self.drain();
+    }
+
+    pub fn clear_stats(&mut self) {
+        self.engine.clear_stats();
+    }
+
+    /// The create parameters that recreate the device as it is now.
+    pub fn config_params(&self) -> Value {
+        self.req.config_params(self.engine.tunables())
     }
 }
 
-/// Runs the reactor on the current thread: opens the engine, reports the
-/// outcome through `ready`, serves until a stop is requested, then shuts the
-/// engine down cleanly (every log durable, superblock record written).
-pub fn run(
-    cfg: ReactorConfig,
-    shared: Arc<Shared>,
-    ready: impl FnOnce(Result<ReadyInfo, ReactorError>),
-) {
-    let _ = shared.reactor.set(thread::current());
-    let mut h = match open_host(&cfg, &shared) {
-        Ok(h) => h,
-        Err(e) => return ready(Err(e)),
+/// Work sent to a reactor thread.
+pub type Work = Box<dyn FnOnce(&mut Reactor) + Send>;
+
+/// A reactor thread: its pollers (devices) and its work queue.
+pub struct Reactor {
+    opts: ReactorOpts,
+    devs: Vec<Dev>,
+    work: Arc<SegQueue<Work>>,
+    exit: Arc<AtomicBool>,
+}
+
+impl Reactor {
+    /// The device named `name`, if this reactor owns it.
+    pub fn dev(&mut self, name: &str) -> Option<&mut Dev> {
+        self.devs.iter_mut().find(|d| d.req.name == name)
+    }
+
+    /// Opens a device here; `ready` gets the outcome later.
+    pub fn open(&mut self, spec: DeviceSpec, ready: Sender<Result<ReadyInfo, ReactorError>>) {
+        let shared = Arc::clone(&spec.shared);
+        match Dev::open(spec, &self.opts, ready) {
+            Ok(d) => self.devs.push(d),
+            Err((e, ready)) => {
+                shared.close();
+                let _ = ready.send(Err(e));
+            }
+        }
+    }
+
+    fn run(&mut self) {
+        let mut idle_since: Option<Instant> = None;
+        let mut sleep = Duration::from_micros(1);
+        loop {
+            let mut progress = false;
+            while let Some(w) = self.work.pop() {
+                w(self);
+                progress = true;
+            }
+            for d in &mut self.devs {
+                progress |= d.turn();
+            }
+            let mut i = 0;
+            while i < self.devs.len() {
+                if !self.devs[i].finished() {
+                    i += 1;
+                    continue;
+                }
+                let d = self.devs.remove(i);
+                if d.phase == Phase::Done {
+                    let st = d.engine.stats();
+                    eprintln!(
+                        "writeboost: {}: clean shutdown ({} user writes, {} user reads, {} logs \
+                         written, {} dirty blocks stay in the cache)",
+                        d.req.name,
+                        st.user_write_cmds,
+                        st.user_read_cmds,
+                        st.nr_logs,
+                        d.engine.status().nr_dirty_blocks
+                    );
+                }
+                // The engine, its pool mapping and its files go before anyone is told.
+                let shared = Arc::clone(&d.shared);
+                drop(d);
+                shared.close();
+                progress = true;
+            }
+            if self.exit.load(Ordering::Acquire) && self.devs.is_empty() && self.work.is_empty() {
+                return;
+            }
+            if progress {
+                idle_since = None;
+                sleep = Duration::from_micros(1);
+                continue;
+            }
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < self.opts.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            if !self.work.is_empty() || self.devs.iter().any(|d| !d.shared.queue.is_empty()) {
+                continue;
+            }
+            let deadline = self
+                .devs
+                .iter()
+                .filter_map(|d| {
+                    d.engine
+                        .poll_timeout()
+                        .map(|t| Duration::from_nanos(t.saturating_sub(d.now())))
+                })
+                .min();
+            let busy = self
+                .devs
+                .iter()
+                .any(|d| d.backend.inflight() > 0 || d.phase != Phase::Running);
+            let max = if busy {
+                let d = deadline.map_or(sleep, |t| t.min(sleep));
+                sleep = (sleep * 2).min(self.opts.idle_sleep);
+                Some(d)
+            } else {
+                deadline
+            };
+            if let [d] = self.devs.as_mut_slice() {
+                // io_uring waits in the kernel for a completion, up to `max`.
+                d.backend.wait(max);
+            } else {
+                match max {
+                    Some(t) => thread::park_timeout(t),
+                    None => thread::park(),
+                }
+            }
+        }
+    }
+}
+
+/// A running reactor thread, as the rest of the host sees it.
+pub struct ReactorHandle {
+    pub core: Option<usize>,
+    thread: Thread,
+    work: Arc<SegQueue<Work>>,
+    exit: Arc<AtomicBool>,
+    join: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl ReactorHandle {
+    /// Starts a reactor thread, pinned to `core` if given and allowed.
+    pub fn spawn(index: usize, core: Option<usize>, opts: ReactorOpts) -> std::io::Result<Self> {
+        let work: Arc<SegQueue<Work>> = Arc::new(SegQueue::new());
+        let exit = Arc::new(AtomicBool::new(false));
+        let (w, x) = (Arc::clone(&work), Arc::clone(&exit));
+        let join = thread::Builder::new()
+            .name(format!("wb-reactor-{index}"))
+            .spawn(move || {
+                if let Some(c) = core
+                    && let Err(e) = pin_to_core(c)
+                {
+                    eprintln!(
+                        "writeboost: warning: cannot pin reactor {index} to core {c} ({e}); it \
+                         runs unpinned"
+                    );
+                }
+                let mut r = Reactor {
+                    opts,
+                    devs: Vec::new(),
+                    work: w,
+                    exit: x,
+                };
+                r.run();
+            })?;
+        Ok(Self {
+            core,
+            thread: join.thread().clone(),
+            work,
+            exit,
+            join: std::sync::Mutex::new(Some(join)),
+        })
+    }
+
+    /// Runs `f` on the reactor thread.
+    pub fn send(&self, f: impl FnOnce(&mut Reactor) + Send + 'static) {
+        self.work.push(Box::new(f));
+        self.thread.unpark();
+    }
+
+    /// Runs `f` on the reactor thread and waits for its answer.
+    pub fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Reactor) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(move |r| {
+            let _ = tx.send(f(r));
+        });
+        rx.recv().ok()
+    }
+
+    /// Lets the thread end once its devices are closed, and waits for it.
+    pub fn stop(&self) {
+        self.exit.store(true, Ordering::Release);
+        self.thread.unpark();
+        let join = self.join.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(j) = join
+            && j.join().is_err()
+        {
+            eprintln!(
+                "writeboost: a reactor thread panicked; its caches recover from their logs at the \
+                 next start"
+            );
+        }
+    }
+}
+
+/// Pins the calling thread to one CPU.
+fn pin_to_core(core: usize) -> std::io::Result<()> {
+    if core >= libc::CPU_SETSIZE as usize {
+        return Err(std::io::Error::other("core number out of range"));
+    }
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it
+    // (core < CPU_SETSIZE), and sched_setaffinity reads it for the call.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(core, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
-    ready(Ok(ReadyInfo {
-        backend: h.backend.name(),
-    }));
-    h.phase = Phase::Running;
-    h.run_until(cfg.spin, cfg.idle_sleep, |h| {
-        h.phase == Phase::Done && h.backend.inflight() == 0
-    });
-    let st = h.engine.stats();
-    eprintln!(
-        "writeboost: clean shutdown ({} user writes, {} user reads, {} logs written, {} dirty blocks stay in the cache)",
-        st.user_write_cmds,
-        st.user_read_cmds,
-        st.nr_logs,
-        h.engine.status().nr_dirty_blocks
-    );
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

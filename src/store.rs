@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use crate::alloc::AlignedBuf;
-use crate::device::{DevFile, Devices};
+use crate::device::DevFile;
 
 pub struct StoreOptions {
     pub data_dir: PathBuf,
@@ -18,18 +18,15 @@ pub struct StoreOptions {
     pub backing_file: Option<PathBuf>,
     pub cache_size: u64,
     pub backing_size: u64,
-    /// Try O_DIRECT (falls back to buffered I/O where the filesystem refuses it).
-    pub direct: bool,
 }
 
-pub struct Store {
-    pub devices: Devices,
+/// The default configuration's files, created if missing.
+pub struct Prepared {
     pub cache_path: PathBuf,
     pub backing_path: PathBuf,
-    pub cache_size: u64,
-    pub backing_size: u64,
+    /// The backing device's identity (kept in DATA_DIR/backing.uuid).
     pub backing_uuid: [u8; 16],
-    /// Things the user should know (fallbacks, sizes that differ from the flags).
+    /// Things the user should know (sizes that differ from the flags).
     pub notes: Vec<String>,
 }
 
@@ -105,34 +102,42 @@ fn open_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
-/// Opens (creating with `size` bytes if missing) a device file. Returns the
-/// file, whether it was created, and its size.
-fn open_device(
-    path: &Path,
-    size: u64,
-    what: &'static str,
-    direct: bool,
-    notes: &mut Vec<String>,
-) -> Result<(DevFile, bool, u64), StoreError> {
-    let created = !path.exists();
-    if created {
-        if size == 0 || !size.is_multiple_of(4096) {
-            return Err(StoreError::BadSize { what, size });
-        }
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(open_err(path))?;
-        f.set_len(size).map_err(|source| StoreError::Resize {
-            path: path.to_owned(),
-            size,
-            source,
-        })?;
-        f.sync_all().map_err(open_err(path))?;
+/// Creates a sparse device file of `size` bytes if it is missing; true if it did.
+fn create_if_missing(path: &Path, size: u64, what: &'static str) -> Result<bool, StoreError> {
+    if path.exists() {
+        return Ok(false);
     }
+    if size == 0 || !size.is_multiple_of(4096) {
+        return Err(StoreError::BadSize { what, size });
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(open_err(path))?;
+    f.set_len(size).map_err(|source| StoreError::Resize {
+        path: path.to_owned(),
+        size,
+        source,
+    })?;
+    f.sync_all().map_err(open_err(path))?;
+    Ok(true)
+}
+
+/// An opened device file: O_DIRECT where the filesystem allows it.
+pub struct Opened {
+    pub file: DevFile,
+    pub size: u64,
+    /// Set when O_DIRECT was refused and buffered I/O is used instead.
+    pub warning: Option<String>,
+}
+
+/// Opens an existing device file or block device for reading and writing,
+/// takes its exclusive lock and measures it.
+pub fn open_device(path: &Path, what: &'static str, direct: bool) -> Result<Opened, StoreError> {
     let mut file = None;
+    let mut warning = None;
     if direct {
         match OpenOptions::new()
             .read(true)
@@ -141,11 +146,15 @@ fn open_device(
             .open(path)
         {
             Ok(f) if probe_direct(&f) => file = Some(DevFile::new(f, true)),
-            Ok(_) | Err(_) => notes.push(format!(
-                "warning: {} does not support O_DIRECT with 512-byte alignment (tmpfs?); \
-                 using buffered I/O (flushes still make data durable)",
-                path.display()
-            )),
+            Ok(_) => {
+                warning = Some(format!(
+                    "warning: {} does not support O_DIRECT with 512-byte alignment (tmpfs?); \
+                     using buffered I/O (flushes still make data durable)",
+                    path.display()
+                ))
+            }
+            // Missing files and permissions are reported by the plain open below.
+            Err(_) => {}
         }
     }
     let file = match file {
@@ -159,27 +168,32 @@ fn open_device(
             false,
         ),
     };
-    let actual = (&file.file)
-        .seek(SeekFrom::End(0))
-        .map_err(open_err(path))?;
-    if actual == 0 || actual % 512 != 0 {
-        return Err(StoreError::BadSize { what, size: actual });
-    }
-    if !created && actual != size {
-        notes.push(format!(
-            "{what} file {} exists with {actual} bytes; using that size (the size flag only \
-             applies when creating it)",
+    if direct && !file.direct && warning.is_none() {
+        warning = Some(format!(
+            "warning: {} cannot be opened with O_DIRECT; using buffered I/O (flushes still \
+             make data durable)",
             path.display()
         ));
     }
-    Ok((file, created, actual))
+    lock(&file.file, path)?;
+    let size = (&file.file)
+        .seek(SeekFrom::End(0))
+        .map_err(open_err(path))?;
+    if size == 0 || size % 512 != 0 {
+        return Err(StoreError::BadSize { what, size });
+    }
+    Ok(Opened {
+        file,
+        size,
+        warning,
+    })
 }
 
 /// True if a 512-byte aligned O_DIRECT read works on this file.
 fn probe_direct(f: &File) -> bool {
     let mut b = AlignedBuf::zeroed(4096);
     // SAFETY: b is a valid, 4096-aligned, writable buffer of at least 512 bytes.
-    let r = unsafe { libc::pread(f.as_raw_fd(), b.as_mut_ptr().cast(), 512, 512) };
+    let r = unsafe { libc::pread(f.as_raw_fd(), b.as_mut_ptr().cast(), 512, 0) };
     r >= 0
 }
 
@@ -212,7 +226,31 @@ fn write_identity(path: &Path, uuid: &[u8; 16]) -> Result<(), StoreError> {
     Ok(())
 }
 
-pub fn open(o: &StoreOptions) -> Result<Store, StoreError> {
+/// Reads an identity file written by [`write_identity`].
+pub fn read_identity(path: &Path, device: &Path) -> Result<[u8; 16], StoreError> {
+    let s = fs::read_to_string(path).map_err(|source| StoreError::Identity {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_uuid(&s).ok_or_else(|| StoreError::BadIdentity {
+        path: path.to_owned(),
+        backing: device.to_owned(),
+    })
+}
+
+/// The identity kept in `id_path`, created (random) if the file is missing.
+pub fn identity(id_path: &Path, device: &Path) -> Result<[u8; 16], StoreError> {
+    if id_path.exists() {
+        return read_identity(id_path, device);
+    }
+    let u = random_uuid()?;
+    write_identity(id_path, &u)?;
+    Ok(u)
+}
+
+/// Creates the data directory, the missing device files (sparse) and the
+/// backing identity: what the embedded default configuration runs on.
+pub fn prepare(o: &StoreOptions) -> Result<Prepared, StoreError> {
     fs::create_dir_all(&o.data_dir).map_err(|source| StoreError::CreateDir {
         path: o.data_dir.clone(),
         source,
@@ -226,18 +264,28 @@ pub fn open(o: &StoreOptions) -> Result<Store, StoreError> {
         .backing_file
         .clone()
         .unwrap_or_else(|| o.data_dir.join("backing.img"));
-    let (cache, _, cache_size) =
-        open_device(&cache_path, o.cache_size, "cache", o.direct, &mut notes)?;
-    lock(&cache.file, &cache_path)?;
-    let (backing, backing_created, backing_size) = open_device(
-        &backing_path,
-        o.backing_size,
-        "backing",
-        o.direct,
-        &mut notes,
-    )?;
-    lock(&backing.file, &backing_path)?;
-
+    let mut backing_created = false;
+    for (path, size, what) in [
+        (&cache_path, o.cache_size, "cache"),
+        (&backing_path, o.backing_size, "backing"),
+    ] {
+        let created = create_if_missing(path, size, what)?;
+        if what == "backing" {
+            backing_created = created;
+        }
+        if !created
+            && let Ok(m) = fs::metadata(path)
+            && m.is_file()
+            && m.len() != size
+        {
+            notes.push(format!(
+                "{what} file {} exists with {} bytes; using that size (the size flag only \
+                 applies when creating it)",
+                path.display(),
+                m.len()
+            ));
+        }
+    }
     let id_path = o.data_dir.join("backing.uuid");
     let backing_uuid = if backing_created || !id_path.exists() {
         if !backing_created {
@@ -252,21 +300,11 @@ pub fn open(o: &StoreOptions) -> Result<Store, StoreError> {
         write_identity(&id_path, &u)?;
         u
     } else {
-        let s = fs::read_to_string(&id_path).map_err(|source| StoreError::Identity {
-            path: id_path.clone(),
-            source,
-        })?;
-        parse_uuid(&s).ok_or_else(|| StoreError::BadIdentity {
-            path: id_path.clone(),
-            backing: backing_path.clone(),
-        })?
+        read_identity(&id_path, &backing_path)?
     };
-    Ok(Store {
-        devices: Devices { cache, backing },
+    Ok(Prepared {
         cache_path,
         backing_path,
-        cache_size,
-        backing_size,
         backing_uuid,
         notes,
     })
@@ -316,7 +354,7 @@ mod tests {
     }
 
     #[test]
-    fn creates_reopens_and_locks() {
+    fn prepares_opens_and_locks() {
         let dir = tempfile::tempdir().unwrap();
         let o = StoreOptions {
             data_dir: dir.path().join("d"),
@@ -324,20 +362,28 @@ mod tests {
             backing_file: None,
             cache_size: 8 << 20,
             backing_size: 16 << 20,
-            direct: true,
         };
-        let s = open(&o).unwrap();
-        assert_eq!((s.cache_size, s.backing_size), (8 << 20, 16 << 20));
-        let uuid = s.backing_uuid;
-        assert!(matches!(open(&o), Err(StoreError::Locked { .. })));
-        drop(s);
-        let s = open(&StoreOptions {
+        let p = prepare(&o).unwrap();
+        let uuid = p.backing_uuid;
+        let c = open_device(&p.cache_path, "cache", true).unwrap();
+        assert_eq!(c.size, 8 << 20);
+        assert!(matches!(
+            open_device(&p.cache_path, "cache", true),
+            Err(StoreError::Locked { .. })
+        ));
+        drop(c);
+        let p = prepare(&StoreOptions {
             backing_size: 1 << 30,
             ..o
         })
         .unwrap();
-        assert_eq!(s.backing_uuid, uuid);
-        assert_eq!(s.backing_size, 16 << 20);
-        assert!(!s.notes.is_empty());
+        assert_eq!(p.backing_uuid, uuid);
+        assert!(!p.notes.is_empty());
+        let b = open_device(&p.backing_path, "backing", false).unwrap();
+        assert_eq!(b.size, 16 << 20);
+        assert!(matches!(
+            open_device(&dir.path().join("missing"), "cache", true),
+            Err(StoreError::Open { .. })
+        ));
     }
 }

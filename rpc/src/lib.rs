@@ -15,7 +15,7 @@ mod params;
 mod report;
 
 pub use params::{
-    CreateRequest, NameRequest, Params, SetOptionsRequest, parse_create, parse_name,
+    CreateRequest, NameRequest, Params, SetOptionsRequest, mode_number, parse_create, parse_name,
     parse_optional_name, parse_set_options,
 };
 pub use report::{DeviceReport, io_counters_json, report_json, status_json, tunables_json};

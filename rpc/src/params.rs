@@ -90,6 +90,17 @@ impl<'a> Params<'a> {
         }
     }
 
+    /// A whole number, possibly negative, within `min..=max`.
+    pub fn int(&mut self, name: &'static str, min: i64, max: i64) -> Result<Option<i64>, RpcError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(v) => match v.as_i64() {
+                Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+                _ => Err(self.bad(name, &format!("a whole number from {min} to {max}"), &v)),
+            },
+        }
+    }
+
     /// `true` or `false`.
     pub fn boolean(&mut self, name: &'static str) -> Result<Option<bool>, RpcError> {
         match self.take(name) {

@@ -8,6 +8,7 @@ pub mod uring;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -58,11 +59,12 @@ impl DevFile {
     }
 }
 
-/// The cache and backing device files, indexed by [`Device`].
+/// The cache and backing device files of one writeboost device, indexed by
+/// [`Device`]. The files belong to base bdevs, which share them.
 #[derive(Debug)]
 pub struct Devices {
-    pub cache: DevFile,
-    pub backing: DevFile,
+    pub cache: Arc<DevFile>,
+    pub backing: Arc<DevFile>,
 }
 
 impl Devices {

@@ -6,6 +6,7 @@
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -23,6 +24,29 @@ pub struct ServerCtx {
     pub shared: Arc<Shared>,
     pub export: Export,
     pub verbose: bool,
+    /// Set by `stop_accepting`: the listeners end at their next wake-up.
+    stopped: AtomicBool,
+}
+
+impl ServerCtx {
+    pub fn new(shared: Arc<Shared>, export: Export, verbose: bool) -> Self {
+        Self {
+            shared,
+            export,
+            verbose,
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    /// Makes the listeners stop accepting clients; each ends once woken (by
+    /// a connection, which is then dropped).
+    pub fn stop_accepting(&self) {
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    fn accepting(&self) -> bool {
+        !self.stopped.load(Ordering::Acquire)
+    }
 }
 
 /// A byte stream a client is connected through.
@@ -56,12 +80,15 @@ impl Conn for UnixStream {
     }
 }
 
-/// Accepts TCP clients until the process exits.
+/// Accepts TCP clients until the process exits or the server is stopped.
 pub fn spawn_tcp(listener: TcpListener, ctx: Arc<ServerCtx>) -> io::Result<JoinHandle<()>> {
     thread::Builder::new()
         .name("wb-nbd-tcp".into())
         .spawn(move || {
             for s in listener.incoming() {
+                if !ctx.accepting() {
+                    return;
+                }
                 match s {
                     Ok(s) => {
                         let _ = s.set_nodelay(true);
@@ -74,12 +101,15 @@ pub fn spawn_tcp(listener: TcpListener, ctx: Arc<ServerCtx>) -> io::Result<JoinH
         })
 }
 
-/// Accepts unix-socket clients until the process exits.
+/// Accepts unix-socket clients until the process exits or the server is stopped.
 pub fn spawn_unix(listener: UnixListener, ctx: Arc<ServerCtx>) -> io::Result<JoinHandle<()>> {
     thread::Builder::new()
         .name("wb-nbd-unix".into())
         .spawn(move || {
             for s in listener.incoming() {
+                if !ctx.accepting() {
+                    return;
+                }
                 match s {
                     Ok(s) => spawn_conn(s, "unix".into(), Arc::clone(&ctx)),
                     Err(e) => accept_error(e),

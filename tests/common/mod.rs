@@ -31,6 +31,8 @@ pub fn start_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         .envs(env.iter().copied())
         .arg("--data-dir")
         .arg(dir)
+        .arg("--rpc-socket")
+        .arg(dir.with_extension("rpc.sock"))
         .args([
             "--nbd-listen",
             "127.0.0.1:0",
