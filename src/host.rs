@@ -26,7 +26,7 @@ use crate::reactor::{DeviceSpec, ReactorHandle, Shared};
 use crate::store;
 
 /// Every method the host serves, in the order `rpc_get_methods` lists them.
-pub const HOST_METHODS: [&str; 13] = [
+pub const HOST_METHODS: [&str; 15] = [
     "bdev_aio_create",
     "bdev_aio_delete",
     "bdev_malloc_create",
@@ -35,6 +35,8 @@ pub const HOST_METHODS: [&str; 13] = [
     "nbd_server_start",
     "nbd_server_stop",
     "save_config",
+    "framework_get_subsystems",
+    "framework_get_config",
     "spdk_get_version",
     "rpc_get_methods",
     "spdk_kill_instance",
@@ -208,6 +210,34 @@ impl App {
             "save_config" => {
                 Params::new(method, params, true)?.finish()?;
                 Ok(self.save_config())
+            }
+            // What SPDK's `rpc.py save_config` asks for.
+            "framework_get_subsystems" => {
+                Params::new(method, params, true)?.finish()?;
+                Ok(json!([
+                    {"subsystem": "bdev", "depends_on": []},
+                    {"subsystem": "nbd", "depends_on": ["bdev"]},
+                ]))
+            }
+            "framework_get_config" => {
+                let mut p = Params::new(method, params, false)?;
+                let name = p.required_string("name")?;
+                let _ = p.boolean("with_batches")?;
+                p.finish()?;
+                let all = self.save_config();
+                all["subsystems"]
+                    .as_array()
+                    .and_then(|subs| subs.iter().find(|s| s["subsystem"] == name.as_str()))
+                    .map(|s| s["config"].clone())
+                    .ok_or_else(|| {
+                        RpcError::new(
+                            code::ENODEV,
+                            format!(
+                                "{method}: no subsystem named '{name}'; framework_get_subsystems \
+                                 lists them"
+                            ),
+                        )
+                    })
             }
             "spdk_get_version" => {
                 Params::new(method, params, true)?.finish()?;

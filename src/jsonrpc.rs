@@ -137,7 +137,17 @@ fn serve(mut s: UnixStream, app: &App) {
     let mut chunk = [0u8; 16 << 10];
     loop {
         let n = match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => {
+                if buf.iter().any(|b| !b.is_ascii_whitespace()) {
+                    let e = RpcError::new(
+                        code::PARSE_ERROR,
+                        "Parse error: the connection ended inside a request",
+                    );
+                    let _ = write_value(&mut s, &error_response(Value::Null, &e));
+                }
+                return;
+            }
+            Err(_) => return,
             Ok(n) => n,
         };
         buf.extend_from_slice(&chunk[..n]);

@@ -273,3 +273,174 @@ impl Client {
         (handle, err, data)
     }
 }
+
+/// A host started with arbitrary arguments (a configuration file, an RPC
+/// socket), and what it printed on stdout up to its "ready" line.
+pub struct Host {
+    pub server: Server,
+    /// `serving NAME (...) on URLS` lines, by export name.
+    pub serving: Vec<(String, String)>,
+}
+
+impl Host {
+    /// The first NBD URL of an export.
+    pub fn url(&self, name: &str) -> String {
+        let line = &self
+            .serving
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{name} is not exported: {:?}", self.serving))
+            .1;
+        line.split(" on ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .unwrap_or_else(|| panic!("no URL in {line:?}"))
+            .to_string()
+    }
+
+    /// The TCP port of an export served over TCP.
+    pub fn port(&self, name: &str) -> u16 {
+        let url = self.url(name);
+        url.trim_start_matches("nbd://")
+            .split('/')
+            .next()
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {url}"))
+    }
+}
+
+/// Starts `writeboost ARGS`; panics (with its stderr) unless it reports ready.
+pub fn start_host(args: &[&std::ffi::OsStr]) -> Host {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_writeboost"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start writeboost");
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (etx, erx) = mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("[server] {line}");
+            let _ = etx.send(line);
+        }
+    });
+    let mut serving = Vec::new();
+    loop {
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(l) if l.starts_with("writeboost: ready") => break,
+            Ok(l) => {
+                if let Some(rest) = l.strip_prefix("writeboost: serving ") {
+                    let name = rest.split(' ').next().unwrap_or_default().to_string();
+                    serving.push((name, l.clone()));
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let errs: Vec<String> = erx.try_iter().collect();
+                panic!("writeboost did not start: {}", errs.join("\n"));
+            }
+        }
+    }
+    Host {
+        server: Server {
+            child: Some(child),
+            port: 0,
+            stderr: erx,
+        },
+        serving,
+    }
+}
+
+/// A JSON-RPC 2.0 client on the host's Unix socket.
+pub struct Rpc {
+    s: std::os::unix::net::UnixStream,
+    r: BufReader<std::os::unix::net::UnixStream>,
+    id: u64,
+}
+
+impl Rpc {
+    pub fn connect(path: &Path) -> Rpc {
+        let s = std::os::unix::net::UnixStream::connect(path).expect("connect to the RPC socket");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let r = BufReader::new(s.try_clone().unwrap());
+        Rpc { s, r, id: 0 }
+    }
+
+    /// Sends raw bytes without waiting for an answer.
+    pub fn send_only(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).unwrap();
+    }
+
+    /// Sends raw bytes and reads one response line.
+    pub fn raw(&mut self, bytes: &[u8]) -> serde_json::Value {
+        self.s.write_all(bytes).unwrap();
+        let mut line = String::new();
+        self.r.read_line(&mut line).expect("read a response");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad response {line:?}: {e}"))
+    }
+
+    /// The whole response of one call.
+    pub fn response(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.id += 1;
+        let mut req = serde_json::json!({"jsonrpc": "2.0", "id": self.id, "method": method});
+        if !params.is_null() {
+            req["params"] = params;
+        }
+        let v = self.raw(req.to_string().as_bytes());
+        assert_eq!(v["id"], serde_json::json!(self.id), "{v}");
+        v
+    }
+
+    /// The result of a call that must succeed.
+    pub fn ok(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let v = self.response(method, params.clone());
+        assert!(
+            v.get("error").is_none(),
+            "{method} {params} failed: {}",
+            v["error"]
+        );
+        v["result"].clone()
+    }
+
+    /// The error (code, message) of a call that must fail.
+    pub fn err(&mut self, method: &str, params: serde_json::Value) -> (i64, String) {
+        let v = self.response(method, params.clone());
+        let e = v
+            .get("error")
+            .unwrap_or_else(|| panic!("{method} {params} should have failed: {v}"));
+        (
+            e["code"].as_i64().unwrap(),
+            e["message"].as_str().unwrap().to_string(),
+        )
+    }
+}
+
+impl Client {
+    /// Connects to a named export over TCP.
+    pub fn connect_export(port: u16, name: &str) -> Client {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).unwrap();
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut o = b"IHAVEOPT".to_vec();
+        o.extend_from_slice(&1u32.to_be_bytes());
+        o.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        o.extend_from_slice(name.as_bytes());
+        s.write_all(&o).unwrap();
+        let mut r = [0u8; 10];
+        s.read_exact(&mut r).unwrap();
+        let size = u64::from_be_bytes(r[..8].try_into().unwrap());
+        Client { s, size }
+    }
+}
