@@ -134,13 +134,21 @@ impl NbdServer {
 struct State {
     bases: Vec<BaseBdev>,
     wbs: Vec<WbDev>,
+    /// Creates with `wait_for_bdevs` whose base bdevs do not exist yet.
+    pending: Vec<CreateRequest>,
     nbd: Vec<NbdServer>,
     shutting_down: bool,
 }
 
 impl State {
     fn name_taken(&self, name: &str) -> bool {
-        self.bases.iter().any(|b| b.name == name) || self.wbs.iter().any(|w| w.req.name == name)
+        self.bases.iter().any(|b| b.name == name)
+            || self.wbs.iter().any(|w| w.req.name == name)
+            || self.pending.iter().any(|p| p.name == name)
+    }
+
+    fn has_base(&self, name: &str) -> bool {
+        self.bases.iter().any(|b| b.name == name)
     }
 }
 
@@ -289,7 +297,30 @@ impl App {
         }
         let name = b.name.clone();
         st.bases.push(b);
+        drop(st);
+        self.start_waiting();
         Ok(Value::String(name))
+    }
+
+    /// Starts the waiting creates whose base bdevs now all exist.
+    fn start_waiting(&self) {
+        let ready: Vec<CreateRequest> = {
+            let mut st = self.lock();
+            let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut st.pending)
+                .into_iter()
+                .partition(|p| st.has_base(&p.cache_bdev) && st.has_base(&p.backing_bdev));
+            st.pending = waiting;
+            ready
+        };
+        for req in ready {
+            eprintln!(
+                "writeboost: {}: base bdevs {} and {} are present; creating",
+                req.name, req.cache_bdev, req.backing_bdev
+            );
+            if let Err(e) = self.wb_start(req) {
+                eprintln!("writeboost: {}", e.message);
+            }
+        }
     }
 
     fn malloc_create(&self, params: Option<&Value>) -> Result<Value, RpcError> {
@@ -301,6 +332,8 @@ impl App {
         let b = bdev::create_malloc(req)?;
         let name = b.name.clone();
         st.bases.push(b);
+        drop(st);
+        self.start_waiting();
         Ok(Value::String(name))
     }
 
@@ -397,6 +430,32 @@ impl App {
 
     fn wb_create(&self, params: Option<&Value>) -> Result<Value, RpcError> {
         let req = parse_create(params)?;
+        if req.wait_for_bdevs {
+            let mut st = self.lock();
+            if st.name_taken(&req.name) {
+                return Err(exists_error(&req.name));
+            }
+            let missing: Vec<&str> = [&req.cache_bdev, &req.backing_bdev]
+                .into_iter()
+                .filter(|b| !st.has_base(b))
+                .map(String::as_str)
+                .collect();
+            if !missing.is_empty() {
+                eprintln!(
+                    "writeboost: {}: waiting for bdev {} to appear",
+                    req.name,
+                    missing.join(" and ")
+                );
+                let name = req.name.clone();
+                st.pending.push(req);
+                return Ok(Value::String(name));
+            }
+        }
+        self.wb_start(req)
+    }
+
+    /// Claims the base bdevs and opens the cache on a reactor.
+    fn wb_start(&self, req: CreateRequest) -> Result<Value, RpcError> {
         let name = req.name.clone();
         let m = "bdev_writeboost_create";
         // Check and claim under the lock; open without it.
@@ -419,7 +478,8 @@ impl App {
                         code::ENODEV,
                         format!(
                             "{m} {name}: no base bdev named '{b}' for the {role}{hint}; create it \
-                             first with bdev_aio_create or bdev_malloc_create"
+                             first with bdev_aio_create or bdev_malloc_create, or pass \
+                             wait_for_bdevs=true to create the device when it appears"
                         ),
                     ));
                 };
@@ -580,6 +640,10 @@ impl App {
         let name = parse_name("bdev_writeboost_delete", params)?.name;
         let shared = {
             let mut st = self.lock();
+            if let Some(i) = st.pending.iter().position(|p| p.name == name) {
+                st.pending.remove(i);
+                return Ok(Value::Bool(true));
+            }
             let Some(w) = st.wbs.iter_mut().find(|w| w.req.name == name) else {
                 return Err(RpcError::no_such_device(&name));
             };
@@ -607,18 +671,35 @@ impl App {
 
     fn wb_get_stats(&self, params: Option<&Value>) -> Result<Value, RpcError> {
         let name = parse_optional_name("bdev_writeboost_get_stats", params)?;
-        let list: Vec<(String, usize, WbState, CreateRequest)> = {
+        type Listed = (String, usize, WbState, CreateRequest);
+        let (list, pending): (Vec<Listed>, Vec<Value>) = {
             let st = self.lock();
             if let Some(n) = &name
                 && !st.wbs.iter().any(|w| &w.req.name == n)
+                && !st.pending.iter().any(|p| &p.name == n)
             {
                 return Err(RpcError::no_such_device(n));
             }
-            st.wbs
+            let list = st
+                .wbs
                 .iter()
                 .filter(|w| name.as_deref().is_none_or(|n| n == w.req.name))
                 .map(|w| (w.req.name.clone(), w.reactor, w.state, w.req.clone()))
-                .collect()
+                .collect();
+            let pending = st
+                .pending
+                .iter()
+                .filter(|p| name.as_deref().is_none_or(|n| n == p.name))
+                .map(|p| {
+                    json!({
+                        "name": p.name,
+                        "backing_bdev": p.backing_bdev,
+                        "cache_bdev": p.cache_bdev,
+                        "state": "waiting_for_base_bdevs",
+                    })
+                })
+                .collect();
+            (list, pending)
         };
         let mut out = Vec::new();
         for (n, reactor, state, req) in list {
@@ -639,6 +720,7 @@ impl App {
                 })
             }));
         }
+        out.extend(pending);
         Ok(Value::Array(out))
     }
 
@@ -826,7 +908,7 @@ impl App {
     /// SPDK's configuration shape: replaying it (`--config`) recreates
     /// every bdev and NBD server. `format` is never saved.
     pub fn save_config(&self) -> Value {
-        let (bases, wbs, nbd) = {
+        let (bases, wbs, nbd, pending) = {
             let st = self.lock();
             let bases: Vec<Value> = st.bases.iter().map(BaseBdev::config_entry).collect();
             let wbs: Vec<(String, usize, CreateRequest)> = st
@@ -840,7 +922,12 @@ impl App {
                 .iter()
                 .map(|s| json!({"method": "nbd_server_start", "params": s.params()}))
                 .collect();
-            (bases, wbs, nbd)
+            let pending: Vec<Value> = st
+                .pending
+                .iter()
+                .map(|p| json!({"method": "bdev_writeboost_create", "params": p.config_params(&p.tunables)}))
+                .collect();
+            (bases, wbs, nbd, pending)
         };
         let mut bdev = bases;
         for (n, reactor, req) in wbs {
@@ -850,6 +937,7 @@ impl App {
                 .unwrap_or_else(|| req.config_params(&req.tunables));
             bdev.push(json!({"method": "bdev_writeboost_create", "params": params}));
         }
+        bdev.extend(pending);
         json!({
             "subsystems": [
                 {"subsystem": "bdev", "config": bdev},

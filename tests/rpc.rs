@@ -444,6 +444,25 @@ fn rpc_bad_inputs_get_errors_and_the_host_keeps_serving() {
         "bdev_writeboost_create",
         json!({"name": "wb0", "backing_bdev": "A", "cache_bdev": "C"}),
     );
+
+    // wait_for_bdevs: created once both base bdevs exist (saved configurations set it).
+    let req =
+        json!({"name": "wb3", "backing_bdev": "L1", "cache_bdev": "L2", "wait_for_bdevs": true});
+    assert_eq!(rpc.ok("bdev_writeboost_create", req), "wb3");
+    let st = rpc.ok("bdev_writeboost_get_stats", json!({"name": "wb3"}));
+    assert_eq!(st[0]["state"], "waiting_for_base_bdevs");
+    for n in ["L1", "L2"] {
+        rpc.ok(
+            "bdev_malloc_create",
+            json!({"name": n, "num_blocks": 4096, "block_size": 4096}),
+        );
+    }
+    let st = rpc.ok("bdev_writeboost_get_stats", json!({"name": "wb3"}));
+    assert_eq!(st[0]["state"], "online");
+    assert_eq!(
+        rpc.ok("bdev_writeboost_delete", json!({"name": "wb3"})),
+        true
+    );
     assert_serving(&mut Rpc::connect(&sock));
     h.server.stop();
 }
