@@ -5,6 +5,7 @@
 # for randwrite (QD 32) and randread of data written just before (QD 32).
 # Then, with bdev_delay in front of the cache (write 20 µs) and the backing
 # (2 ms), the latency of QD 1 write+FLUSH pairs in mode 1 and mode 0.
+# Mode 1 pools live on tmpfs; see the note at the mode 1 runs.
 #
 #   SPDK_DIR=/path/to/spdk bash test/spdk/bench.sh
 #
@@ -36,7 +37,7 @@ perf() {
     bdev_config "$@" >"$WORK/$name.json"
     local sock=$WORK/$name.sock log=$WORK/$name.log
     rm -f "$sock"
-    env LD_PRELOAD="$WB_LIB" "$BDEVPERF" "${SPDK_APP_ARGS[@]}" -s 4096 -m 0x1 -z -r "$sock" \
+    env LD_PRELOAD="$WB_LIB" ${PERF_ENV:-} "$BDEVPERF" "${SPDK_APP_ARGS[@]}" -s 4096 -m 0x1 -z -r "$sock" \
         -c "$WORK/$name.json" -T "$target" -q 32 -o 4096 -w randread -t "$T" >"$log" 2>&1 &
     local pid=$!
     SPDK_PIDS+=("$pid")
@@ -74,7 +75,7 @@ echo "bdevperf, one core, 4 KiB, QD 32, ${T} s per run; 256 MiB written, then re
 printf '%-22s %12s %12s\n' "bdev" "randwrite" "randread"
 declare -A W R
 run() {
-    perf "$@"
+    PERF_ENV=${PERF_ENV:-} perf "$@"
     W[$1]=$WRITE_IOPS
     R[$1]=$READ_IOPS
     printf '%-22s %12s %12s\n' "$1" "$WRITE_IOPS" "$READ_IOPS"
@@ -83,11 +84,17 @@ run passthru pt0 "$BACK" '{"method":"bdev_passthru_create","params":{"base_bdev_
 run ocf-wb ocf0 "$CACHE" "$BACK" \
     '{"method":"bdev_ocf_create","params":{"name":"ocf0","mode":"wb","cache_bdev_name":"Cache0","core_bdev_name":"Back0"}}'
 run writeboost-mode0 wb0 "$CACHE" "$BACK" "$(wb_entry wb0 Cache0 Back0 0)"
-run writeboost-mode1 wb0 "$CACHE" "$BACK" "$(wb_entry wb0 Cache0 Back0 1 "$POOLS/pool")"
+# Mode 1 as on DAX pmem: the pool is on tmpfs and libpmem2 is told to persist
+# by CPU cache flushes, as it does on DAX (PMEM2_FORCE_GRANULARITY). Then as
+# libpmem2 treats a non-DAX file by default: one msync per persist.
+PERF_ENV=PMEM2_FORCE_GRANULARITY=CACHE_LINE run writeboost-mode1 wb0 "$CACHE" "$BACK" \
+    "$(wb_entry wb0 Cache0 Back0 1 "$POOLS/pool")"
+make_pool "$POOLS/pool" 64M
+run writeboost-mode1-msync wb0 "$CACHE" "$BACK" "$(wb_entry wb0 Cache0 Back0 1 "$POOLS/pool")"
 
 ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
 echo
-for m in writeboost-mode0 writeboost-mode1; do
+for m in writeboost-mode0 writeboost-mode1 writeboost-mode1-msync; do
     echo "$m: randwrite $(ratio "${W[$m]}" "${W[passthru]}") x passthru, $(ratio "${W[$m]}" "${W[ocf-wb]}") x OCF wb;" \
         "randread $(ratio "${R[$m]}" "${R[passthru]}") x passthru"
 done
@@ -111,7 +118,7 @@ for variant in mode1 mode0 mode0-deadline0; do
     [ "$variant" = mode0-deadline0 ] && extra='"barrier_deadline_ms":0'
     bdev_config "$CACHE" "$BACK" "$(delayed Cache0 DCache 20 20)" "$(delayed Back0 DBack 2000 2000)" \
         "$(wb_entry wb0 DCache DBack "$mode" "$pool" "$extra")" >"$WORK/pairs-$variant.json"
-    out=$(env LD_PRELOAD="$WB_LIB" "$WB_CHECK" pairs wb0 "$PAIRS" 5 -- --json "$WORK/pairs-$variant.json" \
+    out=$(env LD_PRELOAD="$WB_LIB" PMEM2_FORCE_GRANULARITY=CACHE_LINE "$WB_CHECK" pairs wb0 "$PAIRS" 5 -- --json "$WORK/pairs-$variant.json" \
         "${SPDK_APP_ARGS[@]}" -s 4096 -m 0x1 -r "$WORK/pairs.sock" 2>"$WORK/pairs-$variant.log") || {
         echo "pairs $variant failed:" >&2
         tail -n 20 "$WORK/pairs-$variant.log" >&2
