@@ -101,7 +101,21 @@ test_restart() {
             echo "save_config has no bdev_writeboost_create" >&2
             return 1
         }
-        checker "$dir" "$port" write N0n1 "$dir/acks" 32768 3 0 $((7 + mode)) >"$dir/write.out"
+        checker "$dir" "$port" write N0n1 "$dir/acks" 32768 4 0 $((7 + mode)) >"$dir/write.out" &
+        local cpid=$!
+        # Runtime RPCs while I/O runs: tunables, stats, drop_caches, clear_stats.
+        sleep 2.5
+        local sock=$dir/tgt.sock
+        rpc "$sock" bdev_writeboost_set_options wb0 --writeback-threshold 0 --barrier-deadline-ms 2 >/dev/null
+        rpc "$sock" bdev_writeboost_get_stats -n wb0 | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+d = d[0] if isinstance(d, list) else d
+assert d["tunables"]["writeback_threshold"] == 0 and d["tunables"]["barrier_deadline_ms"] == 2, d["tunables"]
+assert d["stats"]["user_write_cmds"] > 0, d["stats"]'
+        rpc "$sock" bdev_writeboost_drop_caches wb0 >/dev/null
+        rpc "$sock" bdev_writeboost_clear_stats wb0 >/dev/null
+        wait "$cpid"
         stop_app "$TGT_PID" "$dir/tgt.sock" || {
             echo "target did not stop cleanly" >&2
             tail -n 20 "$dir/tgt.log" >&2
