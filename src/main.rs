@@ -230,9 +230,15 @@ fn default_config(cli: &Cli, tunables: &Tunables) -> Result<Vec<Call>, String> {
         nbd["socket"] = json!(s.to_string_lossy());
     }
     Ok(vec![
+        // The cache's own identity is recorded inside it; this UUID only
+        // names the bdev.
         Call::new(
             "bdev_aio_create",
-            json!({"name": "Cache0", "filename": p.cache_path.to_string_lossy()}),
+            json!({
+                "name": "Cache0",
+                "filename": p.cache_path.to_string_lossy(),
+                "uuid": store::uuid_string(&store::random_uuid().map_err(|e| e.to_string())?),
+            }),
         ),
         Call::new(
             "bdev_aio_create",
@@ -338,7 +344,13 @@ fn run(cli: Cli) -> Result<(), String> {
                 Some(p) => format!("{}: ", p.display()),
                 None => String::new(),
             };
-            return Err(format!("{source}{}: {}", c.method, e.message));
+            // Most messages start with the method already.
+            let msg = if e.message.starts_with(c.method.as_str()) {
+                e.message
+            } else {
+                format!("{}: {}", c.method, e.message)
+            };
+            return Err(format!("{source}{msg}"));
         }
     }
     if let Some(l) = rpc {
@@ -361,4 +373,34 @@ fn run(cli: Cli) -> Result<(), String> {
     let _ = stop_rx.recv();
     cleanup(&app);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_lists_and_masks() {
+        assert_eq!(parse_core_list("0,1").unwrap(), [0, 1]);
+        assert_eq!(parse_core_list("[0,2-4]").unwrap(), [0, 2, 3, 4]);
+        assert_eq!(parse_core_list("1,1").unwrap(), [1]);
+        assert_eq!(parse_cpumask("0x3").unwrap(), [0, 1]);
+        assert_eq!(parse_cpumask("c").unwrap(), [2, 3]);
+        assert_eq!(parse_cpumask("[1-2]").unwrap(), [1, 2]);
+        for bad in ["", "x", "3-1", "0,,a", "99999"] {
+            assert!(parse_core_list(bad).is_err(), "{bad}");
+        }
+        for bad in ["0x0", "0xg", "zz"] {
+            assert!(parse_cpumask(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tunables_from_the_command_line() {
+        let t = parse_tunables(&["writeback_threshold=5".into()]).unwrap();
+        assert_eq!(t.writeback_threshold, 5);
+        assert!(parse_tunables(&["writeback_threshold".into()]).is_err());
+        assert!(parse_tunables(&["writeback_threshold=x".into()]).is_err());
+        assert!(parse_tunables(&["nope=1".into()]).is_err());
+    }
 }

@@ -806,6 +806,19 @@ impl Reactor {
     }
 }
 
+impl Drop for Reactor {
+    /// Devices still here when the thread ends (only if it panicked) are
+    /// reported closed, so nobody waits for them forever; their caches
+    /// recover from their logs at the next start.
+    fn drop(&mut self) {
+        for d in self.devs.drain(..) {
+            let shared = Arc::clone(&d.shared);
+            drop(d);
+            shared.close();
+        }
+    }
+}
+
 /// A running reactor thread, as the rest of the host sees it.
 pub struct ReactorHandle {
     pub core: Option<usize>,
