@@ -2,7 +2,8 @@
 //! devices on reactors, NBD servers. Configuration files and the RPC socket
 //! both go through [`App::call`], so a file can do exactly what RPC can.
 
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -78,7 +79,11 @@ struct NbdServer {
     bdev_name: String,
     ctx: Arc<ServerCtx>,
     tcp: Option<SocketAddr>,
+    /// A handle on the TCP listener, to wake its accepting thread.
+    tcp_listener: Option<TcpListener>,
     socket: Option<PathBuf>,
+    /// The accepting threads.
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl NbdServer {
@@ -108,24 +113,22 @@ impl NbdServer {
         p
     }
 
-    /// Stops accepting clients (connections already made stay until their
-    /// device closes).
-    fn stop(&self) {
+    /// Stops accepting clients and returns once the listeners are closed
+    /// (connections already made stay until their device closes).
+    fn stop(self) {
         self.ctx.stop_accepting();
-        // Wake the accepting threads.
-        if let Some(mut a) = self.tcp {
-            if a.ip().is_unspecified() {
-                a.set_ip(if a.is_ipv4() {
-                    std::net::Ipv4Addr::LOCALHOST.into()
-                } else {
-                    std::net::Ipv6Addr::LOCALHOST.into()
-                });
-            }
-            let _ = TcpStream::connect_timeout(&a, Duration::from_secs(1));
+        // Wake the accepting threads: shutdown(2) ends a blocked accept on
+        // a TCP listener; a unix listener gets a connection.
+        if let Some(l) = &self.tcp_listener {
+            // SAFETY: shutdown on a descriptor owned by `l`, alive for the call.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
         }
         if let Some(p) = &self.socket {
             let _ = UnixStream::connect(p);
             let _ = std::fs::remove_file(p);
+        }
+        for t in self.threads {
+            let _ = t.join();
         }
     }
 }
@@ -848,26 +851,38 @@ impl App {
             },
             self.opts.verbose,
         ));
+        let mut threads = Vec::new();
+        let mut tcp_listener = None;
         let tcp_addr = match tcp {
             Some(l) => {
                 let a = l
                     .local_addr()
                     .map_err(|e| RpcError::new(code::EIO, format!("{M}: {e}")))?;
-                spawn_tcp(l, Arc::clone(&ctx))
-                    .map_err(|e| RpcError::new(code::ENOMEM, format!("{M}: {e}")))?;
+                tcp_listener = Some(
+                    l.try_clone()
+                        .map_err(|e| RpcError::new(code::EIO, format!("{M}: {e}")))?,
+                );
+                threads.push(
+                    spawn_tcp(l, Arc::clone(&ctx))
+                        .map_err(|e| RpcError::new(code::ENOMEM, format!("{M}: {e}")))?,
+                );
                 Some(a)
             }
             None => None,
         };
         if let Some(l) = unix {
-            spawn_unix(l, Arc::clone(&ctx))
-                .map_err(|e| RpcError::new(code::ENOMEM, format!("{M}: {e}")))?;
+            threads.push(
+                spawn_unix(l, Arc::clone(&ctx))
+                    .map_err(|e| RpcError::new(code::ENOMEM, format!("{M}: {e}")))?,
+            );
         }
         let s = NbdServer {
             bdev_name,
             ctx,
             tcp: tcp_addr,
+            tcp_listener,
             socket,
+            threads,
         };
         let urls = s.urls();
         st.nbd.push(s);

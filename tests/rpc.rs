@@ -514,6 +514,47 @@ fn yaml_config_two_devices_on_two_reactors() {
     let stats = rpc.ok("bdev_writeboost_get_stats", Value::Null);
     assert_eq!(stats[0]["tunables"]["writeback_threshold"], 0);
     assert_eq!(stats[1]["status"]["segment_size"], 256 << 10);
+
+    // nbd_server_stop: no new clients; the device itself stays.
+    let port0 = h.port("wb0");
+    assert_eq!(rpc.ok("nbd_server_stop", json!({"bdev_name": "wb0"})), true);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port0)).is_err());
+    let url = rpc.ok(
+        "nbd_server_start",
+        json!({"bdev_name": "wb0", "listen": "127.0.0.1:0"}),
+    );
+    let port0: u16 = url
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut c = Client::connect_export(port0, "wb0");
+    c.send(NBD_CMD_READ, 0, 4, 65536, 4096, &[]);
+    let (_, e, data) = c.reply(|_| 4096);
+    assert_eq!(e, 0);
+    assert!(data.iter().all(|&b| b == 0xa0));
+    // Deleting an exported device: its open connection gets ESHUTDOWN, its
+    // listener goes away.
+    assert_eq!(
+        rpc.ok("bdev_writeboost_delete", json!({"name": "wb0"})),
+        true
+    );
+    c.send(NBD_CMD_READ, 0, 5, 65536, 4096, &[]);
+    assert_eq!(c.reply(|_| 4096).1, 108);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port0)).is_err());
+    assert_eq!(
+        rpc.ok("bdev_writeboost_get_stats", Value::Null)
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     let log: Vec<String> = h.server.stderr.try_iter().collect();
     let log = log.join("\n");
     assert!(
@@ -535,7 +576,6 @@ fn yaml_config_two_devices_on_two_reactors() {
     assert!(used < 20, "idle host used {used} ticks of CPU in 2 s");
     h.server.stop();
     let log = h.server.stderr_after_exit();
-    assert!(log.contains("wb0: clean shutdown"), "{log}");
     assert!(log.contains("wb1: clean shutdown"), "{log}");
 }
 
