@@ -286,7 +286,8 @@ fn file_identity(path: &Path) -> Result<[u8; 16], StoreError> {
 
 /// A checked `bdev_malloc_create` request.
 pub struct MallocRequest {
-    pub name: String,
+    /// `None`: the first free MallocN.
+    pub name: Option<String>,
     pub num_blocks: u64,
     pub block_size: u32,
     pub uuid: Option<[u8; 16]>,
@@ -297,9 +298,8 @@ pub struct MallocRequest {
 pub fn parse_malloc(params: Option<&Value>) -> Result<MallocRequest, RpcError> {
     const M: &str = "bdev_malloc_create";
     let mut p = Params::new(M, params, false)?;
-    // SPDK makes up a name when none is given; here it is required so a
-    // configuration can refer to it.
-    let name = p.required_string("name")?;
+    // Without a name the bdev is called MallocN, as in SPDK.
+    let name = p.string("name")?;
     let num_blocks = p.uint("num_blocks", 1, 1 << 40)?.ok_or_else(|| {
         RpcError::invalid_params(format!("{M}: parameter 'num_blocks' is required"))
     })?;
@@ -338,7 +338,7 @@ pub fn parse_malloc(params: Option<&Value>) -> Result<MallocRequest, RpcError> {
 
 /// Allocates a malloc bdev as a memory file of its size (pages are
 /// allocated as they are written).
-pub fn create_malloc(r: MallocRequest) -> Result<BaseBdev, RpcError> {
+pub fn create_malloc(r: MallocRequest, name: String) -> Result<BaseBdev, RpcError> {
     const M: &str = "bdev_malloc_create";
     let size = r
         .num_blocks
@@ -361,10 +361,7 @@ pub fn create_malloc(r: MallocRequest) -> Result<BaseBdev, RpcError> {
     file.set_len(size).map_err(|e| {
         RpcError::new(
             code::ENOMEM,
-            format!(
-                "{M}: cannot size the memory of {} to {size} bytes: {e}",
-                r.name
-            ),
+            format!("{M}: cannot size the memory of {name} to {size} bytes: {e}"),
         )
     })?;
     let uuid = match r.uuid {
@@ -372,7 +369,7 @@ pub fn create_malloc(r: MallocRequest) -> Result<BaseBdev, RpcError> {
         None => store::random_uuid().map_err(|e| store_error(M, e))?,
     };
     Ok(BaseBdev {
-        name: r.name,
+        name,
         kind: BaseKind::Malloc,
         file: Arc::new(DevFile::new(file, false)),
         block_size: r.block_size,

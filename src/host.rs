@@ -327,12 +327,17 @@ impl App {
     }
 
     fn malloc_create(&self, params: Option<&Value>) -> Result<Value, RpcError> {
-        let req = bdev::parse_malloc(params)?;
+        let mut req = bdev::parse_malloc(params)?;
         let mut st = self.lock();
-        if st.name_taken(&req.name) {
-            return Err(exists_error(&req.name));
-        }
-        let b = bdev::create_malloc(req)?;
+        let name = match req.name.take() {
+            Some(n) if st.name_taken(&n) => return Err(exists_error(&n)),
+            Some(n) => n,
+            None => (0..)
+                .map(|i| format!("Malloc{i}"))
+                .find(|n| !st.name_taken(n))
+                .unwrap_or_default(),
+        };
+        let b = bdev::create_malloc(req, name)?;
         let name = b.name.clone();
         st.bases.push(b);
         drop(st);

@@ -67,32 +67,32 @@ struct Cli {
     #[arg(long)]
     cores: Option<String>,
     /// Directory holding the device files and the backing identity.
-    #[arg(long, default_value = "./writeboost-data")]
+    #[arg(long, default_value = "./writeboost-data", conflicts_with = "config")]
     data_dir: PathBuf,
     /// Size of the cache file when it is created (K/M/G/T suffixes, binary).
-    #[arg(long, default_value = "256M", value_parser = store::parse_size)]
+    #[arg(long, default_value = "256M", value_parser = store::parse_size, conflicts_with = "config")]
     cache_size: u64,
     /// Size of the backing file when it is created.
-    #[arg(long, default_value = "1G", value_parser = store::parse_size)]
+    #[arg(long, default_value = "1G", value_parser = store::parse_size, conflicts_with = "config")]
     backing_size: u64,
     /// Use this file or block device as the cache device instead of DATA_DIR/cache.img.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "config")]
     cache_file: Option<PathBuf>,
     /// Use this file or block device as the backing device instead of DATA_DIR/backing.img.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "config")]
     backing_file: Option<PathBuf>,
     /// TCP address to serve NBD on ("off" to disable; port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:10809")]
+    #[arg(long, default_value = "127.0.0.1:10809", conflicts_with = "config")]
     nbd_listen: String,
     /// Also serve NBD on this unix socket.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "config")]
     nbd_socket: Option<PathBuf>,
     /// Name of the NBD export.
-    #[arg(long, default_value = "wb0")]
+    #[arg(long, default_value = "wb0", conflicts_with = "config")]
     export_name: String,
     /// Reformat the cache even if it holds a valid one (discards its contents,
     /// including dirty data not yet written back).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "config")]
     format: bool,
     /// How device I/O is done: io_uring (falls back to threads where unavailable) or threads.
     #[arg(long, value_enum, default_value = "uring")]
@@ -115,7 +115,7 @@ struct Cli {
     #[arg(long, default_value_t = 200)]
     idle_sleep_us: u64,
     /// Engine tunable NAME=VALUE (repeatable), e.g. writeback_threshold=0.
-    #[arg(long = "set", value_name = "NAME=VALUE")]
+    #[arg(long = "set", value_name = "NAME=VALUE", conflicts_with = "config")]
     tunables: Vec<String>,
     /// Log connections.
     #[arg(long, short)]

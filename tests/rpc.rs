@@ -691,6 +691,9 @@ fn spdk_rpc_py_drives_the_host() {
     let (ok, text) = spdk_rpc(&sock, &["bdev_malloc_delete", "Cache0"]);
     assert!(!ok && text.contains("-16"), "{text}");
 
+    // Without -b the bdev gets SPDK's kind of name.
+    assert_eq!(r(&["bdev_malloc_create", "1", "512"]).trim(), "Malloc0");
+    r(&["bdev_malloc_delete", "Malloc0"]);
     r(&["bdev_writeboost_delete", "wb0"]);
     r(&["bdev_malloc_delete", "Cache0"]);
     r(&["bdev_aio_delete", "Backing0"]);
