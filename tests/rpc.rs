@@ -702,3 +702,48 @@ fn spdk_rpc_py_drives_the_host() {
     let st = h.server.wait(Duration::from_secs(60));
     assert!(st.success(), "{st:?}");
 }
+
+/// Requests split across writes and several in one write are all answered,
+/// in order; a reactor that cannot be pinned warns and runs.
+#[test]
+fn rpc_framing_and_unpinnable_core() {
+    let d = tempdir();
+    let dir = d.path();
+    let empty = dir.join("empty.yaml");
+    std::fs::write(&empty, "").unwrap();
+    let sock = dir.join("rpc.sock");
+    let mut h = start_with_config(&empty, &sock, &["--cores", "1000"]);
+    let mut rpc = Rpc::connect(&sock);
+    rpc.send_only(b"{\"jsonrpc\": \"2.0\", \"id\": 1, \"meth");
+    std::thread::sleep(Duration::from_millis(100));
+    let v = rpc.raw(b"od\": \"spdk_get_version\"}\n{\"jsonrpc\": \"2.0\", \"id\": 2, \"method\": \"rpc_get_methods\"}");
+    assert_eq!(v["id"], 1, "{v}");
+    assert!(v["result"]["version"].is_string(), "{v}");
+    let v = rpc.raw(b"");
+    assert_eq!(v["id"], 2, "{v}");
+    assert!(
+        v["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m == "bdev_writeboost_get_stats"),
+        "{v}"
+    );
+    // The reactor is unpinned but works.
+    rpc.ok(
+        "bdev_malloc_create",
+        json!({"name": "C", "num_blocks": 4096, "block_size": 4096}),
+    );
+    rpc.ok(
+        "bdev_malloc_create",
+        json!({"name": "B", "num_blocks": 16384, "block_size": 4096}),
+    );
+    rpc.ok(
+        "bdev_writeboost_create",
+        json!({"name": "wb0", "backing_bdev": "B", "cache_bdev": "C"}),
+    );
+    h.server.stop();
+    let log = h.server.stderr_after_exit();
+    assert!(log.contains("cannot pin reactor 0 to core 1000"), "{log}");
+    assert!(log.contains("wb0: clean shutdown"), "{log}");
+}
