@@ -467,7 +467,7 @@ impl App {
         let name = req.name.clone();
         let m = "bdev_writeboost_create";
         // Check and claim under the lock; open without it.
-        let (spec, reactor, size, block_size, desc) = {
+        let (spec, reactor, desc) = {
             let mut st = self.lock();
             if st.shutting_down {
                 return Err(RpcError::new(code::EBUSY, "the host is shutting down"));
@@ -568,12 +568,9 @@ impl App {
                     shared,
                 },
                 reactor,
-                size,
-                block_size,
                 desc,
             )
         };
-        let _ = (size, block_size);
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.reactors[reactor].send(move |r| r.open(spec, tx));
         let outcome = rx.recv();
@@ -581,15 +578,8 @@ impl App {
             Ok(Ok(info)) => {
                 let n = name.clone();
                 let uuid = self.reactors[reactor]
-                    .call(move |r| {
-                        r.dev(&n).and_then(|d| {
-                            d.report()["status"]["cache_uuid"]
-                                .as_str()
-                                .map(String::from)
-                        })
-                    })
+                    .call(move |r| r.dev(&n).map(|d| d.cache_uuid()))
                     .flatten()
-                    .and_then(|s| store::parse_uuid(&s))
                     .unwrap_or([0; 16]);
                 let mut st = self.lock();
                 if let Some(w) = st.wbs.iter_mut().find(|w| w.req.name == name) {

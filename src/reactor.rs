@@ -662,6 +662,11 @@ impl Dev {
         })
     }
 
+    /// The UUID the cache was formatted with (the writeboost bdev's UUID).
+    pub fn cache_uuid(&self) -> [u8; 16] {
+        self.engine.status().cache_uuid
+    }
+
     pub fn online(&self) -> bool {
         self.phase == Phase::Running
     }

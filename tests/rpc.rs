@@ -121,6 +121,10 @@ fn rpc_create_stats_options_delete_save_config_and_restart() {
     assert_eq!(wb1["block_size"], 4096);
     assert_eq!(wb1["num_blocks"], (64 << 20) / 4096);
     assert_eq!(wb1["driver_specific"]["writeboost"]["mode"], 1);
+    assert_eq!(
+        wb1["uuid"],
+        wb1["driver_specific"]["writeboost"]["status"]["cache_uuid"]
+    );
     let cache0 = &rpc.ok("bdev_get_bdevs", json!({"name": "Cache0"}))[0];
     assert_eq!(cache0["claimed"], true);
     assert_eq!(cache0["product_name"], "Malloc disk");
