@@ -28,6 +28,8 @@ fn fio(uri: &str, args: &[&str]) -> String {
         "--ioengine=nbd",
         &format!("--uri={uri}"),
         "--output-format=normal",
+        // No verify-state files left in the working directory.
+        "--verify_state_save=0",
     ]);
     c.args(args);
     let out = run_tool(&mut c);

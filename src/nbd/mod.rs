@@ -1,4 +1,4 @@
 //! The NBD server: wire protocol ([`proto`]) and connection handling ([`server`]).
 
-pub mod proto;
+pub use writeboost_nbd as proto;
 pub mod server;
