@@ -336,6 +336,14 @@ pub fn parse_malloc(params: Option<&Value>) -> Result<MallocRequest, RpcError> {
     })
 }
 
+/// The machine's memory in bytes (MemTotal), if it can be read.
+fn total_ram() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// Allocates a malloc bdev as a memory file of its size (pages are
 /// allocated as they are written).
 pub fn create_malloc(r: MallocRequest, name: String) -> Result<BaseBdev, RpcError> {
@@ -344,6 +352,17 @@ pub fn create_malloc(r: MallocRequest, name: String) -> Result<BaseBdev, RpcErro
         .num_blocks
         .checked_mul(r.block_size as u64)
         .ok_or_else(|| RpcError::invalid_params(format!("{M}: num_blocks is too large")))?;
+    if let Some(ram) = total_ram()
+        && size > ram
+    {
+        return Err(RpcError::new(
+            code::ENOMEM,
+            format!(
+                "{M}: {size} bytes is more than this machine's memory ({ram} bytes); give fewer \
+                 num_blocks"
+            ),
+        ));
+    }
     // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns
     // a new descriptor (owned by the File below) or -1.
     let fd = unsafe { libc::memfd_create(c"writeboost-malloc".as_ptr(), libc::MFD_CLOEXEC) };
