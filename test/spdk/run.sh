@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The SPDK module's tests, against a real SPDK: bdevperf verify in both
-# buffer modes, save_config and restart, kill -9 with an acknowledgement log,
-# NVMe-oF/TCP export, and bad RPC input. Skipped, saying so, without SPDK.
+# buffer modes, save_config and restart with runtime RPCs under load, kill -9
+# with an acknowledgement log, hot remove, NVMe-oF/TCP export from a stock
+# spdk_tgt, and bad RPC input. Skipped, saying so, without SPDK.
 #
 #   SPDK_DIR=/path/to/spdk bash test/spdk/run.sh [TEST...]
 #
@@ -104,15 +105,22 @@ test_restart() {
         checker "$dir" "$port" write N0n1 "$dir/acks" 32768 4 0 $((7 + mode)) >"$dir/write.out" &
         local cpid=$!
         # Runtime RPCs while I/O runs: tunables, stats, drop_caches, clear_stats.
-        sleep 2.5
-        local sock=$dir/tgt.sock
+        local sock=$dir/tgt.sock i
+        for i in $(seq 1 100); do
+            rpc "$sock" bdev_writeboost_get_stats -n wb0 | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+d = d[0] if isinstance(d, list) else d
+sys.exit(0 if d["stats"]["user_write_cmds"] > 0 else 1)' && break
+            sleep 0.1
+        done
         rpc "$sock" bdev_writeboost_set_options wb0 --writeback-threshold 0 --barrier-deadline-ms 2 >/dev/null
         rpc "$sock" bdev_writeboost_get_stats -n wb0 | python3 -c '
 import json, sys
 d = json.load(sys.stdin)
 d = d[0] if isinstance(d, list) else d
 assert d["tunables"]["writeback_threshold"] == 0 and d["tunables"]["barrier_deadline_ms"] == 2, d["tunables"]
-assert d["stats"]["user_write_cmds"] > 0, d["stats"]'
+assert d["stats"]["user_write_cmds"] > 0, "no writes reached the device while the writer ran"'
         rpc "$sock" bdev_writeboost_drop_caches wb0 >/dev/null
         rpc "$sock" bdev_writeboost_clear_stats wb0 >/dev/null
         wait "$cpid"
@@ -135,6 +143,19 @@ assert d["stats"]["user_write_cmds"] > 0, d["stats"]'
     done
 }
 
+# wait_for_acks LOG WRITES FLUSHES — until the writer has logged that many
+# acknowledged writes and completed flushes (at most 15 s: a slow start must
+# not turn into a vacuous test, which the callers check afterwards).
+wait_for_acks() {
+    local i w f
+    for i in $(seq 1 150); do
+        w=$(grep -c '^W' "$1" 2>/dev/null || true)
+        f=$(grep -c '^F' "$1" 2>/dev/null || true)
+        [ "${w:-0}" -ge "$2" ] && [ "${f:-0}" -ge "$3" ] && return 0
+        sleep 0.1
+    done
+}
+
 # 3. kill -9 under load; everything acknowledged as durable reads back.
 test_crash() {
     local mode
@@ -143,9 +164,9 @@ test_crash() {
         tgt_setup "$dir" "$mode" "$port"
         rpc "$dir/tgt.sock" save_config >"$dir/saved.json"
         # Mode 0 promises durability at FLUSH (one per 64 writes); mode 1 at every ack.
-        checker "$dir" "$port" write N0n1 "$dir/acks" 32768 6 64 $((11 + mode)) >"$dir/write.out" 2>&1 &
+        checker "$dir" "$port" write N0n1 "$dir/acks" 32768 20 64 $((11 + mode)) >"$dir/write.out" 2>&1 &
         local cpid=$!
-        sleep 3
+        wait_for_acks "$dir/acks" 2000 4
         rpc "$dir/tgt.sock" bdev_writeboost_get_stats -n wb0 >"$dir/stats-at-kill.json" 2>&1 || true
         kill -9 "$TGT_PID"
         wait "$TGT_PID" 2>/dev/null || true
@@ -180,9 +201,9 @@ test_hotremove() {
     local dir=$WORK/hotremove port=$((PORT_BASE + 40))
     tgt_setup "$dir" 0 "$port"
     local s=$dir/tgt.sock
-    checker "$dir" "$port" write N0n1 "$dir/acks" 32768 6 64 17 >"$dir/write.out" 2>&1 &
+    checker "$dir" "$port" write N0n1 "$dir/acks" 32768 20 64 17 >"$dir/write.out" 2>&1 &
     local cpid=$!
-    sleep 3
+    wait_for_acks "$dir/acks" 2000 4
     rpc "$s" bdev_aio_delete Cache0 >/dev/null
     wait "$cpid" || true
     rpc "$s" spdk_get_version >/dev/null

@@ -165,7 +165,10 @@ extern "C" fn io_done(bdev_io: *mut sys::spdk_bdev_io, success: bool, arg: *mut 
             match &mut st.job {
                 Job::Write { log, .. } if success => {
                     let _ = writeln!(log, "F {seq}");
+                    let _ = log.flush();
                 }
+                // The target is gone: what it acknowledged is logged; stop.
+                Job::Write { .. } => st.done = true,
                 Job::Pairs {
                     left,
                     pair_start,
@@ -186,6 +189,10 @@ extern "C" fn io_done(bdev_io: *mut sys::spdk_bdev_io, success: bool, arg: *mut 
             if !success {
                 if matches!(st.job, Job::Pairs { .. }) {
                     fail("a write failed");
+                }
+                if matches!(st.job, Job::Write { .. }) {
+                    // The target is gone (or failing): stop writing.
+                    st.done = true;
                 }
                 // The target went away (or failed this write): not acknowledged.
                 if let Job::Verify { bad, .. } = &mut st.job {
@@ -284,7 +291,7 @@ fn pump(st: &mut State) {
                 rng,
                 ..
             } => {
-                if Instant::now() >= *until {
+                if st.done || Instant::now() >= *until {
                     Next::Stop
                 } else if *flush_every > 0 && st.since_flush >= *flush_every && !st.flushing {
                     Next::Flush(st.acked)
@@ -369,8 +376,12 @@ extern "C" fn watchdog(_arg: *mut c_void) -> i32 {
     STATE.with(|s| {
         let mut s = s.borrow_mut();
         let st = s.as_mut().expect("state");
-        let stop = match &st.job {
-            Job::Write { until, .. } => Instant::now() > *until + Duration::from_secs(3),
+        let stop = match &mut st.job {
+            Job::Write { until, log, .. } => {
+                // What was acknowledged reaches the file at least every tick.
+                let _ = log.flush();
+                Instant::now() > *until + Duration::from_secs(3)
+            }
             Job::Verify { .. } | Job::Pairs { .. } => false,
         };
         if stop {
