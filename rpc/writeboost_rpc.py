@@ -99,3 +99,25 @@ def spdk_rpc_plugin_initialize(subparsers):
         p = subparsers.add_parser(method, help=help_text)
         p.add_argument("name", help="writeboost bdev name")
         p.set_defaults(func=call)
+
+    # The standalone host's NBD export (spdk_tgt exports through nvmf or vhost instead).
+    def nbd_server_start(args):
+        params = {"bdev_name": args.bdev_name}
+        if args.listen:
+            params["listen"] = args.listen
+        if args.socket:
+            params["socket"] = args.socket
+        _print(args.client.call("nbd_server_start", params))
+
+    p = subparsers.add_parser("nbd_server_start", help="Standalone host: export a writeboost bdev over NBD")
+    p.add_argument("bdev_name", help="writeboost bdev to export (the export name is the same)")
+    p.add_argument("-l", "--listen", help="TCP address, e.g. 127.0.0.1:10809")
+    p.add_argument("-s", "--socket", help="Unix socket path")
+    p.set_defaults(func=nbd_server_start)
+
+    def nbd_server_stop(args):
+        _print(args.client.call("nbd_server_stop", {"bdev_name": args.bdev_name}))
+
+    p = subparsers.add_parser("nbd_server_stop", help="Standalone host: stop accepting NBD clients for a bdev")
+    p.add_argument("bdev_name", help="writeboost bdev whose export stops")
+    p.set_defaults(func=nbd_server_stop)

@@ -677,6 +677,11 @@ fn spdk_rpc_py_drives_the_host() {
     ]);
     r(&["bdev_writeboost_drop_caches", "wb0"]);
     r(&["bdev_writeboost_clear_stats", "wb0"]);
+    // The plugin also carries the host's NBD export methods.
+    let nbd_sock = dir.join("wb0.nbd");
+    assert!(r(&["nbd_server_start", "wb0", "--socket", &s(&nbd_sock)]).contains("nbd+unix"));
+    assert!(nbd_sock.exists());
+    r(&["nbd_server_stop", "wb0"]);
     let bdevs: Value = serde_json::from_str(&r(&["bdev_get_bdevs", "-b", "wb0"])).unwrap();
     assert_eq!(
         bdevs[0]["driver_specific"]["writeboost"]["tunables"]["writeback_threshold"],
