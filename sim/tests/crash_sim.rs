@@ -49,3 +49,34 @@ fn heavy_error_injection_loses_nothing() {
     );
     assert_eq!(total.acknowledged_lost + total.corrupt_reads, 0);
 }
+
+/// Seeds that once lost acknowledged mode-1 writes: a log whose pool slot had
+/// nothing committed (read-cache copies only, or writes waiting for a fill)
+/// ended recovery's run of pool slots and hid the next log's writes.
+#[test]
+fn pool_slots_without_committed_blocks_hide_nothing() {
+    use writeboost_sim::check::ModeChoice;
+    let cases = [
+        (200_724, ModeChoice::Any),
+        (200_799, ModeChoice::Any),
+        (202_133, ModeChoice::Any),
+        (203_094, ModeChoice::Any),
+        (303_282, ModeChoice::Pmem),
+    ];
+    for (seed, mode) in cases {
+        let o = run_seed(&SimOptions {
+            seed,
+            ops: 2000,
+            crashes: 3,
+            error_rate: 0.002,
+            verbose: false,
+            force: Vec::new(),
+            mode,
+        });
+        assert!(
+            o.clean(),
+            "seed {seed} lost {} acknowledged sectors: rerun with wb-sim --first-seed {seed} --seeds 1 -v",
+            o.acknowledged_lost
+        );
+    }
+}

@@ -72,6 +72,8 @@ struct SegMeta {
     live_dirty: u32,
     /// Epoch the log was (or will be) written with.
     epoch: u64,
+    /// Blocks committed in the log's pmem slot (mode 1).
+    pool_committed: u32,
 }
 
 /// A slot of the open log.

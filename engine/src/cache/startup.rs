@@ -529,6 +529,7 @@ impl<A: BufAlloc> Engine<A> {
             // Written again as a log of the new incarnation.
             self.replay_log(id, self.record.epoch + 1, &mbs);
             self.seg_mut(id).buf = Some(buf);
+            self.seg_mut(id).pool_committed = slots.len() as u32;
             self.recovered.push(OpenLog {
                 id,
                 buf,

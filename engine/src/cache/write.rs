@@ -452,6 +452,7 @@ impl<A: BufAlloc> Engine<A> {
         if self.open.is_some()
             || self.free_log_bufs.is_empty()
             || self.phase != super::Phase::Running
+            || self.previous_log_uncommitted()
         {
             return false;
         }
@@ -463,6 +464,21 @@ impl<A: BufAlloc> Engine<A> {
         let seg = self.seg(self.next_id);
         seg.id != occupant
             || (occupant <= self.record.last_writeback_id && seg.readers == 0 && seg.buf.is_none())
+    }
+
+    /// Mode 1: recovery takes the pool's slots as a run of consecutive logs
+    /// and stops at a slot with nothing committed. A log that is not durable
+    /// yet and has nothing committed in its slot (its blocks are read-cache
+    /// copies, which are not published, or writes still waiting for a fill)
+    /// would hide every later log's acknowledged writes, so the next log
+    /// opens only once it has a committed block or is durable.
+    fn previous_log_uncommitted(&self) -> bool {
+        if !self.persistent || self.pool.is_none() || self.next_id <= 1 {
+            return false;
+        }
+        let prev = self.next_id - 1;
+        let seg = self.seg(prev);
+        prev > self.durable_id && seg.id == prev && seg.pool_committed == 0
     }
 
     /// Whether the position the next log needs waits for writeback or a record.
@@ -516,6 +532,7 @@ impl<A: BufAlloc> Engine<A> {
             buf: Some(buf),
             readers: 0,
             live_dirty: 0,
+            pool_committed: 0,
         };
         self.open = Some(OpenLog {
             id,
@@ -563,5 +580,9 @@ impl<A: BufAlloc> Engine<A> {
         pm.persist(e, entry.len() as u64);
         pm.write(e + 24, &crate::pmem::commit_word(id, &entry).to_le_bytes());
         pm.persist(e + 24, 8);
+        let seg = self.seg_mut(id);
+        if seg.id == id {
+            seg.pool_committed += 1;
+        }
     }
 }
