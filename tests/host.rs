@@ -196,6 +196,14 @@ fn protocol_garbage_and_bad_requests() {
     assert_eq!(c.reply(|_| 0).1, 22);
     c.send(NBD_CMD_READ, 0x80, 16, 0, 512, &[]);
     assert_eq!(c.reply(|_| 512).1, 22);
+    // A trim past the end is EINVAL; FUA on a read is accepted (and means
+    // nothing); a rejected FUA write's payload is still consumed.
+    c.send(4, 0, 30, size - 512, 1024, &[]);
+    assert_eq!(c.reply(|_| 0).1, 22);
+    c.send(NBD_CMD_READ, 1, 31, 0, 512, &[]);
+    assert_eq!(c.reply(|_| 512).1, 0);
+    c.send(NBD_CMD_WRITE, 1, 32, 512, 1000, &[7u8; 1000]);
+    assert_eq!(c.reply(|_| 0), (32, 22, Vec::new()));
     // The connection still works.
     c.send(NBD_CMD_WRITE, 0, 17, 4096, 4096, &[9u8; 4096]);
     assert_eq!(c.reply(|_| 0).1, 0);

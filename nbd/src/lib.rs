@@ -110,7 +110,9 @@ pub enum HandshakeError {
     BadOptionMagic(u64),
     #[error("client sent unknown client flags {0:#x}")]
     BadClientFlags(u32),
-    #[error("client sent an option of {0} bytes (limit {MAX_OPTION_LEN})")]
+    #[error(
+        "client sent an export name of {0} bytes (limit {MAX_OPTION_LEN}); export names are at most 4096 bytes"
+    )]
     OptionTooLong(u32),
     #[error("client asked for unknown export {0:?}")]
     UnknownExport(String),
@@ -236,7 +238,23 @@ pub fn negotiate<S: Read + Write>(
         s.read_exact(&mut h)?;
         let (opt, len) = parse_option_header(&h)?;
         if len > MAX_OPTION_LEN {
-            return Err(HandshakeError::OptionTooLong(len));
+            if opt == OPT_EXPORT_NAME {
+                // No error reply exists for this option: close.
+                return Err(HandshakeError::OptionTooLong(len));
+            }
+            // Skip the data without holding it, say it was too big and let
+            // the client go on haggling.
+            let skipped = io::copy(&mut Read::by_ref(s).take(u64::from(len)), &mut io::sink())?;
+            if skipped < u64::from(len) {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            }
+            s.write_all(&option_reply(
+                opt,
+                REP_ERR_TOO_BIG,
+                format!("option data is limited to {MAX_OPTION_LEN} bytes").as_bytes(),
+            ))?;
+            s.flush()?;
+            continue;
         }
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data)?;
@@ -379,16 +397,18 @@ pub fn check_request(h: &RequestHeader, size: u64) -> Check {
     if cmd == Cmd::Write && h.len > MAX_PAYLOAD {
         return Check::Close;
     }
+    // FUA is valid on every command once advertised (clients are known to
+    // set it on reads and flushes; it means nothing there). NO_HOLE only
+    // applies to WRITE_ZEROES; every zero this server writes is allocated.
     let allowed = match cmd {
-        Cmd::Read | Cmd::Flush => 0,
-        Cmd::Write | Cmd::Trim => CMD_FLAG_FUA,
         Cmd::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-        Cmd::Disc => 0,
+        _ => CMD_FLAG_FUA,
     };
     if h.flags & !allowed != 0 {
         return Check::Error(EINVAL);
     }
-    let fua = h.flags & CMD_FLAG_FUA != 0;
+    let writes = matches!(cmd, Cmd::Write | Cmd::Trim | Cmd::WriteZeroes);
+    let fua = writes && h.flags & CMD_FLAG_FUA != 0;
     if cmd == Cmd::Flush {
         return Check::Ok { cmd, fua: false };
     }
@@ -399,9 +419,10 @@ pub fn check_request(h: &RequestHeader, size: u64) -> Check {
     if !h.offset.is_multiple_of(MIN_BLOCK as u64) || !len.is_multiple_of(MIN_BLOCK as u64) {
         return Check::Error(EINVAL);
     }
+    // Past the end: ENOSPC for what writes data, EINVAL for reads and trims.
     match h.offset.checked_add(len) {
         Some(end) if end <= size => Check::Ok { cmd, fua },
-        _ if cmd == Cmd::Read => Check::Error(EINVAL),
+        _ if matches!(cmd, Cmd::Read | Cmd::Trim) => Check::Error(EINVAL),
         _ => Check::Error(ENOSPC),
     }
 }
@@ -578,15 +599,46 @@ mod tests {
         assert_eq!(reps[0].1, REP_ERR_INVALID);
         assert_eq!(reps[1].1, REP_ERR_INVALID);
 
+        // An export name too long to read closes (NBD_OPT_EXPORT_NAME has
+        // no error reply); the length alone allocates nothing.
         let mut input = 1u32.to_be_bytes().to_vec();
         let mut h = IHAVEOPT.to_be_bytes().to_vec();
-        h.extend_from_slice(&OPT_GO.to_be_bytes());
+        h.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
         h.extend_from_slice(&u32::MAX.to_be_bytes());
         input.extend(h);
         assert!(matches!(
             run(input).0,
-            Err(HandshakeError::OptionTooLong(_))
+            Err(HandshakeError::OptionTooLong(u32::MAX))
         ));
+    }
+
+    #[test]
+    fn oversized_option_is_skipped_with_too_big() {
+        let mut input = 1u32.to_be_bytes().to_vec();
+        let mut big = go_body("wb0", &[]);
+        big.resize(MAX_OPTION_LEN as usize + 1, 0xa5);
+        input.extend(opt(OPT_GO, &big));
+        input.extend(opt(OPT_GO, &go_body("wb0", &[])));
+        let (r, out) = run(input);
+        assert_eq!(r.unwrap(), Negotiated::Transmission);
+        let reps = replies(&out);
+        assert_eq!((reps[0].0, reps[0].1), (OPT_GO, REP_ERR_TOO_BIG));
+        assert_eq!(reps[1].1, REP_INFO);
+        assert_eq!(reps.last().unwrap().1, REP_ACK);
+
+        // A huge length whose data never comes: the connection ends, having
+        // allocated nothing for it.
+        let mut input = 1u32.to_be_bytes().to_vec();
+        let mut h = IHAVEOPT.to_be_bytes().to_vec();
+        h.extend_from_slice(&OPT_INFO.to_be_bytes());
+        h.extend_from_slice(&u32::MAX.to_be_bytes());
+        input.extend(h);
+        input.extend_from_slice(&[0u8; 100]);
+        let (r, out) = run(input);
+        assert!(
+            matches!(r, Err(HandshakeError::Io(ref e)) if e.kind() == io::ErrorKind::UnexpectedEof)
+        );
+        assert!(replies(&out).is_empty());
     }
 
     fn req(cmd: u16, flags: u16, offset: u64, len: u32) -> RequestHeader {
@@ -637,8 +689,63 @@ mod tests {
             check_request(&req(CMD_READ, 0, 0, MAX_PAYLOAD + 512), u64::MAX),
             Check::Error(EINVAL)
         );
+        // FUA is accepted on every command, and only means something on writes.
         assert_eq!(
             check_request(&req(CMD_READ, CMD_FLAG_FUA, 0, 512), size),
+            Check::Ok {
+                cmd: Cmd::Read,
+                fua: false
+            }
+        );
+        assert_eq!(
+            check_request(&req(CMD_FLUSH, CMD_FLAG_FUA, 0, 0), size),
+            Check::Ok {
+                cmd: Cmd::Flush,
+                fua: false
+            }
+        );
+        assert_eq!(
+            check_request(&req(CMD_TRIM, CMD_FLAG_FUA, 0, 4096), size),
+            Check::Ok {
+                cmd: Cmd::Trim,
+                fua: true
+            }
+        );
+        // NO_HOLE only on WRITE_ZEROES; unknown flags never.
+        assert_eq!(
+            check_request(
+                &req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA, 0, 4096),
+                size
+            ),
+            Check::Ok {
+                cmd: Cmd::WriteZeroes,
+                fua: true
+            }
+        );
+        assert_eq!(
+            check_request(&req(CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 4096), size),
+            Check::Error(EINVAL)
+        );
+        assert_eq!(
+            check_request(&req(CMD_READ, 1 << 2, 0, 512), size),
+            Check::Error(EINVAL)
+        );
+        // Past the end: EINVAL for trims, ENOSPC for zeroes (they write).
+        assert_eq!(
+            check_request(&req(CMD_TRIM, 0, size - 512, 1024), size),
+            Check::Error(EINVAL)
+        );
+        assert_eq!(
+            check_request(&req(CMD_WRITE_ZEROES, 0, size, 512), size),
+            Check::Error(ENOSPC)
+        );
+        // Misaligned trims and zeroes are refused like reads and writes.
+        assert_eq!(
+            check_request(&req(CMD_TRIM, 0, 256, 512), size),
+            Check::Error(EINVAL)
+        );
+        assert_eq!(
+            check_request(&req(CMD_WRITE_ZEROES, 0, 0, 100), size),
             Check::Error(EINVAL)
         );
         assert_eq!(
