@@ -12,6 +12,7 @@ import json
 # Runtime tunables: (name, help). Ranges are checked by the server.
 TUNABLES = [
     ("writeback_threshold", "background writeback runs while backing load %% is below this (0-100)"),
+    ("writeback_delay_ms", "background writeback leaves a log this long after it is durable (0-3600000)"),
     ("nr_max_batched_writeback", "segments per writeback batch (1-32)"),
     ("update_sb_record_interval", "seconds between superblock record updates (0-3600)"),
     ("sync_data_interval", "seconds after which an idle partial buffer is logged (0-3600)"),

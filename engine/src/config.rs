@@ -12,6 +12,11 @@ pub struct Tunables {
     /// below this. 0 = only when the cache needs room or on `drop_caches`;
     /// 100 = always.
     pub writeback_threshold: u32,
+    /// Background writeback leaves a log alone until it has been durable on
+    /// the cache device this long, so blocks rewritten within that time reach
+    /// the backing device once (0 = at once). Writeback for room and
+    /// `drop_caches` do not wait.
+    pub writeback_delay_ms: u32,
     /// Segments written back per batch (each needs one segment of memory).
     pub nr_max_batched_writeback: u32,
     /// Seconds between superblock-record updates (0 = only when space must be
@@ -37,6 +42,7 @@ impl Default for Tunables {
     fn default() -> Self {
         Self {
             writeback_threshold: 70,
+            writeback_delay_ms: 1000,
             nr_max_batched_writeback: 8,
             update_sb_record_interval: 60,
             sync_data_interval: 5,
@@ -49,8 +55,9 @@ impl Default for Tunables {
 }
 
 /// (name, min, max) of each numeric tunable.
-pub const TUNABLE_RANGES: [(&str, u64, u64); 8] = [
+pub const TUNABLE_RANGES: [(&str, u64, u64); 9] = [
     ("writeback_threshold", 0, 100),
+    ("writeback_delay_ms", 0, 3_600_000),
     ("nr_max_batched_writeback", 1, 32),
     ("update_sb_record_interval", 0, 3600),
     ("sync_data_interval", 0, 3600),
@@ -78,6 +85,7 @@ impl Tunables {
         let v = value as u32;
         match name {
             "writeback_threshold" => self.writeback_threshold = v,
+            "writeback_delay_ms" => self.writeback_delay_ms = v,
             "nr_max_batched_writeback" => self.nr_max_batched_writeback = v,
             "update_sb_record_interval" => self.update_sb_record_interval = v,
             "sync_data_interval" => self.sync_data_interval = v,
@@ -90,9 +98,10 @@ impl Tunables {
     }
 
     /// Current value of every tunable, in [`TUNABLE_RANGES`] order.
-    pub fn values(&self) -> [(&'static str, u64); 8] {
+    pub fn values(&self) -> [(&'static str, u64); 9] {
         [
             ("writeback_threshold", self.writeback_threshold as u64),
+            ("writeback_delay_ms", self.writeback_delay_ms as u64),
             (
                 "nr_max_batched_writeback",
                 self.nr_max_batched_writeback as u64,

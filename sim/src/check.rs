@@ -155,6 +155,7 @@ pub fn run_seed(opts: &SimOptions) -> Outcome {
         write_around_mode: rng.random_bool(0.1),
         bypass_write_kib: [0, 32, 64][rng.random_range(0..3)],
         writeback_threshold: [0, 50, 100][rng.random_range(0..3)],
+        writeback_delay_ms: [0, 1, 20][rng.random_range(0..3)],
         nr_max_batched_writeback: rng.random_range(1..=4),
         update_sb_record_interval: [0, 1][rng.random_range(0..2)],
         sync_data_interval: [0, 1][rng.random_range(0..2)],

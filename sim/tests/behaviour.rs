@@ -297,6 +297,31 @@ fn drop_caches_writes_everything_back_with_falling_dirty_count() {
 }
 
 #[test]
+fn background_writeback_waits_for_its_delay_and_writes_a_rewritten_block_once() {
+    let mut p = params(8 * MIB);
+    p.tunables.writeback_threshold = 100;
+    p.tunables.writeback_delay_ms = 50;
+    let mut h = fresh(p);
+    h.write(1, 0, &pattern(1, 4096), false).unwrap();
+    h.flush(2).unwrap();
+    h.settle(20_000_000);
+    assert_eq!(
+        h.engine.stats().backing_write_cmds,
+        0,
+        "a durable log is left alone during its delay"
+    );
+    assert_eq!(h.engine.status().nr_dirty_blocks, 1);
+    // Rewritten within the delay: the first copy never reaches the backing device.
+    h.write(3, 0, &pattern(2, 4096), false).unwrap();
+    h.flush(4).unwrap();
+    // Nothing else happens: the engine's own deadline starts the writeback.
+    h.settle(200_000_000);
+    assert_eq!(h.engine.status().nr_dirty_blocks, 0);
+    assert_eq!(h.engine.stats().backing_write_cmds, 1);
+    assert_eq!(&h.backing.image()[..4096], &pattern(2, 4096)[..]);
+}
+
+#[test]
 fn recovery_reads_only_what_is_dirty() {
     let mut p = params(16 * MIB);
     p.tunables.writeback_threshold = 0;

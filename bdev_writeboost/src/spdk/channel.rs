@@ -5,9 +5,11 @@
 //! A request on the device's own thread goes straight to the engine (or to
 //! the inbox if the engine is busy); a request on another thread goes to the
 //! inbox and the device's poller picks it up. Its completion comes back over
-//! the submitting channel's `done` ring, drained by that channel's poller:
-//! SPDK requires a bdev_io to be completed on the thread that submitted it.
+//! the submitting channel's `done` ring (or, on the same thread, its `local`
+//! list), drained by that channel's poller: SPDK requires a bdev_io to be
+//! completed on the thread that submitted it.
 
+use std::cell::RefCell;
 use std::ffi::c_void;
 use std::ptr;
 use std::sync::atomic::Ordering;
@@ -53,6 +55,10 @@ pub struct ChannelCtx {
     thread: *mut sys::spdk_thread,
     /// Completions from the device's thread: (bdev_io, success).
     done: SegQueue<(usize, bool)>,
+    /// Completions made on this thread, handed to SPDK from the poller: a
+    /// completion inside submit_request would cost SPDK a message each, and
+    /// the I/O the caller submits from its callback finds the device idle.
+    local: RefCell<Vec<(*mut sys::spdk_bdev_io, bool)>>,
     poller: *mut sys::spdk_poller,
 }
 
@@ -68,7 +74,7 @@ impl UserIo {
             self.bounce = None;
             let origin = &*self.origin;
             if origin.thread == sys::spdk_get_thread() {
-                complete_now(self.bdev_io, success);
+                origin.local.borrow_mut().push((self.bdev_io, success));
             } else {
                 origin.done.push((self.bdev_io as usize, success));
             }
@@ -194,9 +200,11 @@ unsafe fn forward(ch: *mut ChannelCtx, bdev_io: *mut sys::spdk_bdev_io) {
             return;
         };
         let shared = &*(*ch).shared;
-        shared.inbox.push(io);
         if shared.thread == (*ch).thread && !shared.busy.load(Ordering::Acquire) {
-            Device::enter(shared.dev, true, |_| {});
+            // Not busy on its own thread: `enter` runs the closure.
+            Device::enter(shared.dev, true, |d| d.start_user(io));
+        } else {
+            shared.inbox.push(io);
         }
     }
 }
@@ -274,6 +282,7 @@ pub extern "C" fn channel_create(io_device: *mut c_void, ctx_buf: *mut c_void) -
                 shared: io_device.cast::<Shared>(),
                 thread: sys::spdk_get_thread(),
                 done: SegQueue::new(),
+                local: RefCell::new(Vec::new()),
                 poller: ptr::null_mut(),
             },
         );
@@ -288,10 +297,27 @@ pub extern "C" fn channel_destroy(_io_device: *mut c_void, ctx_buf: *mut c_void)
     // SAFETY: ctx was written by channel_create and is dropped once here.
     unsafe {
         sys::spdk_poller_unregister(&mut (*ctx).poller);
-        while let Some((io, ok)) = (*ctx).done.pop() {
-            complete_now(io as *mut sys::spdk_bdev_io, ok);
-        }
+        (*ctx).drain();
         ptr::drop_in_place(ctx);
+    }
+}
+
+impl ChannelCtx {
+    /// Completes what finished for this channel; returns how many.
+    fn drain(&self) -> usize {
+        let mut n = 0;
+        while let Some((io, ok)) = self.done.pop() {
+            // SAFETY: io was submitted on this thread and is still outstanding.
+            unsafe { complete_now(io as *mut sys::spdk_bdev_io, ok) };
+            n += 1;
+        }
+        // Taken first: the completion callbacks may submit (and finish) more.
+        let local = std::mem::take(&mut *self.local.borrow_mut());
+        for &(io, ok) in &local {
+            // SAFETY: as above.
+            unsafe { complete_now(io, ok) };
+        }
+        n + local.len()
     }
 }
 
@@ -299,13 +325,7 @@ pub extern "C" fn channel_destroy(_io_device: *mut c_void, ctx_buf: *mut c_void)
 extern "C" fn channel_poller(arg: *mut c_void) -> i32 {
     // SAFETY: the poller lives no longer than the channel context.
     let ctx = unsafe { &*arg.cast::<ChannelCtx>() };
-    let mut n = 0;
-    while let Some((io, ok)) = ctx.done.pop() {
-        // SAFETY: io was submitted on this thread and is still outstanding.
-        unsafe { complete_now(io as *mut sys::spdk_bdev_io, ok) };
-        n += 1;
-    }
-    if n > 0 {
+    if ctx.drain() > 0 {
         sys::spdk_thread_poller_rc_SPDK_POLLER_BUSY as i32
     } else {
         sys::spdk_thread_poller_rc_SPDK_POLLER_IDLE as i32

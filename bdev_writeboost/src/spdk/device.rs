@@ -8,13 +8,13 @@
 //! the inbox ring, which `run` drains before it returns, so the engine is
 //! never entered twice.
 
-use std::collections::HashMap;
 use std::ffi::{CString, c_void};
 use std::ptr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_queue::SegQueue;
+use rustc_hash::FxHashMap;
 use spdk_sys as sys;
 use writeboost_engine::config::BufferMode;
 use writeboost_engine::{
@@ -94,7 +94,7 @@ pub struct Device {
     pub bdev: *mut sys::spdk_bdev,
     pub io_device_registered: bool,
     poller: *mut sys::spdk_poller,
-    users: HashMap<u64, UserIo>,
+    users: FxHashMap<u64, UserIo>,
     next_req: u64,
     /// Resets waiting for the device's I/O in flight to drain.
     resets: Vec<UserIo>,
@@ -176,7 +176,7 @@ impl Device {
             bdev: ptr::null_mut(),
             io_device_registered: false,
             poller: ptr::null_mut(),
-            users: HashMap::new(),
+            users: FxHashMap::default(),
             next_req: 1,
             resets: Vec::new(),
             failed: Vec::new(),
@@ -283,7 +283,7 @@ impl Device {
     }
 
     /// Takes a user request: checks it and hands it to the engine.
-    fn start_user(&mut self, io: UserIo) {
+    pub fn start_user(&mut self, io: UserIo) {
         if self.state != State::Online {
             io.complete(false);
             return;

@@ -233,6 +233,13 @@ impl<A: BufAlloc> Engine<A> {
         }
         let before = self.durable_id;
         self.durable_id = self.durable_id.max(lowest - 1);
+        for id in before + 1..=self.durable_id {
+            let now = self.now;
+            let seg = self.seg_mut(id);
+            if seg.id == id {
+                seg.durable_at = now;
+            }
+        }
         if self.persistent {
             // A pool slot is the only safe copy until recovery would replay
             // its log, that is until every earlier log is durable too.

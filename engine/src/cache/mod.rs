@@ -74,6 +74,8 @@ struct SegMeta {
     epoch: u64,
     /// Blocks committed in the log's pmem slot (mode 1).
     pool_committed: u32,
+    /// When the log became durable on the cache device (0 for recovered logs).
+    durable_at: Nanos,
 }
 
 /// A slot of the open log.
@@ -406,6 +408,7 @@ impl<A: BufAlloc> Engine<A> {
             self.sync_deadline(),
             self.record_deadline(),
             self.wb_retry_at,
+            self.writeback_delay_deadline(),
         ]
         .into_iter()
         .flatten()

@@ -533,6 +533,7 @@ impl<A: BufAlloc> Engine<A> {
             readers: 0,
             live_dirty: 0,
             pool_committed: 0,
+            durable_at: 0,
         };
         self.open = Some(OpenLog {
             id,

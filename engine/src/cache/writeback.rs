@@ -6,7 +6,10 @@
 
 use super::{Engine, Phase, Purpose, WRITEBACK_RETRY_NS, for_each_run};
 use crate::geometry::{BLOCK_SIZE, FULL_MASK, SECTOR_SIZE};
-use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device};
+use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Nanos};
+
+/// Dead slots between two live ones that a writeback read reads through.
+const WB_READ_GAP_SLOTS: u32 = 1;
 
 /// One batch of logs being written back.
 #[derive(Debug)]
@@ -38,13 +41,21 @@ impl<A: BufAlloc> Engine<A> {
             && self.wb_retry_at.is_none()
             && self.durable_id > self.last_wb
         {
-            let background = self.tunables.writeback_threshold > 0
-                && self.backing_load_pct() < self.tunables.writeback_threshold as u64;
-            if !(background || self.drop_caches || self.writeback_urgent()) {
+            let needed = self.drop_caches || self.writeback_urgent();
+            if !needed && !self.background_writeback_allowed() {
                 return;
             }
-            let limit =
+            let mut limit =
                 (self.last_wb + self.tunables.nr_max_batched_writeback as u64).min(self.durable_id);
+            if !needed {
+                // Background writeback takes only logs past their delay.
+                while limit > self.last_wb && !self.past_writeback_delay(limit) {
+                    limit -= 1;
+                }
+                if limit == self.last_wb {
+                    return;
+                }
+            }
             // The batch stops before a log holding a block whose newest copy
             // is not durable yet: if that copy were lost in a crash, this log
             // would be the durable copy, so it must stay replayable.
@@ -93,24 +104,39 @@ impl<A: BufAlloc> Engine<A> {
                 if batch.written.len() == before {
                     continue;
                 }
-                let len = seg.blocks.len() * BLOCK_SIZE as usize;
+                // Only the live slots are read, in runs (a gap of one dead
+                // slot is read through: cheaper than another command). A log
+                // whose blocks were mostly rewritten costs little to drain.
+                let mut runs: Vec<(u32, u32)> = Vec::new(); // first slot, count
+                for &(_, _, slot, _) in &batch.written[before..] {
+                    match runs.last_mut() {
+                        Some((first, n)) if slot <= *first + *n + WB_READ_GAP_SLOTS => {
+                            *n = slot - *first + 1;
+                        }
+                        _ => runs.push((slot, 1)),
+                    }
+                }
                 let buf = match self.wb_bufs.pop() {
                     Some(b) => b,
                     None => self.alloc_buf(self.geo.segment_size as usize),
                 };
-                self.hold(id);
-                let offset = self.geo.slot_offset(id, 0);
-                self.issue(
-                    Device::Cache,
-                    CommandKind::Read {
-                        offset,
-                        len,
-                        dst: DataRef::Engine { buf, offset: 0 },
-                    },
-                    Purpose::WbRead { id },
-                );
+                for (first, n) in runs {
+                    self.hold(id);
+                    self.issue(
+                        Device::Cache,
+                        CommandKind::Read {
+                            offset: self.geo.slot_offset(id, first),
+                            len: n as usize * BLOCK_SIZE as usize,
+                            dst: DataRef::Engine {
+                                buf,
+                                offset: first as usize * BLOCK_SIZE as usize,
+                            },
+                        },
+                        Purpose::WbRead { id },
+                    );
+                    batch.reads_pending += 1;
+                }
                 batch.bufs.push((id, buf));
-                batch.reads_pending += 1;
             }
             if batch.reads_pending == 0 {
                 // Nothing live was dirty: the logs are superseded or clean.
@@ -120,6 +146,34 @@ impl<A: BufAlloc> Engine<A> {
             }
             self.wb = Some(batch);
         }
+    }
+
+    /// Whether the backing device is idle enough for background writeback
+    /// and the oldest log waiting for it is past its delay.
+    fn background_writeback_allowed(&self) -> bool {
+        self.tunables.writeback_threshold > 0
+            && self.backing_load_pct() < self.tunables.writeback_threshold as u64
+            && self.past_writeback_delay(self.last_wb + 1)
+    }
+
+    /// Whether durable log `id` has waited `writeback_delay_ms`.
+    fn past_writeback_delay(&self, id: u64) -> bool {
+        self.seg(id).durable_at + self.tunables.writeback_delay_ms as u64 * 1_000_000 <= self.now
+    }
+
+    /// When the oldest log waiting for background writeback passes its delay,
+    /// if that is still ahead (the host wakes the engine then).
+    pub(super) fn writeback_delay_deadline(&self) -> Option<Nanos> {
+        if self.phase != Phase::Running
+            || self.wb.is_some()
+            || self.durable_id <= self.last_wb
+            || self.tunables.writeback_threshold == 0
+        {
+            return None;
+        }
+        let at = self.seg(self.last_wb + 1).durable_at
+            + self.tunables.writeback_delay_ms as u64 * 1_000_000;
+        (at > self.now).then_some(at)
     }
 
     /// A log (id) holding the newest copy of a block that log `id` also
