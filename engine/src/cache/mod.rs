@@ -251,6 +251,8 @@ pub struct Engine<A: BufAlloc> {
     seq_run: u64,
     /// Reads waiting for a fill to land.
     deferred_reads: Vec<(ReqId, u64, u64)>,
+    /// Scratch list of the commands a read is split into.
+    read_cmds: Vec<(Command, Purpose)>,
 
     /// The pmem pool, when one is attached.
     pmem: Option<Box<dyn Pmem>>,
@@ -370,6 +372,7 @@ impl<A: BufAlloc> Engine<A> {
             seq_next_block: u64::MAX,
             seq_run: 0,
             deferred_reads: Vec::new(),
+            read_cmds: Vec::new(),
             pmem,
             pool: None,
             persistent,

@@ -92,7 +92,8 @@ impl<A: BufAlloc> Engine<A> {
         let mut parts = 0u32;
         let mut holds = Vec::new();
         let mut backing_reads = 0u32;
-        let mut cmds: Vec<(Command, Purpose)> = Vec::new();
+        // Reused between reads: one allocation less on the hottest path.
+        let mut cmds = std::mem::take(&mut self.read_cmds);
         // Collected first and issued after the loop (issue needs &mut self).
         let mut flush_run = |run: &mut Option<Run>, cmds: &mut Vec<(Command, Purpose)>| {
             if let Some(r) = run.take() {
@@ -222,13 +223,14 @@ impl<A: BufAlloc> Engine<A> {
             parts += 1;
             backing_reads += 1;
         }
-        for (cmd, purpose) in cmds {
+        for (cmd, purpose) in cmds.drain(..) {
             if cmd.device == Device::Backing {
                 backing_reads += 1;
             }
             self.issue(cmd.device, cmd.kind, purpose);
             parts += 1;
         }
+        self.read_cmds = cmds;
         for &id in &holds {
             self.hold(id);
         }
@@ -238,7 +240,11 @@ impl<A: BufAlloc> Engine<A> {
         }
         let r = self.track(req);
         r.parts += parts;
-        r.holds.extend(holds);
+        if r.holds.is_empty() {
+            r.holds = holds;
+        } else {
+            r.holds.extend(holds);
+        }
         r.backing_load += backing_reads;
         self.backing_load += backing_reads as u64;
         self.try_finish(req);
