@@ -26,6 +26,13 @@ pub trait Pmem {
     fn write(&mut self, offset: u64, src: &[u8]);
     /// Makes every store to `[offset, offset + len)` persistent (flush and fence).
     fn persist(&mut self, offset: u64, len: u64);
+    /// Stores bytes and makes them persistent: [`Pmem::write`] then
+    /// [`Pmem::persist`], which a pool may do in one pass (non-temporal
+    /// stores need no cache-line flushes).
+    fn write_persist(&mut self, offset: u64, src: &[u8]) {
+        self.write(offset, src);
+        self.persist(offset, src.len() as u64);
+    }
 }
 
 pub const POOL_MAGIC: [u8; 8] = *b"WBOOSTPM";

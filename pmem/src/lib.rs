@@ -1,7 +1,8 @@
 //! A pmem pool file mapped through PMDK's libpmem2, as the engine's
 //! [`Pmem`]: stores are plain copies into the mapping, and `persist` is
 //! libpmem2's persist function (cache-line flushes and a fence on DAX
-//! mappings, msync elsewhere).
+//! mappings, msync elsewhere); `write_persist` is libpmem2's memcpy function,
+//! which on DAX uses non-temporal stores for all but small copies.
 //!
 //! This is the FFI edge for pmem: every `unsafe` block says why it is sound.
 
@@ -31,6 +32,13 @@ const PMEM2_GRANULARITY_BYTE: c_int = 0;
 const PMEM2_GRANULARITY_PAGE: c_int = 2;
 
 type PersistFn = unsafe extern "C" fn(ptr: *const c_void, size: usize);
+/// `pmem2_memcpy_fn`: copies and, with flags 0, makes the copy persistent.
+type MemcpyFn = unsafe extern "C" fn(
+    dest: *mut c_void,
+    src: *const c_void,
+    len: usize,
+    flags: u32,
+) -> *mut c_void;
 
 unsafe extern "C" {
     fn pmem2_config_new(cfg: *mut *mut Pmem2Config) -> c_int;
@@ -48,6 +56,7 @@ unsafe extern "C" {
     fn pmem2_map_get_size(map: *mut Pmem2Map) -> usize;
     fn pmem2_map_get_store_granularity(map: *mut Pmem2Map) -> c_int;
     fn pmem2_get_persist_fn(map: *mut Pmem2Map) -> Option<PersistFn>;
+    fn pmem2_get_memcpy_fn(map: *mut Pmem2Map) -> Option<MemcpyFn>;
     fn pmem2_errormsg() -> *const c_char;
 }
 
@@ -86,6 +95,7 @@ pub struct PmdkPool {
     base: *mut u8,
     len: u64,
     persist_fn: PersistFn,
+    memcpy_fn: MemcpyFn,
     dax: bool,
     _file: std::fs::File,
 }
@@ -136,10 +146,13 @@ impl PmdkPool {
             }
             let persist_fn =
                 pmem2_get_persist_fn(map).ok_or_else(|| map_err("no persist function".into()))?;
+            let memcpy_fn =
+                pmem2_get_memcpy_fn(map).ok_or_else(|| map_err("no memcpy function".into()))?;
             Ok(Self {
                 base: pmem2_map_get_address(map) as *mut u8,
                 len: pmem2_map_get_size(map) as u64,
                 persist_fn,
+                memcpy_fn,
                 dax: pmem2_map_get_store_granularity(map) != PMEM2_GRANULARITY_PAGE,
                 map,
                 _file: file,
@@ -195,6 +208,20 @@ impl Pmem for PmdkPool {
         }
     }
 
+    fn write_persist(&mut self, offset: u64, src: &[u8]) {
+        self.check(offset, src.len());
+        // SAFETY: as in `write`; the memcpy function comes from this mapping
+        // and, with flags 0, returns once the copy is persistent.
+        unsafe {
+            (self.memcpy_fn)(
+                self.base.add(offset as usize).cast::<c_void>(),
+                src.as_ptr().cast::<c_void>(),
+                src.len(),
+                0,
+            );
+        }
+    }
+
     fn persist(&mut self, offset: u64, len: u64) {
         self.check(offset, len as usize);
         // SAFETY: the range is inside the live mapping; the persist function
@@ -235,11 +262,22 @@ mod tests {
             assert_eq!(p.len(), 1 << 20);
             p.write(4096, b"writeboost");
             p.persist(4096, 10);
+            // Large enough for non-temporal stores where the mapping is DAX.
+            let block: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+            p.write_persist(8192, &block);
         }
         let p = PmdkPool::open(&path).unwrap();
         let mut b = [0u8; 10];
         p.read(4096, &mut b);
         assert_eq!(&b, b"writeboost");
+        let mut block = vec![0u8; 4096];
+        p.read(8192, &mut block);
+        assert!(
+            block
+                .iter()
+                .enumerate()
+                .all(|(i, &v)| v == (i as u32 * 7) as u8)
+        );
         assert!(matches!(
             PmdkPool::open(&dir.join("missing")),
             Err(PoolError::Open { .. })

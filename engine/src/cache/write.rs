@@ -575,12 +575,9 @@ impl<A: BufAlloc> Engine<A> {
         );
         let pm = self.pmem.as_mut().expect("pmem pool");
         let (d, e) = (pool.data(i, slot), pool.entry(i, slot));
-        pm.write(d, data);
-        pm.persist(d, BLOCK_SIZE);
-        pm.write(e, &entry);
-        pm.persist(e, entry.len() as u64);
-        pm.write(e + 24, &crate::pmem::commit_word(id, &entry).to_le_bytes());
-        pm.persist(e + 24, 8);
+        pm.write_persist(d, data);
+        pm.write_persist(e, &entry);
+        pm.write_persist(e + 24, &crate::pmem::commit_word(id, &entry).to_le_bytes());
         let seg = self.seg_mut(id);
         if seg.id == id {
             seg.pool_committed += 1;
