@@ -6,8 +6,8 @@
 //! each mirroring one segment buffer: a slot header naming the log id, one
 //! 32-byte entry per data block, then the data blocks.
 //!
-//! Publishing a block is crash-atomic: its data is persisted first, then its
-//! entry, then the entry's 8-byte commit word. A commit word is valid only for
+//! Publishing a block is crash-atomic: its data and entry are persisted
+//! first, then the entry's 8-byte commit word. A commit word is valid only for
 //! the entry's exact contents and the slot's current log id, so a torn entry
 //! or a leftover from an earlier use of the slot is ignored at recovery.
 
@@ -33,6 +33,14 @@ pub trait Pmem {
         self.write(offset, src);
         self.persist(offset, src.len() as u64);
     }
+    /// Like [`Pmem::write_persist`], but may return before the stores are
+    /// persistent; they are once [`Pmem::drain`] returns. The default is
+    /// the stronger `write_persist`.
+    fn write_nodrain(&mut self, offset: u64, src: &[u8]) {
+        self.write_persist(offset, src);
+    }
+    /// Waits until every store made by [`Pmem::write_nodrain`] is persistent.
+    fn drain(&mut self) {}
 }
 
 pub const POOL_MAGIC: [u8; 8] = *b"WBOOSTPM";

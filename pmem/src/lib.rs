@@ -32,6 +32,10 @@ const PMEM2_GRANULARITY_BYTE: c_int = 0;
 const PMEM2_GRANULARITY_PAGE: c_int = 2;
 
 type PersistFn = unsafe extern "C" fn(ptr: *const c_void, size: usize);
+/// `pmem2_drain_fn`: waits for earlier flushes and non-temporal stores.
+type DrainFn = unsafe extern "C" fn();
+/// `PMEM2_F_MEM_NODRAIN`: the memcpy function flushes but does not drain.
+const PMEM2_F_MEM_NODRAIN: u32 = 1;
 /// `pmem2_memcpy_fn`: copies and, with flags 0, makes the copy persistent.
 type MemcpyFn = unsafe extern "C" fn(
     dest: *mut c_void,
@@ -57,6 +61,7 @@ unsafe extern "C" {
     fn pmem2_map_get_store_granularity(map: *mut Pmem2Map) -> c_int;
     fn pmem2_get_persist_fn(map: *mut Pmem2Map) -> Option<PersistFn>;
     fn pmem2_get_memcpy_fn(map: *mut Pmem2Map) -> Option<MemcpyFn>;
+    fn pmem2_get_drain_fn(map: *mut Pmem2Map) -> Option<DrainFn>;
     fn pmem2_errormsg() -> *const c_char;
 }
 
@@ -96,6 +101,7 @@ pub struct PmdkPool {
     len: u64,
     persist_fn: PersistFn,
     memcpy_fn: MemcpyFn,
+    drain_fn: DrainFn,
     dax: bool,
     _file: std::fs::File,
 }
@@ -148,11 +154,14 @@ impl PmdkPool {
                 pmem2_get_persist_fn(map).ok_or_else(|| map_err("no persist function".into()))?;
             let memcpy_fn =
                 pmem2_get_memcpy_fn(map).ok_or_else(|| map_err("no memcpy function".into()))?;
+            let drain_fn =
+                pmem2_get_drain_fn(map).ok_or_else(|| map_err("no drain function".into()))?;
             Ok(Self {
                 base: pmem2_map_get_address(map) as *mut u8,
                 len: pmem2_map_get_size(map) as u64,
                 persist_fn,
                 memcpy_fn,
+                drain_fn,
                 dax: pmem2_map_get_store_granularity(map) != PMEM2_GRANULARITY_PAGE,
                 map,
                 _file: file,
@@ -222,6 +231,25 @@ impl Pmem for PmdkPool {
         }
     }
 
+    fn write_nodrain(&mut self, offset: u64, src: &[u8]) {
+        self.check(offset, src.len());
+        // SAFETY: as in `write_persist`; with NODRAIN the stores are flushed
+        // and become persistent at the next drain.
+        unsafe {
+            (self.memcpy_fn)(
+                self.base.add(offset as usize).cast::<c_void>(),
+                src.as_ptr().cast::<c_void>(),
+                src.len(),
+                PMEM2_F_MEM_NODRAIN,
+            );
+        }
+    }
+
+    fn drain(&mut self) {
+        // SAFETY: the drain function comes from this mapping and takes no arguments.
+        unsafe { (self.drain_fn)() }
+    }
+
     fn persist(&mut self, offset: u64, len: u64) {
         self.check(offset, len as usize);
         // SAFETY: the range is inside the live mapping; the persist function
@@ -265,6 +293,9 @@ mod tests {
             // Large enough for non-temporal stores where the mapping is DAX.
             let block: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
             p.write_persist(8192, &block);
+            p.write_nodrain(12288, &block[..64]);
+            p.write_nodrain(12352, b"entry");
+            p.drain();
         }
         let p = PmdkPool::open(&path).unwrap();
         let mut b = [0u8; 10];
@@ -278,6 +309,10 @@ mod tests {
                 .enumerate()
                 .all(|(i, &v)| v == (i as u32 * 7) as u8)
         );
+        let mut tail = [0u8; 69];
+        p.read(12288, &mut tail);
+        assert_eq!(&tail[..64], &block[..64]);
+        assert_eq!(&tail[64..], b"entry");
         assert!(matches!(
             PmdkPool::open(&dir.join("missing")),
             Err(PoolError::Open { .. })

@@ -16,6 +16,8 @@ struct State {
     durable: Vec<u8>,
     /// Words stored but not yet persisted.
     dirty: BTreeSet<u64>,
+    /// Ranges stored with `write_nodrain`: persistent only at the next drain.
+    undrained: Vec<(u64, u64)>,
     /// Simulated time spent persisting, not yet taken by the harness.
     elapsed_ns: u64,
     /// Cost model: a persist of 4 KiB takes this long (scaled by length,
@@ -39,6 +41,7 @@ impl SimPmem {
             visible: image.clone(),
             durable: image,
             dirty: BTreeSet::new(),
+            undrained: Vec::new(),
             elapsed_ns: 0,
             persist_4k_ns: 0,
         })))
@@ -101,6 +104,23 @@ impl Pmem for SimPmem {
         let cost = (st.persist_4k_ns * len / 4096).max(st.persist_4k_ns / 16);
         st.elapsed_ns += cost;
     }
+
+    /// Until the drain, the stores are as unpersisted as plain writes: a
+    /// crash keeps any subset of their words.
+    fn write_nodrain(&mut self, offset: u64, src: &[u8]) {
+        self.write(offset, src);
+        self.0
+            .borrow_mut()
+            .undrained
+            .push((offset, src.len() as u64));
+    }
+
+    fn drain(&mut self) {
+        let ranges = std::mem::take(&mut self.0.borrow_mut().undrained);
+        for (offset, len) in ranges {
+            self.persist(offset, len);
+        }
+    }
 }
 
 /// Wraps a real pool and measures the wall time of its stores and persists.
@@ -132,6 +152,15 @@ impl<P: Pmem> Pmem for TimedPmem<P> {
     fn persist(&mut self, offset: u64, len: u64) {
         self.timed(|p| p.persist(offset, len))
     }
+    fn write_persist(&mut self, offset: u64, src: &[u8]) {
+        self.timed(|p| p.write_persist(offset, src))
+    }
+    fn write_nodrain(&mut self, offset: u64, src: &[u8]) {
+        self.timed(|p| p.write_nodrain(offset, src))
+    }
+    fn drain(&mut self) {
+        self.timed(|p| p.drain())
+    }
 }
 
 #[cfg(test)]
@@ -153,5 +182,27 @@ mod tests {
             lost |= img[8] == 0;
         }
         assert!(kept && lost);
+    }
+
+    #[test]
+    fn undrained_stores_may_be_lost_until_the_drain() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let (mut kept, mut lost) = (false, false);
+        for _ in 0..40 {
+            let mut p = SimPmem::new(64);
+            p.write_nodrain(0, &[1; 8]);
+            let img = p.crash(&mut rng);
+            kept |= img[0] == 1;
+            lost |= img[0] == 0;
+        }
+        assert!(kept && lost);
+        let mut p = SimPmem::new(64);
+        p.write_nodrain(0, &[1; 8]);
+        p.write_nodrain(8, &[2; 8]);
+        p.drain();
+        for _ in 0..10 {
+            let img = p.crash(&mut rng);
+            assert_eq!(&img[..16], &[[1; 8], [2; 8]].concat()[..]);
+        }
     }
 }

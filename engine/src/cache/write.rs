@@ -547,8 +547,9 @@ impl<A: BufAlloc> Engine<A> {
         });
     }
 
-    /// Publishes slot `slot` of log `id` in its pmem slot: data, then the
-    /// entry, then the commit word, each persisted before the next.
+    /// Publishes slot `slot` of log `id` in its pmem slot: data and entry,
+    /// persisted, then the commit word. Only a valid commit word makes a
+    /// block count, so data and entry need no order between themselves.
     pub(super) fn publish(&mut self, id: u64, slot: u32) {
         let log = match &self.open {
             Some(o) if o.id == id => o,
@@ -575,8 +576,9 @@ impl<A: BufAlloc> Engine<A> {
         );
         let pm = self.pmem.as_mut().expect("pmem pool");
         let (d, e) = (pool.data(i, slot), pool.entry(i, slot));
-        pm.write_persist(d, data);
-        pm.write_persist(e, &entry);
+        pm.write_nodrain(d, data);
+        pm.write_nodrain(e, &entry);
+        pm.drain();
         pm.write_persist(e + 24, &crate::pmem::commit_word(id, &entry).to_le_bytes());
         let seg = self.seg_mut(id);
         if seg.id == id {
