@@ -14,11 +14,11 @@ use std::ffi::c_void;
 use std::ptr;
 use std::sync::atomic::Ordering;
 
-use crossbeam_queue::SegQueue;
 use spdk_sys as sys;
 
 use super::device::{Device, Shared, bounce};
 use super::dma::DmaBuf;
+use super::ring::Ring;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UserKind {
@@ -54,7 +54,7 @@ pub struct ChannelCtx {
     shared: *const Shared,
     thread: *mut sys::spdk_thread,
     /// Completions from the device's thread: (bdev_io, success).
-    done: SegQueue<(usize, bool)>,
+    done: Ring<(usize, bool)>,
     /// Completions made on this thread, handed to SPDK from the poller: a
     /// completion inside submit_request would cost SPDK a message each, and
     /// the I/O the caller submits from its callback finds the device idle.
@@ -281,7 +281,7 @@ pub extern "C" fn channel_create(io_device: *mut c_void, ctx_buf: *mut c_void) -
             ChannelCtx {
                 shared: io_device.cast::<Shared>(),
                 thread: sys::spdk_get_thread(),
-                done: SegQueue::new(),
+                done: Ring::new(),
                 local: RefCell::new(Vec::new()),
                 poller: ptr::null_mut(),
             },

@@ -13,7 +13,6 @@ use std::ptr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crossbeam_queue::SegQueue;
 use rustc_hash::FxHashMap;
 use spdk_sys as sys;
 use writeboost_engine::config::BufferMode;
@@ -26,6 +25,7 @@ use super::channel::{ChannelCtx, UserIo, UserKind};
 use super::dma::{DmaAlloc, DmaBuf};
 use super::log;
 use super::module::ExamineHold;
+use super::ring::Ring;
 use super::rpc::Responder;
 
 /// How long a device whose base bdev went away waits for a clean shutdown
@@ -35,7 +35,7 @@ const REMOVED_SHUTDOWN_GRACE_NS: u64 = 5_000_000_000;
 /// The part of a device other threads may touch.
 pub struct Shared {
     /// User I/O handed over by other threads (or while the device is busy).
-    pub inbox: SegQueue<UserIo>,
+    pub inbox: Ring<UserIo>,
     /// Set while the owning thread is inside the engine.
     pub busy: AtomicBool,
     /// The owning thread.
@@ -159,7 +159,7 @@ impl Device {
         // SAFETY: plain getters without preconditions.
         let (thread, hz) = unsafe { (sys::spdk_get_thread(), sys::spdk_get_ticks_hz()) };
         let shared = Box::into_raw(Box::new(Shared {
-            inbox: SegQueue::new(),
+            inbox: Ring::new(),
             busy: AtomicBool::new(false),
             thread,
             dev: ptr::null_mut(),

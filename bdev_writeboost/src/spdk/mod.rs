@@ -7,4 +7,5 @@ mod dma;
 mod json;
 mod log;
 mod module;
+mod ring;
 mod rpc;
