@@ -99,19 +99,7 @@ fn qemu_img_convert_then_compare() {
     let dir = d.path();
     // An image the size of the export, with data, holes and a pattern.
     let src = dir.join("src.img");
-    let mut data = vec![0u8; 64 << 20];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for (i, chunk) in data.chunks_mut(4096).enumerate() {
-        if i % 5 == 3 {
-            continue; // a hole
-        }
-        for b in chunk.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-    }
+    let data = pattern_image(64 << 20, 0x9e37_79b9_7f4a_7c15);
     std::fs::write(&src, &data).unwrap();
     // A 64 MiB backing file, so the export is the image's size.
     let backing = dir.join("backing64.img");

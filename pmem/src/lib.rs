@@ -181,6 +181,22 @@ impl PmdkPool {
         unsafe { pmem2_map_get_store_granularity(self.map) == PMEM2_GRANULARITY_BYTE }
     }
 
+    /// Copies `src` into the pool with libpmem2's memcpy function and `flags`.
+    fn persisting_copy(&mut self, offset: u64, src: &[u8], flags: u32) {
+        self.check(offset, src.len());
+        // SAFETY: the range is inside the live mapping (checked above), `src`
+        // is a distinct Rust buffer, `&mut self` makes this the only access,
+        // and the memcpy function comes from this mapping.
+        unsafe {
+            (self.memcpy_fn)(
+                self.base.add(offset as usize).cast::<c_void>(),
+                src.as_ptr().cast::<c_void>(),
+                src.len(),
+                flags,
+            );
+        }
+    }
+
     fn check(&self, offset: u64, len: usize) {
         assert!(
             offset
@@ -218,31 +234,13 @@ impl Pmem for PmdkPool {
     }
 
     fn write_persist(&mut self, offset: u64, src: &[u8]) {
-        self.check(offset, src.len());
-        // SAFETY: as in `write`; the memcpy function comes from this mapping
-        // and, with flags 0, returns once the copy is persistent.
-        unsafe {
-            (self.memcpy_fn)(
-                self.base.add(offset as usize).cast::<c_void>(),
-                src.as_ptr().cast::<c_void>(),
-                src.len(),
-                0,
-            );
-        }
+        // Flags 0: returns once the copy is persistent.
+        self.persisting_copy(offset, src, 0);
     }
 
     fn write_nodrain(&mut self, offset: u64, src: &[u8]) {
-        self.check(offset, src.len());
-        // SAFETY: as in `write_persist`; with NODRAIN the stores are flushed
-        // and become persistent at the next drain.
-        unsafe {
-            (self.memcpy_fn)(
-                self.base.add(offset as usize).cast::<c_void>(),
-                src.as_ptr().cast::<c_void>(),
-                src.len(),
-                PMEM2_F_MEM_NODRAIN,
-            );
-        }
+        // Flushed; persistent at the next drain.
+        self.persisting_copy(offset, src, PMEM2_F_MEM_NODRAIN);
     }
 
     fn drain(&mut self) {

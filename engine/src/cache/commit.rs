@@ -233,8 +233,8 @@ impl<A: BufAlloc> Engine<A> {
         }
         let before = self.durable_id;
         self.durable_id = self.durable_id.max(lowest - 1);
+        let now = self.now;
         for id in before + 1..=self.durable_id {
-            let now = self.now;
             let seg = self.seg_mut(id);
             if seg.id == id {
                 seg.durable_at = now;

@@ -156,9 +156,13 @@ impl<A: BufAlloc> Engine<A> {
             && self.past_writeback_delay(self.last_wb + 1)
     }
 
-    /// Whether durable log `id` has waited `writeback_delay_ms`.
+    /// When durable log `id` has waited `writeback_delay_ms`.
+    fn writeback_due_at(&self, id: u64) -> Nanos {
+        self.seg(id).durable_at + self.tunables.writeback_delay_ms as u64 * 1_000_000
+    }
+
     fn past_writeback_delay(&self, id: u64) -> bool {
-        self.seg(id).durable_at + self.tunables.writeback_delay_ms as u64 * 1_000_000 <= self.now
+        self.writeback_due_at(id) <= self.now
     }
 
     /// When the oldest log waiting for background writeback passes its delay,
@@ -171,8 +175,7 @@ impl<A: BufAlloc> Engine<A> {
         {
             return None;
         }
-        let at = self.seg(self.last_wb + 1).durable_at
-            + self.tunables.writeback_delay_ms as u64 * 1_000_000;
+        let at = self.writeback_due_at(self.last_wb + 1);
         (at > self.now).then_some(at)
     }
 
