@@ -211,9 +211,16 @@ impl Device {
     }
 
     pub fn refresh_now(&mut self) {
-        // SAFETY: spdk_get_ticks has no preconditions.
-        let t = unsafe { sys::spdk_get_ticks() }.saturating_sub(self.start_ticks);
-        self.now_at = ((t as u128 * self.ns_per_tick) >> 32) as u64;
+        // The tick count SPDK read when this thread's poll began: free, where
+        // reading the counter again costs a serialising instruction per entry,
+        // and no staler than one poll, far finer than any deadline.
+        // SAFETY: the device's thread is a live SPDK thread.
+        let t = unsafe { sys::spdk_thread_get_last_tsc(self.shared().thread) }
+            .saturating_sub(self.start_ticks);
+        // Never backwards: the engine was opened on a fresh reading.
+        self.now_at = self
+            .now_at
+            .max(((t as u128 * self.ns_per_tick) >> 32) as u64);
     }
 
     fn shared(&self) -> &Shared {

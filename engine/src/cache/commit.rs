@@ -108,15 +108,13 @@ impl<A: BufAlloc> Engine<A> {
         let (geo, epoch, uuid) = (self.geo, self.epoch, self.record.cache_uuid);
         let b = self.buf_mut(o.buf);
         let (hdr, data) = b.split_at_mut(hl);
-        encode_segment_header(
-            hdr,
-            &data[..n * BLOCK_SIZE as usize],
-            &geo,
-            o.id,
-            epoch,
-            &uuid,
-            &mbs,
-        );
+        let crcs: Vec<u32> = o
+            .slots
+            .iter()
+            .zip(data.chunks(BLOCK_SIZE as usize))
+            .map(|(s, d)| s.crc.unwrap_or_else(|| crc32c::crc32c(d)))
+            .collect();
+        encode_segment_header(hdr, &crcs, &geo, o.id, epoch, &uuid, &mbs);
         self.stats.nr_logs += 1;
         if (n as u32) < self.geo.data_blocks {
             self.stats.nr_partial_flushed += 1;
@@ -276,6 +274,7 @@ impl<A: BufAlloc> Engine<A> {
         let s = &mut log.slots[slot as usize];
         let (fill, block, buf) = (s.fill, s.block, log.buf);
         s.fill = 0;
+        s.crc = None;
         log.fills_pending -= 1;
         if !ok {
             // The older copy is unreadable: the cache device is failing.

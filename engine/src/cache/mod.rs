@@ -86,6 +86,9 @@ struct Slot {
     dirty: bool,
     /// Sectors still to be copied in from an older copy on the cache device.
     fill: u8,
+    /// CRC-32C of the slot's data, once final: publishing to pmem computes it
+    /// and sealing reuses it; `None` is computed at the seal.
+    crc: Option<u32>,
 }
 
 /// The buffer currently taking writes.
@@ -104,6 +107,9 @@ struct OpenLog {
     pslot: Option<u32>,
 }
 
+/// Log ids a read holds, kept inline for the common case.
+type Holds = smallvec::SmallVec<[u64; 2]>;
+
 /// A user request that is not complete yet.
 #[derive(Debug, Default)]
 struct UserReq {
@@ -114,8 +120,9 @@ struct UserReq {
     wait_log: u64,
     /// The request needs a backing-device flush after its parts end.
     needs_backing_flush: bool,
-    /// Log ids whose positions this request reads (released on completion).
-    holds: Vec<u64>,
+    /// Log ids whose positions this request reads (released on completion);
+    /// inline, as a read rarely spans more than two logs.
+    holds: Holds,
     /// Counts toward the backing device's observed load.
     backing_load: u32,
 }

@@ -90,7 +90,7 @@ impl<A: BufAlloc> Engine<A> {
         let mut run: Option<Run> = None;
         let mut stage: Option<(u64, u64, usize)> = None; // first block, count, user offset
         let mut parts = 0u32;
-        let mut holds = Vec::new();
+        let mut holds = super::Holds::new();
         let mut backing_reads = 0u32;
         // Reused between reads: one allocation less on the hottest path.
         let mut cmds = std::mem::take(&mut self.read_cmds);
@@ -240,11 +240,7 @@ impl<A: BufAlloc> Engine<A> {
         }
         let r = self.track(req);
         r.parts += parts;
-        if r.holds.is_empty() {
-            r.holds = holds;
-        } else {
-            r.holds.extend(holds);
-        }
+        r.holds.extend(holds);
         r.backing_load += backing_reads;
         self.backing_load += backing_reads as u64;
         self.try_finish(req);
@@ -305,6 +301,7 @@ impl<A: BufAlloc> Engine<A> {
                     valid: FULL_MASK,
                     dirty: false,
                     fill: 0,
+                    crc: None,
                 });
                 let full = o.slots.len() as u32 == self.geo.data_blocks;
                 let at = hl + slot as usize * BLOCK_SIZE as usize;

@@ -506,6 +506,7 @@ impl<A: BufAlloc> Engine<A> {
                         valid: e.valid,
                         dirty: true,
                         fill: 0,
+                        crc: None,
                     });
                 }
             }

@@ -308,6 +308,7 @@ impl<A: BufAlloc> Engine<A> {
             slot.valid |= mask;
             slot.dirty = true;
             slot.fill &= !mask;
+            slot.crc = None;
             if e.dirty == 0 {
                 self.nr_dirty += 1;
                 self.seg_mut(id).live_dirty += 1;
@@ -370,6 +371,7 @@ impl<A: BufAlloc> Engine<A> {
             valid,
             dirty: true,
             fill,
+            crc: None,
         });
         o.has_dirty = true;
         let full_log = o.slots.len() as u32 == self.geo.data_blocks;
@@ -567,12 +569,13 @@ impl<A: BufAlloc> Engine<A> {
             .as_ref()
             .expect("log buffer")
             .as_ref()[at..at + BLOCK_SIZE as usize];
+        let crc = crc32c::crc32c(data);
         let entry = crate::pmem::encode_entry(
             &crate::pmem::SlotEntry {
                 block: s.block,
                 valid: s.valid,
             },
-            crc32c::crc32c(data),
+            crc,
         );
         let pm = self.pmem.as_mut().expect("pmem pool");
         let (d, e) = (pool.data(i, slot), pool.entry(i, slot));
@@ -580,6 +583,15 @@ impl<A: BufAlloc> Engine<A> {
         pm.write_nodrain(e, &entry);
         pm.drain();
         pm.write_persist(e + 24, &crate::pmem::commit_word(id, &entry).to_le_bytes());
+        // The data is final once published: the seal reuses its checksum.
+        if let Some(o) = self
+            .open
+            .iter_mut()
+            .chain(&mut self.sealing)
+            .find(|o| o.id == id)
+        {
+            o.slots[slot as usize].crc = Some(crc);
+        }
         let seg = self.seg_mut(id);
         if seg.id == id {
             seg.pool_committed += 1;
