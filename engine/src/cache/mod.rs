@@ -918,9 +918,14 @@ impl<A: BufAlloc> Engine<A> {
 
     /// Removes `block` from the index (caller checked it is droppable or superseded).
     fn drop_entry(&mut self, block: u64) {
-        if let Some(e) = self.index.remove(&block)
-            && e.dirty != 0
-        {
+        if let Some(e) = self.index.remove(&block) {
+            self.uncount_dirty(&e);
+        }
+    }
+
+    /// Takes a superseded entry out of the dirty counts.
+    fn uncount_dirty(&mut self, e: &Entry) {
+        if e.dirty != 0 {
             self.nr_dirty -= 1;
             self.seg_mut(e.id).live_dirty -= 1;
         }

@@ -360,7 +360,9 @@ impl<A: BufAlloc> Engine<A> {
                     fill_src = Some(old);
                 }
             }
-            self.drop_entry(block);
+            // The insert below replaces the entry where it is: one probe of
+            // the index, and no tombstone for it to rehash away later.
+            self.uncount_dirty(&old);
             self.stats.count(true, true, false, full);
         } else {
             self.stats.count(true, false, false, full);
