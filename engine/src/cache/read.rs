@@ -49,15 +49,12 @@ impl<A: BufAlloc> Engine<A> {
 
     /// Sectors of an entry still waiting for a fill read (not readable yet).
     pub(super) fn pending_fill(&self, e: &Entry) -> u8 {
-        let slot = |slots: &Vec<Slot>| slots.get(e.slot as usize).map_or(0, |s| s.fill);
-        match &self.open {
-            Some(o) if o.id == e.id => slot(&o.slots),
-            _ => self
-                .sealing
-                .iter()
-                .find(|o| o.id == e.id)
-                .map_or(0, |o| slot(&o.slots)),
-        }
+        self.open
+            .iter()
+            .chain(&self.sealing)
+            .find(|o| o.id == e.id)
+            .and_then(|o| o.slots.get(e.slot as usize))
+            .map_or(0, |s| s.fill)
     }
 
     fn read_common(&mut self, req: ReqId, offset: u64, len: u64) {

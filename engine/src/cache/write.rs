@@ -555,17 +555,20 @@ impl<A: BufAlloc> Engine<A> {
     /// persisted, then the commit word. Only a valid commit word makes a
     /// block count, so data and entry need no order between themselves.
     pub(super) fn publish(&mut self, id: u64, slot: u32) {
-        let log = match &self.open {
-            Some(o) if o.id == id => o,
-            _ => match self.sealing.iter().find(|o| o.id == id) {
-                Some(o) => o,
-                None => return,
-            },
+        // One lookup, borrowed mutably beside the buffers and the pool
+        // (disjoint fields): the slot keeps the checksum computed here.
+        let Some(log) = self
+            .open
+            .iter_mut()
+            .chain(&mut self.sealing)
+            .find(|o| o.id == id)
+        else {
+            return;
         };
         let (Some(i), Some(pool)) = (log.pslot, self.pool) else {
             return;
         };
-        let s = log.slots[slot as usize];
+        let s = &mut log.slots[slot as usize];
         let at = self.geo.header_len() + slot as usize * BLOCK_SIZE as usize;
         let data = &self.bufs[log.buf.0 as usize]
             .as_ref()
@@ -586,14 +589,7 @@ impl<A: BufAlloc> Engine<A> {
         pm.drain();
         pm.write_persist(e + 24, &crate::pmem::commit_word(id, &entry).to_le_bytes());
         // The data is final once published: the seal reuses its checksum.
-        if let Some(o) = self
-            .open
-            .iter_mut()
-            .chain(&mut self.sealing)
-            .find(|o| o.id == id)
-        {
-            o.slots[slot as usize].crc = Some(crc);
-        }
+        s.crc = Some(crc);
         let seg = self.seg_mut(id);
         if seg.id == id {
             seg.pool_committed += 1;
