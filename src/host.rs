@@ -843,6 +843,7 @@ impl App {
                 ),
                 size: w.size,
                 flags: TRANSMISSION_FLAGS,
+                block_size: w.block_size,
             },
             self.opts.verbose,
         ));

@@ -311,6 +311,15 @@ fn unix_socket_and_libnbd_tools() {
         assert!(out.contains("wb0"), "{out}");
     }
     if have("nbdcopy") {
+        // Its own data in over the Unix socket, then all of it out over TCP.
+        let src = d.path().join("in.img");
+        let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&src, &pattern).unwrap();
+        run_tool(
+            std::process::Command::new("nbdcopy")
+                .arg(&src)
+                .arg(&unix_uri),
+        );
         let img = d.path().join("copy.img");
         run_tool(
             std::process::Command::new("nbdcopy")
@@ -320,7 +329,10 @@ fn unix_socket_and_libnbd_tools() {
         );
         let data = std::fs::read(&img).unwrap();
         assert_eq!(data.len(), 256 << 20);
-        assert!(data[..64 << 10].iter().all(|&b| b == 0x42));
+        assert!(
+            data[..1 << 20] == pattern[..],
+            "nbdcopy read back other data"
+        );
     }
     s.stop();
     assert!(!sock.exists(), "socket removed on exit");

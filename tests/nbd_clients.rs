@@ -272,3 +272,102 @@ fn kill_9_while_qemu_io_writes_with_flushes() {
     qemu_io(&s.uri(), &checks);
     s.stop();
 }
+
+/// A device over base bdevs with 4 KiB blocks. Clients learn the block size
+/// in the handshake and align to it (QEMU turns a guest's 1 KiB superblock
+/// read into a 4 KiB one, and a 512-byte write into read-modify-write); a
+/// client that does not negotiate and sends a misaligned request gets EINVAL.
+#[test]
+fn four_kib_base_bdevs_serve_clients_that_align() {
+    let d = tempdir();
+    let dir = d.path();
+    for (name, size) in [("cache.img", 64u64 << 20), ("back.img", 64 << 20)] {
+        std::fs::File::create(dir.join(name))
+            .and_then(|f| f.set_len(size))
+            .unwrap();
+    }
+    let config = dir.join("wb.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "aio:\n  - {{name: Cache0, filename: {d}/cache.img, block_size: 4096}}\n  \
+             - {{name: Back0, filename: {d}/back.img, block_size: 4096}}\n\
+             writeboost:\n  - {{name: wb0, backing_bdev: Back0, cache_bdev: Cache0}}\n\
+             nbd:\n  - {{bdev_name: wb0, listen: \"127.0.0.1:0\"}}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let sock = dir.join("rpc.sock");
+    let mut h = start_host(&[
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--rpc-socket".as_ref(),
+        sock.as_os_str(),
+    ]);
+    let uri = h.url("wb0");
+
+    // A client that skips negotiation (NBD_OPT_EXPORT_NAME) is held to the
+    // block size: misaligned requests fail, aligned ones work.
+    let mut c = Client::connect_export(h.port("wb0"), "wb0");
+    c.send(NBD_CMD_READ, 0, 1, 1024, 1024, &[]);
+    assert_eq!(c.reply(|_| 1024).1, 22, "a 1 KiB read at 1 KiB is EINVAL");
+    c.send(NBD_CMD_WRITE, 0, 2, 512, 512, &[7u8; 512]);
+    assert_eq!(c.reply(|_| 0).1, 22, "a 512-byte write is EINVAL");
+    c.send(NBD_CMD_READ, 0, 3, 8192, 4096, &[]);
+    let (_, err, data) = c.reply(|_| 4096);
+    assert_eq!((err, data.len()), (0, 4096));
+    c.send(NBD_CMD_DISC, 0, 4, 0, 0, &[]);
+    drop(c);
+
+    if have("nbdinfo") {
+        let out = run_tool(Command::new("nbdinfo").arg(&uri));
+        assert!(out.contains("block_size_minimum: 4096"), "{out}");
+        assert!(out.contains("block_size_preferred: 4096"), "{out}");
+        assert!(out.contains("block_size_maximum: 33554432"), "{out}");
+    }
+    if have("qemu-io") {
+        qemu_io(
+            &uri,
+            &[
+                "write -P 0x5a 0 64k",
+                // ext4's superblock read: 1 KiB at 1 KiB.
+                "read -P 0x5a 1024 1024",
+                "write -P 0x11 512 512",
+                "read -P 0x11 512 512",
+                "read -P 0x5a 0 512",
+                "read -P 0x5a 1024 3072",
+                "read -P 0x5a 4096 60k",
+            ],
+        );
+    }
+    if have("qemu-img") {
+        // An image whose size is not a multiple of 4 KiB: its tail is
+        // written by read-modify-write.
+        let src = dir.join("src.img");
+        let mut data = pattern_image(8 << 20, 0x51_7cc1_b727_220a);
+        data.truncate((8 << 20) - 2560);
+        std::fs::write(&src, &data).unwrap();
+        run_tool(Command::new("qemu-img").args([
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            src.to_str().unwrap(),
+            &uri,
+        ]));
+        let out = run_tool(Command::new("qemu-img").args([
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            src.to_str().unwrap(),
+            &uri,
+        ]));
+        assert!(out.contains("Images are identical"), "{out}");
+    }
+    h.server.stop();
+}

@@ -40,13 +40,15 @@ fuzz_target!(|data: &[u8]| {
         description: "fuzz".into(),
         size,
         flags: 0,
+        // Either block size the host serves, chosen by the input.
+        block_size: if data.get(8).is_some_and(|b| b & 1 == 1) { 4096 } else { 512 },
     };
     let mut client = Client { input: data, answered: 0 };
     let _ = negotiate(&mut client, &export);
     for chunk in data.chunks_exact(REQUEST_LEN) {
         let header: &[u8; REQUEST_LEN] = chunk.try_into().expect("exact chunk");
         if let Some(h) = parse_request(header) {
-            let _ = check_request(&h, size);
+            let _ = check_request(&h, &export);
         }
     }
 });

@@ -32,6 +32,7 @@ pub const REP_INFO: u32 = 3;
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+pub const REP_ERR_BLOCK_SIZE_REQD: u32 = (1 << 31) + 8;
 pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
 
 // Info types.
@@ -73,8 +74,11 @@ pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
 pub const ESHUTDOWN: u32 = 108;
 
-/// Sector size requests must be aligned to.
-pub const MIN_BLOCK: u32 = 512;
+/// The block size every client may assume without negotiating it (the
+/// spec's interoperable minimum); larger ones must be negotiated.
+pub const DEFAULT_BLOCK: u32 = 512;
+/// The preferred block size advertised unless the minimum is larger: one
+/// cache line of the engine.
 pub const PREFERRED_BLOCK: u32 = 4096;
 /// Largest request payload accepted.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -93,6 +97,9 @@ pub struct Export {
     pub description: String,
     pub size: u64,
     pub flags: u16,
+    /// The device's block size (512 or 4096): requests must be aligned to
+    /// it, and it is advertised as the minimum block size.
+    pub block_size: u32,
 }
 
 impl Export {
@@ -196,11 +203,14 @@ pub fn info_export(size: u64, flags: u16) -> Vec<u8> {
     v
 }
 
-pub fn info_block_size() -> Vec<u8> {
+/// NBD_INFO_BLOCK_SIZE for an export with `block_size`-byte blocks: that
+/// minimum, a preferred size of at least one engine cache line, and the
+/// largest payload accepted.
+pub fn info_block_size(block_size: u32) -> Vec<u8> {
     let mut v = Vec::with_capacity(14);
     v.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-    v.extend_from_slice(&MIN_BLOCK.to_be_bytes());
-    v.extend_from_slice(&PREFERRED_BLOCK.to_be_bytes());
+    v.extend_from_slice(&block_size.to_be_bytes());
+    v.extend_from_slice(&block_size.max(PREFERRED_BLOCK).to_be_bytes());
     v.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
     v
 }
@@ -301,13 +311,30 @@ pub fn negotiate<S: Read + Write>(
                     let msg = format!("unknown export; this server serves {:?}", export.name);
                     s.write_all(&option_reply(opt, REP_ERR_UNKNOWN, msg.as_bytes()))?
                 }
+                // Blocks larger than the interoperable 512 bytes: a client
+                // entering transmission must have asked for the block sizes,
+                // so that it knows to align (the spec's BLOCK_SIZE_REQD).
+                Some(req)
+                    if opt == OPT_GO
+                        && export.block_size > DEFAULT_BLOCK
+                        && !req.infos.contains(&INFO_BLOCK_SIZE) =>
+                {
+                    let msg = format!(
+                        "export {:?} has {}-byte blocks; request NBD_INFO_BLOCK_SIZE and \
+                         align every request to it",
+                        export.name, export.block_size
+                    );
+                    s.write_all(&option_reply(opt, REP_ERR_BLOCK_SIZE_REQD, msg.as_bytes()))?
+                }
                 Some(req) => {
                     s.write_all(&option_reply(
                         opt,
                         REP_INFO,
                         &info_export(export.size, export.flags),
                     ))?;
-                    s.write_all(&option_reply(opt, REP_INFO, &info_block_size()))?;
+                    // Sent whether asked for or not (the spec allows it).
+                    let sizes = info_block_size(export.block_size);
+                    s.write_all(&option_reply(opt, REP_INFO, &sizes))?;
                     if req.infos.contains(&INFO_NAME) {
                         let d = info_string(INFO_NAME, &export.name);
                         s.write_all(&option_reply(opt, REP_INFO, &d))?;
@@ -378,8 +405,11 @@ pub enum Check {
     Close,
 }
 
-/// Validates a request against an export of `size` bytes.
-pub fn check_request(h: &RequestHeader, size: u64) -> Check {
+/// Validates a request against `export`: its size, and its block size,
+/// which offsets and lengths must be multiples of (EINVAL otherwise, as the
+/// spec allows once block sizes are advertised).
+pub fn check_request(h: &RequestHeader, export: &Export) -> Check {
+    let size = export.size;
     let cmd = match h.cmd {
         CMD_READ => Cmd::Read,
         CMD_WRITE => Cmd::Write,
@@ -416,7 +446,8 @@ pub fn check_request(h: &RequestHeader, size: u64) -> Check {
         return Check::Error(EINVAL);
     }
     let len = h.len as u64;
-    if !h.offset.is_multiple_of(MIN_BLOCK as u64) || !len.is_multiple_of(MIN_BLOCK as u64) {
+    let block = u64::from(export.block_size.max(DEFAULT_BLOCK));
+    if !h.offset.is_multiple_of(block) || !len.is_multiple_of(block) {
         return Check::Error(EINVAL);
     }
     // Past the end: ENOSPC for what writes data, EINVAL for reads and trims.
@@ -487,6 +518,16 @@ mod tests {
             description: "test".into(),
             size: 1 << 20,
             flags: TRANSMISSION_FLAGS,
+            block_size: 512,
+        }
+    }
+
+    /// An export of `size` bytes with `block_size`-byte blocks.
+    fn sized(size: u64, block_size: u32) -> Export {
+        Export {
+            size,
+            block_size,
+            ..export()
         }
     }
 
@@ -509,11 +550,15 @@ mod tests {
     }
 
     fn run(input: Vec<u8>) -> (Result<Negotiated, HandshakeError>, Vec<u8>) {
+        run_with(input, &export())
+    }
+
+    fn run_with(input: Vec<u8>, export: &Export) -> (Result<Negotiated, HandshakeError>, Vec<u8>) {
         let mut d = Duplex {
             input: Cursor::new(input),
             output: Vec::new(),
         };
-        let r = negotiate(&mut d, &export());
+        let r = negotiate(&mut d, export);
         (r, d.output)
     }
 
@@ -549,9 +594,60 @@ mod tests {
         let info: Vec<_> = reps[4..].iter().collect();
         assert_eq!(info[0].1, REP_INFO);
         assert_eq!(info[0].2, info_export(1 << 20, TRANSMISSION_FLAGS));
-        assert_eq!(info[1].2, info_block_size());
+        assert_eq!(info[1].2, info_block_size(512));
         assert_eq!(info[2].2[..2], INFO_NAME.to_be_bytes());
         assert_eq!(info.last().unwrap().1, REP_ACK);
+    }
+
+    #[test]
+    fn four_kib_blocks_are_advertised_and_must_be_negotiated() {
+        let export = sized(1 << 20, 4096);
+        let mut input = CFLAG_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+        // INFO without asking for sizes still learns them.
+        input.extend(opt(OPT_INFO, &go_body("wb0", &[])));
+        // GO without asking for sizes is refused: the client would not align.
+        input.extend(opt(OPT_GO, &go_body("wb0", &[])));
+        input.extend(opt(OPT_GO, &go_body("wb0", &[INFO_BLOCK_SIZE])));
+        let (r, out) = run_with(input, &export);
+        assert_eq!(r.unwrap(), Negotiated::Transmission);
+        let reps = replies(&out);
+        let sizes = info_block_size(4096);
+        assert_eq!(be32(&sizes[2..6]), 4096, "minimum");
+        assert_eq!(be32(&sizes[6..10]), 4096, "preferred");
+        assert_eq!(be32(&sizes[10..14]), MAX_PAYLOAD, "maximum");
+        assert_eq!(reps[0].0, OPT_INFO);
+        assert_eq!(reps[1].2, sizes);
+        assert_eq!(reps[2].1, REP_ACK);
+        assert_eq!(reps[3].0, OPT_GO);
+        assert_eq!(reps[3].1, REP_ERR_BLOCK_SIZE_REQD);
+        assert!(String::from_utf8_lossy(&reps[3].2).contains("4096-byte blocks"));
+        assert_eq!(reps[5].2, sizes);
+        assert_eq!(reps.last().unwrap().1, REP_ACK);
+        // Requests must be aligned to 4096 bytes, offset and length.
+        for (off, len) in [(1024, 1024), (0, 512), (512, 4096), (4096, 6144)] {
+            assert_eq!(
+                check_request(&req(CMD_READ, 0, off, len), &export),
+                Check::Error(EINVAL),
+                "{off}+{len}"
+            );
+            assert_eq!(
+                check_request(&req(CMD_WRITE, 0, off, len), &export),
+                Check::Error(EINVAL)
+            );
+        }
+        assert_eq!(
+            check_request(&req(CMD_READ, 0, 8192, 8192), &export),
+            Check::Ok {
+                cmd: Cmd::Read,
+                fua: false
+            }
+        );
+        // 512-byte exports need no negotiation: that is every client's default.
+        let mut input = CFLAG_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+        input.extend(opt(OPT_GO, &go_body("wb0", &[])));
+        let (r, out) = run(input);
+        assert_eq!(r.unwrap(), Negotiated::Transmission);
+        assert_eq!(replies(&out)[1].2, info_block_size(512));
     }
 
     #[test]
@@ -655,57 +751,60 @@ mod tests {
     fn request_checks() {
         let size = 1 << 20;
         assert_eq!(
-            check_request(&req(CMD_WRITE, CMD_FLAG_FUA, 0, 4096), size),
+            check_request(&req(CMD_WRITE, CMD_FLAG_FUA, 0, 4096), &sized(size, 512)),
             Check::Ok {
                 cmd: Cmd::Write,
                 fua: true
             }
         );
         assert_eq!(
-            check_request(&req(CMD_READ, 0, 1, 512), size),
+            check_request(&req(CMD_READ, 0, 1, 512), &sized(size, 512)),
             Check::Error(EINVAL)
         );
         assert_eq!(
-            check_request(&req(CMD_READ, 0, 0, 100), size),
+            check_request(&req(CMD_READ, 0, 0, 100), &sized(size, 512)),
             Check::Error(EINVAL)
         );
         assert_eq!(
-            check_request(&req(CMD_READ, 0, size, 512), size),
+            check_request(&req(CMD_READ, 0, size, 512), &sized(size, 512)),
             Check::Error(EINVAL)
         );
         assert_eq!(
-            check_request(&req(CMD_WRITE, 0, size - 512, 1024), size),
+            check_request(&req(CMD_WRITE, 0, size - 512, 1024), &sized(size, 512)),
             Check::Error(ENOSPC)
         );
         assert_eq!(
-            check_request(&req(CMD_WRITE, 0, u64::MAX - 511, 1024), size),
+            check_request(&req(CMD_WRITE, 0, u64::MAX - 511, 1024), &sized(size, 512)),
             Check::Error(ENOSPC)
         );
         assert_eq!(
-            check_request(&req(CMD_WRITE, 0, 0, MAX_PAYLOAD + 512), size),
+            check_request(&req(CMD_WRITE, 0, 0, MAX_PAYLOAD + 512), &sized(size, 512)),
             Check::Close
         );
         assert_eq!(
-            check_request(&req(CMD_READ, 0, 0, MAX_PAYLOAD + 512), u64::MAX),
+            check_request(
+                &req(CMD_READ, 0, 0, MAX_PAYLOAD + 512),
+                &sized(u64::MAX, 512)
+            ),
             Check::Error(EINVAL)
         );
         // FUA is accepted on every command, and only means something on writes.
         assert_eq!(
-            check_request(&req(CMD_READ, CMD_FLAG_FUA, 0, 512), size),
+            check_request(&req(CMD_READ, CMD_FLAG_FUA, 0, 512), &sized(size, 512)),
             Check::Ok {
                 cmd: Cmd::Read,
                 fua: false
             }
         );
         assert_eq!(
-            check_request(&req(CMD_FLUSH, CMD_FLAG_FUA, 0, 0), size),
+            check_request(&req(CMD_FLUSH, CMD_FLAG_FUA, 0, 0), &sized(size, 512)),
             Check::Ok {
                 cmd: Cmd::Flush,
                 fua: false
             }
         );
         assert_eq!(
-            check_request(&req(CMD_TRIM, CMD_FLAG_FUA, 0, 4096), size),
+            check_request(&req(CMD_TRIM, CMD_FLAG_FUA, 0, 4096), &sized(size, 512)),
             Check::Ok {
                 cmd: Cmd::Trim,
                 fua: true
@@ -715,7 +814,7 @@ mod tests {
         assert_eq!(
             check_request(
                 &req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA, 0, 4096),
-                size
+                &sized(size, 512)
             ),
             Check::Ok {
                 cmd: Cmd::WriteZeroes,
@@ -723,37 +822,40 @@ mod tests {
             }
         );
         assert_eq!(
-            check_request(&req(CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 4096), size),
+            check_request(
+                &req(CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 4096),
+                &sized(size, 512)
+            ),
             Check::Error(EINVAL)
         );
         assert_eq!(
-            check_request(&req(CMD_READ, 1 << 2, 0, 512), size),
+            check_request(&req(CMD_READ, 1 << 2, 0, 512), &sized(size, 512)),
             Check::Error(EINVAL)
         );
         // Past the end: EINVAL for trims, ENOSPC for zeroes (they write).
         assert_eq!(
-            check_request(&req(CMD_TRIM, 0, size - 512, 1024), size),
+            check_request(&req(CMD_TRIM, 0, size - 512, 1024), &sized(size, 512)),
             Check::Error(EINVAL)
         );
         assert_eq!(
-            check_request(&req(CMD_WRITE_ZEROES, 0, size, 512), size),
+            check_request(&req(CMD_WRITE_ZEROES, 0, size, 512), &sized(size, 512)),
             Check::Error(ENOSPC)
         );
         // Misaligned trims and zeroes are refused like reads and writes.
         assert_eq!(
-            check_request(&req(CMD_TRIM, 0, 256, 512), size),
+            check_request(&req(CMD_TRIM, 0, 256, 512), &sized(size, 512)),
             Check::Error(EINVAL)
         );
         assert_eq!(
-            check_request(&req(CMD_WRITE_ZEROES, 0, 0, 100), size),
+            check_request(&req(CMD_WRITE_ZEROES, 0, 0, 100), &sized(size, 512)),
             Check::Error(EINVAL)
         );
         assert_eq!(
-            check_request(&req(99, 0, 0, 512), size),
+            check_request(&req(99, 0, 0, 512), &sized(size, 512)),
             Check::Error(EINVAL)
         );
         assert_eq!(
-            check_request(&req(CMD_FLUSH, 0, 0, 0), size),
+            check_request(&req(CMD_FLUSH, 0, 0, 0), &sized(size, 512)),
             Check::Ok {
                 cmd: Cmd::Flush,
                 fua: false
@@ -805,7 +907,7 @@ mod tests {
                 b.copy_from_slice(&input[..REQUEST_LEN]);
                 b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
                 let h = parse_request(&b).unwrap();
-                let _ = check_request(&h, next());
+                let _ = check_request(&h, &sized(next(), next() as u32));
             }
         }
     }

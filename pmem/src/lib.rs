@@ -4,66 +4,25 @@
 //! mappings, msync elsewhere); `write_persist` is libpmem2's memcpy function,
 //! which on DAX uses non-temporal stores for all but small copies.
 //!
+//! libpmem2 is loaded when the first pool is opened (see [`libpmem2`]), so
+//! only mode 1 needs PMDK installed; without it, opening a pool fails with
+//! [`PoolError::NoPmdk`], which says what to install.
+//!
 //! This is the FFI edge for pmem: every `unsafe` block says why it is sound.
 
-use std::ffi::{CStr, c_char, c_int, c_void};
+mod libpmem2;
+
+use std::ffi::{CStr, c_void};
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use libpmem2::{
+    Api, DrainFn, MemcpyFn, PMEM2_F_MEM_NODRAIN, PMEM2_GRANULARITY_BYTE, PMEM2_GRANULARITY_PAGE,
+    PersistFn, Pmem2Config, Pmem2Map, Pmem2Source,
+};
 use thiserror::Error;
 use writeboost_engine::pmem::Pmem;
-
-#[repr(C)]
-struct Pmem2Config {
-    _opaque: [u8; 0],
-}
-#[repr(C)]
-struct Pmem2Source {
-    _opaque: [u8; 0],
-}
-#[repr(C)]
-struct Pmem2Map {
-    _opaque: [u8; 0],
-}
-
-/// `enum pmem2_granularity`.
-const PMEM2_GRANULARITY_BYTE: c_int = 0;
-const PMEM2_GRANULARITY_PAGE: c_int = 2;
-
-type PersistFn = unsafe extern "C" fn(ptr: *const c_void, size: usize);
-/// `pmem2_drain_fn`: waits for earlier flushes and non-temporal stores.
-type DrainFn = unsafe extern "C" fn();
-/// `PMEM2_F_MEM_NODRAIN`: the memcpy function flushes but does not drain.
-const PMEM2_F_MEM_NODRAIN: u32 = 1;
-/// `pmem2_memcpy_fn`: copies and, with flags 0, makes the copy persistent.
-type MemcpyFn = unsafe extern "C" fn(
-    dest: *mut c_void,
-    src: *const c_void,
-    len: usize,
-    flags: u32,
-) -> *mut c_void;
-
-unsafe extern "C" {
-    fn pmem2_config_new(cfg: *mut *mut Pmem2Config) -> c_int;
-    fn pmem2_config_delete(cfg: *mut *mut Pmem2Config) -> c_int;
-    fn pmem2_config_set_required_store_granularity(cfg: *mut Pmem2Config, g: c_int) -> c_int;
-    fn pmem2_source_from_fd(src: *mut *mut Pmem2Source, fd: c_int) -> c_int;
-    fn pmem2_source_delete(src: *mut *mut Pmem2Source) -> c_int;
-    fn pmem2_map_new(
-        map: *mut *mut Pmem2Map,
-        cfg: *const Pmem2Config,
-        src: *const Pmem2Source,
-    ) -> c_int;
-    fn pmem2_map_delete(map: *mut *mut Pmem2Map) -> c_int;
-    fn pmem2_map_get_address(map: *mut Pmem2Map) -> *mut c_void;
-    fn pmem2_map_get_size(map: *mut Pmem2Map) -> usize;
-    fn pmem2_map_get_store_granularity(map: *mut Pmem2Map) -> c_int;
-    fn pmem2_get_persist_fn(map: *mut Pmem2Map) -> Option<PersistFn>;
-    fn pmem2_get_memcpy_fn(map: *mut Pmem2Map) -> Option<MemcpyFn>;
-    fn pmem2_get_drain_fn(map: *mut Pmem2Map) -> Option<DrainFn>;
-    fn pmem2_errormsg() -> *const c_char;
-}
 
 /// Opening or mapping a pool failed.
 #[derive(Debug, Error)]
@@ -79,13 +38,25 @@ pub enum PoolError {
     Empty { path: PathBuf },
     #[error("PMDK could not map pmem pool {path}: {msg}")]
     Map { path: PathBuf, msg: String },
+    #[error(
+        "mode 1 needs PMDK's libpmem2, which could not be loaded ({detail}); install it \
+         (Debian/Ubuntu: apt-get install libpmem2) or use mode 0"
+    )]
+    NoPmdk { detail: String },
 }
 
-fn pmdk_error() -> String {
+/// Whether PMDK's libpmem2 can be loaded on this machine (mode 1 needs it).
+pub fn pmdk_available() -> Result<(), PoolError> {
+    libpmem2::api()
+        .map(|_| ())
+        .map_err(|detail| PoolError::NoPmdk { detail })
+}
+
+fn pmdk_error(api: &Api) -> String {
     // SAFETY: pmem2_errormsg returns a pointer to a NUL-terminated
     // thread-local buffer that stays valid until the next libpmem2 call here.
     unsafe {
-        let p = pmem2_errormsg();
+        let p = (api.errormsg)();
         if p.is_null() {
             "unknown error".into()
         } else {
@@ -96,6 +67,7 @@ fn pmdk_error() -> String {
 
 /// A mapped pool.
 pub struct PmdkPool {
+    api: &'static Api,
     map: *mut Pmem2Map,
     base: *mut u8,
     len: u64,
@@ -109,6 +81,7 @@ pub struct PmdkPool {
 impl PmdkPool {
     /// Maps an existing pool file (or devdax device).
     pub fn open(path: &Path) -> Result<Self, PoolError> {
+        let api = libpmem2::api().map_err(|detail| PoolError::NoPmdk { detail })?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -131,38 +104,39 @@ impl PmdkPool {
         // on every path once the mapping exists or failed, and the file
         // descriptor outlives the mapping (kept in `_file`).
         unsafe {
-            if pmem2_config_new(&mut cfg) != 0 {
-                return Err(map_err(pmdk_error()));
+            if (api.config_new)(&mut cfg) != 0 {
+                return Err(map_err(pmdk_error(api)));
             }
             // Accept page granularity so regular files work (persist is then msync).
-            let mut rc = pmem2_config_set_required_store_granularity(cfg, PMEM2_GRANULARITY_PAGE);
+            let mut rc = (api.config_set_required_store_granularity)(cfg, PMEM2_GRANULARITY_PAGE);
             if rc == 0 {
-                rc = pmem2_source_from_fd(&mut src, file.as_raw_fd());
+                rc = (api.source_from_fd)(&mut src, file.as_raw_fd());
             }
             if rc == 0 {
-                rc = pmem2_map_new(&mut map, cfg, src);
+                rc = (api.map_new)(&mut map, cfg, src);
             }
-            let msg = if rc != 0 { Some(pmdk_error()) } else { None };
+            let msg = if rc != 0 { Some(pmdk_error(api)) } else { None };
             if !src.is_null() {
-                pmem2_source_delete(&mut src);
+                (api.source_delete)(&mut src);
             }
-            pmem2_config_delete(&mut cfg);
+            (api.config_delete)(&mut cfg);
             if let Some(msg) = msg {
                 return Err(map_err(msg));
             }
             let persist_fn =
-                pmem2_get_persist_fn(map).ok_or_else(|| map_err("no persist function".into()))?;
+                (api.get_persist_fn)(map).ok_or_else(|| map_err("no persist function".into()))?;
             let memcpy_fn =
-                pmem2_get_memcpy_fn(map).ok_or_else(|| map_err("no memcpy function".into()))?;
+                (api.get_memcpy_fn)(map).ok_or_else(|| map_err("no memcpy function".into()))?;
             let drain_fn =
-                pmem2_get_drain_fn(map).ok_or_else(|| map_err("no drain function".into()))?;
+                (api.get_drain_fn)(map).ok_or_else(|| map_err("no drain function".into()))?;
             Ok(Self {
-                base: pmem2_map_get_address(map) as *mut u8,
-                len: pmem2_map_get_size(map) as u64,
+                base: (api.map_get_address)(map) as *mut u8,
+                len: (api.map_get_size)(map) as u64,
                 persist_fn,
                 memcpy_fn,
                 drain_fn,
-                dax: pmem2_map_get_store_granularity(map) != PMEM2_GRANULARITY_PAGE,
+                dax: (api.map_get_store_granularity)(map) != PMEM2_GRANULARITY_PAGE,
+                api,
                 map,
                 _file: file,
             })
@@ -178,7 +152,7 @@ impl PmdkPool {
     /// Byte granularity (the platform flushes caches on power loss).
     pub fn byte_granular(&self) -> bool {
         // SAFETY: `map` is a live mapping owned by self.
-        unsafe { pmem2_map_get_store_granularity(self.map) == PMEM2_GRANULARITY_BYTE }
+        unsafe { (self.api.map_get_store_granularity)(self.map) == PMEM2_GRANULARITY_BYTE }
     }
 
     /// Copies `src` into the pool with libpmem2's memcpy function and `flags`.
@@ -265,7 +239,7 @@ impl Drop for PmdkPool {
     fn drop(&mut self) {
         // SAFETY: `map` came from pmem2_map_new and is deleted once.
         unsafe {
-            pmem2_map_delete(&mut self.map);
+            (self.api.map_delete)(&mut self.map);
         }
     }
 }

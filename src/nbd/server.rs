@@ -264,7 +264,6 @@ fn read_requests<R: Read>(
     tx: &Sender<ConnMsg>,
     budget: &Budget,
 ) -> Result<(), ServeError> {
-    let size = ctx.export.size;
     let immediate = |handle: u64, error: u32| {
         budget.acquire(0);
         let _ = tx.send(ConnMsg::Reply {
@@ -283,7 +282,7 @@ fn read_requests<R: Read>(
             Err(e) => return Err(e.into()),
         }
         let h: RequestHeader = proto::parse_request(&hb).ok_or(ServeError::BadMagic)?;
-        let (cmd, fua) = match proto::check_request(&h, size) {
+        let (cmd, fua) = match proto::check_request(&h, &ctx.export) {
             Check::Close => return Err(ServeError::TooLarge(h.len)),
             Check::Error(e) => {
                 if h.cmd == proto::CMD_WRITE {
