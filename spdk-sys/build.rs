@@ -130,7 +130,44 @@ mod spdk {
         }
     }
 
+    /// bindgen loads libclang to read SPDK's headers; without it bindgen
+    /// panics with "Unable to find libclang". Say what to install instead.
+    fn require_libclang() {
+        println!("cargo:rerun-if-env-changed=LIBCLANG_PATH");
+        if std::env::var_os("LIBCLANG_PATH").is_some() {
+            return;
+        }
+        let found = [
+            "/usr/lib",
+            "/usr/lib64",
+            "/usr/local/lib",
+            "/usr/lib/x86_64-linux-gnu",
+        ]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .filter_map(Result::ok)
+        .any(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("libclang") && name.contains(".so")
+                || name.starts_with("llvm-")
+                    && std::fs::read_dir(e.path().join("lib")).is_ok_and(|mut l| {
+                        l.any(|f| {
+                            f.is_ok_and(|f| f.file_name().to_string_lossy().starts_with("libclang"))
+                        })
+                    })
+        });
+        if !found {
+            panic!(
+                "building the SPDK module needs libclang (bindgen reads SPDK's headers with it): \
+                 apt-get install libclang-dev, or set LIBCLANG_PATH to the directory holding libclang.so"
+            );
+        }
+    }
+
     pub fn generate() {
+        require_libclang();
         let Found {
             include,
             lib_dirs,

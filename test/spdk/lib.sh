@@ -49,8 +49,21 @@ spdk_locate() {
     return 0
 }
 
+# Whether libclang, which bindgen needs to read SPDK's headers, is here.
+have_libclang() {
+    [ -n "${LIBCLANG_PATH:-}" ] && return 0
+    compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null ||
+        compgen -G "/usr/lib/x86_64-linux-gnu/libclang*.so*" >/dev/null ||
+        compgen -G "/usr/lib64/libclang*.so*" >/dev/null
+}
+
 # Builds libbdev_writeboost.so, writeboost_tgt and wb_ack_check.
 spdk_build_module() {
+    if ! have_libclang; then
+        echo "SPDK module: bindgen needs libclang to read SPDK's headers and none is installed:" \
+            "apt-get install libclang-dev (or set LIBCLANG_PATH to the directory holding libclang.so)" >&2
+        exit 1
+    fi
     (cd "$WB_ROOT" && cargo build --release -q -p bdev_writeboost --features spdk)
     WB_LIB="$WB_ROOT/target/release/libbdev_writeboost.so"
     WB_TGT="$WB_ROOT/target/release/writeboost_tgt"
