@@ -137,26 +137,39 @@ mod spdk {
         if std::env::var_os("LIBCLANG_PATH").is_some() {
             return;
         }
-        let found = [
+        // bindgen looks for libclang.so* or libclang-N.so*; libclang-cpp
+        // (LLVM's C++ library, often installed alone) is not it.
+        let is_libclang = |name: &str| {
+            name.strip_prefix("libclang").is_some_and(|rest| {
+                rest.starts_with(".so")
+                    || rest
+                        .strip_prefix('-')
+                        .is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit()))
+            })
+        };
+        let mut dirs: Vec<PathBuf> = [
             "/usr/lib",
             "/usr/lib64",
             "/usr/local/lib",
             "/usr/lib/x86_64-linux-gnu",
         ]
         .iter()
-        .filter_map(|d| std::fs::read_dir(d).ok())
-        .flatten()
-        .filter_map(Result::ok)
-        .any(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            name.starts_with("libclang") && name.contains(".so")
-                || name.starts_with("llvm-")
-                    && std::fs::read_dir(e.path().join("lib")).is_ok_and(|mut l| {
-                        l.any(|f| {
-                            f.is_ok_and(|f| f.file_name().to_string_lossy().starts_with("libclang"))
-                        })
-                    })
+        .map(PathBuf::from)
+        .collect();
+        if let Ok(entries) = std::fs::read_dir("/usr/lib") {
+            dirs.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("llvm-"))
+                    .map(|e| e.path().join("lib")),
+            );
+        }
+        let found = dirs.iter().any(|d| {
+            std::fs::read_dir(d).is_ok_and(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .any(|e| is_libclang(&e.file_name().to_string_lossy()))
+            })
         });
         if !found {
             panic!(

@@ -52,9 +52,13 @@ spdk_locate() {
 # Whether libclang, which bindgen needs to read SPDK's headers, is here.
 have_libclang() {
     [ -n "${LIBCLANG_PATH:-}" ] && return 0
-    compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null ||
-        compgen -G "/usr/lib/x86_64-linux-gnu/libclang*.so*" >/dev/null ||
-        compgen -G "/usr/lib64/libclang*.so*" >/dev/null
+    # libclang.so* or libclang-N.so*; libclang-cpp (LLVM's C++ library) is not it.
+    local d
+    for d in /usr/lib/llvm-*/lib /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib /usr/local/lib; do
+        compgen -G "$d/libclang.so*" >/dev/null && return 0
+        compgen -G "$d/libclang-[0-9]*.so*" >/dev/null && return 0
+    done
+    return 1
 }
 
 # Builds libbdev_writeboost.so, writeboost_tgt and wb_ack_check.
