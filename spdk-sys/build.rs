@@ -209,6 +209,8 @@ mod spdk {
             .allowlist_function("spdk_(bdev|bdev_module|thread|poller|io_channel|io_device|get_io_channel|put_io_channel|json|jsonrpc|rpc|log|dma|zmalloc|malloc|free|env|app|uuid)_.*")
             .allowlist_function("spdk_(get_thread|set_thread|thread_send_msg|poller_register|poller_unregister|dma_malloc|dma_zmalloc|dma_free|get_ticks|get_ticks_hz|get_io_channel|put_io_channel|strerror)")
             .allowlist_function("spdk_sys_.*")
+            // writeboost_tgt's -S, as spdk_tgt's.
+            .allowlist_function("spdk_vhost_set_socket_path")
             .allowlist_type("spdk_(bdev|bdev_io|bdev_module|bdev_fn_table|bdev_desc|bdev_io_wait_entry|json_.*|jsonrpc_.*|thread|poller|io_channel|app_opts|uuid).*")
             .allowlist_var("SPDK_(BDEV|JSONRPC|LOG|RPC|APP)_.*")
             // Fields of these are reached through helpers.c; their NVMe

@@ -10,4 +10,5 @@
 #include <spdk/rpc.h>
 #include <spdk/thread.h>
 #include <spdk/uuid.h>
+#include <spdk/vhost.h>
 #include "src/helpers.h"

@@ -6,7 +6,8 @@
 #
 #   SPDK_DIR=/path/to/spdk bash test/spdk/run.sh [TEST...]
 #
-# TEST is any of: verify restart crash hotremove nvmf badinput (default: all).
+# TEST is any of: verify restart crash hotremove nvmf vhost remote badinput
+# (default: all).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -77,16 +78,17 @@ nvmf_export() { # SOCK PORT BDEV
 # The initiator side: a bdev_nvme controller N0 (namespace bdev N0n1).
 # SPDK's NVMe initiator acknowledges FLUSH without sending it unless
 # enable_flush is set; without it nothing a FLUSH promised would hold.
-initiator_config() { # PORT
+initiator_config() { # PORT [NQN]
     printf '{"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_nvme_set_options","params":{"enable_flush":true}},{"method":"bdev_nvme_attach_controller","params":{"name":"N0","trtype":"tcp","adrfam":"ipv4","traddr":"127.0.0.1","trsvcid":"%s","subnqn":"%s"}}]}]}\n' \
-        "$1" "$NQN"
+        "$1" "${2:-$NQN}"
 }
 
-# checker DIR PORT ARGS... — wb_ack_check on the second core over NVMe/TCP.
+# checker DIR PORT ARGS... — wb_ack_check on the second core over NVMe/TCP
+# (to subsystem CHECK_NQN, by default the writeboost target's).
 checker() {
     local dir=$1 port=$2
     shift 2
-    initiator_config "$port" >"$dir/initiator.json"
+    initiator_config "$port" "${CHECK_NQN:-$NQN}" >"$dir/initiator.json"
     "$WB_CHECK" "$@" -- --json "$dir/initiator.json" "${SPDK_APP_ARGS[@]}" -s 1024 -m 0x2 \
         -r "$dir/check.sock" 2>>"$dir/check.log"
 }
@@ -251,6 +253,210 @@ test_nvmf() {
     stop_app "$APP_PID" "$s"
 }
 
+# 5. Export over vhost-user-blk: spdk_tgt serves wb0 as a vhost-blk
+# controller, bdevperf attaches to it as a virtio-user initiator (as QEMU's
+# vhost-user-blk-pci would) and runs verify. The initiator's memory is what
+# vhost-user shares with the target (as a VM's is), so it must be hugepages
+# with a file per segment (-g); the target maps it and needs none itself.
+test_vhost() {
+    local dir=$WORK/vhost
+    mkdir -p "$dir"
+    local hugepages_before
+    hugepages_before=$(cat /proc/sys/vm/nr_hugepages)
+    if ! hugepages_ready 1536; then
+        echo "  SKIPPED vhost: needs 1536 free 2 MiB hugepages (as root: echo 1536 > /proc/sys/vm/nr_hugepages)"
+        return 0
+    fi
+    truncate -s 256M "$dir/cache.img"
+    truncate -s 1G "$dir/backing.img"
+    # vhost-user sockets go in -S DIR.
+    start_app "$dir/tgt.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m 0x1 -S "$dir"
+    local s=$dir/tgt.sock
+    rpc "$s" bdev_aio_create "$dir/cache.img" Cache0 4096 >/dev/null
+    rpc "$s" bdev_aio_create "$dir/backing.img" Back0 4096 >/dev/null
+    rpc "$s" bdev_writeboost_create -n wb0 -b Back0 -c Cache0 >/dev/null
+    # The bdev's block size is its backing bdev's, which the engine accepts.
+    local bs
+    bs=$(rpc "$s" bdev_get_bdevs -b wb0 | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["block_size"])')
+    [ "$bs" = 4096 ] || { echo "wb0 over 4096-byte bdevs has block_size $bs" >&2; return 1; }
+    rpc "$s" vhost_create_blk_controller vhost.0 wb0 >/dev/null
+    [ -S "$dir/vhost.0" ] || { echo "no vhost-user socket at $dir/vhost.0" >&2; return 1; }
+    printf '{"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_virtio_attach_controller","params":{"name":"VirtioBlk0","trtype":"user","traddr":"%s","dev_type":"blk","vq_count":2,"vq_size":512}}]}]}\n' \
+        "$dir/vhost.0" >"$dir/virtio.json"
+    # -g: one file per hugepage segment, which vhost-user needs to share memory.
+    if ! "$BDEVPERF" --no-pci -g -s 1536 -m 0x2 -r "$dir/perf.sock" -c "$dir/virtio.json" \
+        -T VirtioBlk0 -q 32 -o 4096 -w verify -t 4 >"$dir/bdevperf.log" 2>&1; then
+        echo "bdevperf over vhost-user-blk failed:" >&2
+        tail -n 30 "$dir/bdevperf.log" >&2
+        return 1
+    fi
+    local iops
+    iops=$(bdevperf_iops "$dir/bdevperf.log" VirtioBlk0)
+    if [ -z "$iops" ] || grep -qiE "miscompare|io error|failed" "$dir/bdevperf.log"; then
+        echo "bdevperf over vhost-user-blk: errors or no result" >&2
+        tail -n 30 "$dir/bdevperf.log" >&2
+        return 1
+    fi
+    rpc "$s" vhost_delete_controller vhost.0 >/dev/null
+    echo "  bdevperf verify over vhost-user-blk (virtio-user, 2 queues, wb0 block_size 4096): ${iops} IOPS, no errors"
+    stop_app "$APP_PID" "$s"
+    # Give back the hugepages reserved here.
+    echo "$hugepages_before" >/proc/sys/vm/nr_hugepages 2>/dev/null || true
+}
+
+# Whether N free 2 MiB hugepages are available, reserving them as root.
+hugepages_ready() {
+    local want=$1 free
+    free=$(awk '/HugePages_Free/ {print $2}' /proc/meminfo)
+    if [ "${free:-0}" -lt "$want" ] && [ "$(id -u)" = 0 ]; then
+        local total
+        total=$(cat /proc/sys/vm/nr_hugepages)
+        echo $((total + want - ${free:-0})) >/proc/sys/vm/nr_hugepages 2>/dev/null || true
+        free=$(awk '/HugePages_Free/ {print $2}' /proc/meminfo)
+    fi
+    if ! grep -q hugetlbfs /proc/mounts && [ "$(id -u)" = 0 ]; then
+        mkdir -p /dev/hugepages && mount -t hugetlbfs nodev /dev/hugepages 2>/dev/null || true
+    fi
+    [ "${free:-0}" -ge "$want" ] && grep -q hugetlbfs /proc/mounts
+}
+
+# 6. A remote backing device: the backing bdev is a namespace that a second
+# spdk_tgt (the "storage" target) exports over NVMe/TCP, as disaggregated
+# storage would. In each mode: kill -9 the writeboost target under load and
+# restart it from its saved config; everything acknowledged (mode 1) or
+# flushed (mode 0) reads back. Then, in mode 0: kill -9 the storage target
+# while writeback runs, restart it; writeback resumes, its errors are
+# counted, and every flushed write reaches the backing device.
+REMOTE_NQN=nqn.2016-06.io.spdk:writeboost-backing
+
+# The storage target shares the second core with the checker, so it takes
+# no core lock.
+storage_start() { # DIR PORT
+    start_app "$1/storage.log" "$1/storage.sock" "$SPDK_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m 0x2 \
+        --disable-cpumask-locks
+    STORAGE_PID=$APP_PID
+    local s=$1/storage.sock
+    rpc "$s" bdev_aio_create "$1/backing.img" Back0 4096 >/dev/null
+    rpc "$s" nvmf_create_transport -t TCP >/dev/null
+    rpc "$s" nvmf_create_subsystem "$REMOTE_NQN" -a -s WBBACK000000001 >/dev/null
+    rpc "$s" nvmf_subsystem_add_ns "$REMOTE_NQN" Back0 >/dev/null
+    rpc "$s" nvmf_subsystem_add_listener "$REMOTE_NQN" -t tcp -a 127.0.0.1 -s "$2" >/dev/null
+}
+
+# stat_of SOCK FIELD — a number from bdev_writeboost_get_stats wb0 (stats or status).
+stat_of() {
+    rpc "$1" bdev_writeboost_get_stats -n wb0 | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+d = d[0] if isinstance(d, list) else d
+f = sys.argv[1]
+print(d["stats"][f] if f in d["stats"] else d["status"][f])' "$2"
+}
+
+test_remote() {
+    local mode
+    for mode in 0 1; do
+        local dir=$WORK/remote$mode port=$((PORT_BASE + 50 + 2 * mode)) sport=$((PORT_BASE + 51 + 2 * mode))
+        mkdir -p "$dir"
+        truncate -s 256M "$dir/cache.img"
+        truncate -s 1G "$dir/backing.img"
+        local pool=$POOLS/remote$mode
+        make_pool "$pool" 64M
+        storage_start "$dir" "$sport"
+        start_app "$dir/tgt.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m 0x1
+        TGT_PID=$APP_PID
+        local s=$dir/tgt.sock
+        # FLUSH must reach the storage target (enable_flush); a lost
+        # connection is retried every second for ever, and I/O fails after
+        # 2 s so that writeback notices, counts it and retries.
+        rpc "$s" bdev_nvme_set_options --enable-flush >/dev/null
+        rpc "$s" bdev_nvme_attach_controller -b Remote -t tcp -a 127.0.0.1 -f ipv4 -s "$sport" \
+            -n "$REMOTE_NQN" -l -1 -o 1 -u 2 >/dev/null
+        rpc "$s" bdev_aio_create "$dir/cache.img" Cache0 4096 >/dev/null
+        if [ "$mode" = 1 ]; then
+            rpc "$s" bdev_writeboost_create -n wb0 -b Remoten1 -c Cache0 -m 1 -p "$pool" >/dev/null
+        else
+            rpc "$s" bdev_writeboost_create -n wb0 -b Remoten1 -c Cache0 >/dev/null
+        fi
+        nvmf_export "$s" "$port" wb0
+        rpc "$s" save_config >"$dir/saved.json"
+        checker "$dir" "$port" write N0n1 "$dir/acks" 32768 20 64 $((23 + mode)) >"$dir/write.out" 2>&1 &
+        local cpid=$!
+        wait_for_acks "$dir/acks" 2000 4
+        kill -9 "$TGT_PID"
+        wait "$TGT_PID" 2>/dev/null || true
+        wait "$cpid" || true
+        start_app "$dir/tgt2.log" "$s" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m 0x1 --json "$dir/saved.json"
+        TGT_PID=$APP_PID
+        local which=flushed
+        [ "$mode" = 1 ] && which=all
+        local out acked
+        out=$(checker "$dir" "$port" verify N0n1 "$dir/acks" "$which") || {
+            echo "mode $mode, remote backing: acknowledged data lost after kill -9: $out" >&2
+            tail -n 20 "$dir/check.log" >&2
+            return 1
+        }
+        acked=$(grep -c '^W' "$dir/acks" || true)
+        [ "$acked" -ge 1000 ] || { echo "too little written before the kill ($acked writes)" >&2; return 1; }
+        echo "  mode $mode, backing over NVMe/TCP: kill -9 of the writeboost target after $acked acknowledged writes; verify $which: ${out##*: }"
+        [ "$mode" = 0 ] || { stop_app "$TGT_PID" "$s"; stop_app "$STORAGE_PID" "$dir/storage.sock"; continue; }
+
+        # The storage target dies while writeback runs: writeback starts as
+        # soon as a log is durable and runs whatever the load, and the
+        # writer keeps going throughout.
+        rpc "$s" bdev_writeboost_set_options wb0 --writeback-delay-ms 0 --writeback-threshold 100 >/dev/null
+        local errors0 wb0_cmds i
+        errors0=$(stat_of "$s" writeback_errors)
+        wb0_cmds=$(stat_of "$s" backing_write_cmds)
+        checker "$dir" "$port" write N0n1 "$dir/acks2" 32768 10 64 31 >"$dir/write2.out" 2>&1 &
+        cpid=$!
+        for i in $(seq 1 150); do
+            [ "$(stat_of "$s" backing_write_cmds)" -gt $((wb0_cmds + 1000)) ] && break
+            sleep 0.1
+        done
+        local wb_cmds
+        wb_cmds=$(stat_of "$s" backing_write_cmds)
+        [ "$wb_cmds" -gt $((wb0_cmds + 1000)) ] || { echo "writeback did not start under load" >&2; return 1; }
+        kill -9 "$STORAGE_PID"
+        wait "$STORAGE_PID" 2>/dev/null || true
+        local errors=$errors0
+        for i in $(seq 1 100); do
+            errors=$(stat_of "$s" writeback_errors)
+            [ "$errors" -gt "$errors0" ] && break
+            sleep 0.1
+        done
+        if [ "$errors" -le "$errors0" ]; then
+            echo "writeback errors were not counted while the storage target was down" >&2
+            rpc "$s" bdev_writeboost_get_stats -n wb0 >&2
+            return 1
+        fi
+        local dirty_down
+        dirty_down=$(stat_of "$s" nr_dirty_blocks)
+        storage_start "$dir" "$sport"
+        wait "$cpid" || { echo "the writer failed while the storage target was down:" >&2; cat "$dir/write2.out" >&2; return 1; }
+        rpc "$s" bdev_writeboost_drop_caches wb0 >/dev/null
+        for i in $(seq 1 600); do
+            [ "$(stat_of "$s" nr_dirty_blocks)" = 0 ] && break
+            sleep 0.1
+        done
+        [ "$(stat_of "$s" nr_dirty_blocks)" = 0 ] || {
+            echo "writeback did not resume after the storage target came back ($(stat_of "$s" nr_dirty_blocks) dirty blocks)" >&2
+            return 1
+        }
+        errors=$(stat_of "$s" writeback_errors)
+        stop_app "$TGT_PID" "$s"
+        # Everything flushed is on the backing device itself: read the
+        # storage target's namespace directly.
+        out=$(CHECK_NQN=$REMOTE_NQN checker "$dir" "$sport" verify N0n1 "$dir/acks2" flushed) || {
+            echo "flushed data missing from the backing device after writeback resumed: $out" >&2
+            tail -n 20 "$dir/check.log" >&2
+            return 1
+        }
+        echo "  storage target killed mid-writeback ($((wb_cmds - wb0_cmds)) writeback writes done, $dirty_down blocks dirty) under a writer that kept going ($(grep -c '^W' "$dir/acks2") acknowledged writes); restarted: writeback resumed ($((errors - errors0)) errors counted), all written back; backing device verify flushed: ${out##*: }"
+        stop_app "$STORAGE_PID" "$dir/storage.sock"
+    done
+}
+
 # expect_error SOCK PATTERN METHOD ARGS... — the call must fail with a message matching PATTERN.
 expect_error() {
     local sock=$1 pat=$2
@@ -294,7 +500,7 @@ print(buf.decode())
 EOF
 }
 
-# 5. Bad input: each returns an error, nothing is overwritten, the target serves on.
+# 7. Bad input: each returns an error, nothing is overwritten, the target serves on.
 test_badinput() {
     local dir=$WORK/bad
     mkdir -p "$dir"
@@ -350,7 +556,7 @@ test_badinput() {
 }
 
 TESTS=("$@")
-[ ${#TESTS[@]} -gt 0 ] || TESTS=(verify restart crash hotremove nvmf badinput)
+[ ${#TESTS[@]} -gt 0 ] || TESTS=(verify restart crash hotremove nvmf vhost remote badinput)
 failed=0
 for t in "${TESTS[@]}"; do
     echo "spdk test $t"
