@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # fio through SPDK's bdev plugin (ioengine=spdk_bdev), side by side in one
 # run, over malloc base bdevs (256 MiB of data, 512 MiB cache):
-#   passthru | OCF write-back | writeboost mode 0 | writeboost mode 1
+#   passthru | OCF write-back | writeboost mode 0 (and with
+#   barrier_deadline_ms=0) | writeboost mode 1
 # Each fills the bdev sequentially, then runs 4 KiB randwrite at QD 32,
 # 4 KiB randread of the data just written (cached) at QD 32, and 4 KiB
 # write+fsync pairs at QD 1 (fio's fsync=1: every write is followed by a
@@ -112,26 +113,30 @@ PY
 
 make_pool "$POOLS/pool" 64M
 echo "fio $("$FIO" --version) with SPDK's bdev plugin, 4 KiB, ${T} s per job; 256 MiB filled, then:"
-printf '%-18s %16s %16s %22s\n' "bdev" "randwrite QD32" "randread QD32" "write+fsync QD1 /s"
+printf '%-22s %16s %16s %22s\n' "bdev" "randwrite QD32" "randread QD32" "write+fsync QD1 /s"
 declare -A W R P
 run() {
     fio_run "$@"
     W[$1]=$WRITE R[$1]=$READ P[$1]=$PAIRS
-    printf '%-18s %16s %16s %22s\n' "$1" "$WRITE" "$READ" "$PAIRS"
+    printf '%-22s %16s %16s %22s\n' "$1" "$WRITE" "$READ" "$PAIRS"
 }
 run passthru pt0 "$BACK" '{"method":"bdev_passthru_create","params":{"base_bdev_name":"Back0","name":"pt0"}}'
 run ocf-wb ocf0 "$CACHE" "$BACK" \
     '{"method":"bdev_ocf_create","params":{"name":"ocf0","mode":"wb","cache_bdev_name":"Cache0","core_bdev_name":"Back0"}}'
 run writeboost-mode0 wb0 "$CACHE" "$BACK" "$(wb_entry wb0 Cache0 Back0 0)"
+# A FLUSH in mode 0 waits up to barrier_deadline_ms (10) for the buffer to
+# fill; with 0 it writes a partial log at once.
+run writeboost-mode0-dl0 wb0 "$CACHE" "$BACK" "$(wb_entry wb0 Cache0 Back0 0 "" '"barrier_deadline_ms":0')"
 # Mode 1 as on DAX pmem (the pool on tmpfs, persisted by cache flushes; see bench.sh).
 FIO_ENV=PMEM2_FORCE_GRANULARITY=CACHE_LINE run writeboost-mode1 wb0 "$CACHE" "$BACK" \
     "$(wb_entry wb0 Cache0 Back0 1 "$POOLS/pool")"
 
-ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
+ratio() { python3 -c "print(f'{$1 / $2:.3g}')"; }
 echo
-for m in writeboost-mode0 writeboost-mode1; do
+for m in writeboost-mode0 writeboost-mode0-dl0 writeboost-mode1; do
     echo "$m: randwrite $(ratio "${W[$m]}" "${W[passthru]}") x passthru, $(ratio "${W[$m]}" "${W[ocf-wb]}") x OCF wb;" \
         "randread $(ratio "${R[$m]}" "${R[passthru]}") x passthru, $(ratio "${R[$m]}" "${R[ocf-wb]}") x OCF wb;" \
         "write+fsync $(ratio "${P[$m]}" "${P[passthru]}") x passthru, $(ratio "${P[$m]}" "${P[ocf-wb]}") x OCF wb"
 done
-echo "write+fsync QD1, mode 1 / mode 0: $(ratio "${P[writeboost-mode1]}" "${P[writeboost-mode0]}")"
+echo "write+fsync QD1, mode 1 / mode 0: $(ratio "${P[writeboost-mode1]}" "${P[writeboost-mode0]}") (default deadline)," \
+    "$(ratio "${P[writeboost-mode1]}" "${P[writeboost-mode0-dl0]}") (barrier_deadline_ms=0)"
