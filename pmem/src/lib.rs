@@ -45,13 +45,6 @@ pub enum PoolError {
     NoPmdk { detail: String },
 }
 
-/// Whether PMDK's libpmem2 can be loaded on this machine (mode 1 needs it).
-pub fn pmdk_available() -> Result<(), PoolError> {
-    libpmem2::api()
-        .map(|_| ())
-        .map_err(|detail| PoolError::NoPmdk { detail })
-}
-
 fn pmdk_error(api: &Api) -> String {
     // SAFETY: pmem2_errormsg returns a pointer to a NUL-terminated
     // thread-local buffer that stays valid until the next libpmem2 call here.
