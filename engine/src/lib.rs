@@ -15,12 +15,14 @@
 //! ```
 //!
 //! The same engine runs under the SPDK bdev module, the standalone host and
-//! the deterministic simulator.
+//! the deterministic simulator, each through [`driver::Driver`], which runs
+//! that loop once for all of them.
 
 #![forbid(unsafe_code)]
 
 mod cache;
 pub mod config;
+pub mod driver;
 pub mod error;
 pub mod format;
 pub mod geometry;

@@ -305,7 +305,7 @@ impl Run {
                 break;
             }
             if !h.step() {
-                let status = format!("{:?} {}", h.engine.status(), h.engine.debug_state());
+                let status = format!("{:?} {}", h.engine().status(), h.engine().debug_state());
                 self.note(|| {
                     format!(
                         "stuck with {} requests pending: {status:?}",
@@ -318,11 +318,11 @@ impl Run {
             self.collect(&mut h);
         }
         self.out.ops = issued;
-        let st = h.engine.stats().clone();
+        let st = h.engine().stats().clone();
         self.out.partial_logs += st.nr_partial_flushed;
         self.out.logs += st.nr_logs;
         // Clean shutdown: everything acknowledged must come back exactly.
-        h.engine.shutdown(h.now);
+        h.driver.engine_mut().shutdown(h.now);
         h.drain();
         while !h.shut_down {
             if !h.step() {
@@ -335,7 +335,7 @@ impl Run {
             .pmem
             .as_ref()
             .map(|p| SimPmem::from_image(p.crash(&mut self.rng)));
-        let read_only = h.engine.is_read_only();
+        let read_only = h.engine().is_read_only();
         let images = h.crash(&mut self.rng);
         // After a cache-device failure nothing more could be made durable,
         // so only durable writes are owed; otherwise every acknowledged one.
@@ -366,12 +366,12 @@ impl Run {
         let nsec = self.sectors.len() as u64;
         // Now and then, operator actions while I/O runs.
         if self.rng.random_bool(0.005) {
-            h.engine.drop_caches(h.now);
+            h.driver.engine_mut().drop_caches(h.now);
         }
         if self.rng.random_bool(0.005) {
             let (name, _, max) = TUNABLE_RANGES[self.rng.random_range(0..TUNABLE_RANGES.len())];
             let value = self.rng.random_range(0..=max.min(128));
-            let _ = h.engine.set_options(&[(name, value)], h.now);
+            let _ = h.driver.engine_mut().set_options(&[(name, value)], h.now);
         }
         h.drain();
         let roll = self.rng.random_range(0..100);
@@ -408,7 +408,7 @@ impl Run {
             && op != Op::Flush
             && (first..first + count).contains(&t)
         {
-            let desc = h.engine.describe_block(t / 8);
+            let desc = h.engine().describe_block(t / 8);
             eprintln!(
                 "t={} submit req {} {:?} [{first}+{count}) wid {} | before: {desc}",
                 h.now,
@@ -431,9 +431,7 @@ impl Run {
                 for s in first..first + count {
                     self.sectors[s as usize].later.push(write_id);
                 }
-                let r = h.engine.submit_write(req, off, &data, fua, now);
-                h.user.insert(req, data);
-                r
+                h.driver.submit_write(req, off, data, fua, now)
             }
             Op::Zeroes => {
                 write_id = self.next_write;
@@ -441,7 +439,7 @@ impl Run {
                 for s in first..first + count {
                     self.sectors[s as usize].later.push(ZERO | write_id);
                 }
-                h.engine.submit_write_zeroes(req, off, len, now)
+                h.driver.submit_write_zeroes(req, off, len, Vec::new(), now)
             }
             Op::Discard => {
                 for s in first..first + count {
@@ -449,19 +447,18 @@ impl Run {
                     st.wild_since = Some(self.next_write);
                     st.cur = WILD;
                 }
-                h.engine.submit_discard(req, off, len, now)
+                h.driver.submit_discard(req, off, len, Vec::new(), now)
             }
-            Op::Read => {
-                h.user.insert(req, vec![0u8; len as usize]);
-                h.engine.submit_read(req, off, len, now)
-            }
+            Op::Read => h
+                .driver
+                .submit_read(req, off, len, vec![0u8; len as usize], now),
             Op::Flush => {
                 self.flushes
                     .push_back((req, std::mem::take(&mut self.acked_unflushed)));
-                h.engine.submit_flush(req, now)
+                h.driver.submit_flush(req, Vec::new(), now)
             }
         };
-        if let Err(e) = res {
+        if let Err((e, _)) = res {
             self.note(|| format!("submit refused: {e}"));
             self.out.stuck += 1;
             return false;
@@ -481,7 +478,7 @@ impl Run {
     }
 
     fn collect(&mut self, h: &mut Harness) {
-        if let Err(e) = h.engine.check_invariants() {
+        if let Err(e) = h.engine().check_invariants() {
             self.out.corrupt_reads += 1;
             if self.opts.verbose {
                 eprintln!(
@@ -490,14 +487,14 @@ impl Run {
                 );
             }
         }
-        for (req, result) in std::mem::take(&mut h.done) {
+        for (req, result, buf) in std::mem::take(&mut h.done) {
             let p = self.pending.remove(&req).expect("known request");
             if let Some(t) = trace_sector()
                 && p.op != Op::Flush
                 && (p.first..p.first + p.count).contains(&t)
             {
-                let desc = h.engine.describe_block(t / 8);
-                let st = h.engine.status();
+                let desc = h.engine().describe_block(t / 8);
+                let st = h.engine().status();
                 eprintln!(
                     "t={} done req {} {:?} {result:?} | after: {desc} | durable {} wb {} recorded {}",
                     h.now,
@@ -508,7 +505,6 @@ impl Run {
                     st.recorded_writeback_id
                 );
             }
-            let buf = h.user.remove(&req);
             if let Err(e) = result {
                 self.out.io_errors += 1;
                 self.note(|| format!("request {req:?} failed: {e}"));
@@ -527,7 +523,7 @@ impl Run {
                         self.make_durable(ZERO | p.write_id, p.first, p.count);
                     }
                 }
-                Op::Read => self.check_read(p.first, &buf.expect("read buffer")),
+                Op::Read => self.check_read(p.first, &buf),
                 Op::Flush => {
                     let Some(pos) = self.flushes.iter().position(|(r, _)| *r == req) else {
                         continue;
@@ -595,8 +591,8 @@ impl Run {
 
     fn crash_and_recover(&mut self, h: Harness) -> Option<Harness> {
         self.out.crashes += 1;
-        self.out.partial_logs += h.engine.stats().nr_partial_flushed;
-        self.out.logs += h.engine.stats().nr_logs;
+        self.out.partial_logs += h.engine().stats().nr_partial_flushed;
+        self.out.logs += h.engine().stats().nr_logs;
         let pool = h
             .pmem
             .as_ref()
@@ -623,10 +619,15 @@ impl Run {
             let req = ReqId(self.next_req);
             self.next_req += 1;
             let count = chunk.min(nsec - first);
-            h.user
-                .insert(req, vec![0u8; (count * SECTOR as u64) as usize]);
-            if h.engine
-                .submit_read(req, first * SECTOR as u64, count * SECTOR as u64, h.now)
+            let buf = vec![0u8; (count * SECTOR as u64) as usize];
+            if h.driver
+                .submit_read(
+                    req,
+                    first * SECTOR as u64,
+                    count * SECTOR as u64,
+                    buf,
+                    h.now,
+                )
                 .is_err()
             {
                 self.out.stuck += 1;
@@ -640,8 +641,7 @@ impl Run {
                     return;
                 }
             }
-            let (r, result) = h.done.remove(0);
-            let buf = h.user.remove(&r).expect("buffer");
+            let (_, result, buf) = h.done.remove(0);
             if result.is_err() {
                 self.out.io_errors += 1;
                 continue;
@@ -655,7 +655,7 @@ impl Run {
                         self.out.corrupt_reads += 1;
                         let id = u64::from_le_bytes(sector[..8].try_into().expect("8"));
                         let at = u64::from_le_bytes(sector[8..16].try_into().expect("8"));
-                        let where_ = h.engine.describe_block(lba / 8);
+                        let where_ = h.engine().describe_block(lba / 8);
                         let msg = format!(
                             "sector {lba} is garbage after recovery (header says write {id} lba {at}); {where_}"
                         );
@@ -689,7 +689,7 @@ impl Run {
                             self.opts.seed,
                             st.durable,
                             st.later,
-                            h.engine.describe_block(lba / 8)
+                            h.engine().describe_block(lba / 8)
                         );
                     }
                 }

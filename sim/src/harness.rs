@@ -1,13 +1,14 @@
 //! Runs an engine against simulated devices in simulated time.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use writeboost_engine::driver::{CmdMem, Driver, Outcome, Started, Target};
 use writeboost_engine::{
-    Command, CommandKind, DataRef, Device, DeviceError, Engine, Event, HeapAlloc, IoError, Nanos,
-    OpenError, OpenParams, ReqId, Token,
+    Command, CommandKind, Device, DeviceError, Engine, HeapAlloc, IoError, Nanos, OpenError,
+    OpenParams, ReqId, Token,
 };
 
 use crate::device::SimDevice;
@@ -35,28 +36,84 @@ struct InFlight {
     flush_point: u64,
 }
 
+/// The simulated devices: commands wait in a queue ordered by their
+/// simulated completion time.
+struct SimTarget {
+    now: Nanos,
+    lat: Latency,
+    cache_flush_point: u64,
+    backing_flush_point: u64,
+    queue: BinaryHeap<Reverse<(Nanos, u64, Token)>>,
+    inflight: BTreeMap<Token, InFlight>,
+    rng: ChaCha8Rng,
+    seq: u64,
+}
+
+impl SimTarget {
+    fn latency(&mut self, base: Nanos) -> Nanos {
+        if self.lat.jitter && base > 1 {
+            self.rng.random_range(base / 2..=base * 3 / 2)
+        } else {
+            base
+        }
+    }
+}
+
+impl Target for SimTarget {
+    fn start(&mut self, cmd: Command, mem: CmdMem<'_>) -> Started {
+        if std::env::var_os("WB_TRACE_CMDS").is_some() {
+            eprintln!("t={} start {:?}", self.now, cmd);
+        }
+        let base = match (cmd.device, cmd.kind) {
+            (Device::Cache, CommandKind::Read { .. }) => self.lat.cache_read,
+            (Device::Cache, CommandKind::Flush) => self.lat.cache_flush,
+            (Device::Cache, _) => self.lat.cache_write,
+            (Device::Backing, CommandKind::Read { .. }) => self.lat.backing_read,
+            (Device::Backing, CommandKind::Flush) => self.lat.backing_flush,
+            (Device::Backing, _) => self.lat.backing_write,
+        };
+        // A write's payload is taken when it starts (the device sees it
+        // then); a read's data lands when it completes.
+        let data = match mem {
+            CmdMem::Src(src) => Some(src.to_vec()),
+            _ => None,
+        };
+        let flush_point = match cmd.device {
+            Device::Cache => self.cache_flush_point,
+            Device::Backing => self.backing_flush_point,
+        };
+        let at = self.now + self.latency(base);
+        self.seq += 1;
+        self.queue.push(Reverse((at, self.seq, cmd.token)));
+        self.inflight.insert(
+            cmd.token,
+            InFlight {
+                cmd,
+                data,
+                flush_point,
+            },
+        );
+        Started::InFlight
+    }
+}
+
 pub struct Harness {
-    pub engine: Engine<HeapAlloc>,
+    pub driver: Driver<HeapAlloc, Vec<u8>>,
+    target: SimTarget,
     pub cache: SimDevice,
     pub backing: SimDevice,
     /// The pmem pool the engine uses, if any (shared with the engine).
     pub pmem: Option<SimPmem>,
     pub now: Nanos,
-    queue: BinaryHeap<Reverse<(Nanos, u64, Token)>>,
-    inflight: BTreeMap<Token, InFlight>,
-    /// Buffers of user requests in flight (write data for bypass, read destinations).
-    pub user: HashMap<ReqId, Vec<u8>>,
-    /// Completed user requests, oldest first (the caller drains it).
-    pub done: Vec<(ReqId, Result<(), IoError>)>,
+    /// Completed user requests with their buffers (a read's data), oldest
+    /// first (the caller drains it).
+    pub done: Vec<(ReqId, Result<(), IoError>, Vec<u8>)>,
     pub opened: Option<Result<(), OpenError>>,
     pub shut_down: bool,
-    pub lat: Latency,
     /// Probability that a device command fails.
     pub error_rate: f64,
     /// Every write and flush on the cache device fails (a dying SSD).
     pub fail_cache_writes: bool,
-    rng: ChaCha8Rng,
-    seq: u64,
     /// Deadlines handled in a row without time moving (a livelock if large).
     idle_timeouts: u32,
     /// Real time spent in an external pool's stores and persists, charged
@@ -92,23 +149,30 @@ impl Harness {
             None => Engine::open(params, HeapAlloc, 0),
         }
         .expect("valid parameters");
+        // One stream of randomness for latencies and faults, drawn in
+        // command order.
+        let rng = ChaCha8Rng::seed_from_u64(seed);
         let mut h = Self {
-            engine,
+            driver: Driver::new(engine),
+            target: SimTarget {
+                now: 0,
+                lat,
+                cache_flush_point: 0,
+                backing_flush_point: 0,
+                queue: BinaryHeap::new(),
+                inflight: BTreeMap::new(),
+                rng,
+                seq: 0,
+            },
             cache,
             backing,
             pmem,
             now: 0,
-            queue: BinaryHeap::new(),
-            inflight: BTreeMap::new(),
-            user: HashMap::new(),
             done: Vec::new(),
             opened: None,
             shut_down: false,
-            lat,
             error_rate: 0.0,
             fail_cache_writes: false,
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            seq: 0,
             idle_timeouts: 0,
             pool_clock: None,
         };
@@ -138,13 +202,15 @@ impl Harness {
             lat,
             seed,
         );
-        h.engine = Engine::open_with_pool(params, HeapAlloc, pool, 0).expect("valid parameters");
+        h.driver = Driver::new(
+            Engine::open_with_pool(params, HeapAlloc, pool, 0).expect("valid parameters"),
+        );
         h.cache = cache;
         h.backing = backing;
         h.opened = None;
         h.shut_down = false;
-        h.queue.clear();
-        h.inflight.clear();
+        h.target.queue.clear();
+        h.target.inflight.clear();
         h.done.clear();
         h.pool_clock = Some(clock);
         h.drain();
@@ -161,7 +227,7 @@ impl Harness {
         true
     }
 
-    /// Starts every command the engine emitted and delivers its events.
+    /// Starts every command the engine emitted and takes its outcomes.
     pub fn drain(&mut self) {
         // Persisting to pmem takes the engine's thread this long.
         if let Some(p) = &self.pmem {
@@ -170,88 +236,35 @@ impl Harness {
         if let Some(c) = &self.pool_clock {
             self.now += c.take();
         }
-        while let Some(cmd) = self.engine.poll_command() {
-            self.start(cmd);
-        }
-        while let Some(ev) = self.engine.poll_event() {
-            match ev {
-                Event::Ready => self.opened = Some(Ok(())),
-                Event::OpenFailed(e) => self.opened = Some(Err(e)),
-                Event::CopyToUser {
-                    req,
-                    dst_offset,
-                    src,
-                    src_offset,
-                    len,
-                } => {
-                    let src = &self.engine.buffer(src)[src_offset..src_offset + len];
-                    let dst = self.user.get_mut(&req).expect("user buffer");
-                    dst[dst_offset..dst_offset + len].copy_from_slice(src);
-                }
-                Event::Completed { req, result } => self.done.push((req, result)),
-                Event::ShutdownComplete => self.shut_down = true,
+        self.target.now = self.now;
+        self.target.cache_flush_point = self.cache.flush_point();
+        self.target.backing_flush_point = self.backing.flush_point();
+        self.driver.pump(&mut self.target, self.now);
+        while let Some(o) = self.driver.poll_outcome() {
+            match o {
+                Outcome::Ready => self.opened = Some(Ok(())),
+                Outcome::OpenFailed(e) => self.opened = Some(Err(e)),
+                Outcome::Completed { req, user, result } => self.done.push((req, result, user)),
+                Outcome::ShutdownComplete => self.shut_down = true,
             }
         }
     }
 
-    fn latency(&mut self, base: Nanos) -> Nanos {
-        if self.lat.jitter && base > 1 {
-            self.rng.random_range(base / 2..=base * 3 / 2)
-        } else {
-            base
-        }
-    }
-
-    fn start(&mut self, cmd: Command) {
-        if std::env::var_os("WB_TRACE_CMDS").is_some() {
-            eprintln!("t={} start {:?}", self.now, cmd);
-        }
-        let base = match (cmd.device, cmd.kind) {
-            (Device::Cache, CommandKind::Read { .. }) => self.lat.cache_read,
-            (Device::Cache, CommandKind::Flush) => self.lat.cache_flush,
-            (Device::Cache, _) => self.lat.cache_write,
-            (Device::Backing, CommandKind::Read { .. }) => self.lat.backing_read,
-            (Device::Backing, CommandKind::Flush) => self.lat.backing_flush,
-            (Device::Backing, _) => self.lat.backing_write,
-        };
-        let data = match cmd.kind {
-            CommandKind::Write { len, src, .. } => Some(match src {
-                DataRef::Engine { buf, offset } => {
-                    self.engine.buffer(buf)[offset..offset + len].to_vec()
-                }
-                DataRef::User { req, offset } => self.user[&req][offset..offset + len].to_vec(),
-            }),
-            _ => None,
-        };
-        let dev = match cmd.device {
-            Device::Cache => &self.cache,
-            Device::Backing => &self.backing,
-        };
-        let flush_point = dev.flush_point();
-        let at = self.now + self.latency(base);
-        self.seq += 1;
-        self.queue.push(Reverse((at, self.seq, cmd.token)));
-        self.inflight.insert(
-            cmd.token,
-            InFlight {
-                cmd,
-                data,
-                flush_point,
-            },
-        );
+    pub fn engine(&self) -> &Engine<HeapAlloc> {
+        self.driver.engine()
     }
 
     /// Advances to the next completion or engine deadline. False if nothing is pending.
     /// Also false if the engine keeps asking for a deadline it does not act on.
     pub fn step(&mut self) -> bool {
-        let next_io = self.queue.peek().map(|Reverse((t, _, _))| *t);
-        let timeout = self.engine.poll_timeout();
+        let next_io = self.target.queue.peek().map(|Reverse((t, _, _))| *t);
+        let timeout = self.driver.engine().poll_timeout();
         match (next_io, timeout) {
             (None, None) => false,
             (Some(t), Some(d)) if d < t => self.timeout(d),
             (None, Some(d)) => self.timeout(d),
             (Some(t), _) => {
-                let Reverse((_, _, token)) = self.queue.pop().expect("queued");
+                let Reverse((_, _, token)) = self.target.queue.pop().expect("queued");
                 self.now = self.now.max(t);
                 self.complete(token);
                 true
@@ -269,17 +282,18 @@ impl Harness {
             self.idle_timeouts = 0;
         }
         self.now = self.now.max(at);
-        self.engine.handle_timeout(self.now);
+        self.driver.handle_timeout(self.now);
         self.drain();
         true
     }
 
     fn complete(&mut self, token: Token) {
-        let f = self.inflight.remove(&token).expect("in flight");
+        let f = self.target.inflight.remove(&token).expect("in flight");
         if std::env::var_os("WB_TRACE_CMDS").is_some() {
             eprintln!("t={} done {:?}", self.now, f.cmd.token);
         }
-        let fail = (self.error_rate > 0.0 && self.rng.random_bool(self.error_rate))
+        let rng = &mut self.target.rng;
+        let fail = (self.error_rate > 0.0 && rng.random_bool(self.error_rate))
             || (self.fail_cache_writes
                 && f.cmd.device == Device::Cache
                 && !matches!(f.cmd.kind, CommandKind::Read { .. }));
@@ -291,7 +305,7 @@ impl Harness {
             CommandKind::Write { offset, .. } => {
                 let data = f.data.expect("write payload");
                 if fail {
-                    dev.write_some(offset, &data, &mut self.rng)
+                    dev.write_some(offset, &data, rng)
                 } else {
                     dev.write(offset, &data)
                 }
@@ -302,19 +316,14 @@ impl Harness {
                 dev.write_zeroes(offset, len)
             }
             CommandKind::Flush if !fail => dev.flush(f.flush_point),
-            CommandKind::Read { offset, len, dst } if !fail => match dst {
-                DataRef::Engine { buf, offset: o } => {
-                    dev.read(offset, &mut self.engine.buffer_mut(buf)[o..o + len])
-                }
-                DataRef::User { req, offset: o } => {
-                    let b = self.user.get_mut(&req).expect("user buffer");
-                    dev.read(offset, &mut b[o..o + len]);
-                }
-            },
+            CommandKind::Read { offset, .. } if !fail => {
+                let dst = self.driver.read_dst(&f.cmd).expect("read destination");
+                dev.read(offset, dst)
+            }
             _ => {}
         }
         let result = if fail { Err(DeviceError) } else { Ok(()) };
-        self.engine.handle_completion(token, result, self.now);
+        self.driver.complete(token, result, self.now);
         self.drain();
     }
 
@@ -322,7 +331,7 @@ impl Harness {
     pub fn crash(self, rng: &mut impl Rng) -> (Vec<u8>, Vec<u8>) {
         let mut cache_w = Vec::new();
         let mut backing_w = Vec::new();
-        for f in self.inflight.values() {
+        for f in self.target.inflight.values() {
             if let (CommandKind::Write { offset, .. }, Some(d)) = (f.cmd.kind, &f.data) {
                 match f.cmd.device {
                     Device::Cache => cache_w.push((offset, d.clone())),
@@ -337,7 +346,7 @@ impl Harness {
     }
 
     pub fn commands_in_flight(&self) -> usize {
-        self.inflight.len()
+        self.target.inflight.len()
     }
 }
 
@@ -345,39 +354,41 @@ impl Harness {
     /// Submits a write and runs until it completes.
     pub fn write(&mut self, req: u64, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
         let req = ReqId(req);
-        self.user.insert(req, data.to_vec());
-        self.engine
-            .submit_write(req, offset, data, fua, self.now)
+        self.driver
+            .submit_write(req, offset, data.to_vec(), fua, self.now)
+            .map_err(|(e, _)| e)
             .expect("valid write");
-        self.wait(req)
+        self.wait(req).0
     }
 
     /// Reads and runs until done.
     pub fn read(&mut self, req: u64, offset: u64, len: usize) -> Result<Vec<u8>, IoError> {
         let req = ReqId(req);
-        self.user.insert(req, vec![0; len]);
-        self.engine
-            .submit_read(req, offset, len as u64, self.now)
+        self.driver
+            .submit_read(req, offset, len as u64, vec![0; len], self.now)
+            .map_err(|(e, _)| e)
             .expect("valid read");
-        self.wait(req)?;
-        Ok(self.user.remove(&req).expect("buffer"))
+        let (result, buf) = self.wait(req);
+        result.map(|()| buf)
     }
 
     pub fn flush(&mut self, req: u64) -> Result<(), IoError> {
         let req = ReqId(req);
-        self.engine
-            .submit_flush(req, self.now)
+        self.driver
+            .submit_flush(req, Vec::new(), self.now)
+            .map_err(|(e, _)| e)
             .expect("valid flush");
-        self.wait(req)
+        self.wait(req).0
     }
 
-    /// Runs until request `req` completes (panics if the engine gets stuck).
-    pub fn wait(&mut self, req: ReqId) -> Result<(), IoError> {
+    /// Runs until request `req` completes (panics if the engine gets stuck);
+    /// its result and buffer.
+    pub fn wait(&mut self, req: ReqId) -> (Result<(), IoError>, Vec<u8>) {
         self.drain();
         loop {
-            if let Some(i) = self.done.iter().position(|(r, _)| *r == req) {
-                let (_, result) = self.done.remove(i);
-                return result;
+            if let Some(i) = self.done.iter().position(|(r, _, _)| *r == req) {
+                let (_, result, buf) = self.done.remove(i);
+                return (result, buf);
             }
             assert!(self.step(), "engine stuck waiting for {req:?}");
         }
@@ -387,7 +398,12 @@ impl Harness {
     pub fn settle(&mut self, horizon: Nanos) {
         self.drain();
         let end = self.now + horizon;
-        while self.commands_in_flight() > 0 || self.engine.poll_timeout().is_some_and(|t| t <= end)
+        while self.commands_in_flight() > 0
+            || self
+                .driver
+                .engine()
+                .poll_timeout()
+                .is_some_and(|t| t <= end)
         {
             if !self.step() {
                 break;

@@ -55,7 +55,7 @@ fn fresh(p: OpenParams) -> Harness {
     let mut h = open(p, cache, SimDevice::new(BACKING));
     assert_eq!(h.opened, Some(Ok(())));
     // Counters start at zero for the test body.
-    h.engine.clear_stats();
+    h.driver.engine_mut().clear_stats();
     h
 }
 
@@ -67,7 +67,7 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 
 /// Clean shutdown, then a new engine over the resulting device images.
 fn restart(mut h: Harness, p: OpenParams) -> Harness {
-    h.engine.shutdown(h.now);
+    h.driver.engine_mut().shutdown(h.now);
     h.drain();
     while !h.shut_down {
         assert!(h.step(), "shutdown stuck");
@@ -107,7 +107,7 @@ fn cache_too_small_is_refused_and_nothing_is_written() {
         Some(Err(OpenError::Geometry(FormatError::CacheTooSmall { .. })))
     ));
     assert!(h.cache.image().iter().all(|&b| b == 0));
-    assert_eq!(h.engine.stats().cache_write_cmds, 0);
+    assert_eq!(h.engine().stats().cache_write_cmds, 0);
 }
 
 #[test]
@@ -192,9 +192,10 @@ fn bad_parameters_are_rejected_before_any_io() {
     let mut t = Tunables::default();
     assert!(t.set("barrier_deadline_ms", 10_001).is_err());
     let mut h = fresh(params(8 * MIB));
-    let before = *h.engine.tunables();
+    let before = *h.engine().tunables();
     let err = h
-        .engine
+        .driver
+        .engine_mut()
         .set_options(
             &[("writeback_threshold", 50), ("read_cache_threshold", 500)],
             0,
@@ -204,18 +205,19 @@ fn bad_parameters_are_rejected_before_any_io() {
         err.to_string().contains("read_cache_threshold=500"),
         "{err}"
     );
-    assert_eq!(*h.engine.tunables(), before, "all or nothing");
-    h.engine
+    assert_eq!(*h.engine().tunables(), before, "all or nothing");
+    h.driver
+        .engine_mut()
         .set_options(&[("writeback_threshold", 50)], 0)
         .unwrap();
-    assert_eq!(h.engine.tunables().writeback_threshold, 50);
+    assert_eq!(h.engine().tunables().writeback_threshold, 50);
 }
 
 #[test]
 fn misaligned_and_out_of_range_requests_are_refused() {
     let mut h = fresh(params(8 * MIB));
     let now = h.now;
-    let e = &mut h.engine;
+    let e = h.driver.engine_mut();
     assert!(e.submit_read(ReqId(1), 100, 512, now).is_err());
     assert!(e.submit_read(ReqId(1), BACKING - 512, 1024, now).is_err());
     assert!(e.submit_write(ReqId(1), 0, &[0; 100], false, now).is_err());
@@ -231,9 +233,9 @@ fn partial_sectors_merge_with_cached_and_backing_data() {
     let full = pattern(9, 8192);
     h.write(1, 0, &full, false).unwrap();
     h.flush(2).unwrap();
-    h.engine.drop_caches(h.now);
+    h.driver.engine_mut().drop_caches(h.now);
     h.settle(1_000_000_000);
-    assert_eq!(h.engine.status().nr_dirty_blocks, 0);
+    assert_eq!(h.engine().status().nr_dirty_blocks, 0);
     // Sector 3 of block 0 and sectors 0..2 of block 1 are rewritten.
     let a = pattern(40, 512);
     let b = pattern(41, 1024);
@@ -260,16 +262,16 @@ fn drop_caches_writes_everything_back_with_falling_dirty_count() {
             .unwrap();
     }
     h.flush(1).unwrap();
-    let start = h.engine.status().nr_dirty_blocks;
+    let start = h.engine().status().nr_dirty_blocks;
     assert_eq!(start, 200);
-    assert_eq!(h.engine.stats().backing_write_cmds, 0);
-    h.engine.drop_caches(h.now);
+    assert_eq!(h.engine().stats().backing_write_cmds, 0);
+    h.driver.engine_mut().drop_caches(h.now);
     h.drain();
     let mut last = start;
     let mut seen_between = false;
-    while h.engine.status().drop_caches_active {
+    while h.engine().status().drop_caches_active {
         assert!(h.step());
-        let d = h.engine.status().nr_dirty_blocks;
+        let d = h.engine().status().nr_dirty_blocks;
         assert!(d <= last, "dirty count never rises");
         seen_between |= d > 0 && d < start;
         last = d;
@@ -290,9 +292,9 @@ fn drop_caches_writes_everything_back_with_falling_dirty_count() {
     // Region 0, plus the read-ahead (4 logs) that finds no log after the
     // recorded frontier.
     assert!(
-        h2.engine.stats().cache_read_cmds <= 1 + 4,
+        h2.engine().stats().cache_read_cmds <= 1 + 4,
         "{:?}",
-        h2.engine.stats()
+        h2.engine().stats()
     );
 }
 
@@ -306,18 +308,18 @@ fn background_writeback_waits_for_its_delay_and_writes_a_rewritten_block_once() 
     h.flush(2).unwrap();
     h.settle(20_000_000);
     assert_eq!(
-        h.engine.stats().backing_write_cmds,
+        h.engine().stats().backing_write_cmds,
         0,
         "a durable log is left alone during its delay"
     );
-    assert_eq!(h.engine.status().nr_dirty_blocks, 1);
+    assert_eq!(h.engine().status().nr_dirty_blocks, 1);
     // Rewritten within the delay: the first copy never reaches the backing device.
     h.write(3, 0, &pattern(2, 4096), false).unwrap();
     h.flush(4).unwrap();
     // Nothing else happens: the engine's own deadline starts the writeback.
     h.settle(200_000_000);
-    assert_eq!(h.engine.status().nr_dirty_blocks, 0);
-    assert_eq!(h.engine.stats().backing_write_cmds, 1);
+    assert_eq!(h.engine().status().nr_dirty_blocks, 0);
+    assert_eq!(h.engine().stats().backing_write_cmds, 1);
     assert_eq!(&h.backing.image()[..4096], &pattern(2, 4096)[..]);
 }
 
@@ -333,7 +335,7 @@ fn recovery_reads_only_what_is_dirty() {
             .unwrap();
     }
     h.flush(1).unwrap();
-    h.engine.drop_caches(h.now);
+    h.driver.engine_mut().drop_caches(h.now);
     h.settle(1_000_000_000);
     for i in 0..10u64 {
         h.write(1000 + i, i * 8192, &pattern(200 + i as u8, 4096), true)
@@ -342,7 +344,7 @@ fn recovery_reads_only_what_is_dirty() {
     let mut h2 = power_loss(h, p);
     assert_eq!(h2.opened, Some(Ok(())));
     // Region 0 plus the logs after the recorded writeback frontier.
-    let replay_reads = h2.engine.stats().cache_read_cmds - 1;
+    let replay_reads = h2.engine().stats().cache_read_cmds - 1;
     // Ten logs hold the dirty blocks; four more are read ahead.
     assert!(
         replay_reads <= 10 + 4,
@@ -368,7 +370,7 @@ fn a_torn_last_log_is_ignored_and_earlier_data_survives() {
     let p = params(8 * MIB);
     let mut h = fresh(p.clone());
     h.write(1, 0, &pattern(1, 4096), true).unwrap();
-    let second = h.engine.status().next_segment_id;
+    let second = h.engine().status().next_segment_id;
     h.write(2, 4096, &pattern(2, 4096), true).unwrap();
     let (mut c, b) = h.crash(&mut ChaCha8Rng::seed_from_u64(1));
     // Tear the second log: one byte of its data block differs.
@@ -392,13 +394,16 @@ fn failing_cache_writes_fail_durable_requests_and_go_read_only_without_losing_re
         h.write(3, 16384, &pattern(3, 4096), true),
         Err(IoError::CacheDevice)
     );
-    assert!(h.engine.is_read_only());
+    assert!(h.engine().is_read_only());
     assert_eq!(
         h.write(4, 0, &pattern(4, 4096), false),
         Err(IoError::ReadOnly)
     );
     assert_eq!(h.flush(5), Err(IoError::ReadOnly));
-    assert!(h.engine.stats().io_retries >= 3, "retried before giving up");
+    assert!(
+        h.engine().stats().io_retries >= 3,
+        "retried before giving up"
+    );
     // Everything acknowledged still reads back.
     assert_eq!(h.read(6, 0, 4096).unwrap(), pattern(1, 4096));
     assert_eq!(h.read(7, 8192, 4096).unwrap(), pattern(2, 4096));
@@ -412,7 +417,7 @@ fn large_writes_bypass_the_log_and_write_around_keeps_cached_lines_consistent() 
     let mut h = fresh(p);
     let big = pattern(7, 512 << 10);
     h.write(1, MIB, &big, true).unwrap();
-    let s = h.engine.stats().clone();
+    let s = h.engine().stats().clone();
     assert_eq!(s.cache_write_cmds, 0);
     assert_eq!(s.bypass_write_bytes, 512 << 10);
     assert_eq!(h.read(2, MIB, 512 << 10).unwrap(), big);
@@ -421,12 +426,13 @@ fn large_writes_bypass_the_log_and_write_around_keeps_cached_lines_consistent() 
     let mixed = pattern(9, 256 << 10);
     h.write(4, 4 * MIB, &mixed, false).unwrap();
     assert_eq!(h.read(5, 4 * MIB, 256 << 10).unwrap(), mixed);
-    h.engine
+    h.driver
+        .engine_mut()
         .set_options(&[("write_around_mode", 1)], h.now)
         .unwrap();
     h.write(6, 20 * MIB, &pattern(10, 4096), false).unwrap();
     assert!(
-        h.engine
+        h.engine()
             .describe_block(20 * MIB / 4096)
             .contains("not cached")
     );
@@ -440,11 +446,11 @@ fn read_caching_stages_random_misses_but_not_long_sequential_runs() {
     let mut h = fresh(p);
     h.read(1, 40 * 4096, 4096).unwrap();
     h.read(2, 90 * 4096, 8192).unwrap();
-    assert_eq!(h.engine.stats().read_cache_staged, 3);
-    let backing_reads = h.engine.stats().backing_read_cmds;
+    assert_eq!(h.engine().stats().read_cache_staged, 3);
+    let backing_reads = h.engine().stats().backing_read_cmds;
     assert_eq!(h.read(3, 40 * 4096, 4096).unwrap(), vec![0; 4096]);
     assert_eq!(
-        h.engine.stats().backing_read_cmds,
+        h.engine().stats().backing_read_cmds,
         backing_reads,
         "second read is a hit"
     );
@@ -452,7 +458,7 @@ fn read_caching_stages_random_misses_but_not_long_sequential_runs() {
     for i in 0..16u64 {
         h.read(10 + i, (200 + i * 2) * 4096, 8192).unwrap();
     }
-    assert!(h.engine.stats().read_cache_staged <= 3 + 4);
+    assert!(h.engine().stats().read_cache_staged <= 3 + 4);
 }
 
 #[test]
@@ -468,7 +474,7 @@ fn a_full_cache_applies_backpressure_and_loses_nothing() {
             .unwrap();
     }
     assert!(
-        h.engine.stats().backing_write_cmds > 0,
+        h.engine().stats().backing_write_cmds > 0,
         "writeback ran because the cache filled"
     );
     let mut h = restart(h, p);
@@ -491,7 +497,7 @@ fn fua_in_volatile_mode_makes_partial_logs_and_counts_them() {
         h.write(i + 1, i * 4096, &pattern(i as u8, 4096), true)
             .unwrap();
     }
-    let s = h.engine.stats();
+    let s = h.engine().stats();
     assert_eq!(s.nr_partial_flushed, 5);
     // One log write per FUA write.
     assert_eq!(s.cache_write_cmds, 5);
@@ -592,7 +598,7 @@ fn mode_1_acknowledges_fua_from_pmem_without_partial_logs() {
         SimDevice::new(BACKING),
         Some(pm),
     );
-    h.engine.clear_stats();
+    h.driver.engine_mut().clear_stats();
     for i in 0..40u64 {
         let t0 = h.now;
         h.write(10 + i, i * 4096, &pattern(i as u8, 4096), true)
@@ -601,7 +607,7 @@ fn mode_1_acknowledges_fua_from_pmem_without_partial_logs() {
         assert!(h.now - t0 < 20_000, "FUA write took {} ns", h.now - t0);
     }
     h.flush(100).unwrap();
-    let s = h.engine.stats().clone();
+    let s = h.engine().stats().clone();
     assert_eq!(s.nr_partial_flushed, 0);
     assert_eq!(
         s.cache_write_cmds, 1,
@@ -644,12 +650,12 @@ fn leaving_mode_1_needs_the_pool_and_drains_it() {
             .unwrap();
     }
     // Clean shutdown in mode 1 leaves the partial buffer in pmem.
-    h.engine.shutdown(h.now);
+    h.driver.engine_mut().shutdown(h.now);
     h.drain();
     while !h.shut_down {
         assert!(h.step());
     }
-    assert_eq!(h.engine.stats().nr_partial_flushed, 0);
+    assert_eq!(h.engine().stats().nr_partial_flushed, 0);
     let pimg = h
         .pmem
         .as_ref()
@@ -673,7 +679,7 @@ fn leaving_mode_1_needs_the_pool_and_drains_it() {
         Some(SimPmem::from_image(pimg)),
     );
     assert_eq!(h1.opened, Some(Ok(())));
-    assert!(!h1.engine.is_persistent());
+    assert!(!h1.engine().is_persistent());
     for i in 0..5u64 {
         assert_eq!(
             h1.read(100 + i, i * 4096, 4096).unwrap(),

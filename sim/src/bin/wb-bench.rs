@@ -144,7 +144,7 @@ fn fua_run_on(
         "open failed: {:?}",
         h.opened
     );
-    h.engine.clear_stats();
+    h.driver.engine_mut().clear_stats();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let data = vec![0xa5u8; 4096];
     let mut lats = Vec::with_capacity(writes as usize);
@@ -155,7 +155,7 @@ fn fua_run_on(
         lats.push(h.now - t0);
     }
     lats.sort_unstable();
-    let s = h.engine.stats();
+    let s = h.engine().stats();
     FuaResult {
         median_ns: lats[lats.len() / 2],
         p99_ns: lats[lats.len() * 99 / 100],
