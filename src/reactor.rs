@@ -25,10 +25,11 @@ use crossbeam_queue::SegQueue;
 use serde_json::Value;
 use thiserror::Error;
 use writeboost_engine::config::BufferMode;
+use writeboost_engine::driver::{CmdMem, Driver, Outcome, Started, Target, UserBuf};
 use writeboost_engine::pmem::Pmem;
 use writeboost_engine::{
-    Command, CommandKind, DataRef, DeviceError, Engine, Event, IoError, Nanos, OpenError,
-    OpenParams, ReqId, SubmitError,
+    Command, CommandKind, DeviceError, Engine, IoError, Nanos, OpenError, OpenParams, ReqId,
+    SubmitError,
 };
 use writeboost_rpc::{CreateRequest, DeviceReport, RpcError, report_json};
 
@@ -209,6 +210,15 @@ struct UserReq {
     then_flush: bool,
 }
 
+impl UserBuf for UserReq {
+    fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Phase {
     Starting,
@@ -227,29 +237,30 @@ pub struct Dev {
     pub req: CreateRequest,
     pmem_is_dax: Option<bool>,
     ready_tx: Option<Sender<Result<ReadyInfo, ReactorError>>>,
-    engine: Engine<AlignedAlloc>,
-    backend: Box<dyn Backend>,
+    driver: Driver<AlignedAlloc, UserReq>,
+    target: HostTarget,
     shared: Arc<Shared>,
     epoch: Instant,
-    reqs: HashMap<ReqId, UserReq>,
-    /// Device commands in flight, by token.
-    cmds: HashMap<u64, Command>,
     next_req: u64,
     phase: Phase,
     open_result: Option<Result<(), OpenError>>,
-    pool: HashMap<usize, Vec<AlignedBuf>>,
     dones: Vec<Done>,
+}
+
+/// The device's base bdevs as the driver's [`Target`]: commands go to the
+/// I/O backend with aligned buffers of their own, reused from a pool.
+struct HostTarget {
+    backend: Box<dyn Backend>,
+    /// Device commands in flight, by token.
+    cmds: HashMap<u64, Command>,
+    pool: HashMap<usize, Vec<AlignedBuf>>,
 }
 
 const POOL_PER_SIZE: usize = 64;
 /// Requests taken from the queue per loop turn (bounds latency of completions).
 const BATCH: usize = 256;
 
-impl Dev {
-    pub fn now(&self) -> Nanos {
-        self.epoch.elapsed().as_nanos() as Nanos
-    }
-
+impl HostTarget {
     fn get_buf(&mut self, len: usize) -> AlignedBuf {
         self.pool
             .get_mut(&len)
@@ -266,59 +277,27 @@ impl Dev {
             v.push(b);
         }
     }
+}
 
-    /// Starts every command and delivers every event the engine has.
-    fn drain(&mut self) {
-        loop {
-            let mut any = false;
-            while let Some(cmd) = self.engine.poll_command() {
-                any = true;
-                self.start(cmd);
+impl Target for HostTarget {
+    fn start(&mut self, cmd: Command, mem: CmdMem<'_>) -> Started {
+        let (kind, buf) = match (cmd.kind, mem) {
+            (CommandKind::Read { offset, len, .. }, _) => {
+                (OpKind::Read { offset }, self.get_buf(len))
             }
-            while let Some(ev) = self.engine.poll_event() {
-                any = true;
-                self.event(ev);
-            }
-            if !any {
-                break;
-            }
-        }
-    }
-
-    fn start(&mut self, cmd: Command) {
-        let (kind, buf) = match cmd.kind {
-            CommandKind::Read { offset, len, .. } => (OpKind::Read { offset }, self.get_buf(len)),
-            CommandKind::Write { offset, len, src } => {
+            (CommandKind::Write { offset, len, .. }, CmdMem::Src(src)) => {
                 let mut b = self.get_buf(len);
-                let data: &[u8] = match src {
-                    DataRef::Engine { buf, offset } => {
-                        &self.engine.buffer(buf)[offset..offset + len]
-                    }
-                    DataRef::User { req, offset } => match self.reqs.get(&req) {
-                        Some(r) => &r.buf[offset..offset + len],
-                        None => &[],
-                    },
-                };
-                if data.len() == len {
-                    b.as_mut().copy_from_slice(data);
-                } else {
-                    // The engine named a request it no longer tracks: fail the command.
-                    eprintln!("writeboost: internal error: write source missing for {cmd:?}");
-                    self.put_buf(b);
-                    let now = self.now();
-                    self.engine
-                        .handle_completion(cmd.token, Err(DeviceError), now);
-                    return;
-                }
+                b.as_mut().copy_from_slice(src);
                 (OpKind::Write { offset }, b)
             }
-            CommandKind::WriteZeroes { offset, len } => {
+            (CommandKind::Write { .. }, _) => return Started::Done(Err(DeviceError)),
+            (CommandKind::WriteZeroes { offset, len }, _) => {
                 (OpKind::WriteZeroes { offset, len }, AlignedBuf::zeroed(0))
             }
-            CommandKind::Discard { offset, len } => {
+            (CommandKind::Discard { offset, len }, _) => {
                 (OpKind::Discard { offset, len }, AlignedBuf::zeroed(0))
             }
-            CommandKind::Flush => (OpKind::Flush, AlignedBuf::zeroed(0)),
+            (CommandKind::Flush, _) => (OpKind::Flush, AlignedBuf::zeroed(0)),
         };
         self.cmds.insert(cmd.token.0, cmd);
         self.backend.submit(Op {
@@ -327,10 +306,33 @@ impl Dev {
             kind,
             buf,
         });
+        Started::InFlight
+    }
+}
+
+impl Dev {
+    pub fn now(&self) -> Nanos {
+        self.epoch.elapsed().as_nanos() as Nanos
+    }
+
+    /// Starts every command the engine has and acts on every outcome.
+    fn drain(&mut self) {
+        loop {
+            let now = self.now();
+            self.driver.pump(&mut self.target, now);
+            let mut any = false;
+            while let Some(o) = self.driver.poll_outcome() {
+                any = true;
+                self.outcome(o);
+            }
+            if !any {
+                break;
+            }
+        }
     }
 
     fn complete_io(&mut self, d: Done) {
-        let Some(cmd) = self.cmds.remove(&d.tag) else {
+        let Some(cmd) = self.target.cmds.remove(&d.tag) else {
             return;
         };
         if let Err(e) = &d.result {
@@ -340,56 +342,32 @@ impl Dev {
             );
         }
         if d.result.is_ok()
-            && let CommandKind::Read { len, dst, .. } = cmd.kind
+            && let Some(dst) = self.driver.read_dst(&cmd)
         {
-            let src = &d.buf.as_ref()[..len];
-            match dst {
-                DataRef::Engine { buf, offset } => {
-                    self.engine.buffer_mut(buf)[offset..offset + len].copy_from_slice(src)
-                }
-                DataRef::User { req, offset } => {
-                    if let Some(r) = self.reqs.get_mut(&req) {
-                        r.buf[offset..offset + len].copy_from_slice(src);
-                    }
-                }
-            }
+            dst.copy_from_slice(&d.buf.as_ref()[..dst.len()]);
         }
         let result = d.result.map_err(|_| DeviceError);
-        self.put_buf(d.buf);
+        self.target.put_buf(d.buf);
         let now = self.now();
-        self.engine.handle_completion(cmd.token, result, now);
+        self.driver.complete(cmd.token, result, now);
         self.drain();
     }
 
-    fn event(&mut self, ev: Event) {
-        match ev {
-            Event::Ready => self.open_result = Some(Ok(())),
-            Event::OpenFailed(e) => self.open_result = Some(Err(e)),
-            Event::CopyToUser {
-                req,
-                dst_offset,
-                src,
-                src_offset,
-                len,
+    fn outcome(&mut self, o: Outcome<UserReq>) {
+        match o {
+            Outcome::Ready => self.open_result = Some(Ok(())),
+            Outcome::OpenFailed(e) => self.open_result = Some(Err(e)),
+            Outcome::Completed {
+                user: mut r,
+                result,
+                ..
             } => {
-                if let Some(r) = self.reqs.get_mut(&req) {
-                    r.buf[dst_offset..dst_offset + len]
-                        .copy_from_slice(&self.engine.buffer(src)[src_offset..src_offset + len]);
-                }
-            }
-            Event::Completed { req, result } => {
-                let Some(mut r) = self.reqs.remove(&req) else {
-                    return;
-                };
                 if result.is_ok() && r.then_flush {
                     r.then_flush = false;
                     let id = self.new_id();
                     let now = self.now();
-                    match self.engine.submit_flush(id, now) {
-                        Ok(()) => {
-                            self.reqs.insert(id, r);
-                        }
-                        Err(e) => reply(&r, submit_errno(&e), Vec::new()),
+                    if let Err((e, r)) = self.driver.submit_flush(id, r, now) {
+                        reply(&r, submit_errno(&e), Vec::new());
                     }
                     return;
                 }
@@ -405,7 +383,7 @@ impl Dev {
                     Err(e) => reply(&r, io_errno(e), Vec::new()),
                 }
             }
-            Event::ShutdownComplete => self.phase = Phase::Done,
+            Outcome::ShutdownComplete => self.phase = Phase::Done,
         }
     }
 
@@ -434,31 +412,28 @@ impl Dev {
             buf: Vec::new(),
             then_flush: false,
         };
+        let d = &mut self.driver;
         let res = match r.kind {
             ReqKind::Read => {
                 u.buf = vec![0u8; r.len as usize];
-                self.engine.submit_read(id, r.offset, r.len, now)
+                d.submit_read(id, r.offset, r.len, u, now)
             }
             ReqKind::Write => {
-                let res = self.engine.submit_write(id, r.offset, &r.data, r.fua, now);
                 u.buf = r.data;
-                res
+                d.submit_write(id, r.offset, u, r.fua, now)
             }
-            ReqKind::Flush => self.engine.submit_flush(id, now),
+            ReqKind::Flush => d.submit_flush(id, u, now),
             ReqKind::Trim => {
                 u.then_flush = r.fua;
-                self.engine.submit_discard(id, r.offset, r.len, now)
+                d.submit_discard(id, r.offset, r.len, u, now)
             }
             ReqKind::WriteZeroes => {
                 u.then_flush = r.fua;
-                self.engine.submit_write_zeroes(id, r.offset, r.len, now)
+                d.submit_write_zeroes(id, r.offset, r.len, u, now)
             }
         };
-        match res {
-            Ok(()) => {
-                self.reqs.insert(id, u);
-            }
-            Err(e) => reply(&u, submit_errno(&e), Vec::new()),
+        if let Err((e, u)) = res {
+            reply(&u, submit_errno(&e), Vec::new());
         }
         self.drain();
     }
@@ -480,7 +455,7 @@ impl Dev {
             }
         }
         let mut dones = std::mem::take(&mut self.dones);
-        self.backend.poll(&mut dones);
+        self.target.backend.poll(&mut dones);
         if !dones.is_empty() {
             progress = true;
         }
@@ -489,8 +464,13 @@ impl Dev {
         }
         self.dones = dones;
         let now = self.now();
-        if self.engine.poll_timeout().is_some_and(|t| t <= now) {
-            self.engine.handle_timeout(now);
+        if self
+            .driver
+            .engine()
+            .poll_timeout()
+            .is_some_and(|t| t <= now)
+        {
+            self.driver.handle_timeout(now);
             self.drain();
             progress = true;
         }
@@ -498,10 +478,10 @@ impl Dev {
             self.phase = Phase::Draining;
             progress = true;
         }
-        if self.phase == Phase::Draining && self.reqs.is_empty() {
+        if self.phase == Phase::Draining && self.driver.requests_in_flight() == 0 {
             self.phase = Phase::ShuttingDown;
             let now = self.now();
-            self.engine.shutdown(now);
+            self.driver.engine_mut().shutdown(now);
             self.drain();
             progress = true;
         }
@@ -598,16 +578,17 @@ impl Dev {
             req: spec.req,
             pmem_is_dax,
             ready_tx: Some(ready),
-            engine,
-            backend,
+            driver: Driver::new(engine),
+            target: HostTarget {
+                backend,
+                cmds: HashMap::new(),
+                pool: HashMap::new(),
+            },
             shared: spec.shared,
             epoch: Instant::now(),
-            reqs: HashMap::new(),
-            cmds: HashMap::new(),
             next_req: 0,
             phase: Phase::Starting,
             open_result: None,
-            pool: HashMap::new(),
             dones: Vec::new(),
         };
         d.drain();
@@ -617,7 +598,7 @@ impl Dev {
     /// A start-up turn: completions until the engine is ready or has failed.
     fn turn_starting(&mut self) -> bool {
         let mut dones = std::mem::take(&mut self.dones);
-        self.backend.poll(&mut dones);
+        self.target.backend.poll(&mut dones);
         let progress = !dones.is_empty();
         for d in dones.drain(..) {
             self.complete_io(d);
@@ -625,11 +606,11 @@ impl Dev {
         self.dones = dones;
         let outcome = match self.open_result.take() {
             Some(Ok(())) => Ok(ReadyInfo {
-                backend: self.backend.name(),
+                backend: self.target.backend.name(),
                 pmem_is_dax: self.pmem_is_dax,
             }),
             Some(Err(e)) => Err(ReactorError::Open(e)),
-            None if !progress && self.backend.inflight() == 0 => Err(ReactorError::Stuck),
+            None if !progress && self.target.backend.inflight() == 0 => Err(ReactorError::Stuck),
             None => return progress,
         };
         let ok = outcome.is_ok();
@@ -642,13 +623,14 @@ impl Dev {
 
     /// Finished: closed cleanly, or failed to open (with nothing in flight).
     fn finished(&self) -> bool {
-        matches!(self.phase, Phase::Done | Phase::Failed) && self.backend.inflight() == 0
+        matches!(self.phase, Phase::Done | Phase::Failed) && self.target.backend.inflight() == 0
     }
 
     /// `bdev_writeboost_get_stats` / `bdev_get_bdevs` report.
     pub fn report(&self) -> Value {
-        let stats = self.engine.stats();
-        let status = self.engine.status();
+        let engine = self.driver.engine();
+        let stats = engine.stats();
+        let status = engine.status();
         report_json(&DeviceReport {
             name: &self.req.name,
             backing_bdev: &self.req.backing_bdev,
@@ -658,13 +640,13 @@ impl Dev {
             pmem_is_dax: self.pmem_is_dax,
             stats,
             status: &status,
-            tunables: self.engine.tunables(),
+            tunables: engine.tunables(),
         })
     }
 
     /// The UUID the cache was formatted with (the writeboost bdev's UUID).
     pub fn cache_uuid(&self) -> [u8; 16] {
-        self.engine.status().cache_uuid
+        self.driver.engine().status().cache_uuid
     }
 
     pub fn online(&self) -> bool {
@@ -673,7 +655,8 @@ impl Dev {
 
     pub fn set_options(&mut self, changes: &[(&str, u64)]) -> Result<(), RpcError> {
         let now = self.now();
-        self.engine
+        self.driver
+            .engine_mut()
             .set_options(changes, now)
             .map_err(|e| RpcError::invalid_params(format!("bdev_writeboost_set_options: {e}")))?;
         self.drain();
@@ -682,17 +665,17 @@ impl Dev {
 
     pub fn drop_caches(&mut self) {
         let now = self.now();
-        self.engine.drop_caches(now);
+        self.driver.engine_mut().drop_caches(now);
         self.drain();
     }
 
     pub fn clear_stats(&mut self) {
-        self.engine.clear_stats();
+        self.driver.engine_mut().clear_stats();
     }
 
     /// The create parameters that recreate the device as it is now.
     pub fn config_params(&self) -> Value {
-        self.req.config_params(self.engine.tunables())
+        self.req.config_params(self.driver.engine().tunables())
     }
 }
 
@@ -745,7 +728,7 @@ impl Reactor {
                 }
                 let d = self.devs.remove(i);
                 if d.phase == Phase::Done {
-                    let st = d.engine.stats();
+                    let st = d.driver.engine().stats();
                     eprintln!(
                         "writeboost: {}: clean shutdown ({} user writes, {} user reads, {} logs \
                          written, {} dirty blocks stay in the cache)",
@@ -753,7 +736,7 @@ impl Reactor {
                         st.user_write_cmds,
                         st.user_read_cmds,
                         st.nr_logs,
-                        d.engine.status().nr_dirty_blocks
+                        d.driver.engine().status().nr_dirty_blocks
                     );
                 }
                 // The engine, its pool mapping and its files go before anyone is told.
@@ -782,7 +765,8 @@ impl Reactor {
                 .devs
                 .iter()
                 .filter_map(|d| {
-                    d.engine
+                    d.driver
+                        .engine()
                         .poll_timeout()
                         .map(|t| Duration::from_nanos(t.saturating_sub(d.now())))
                 })
@@ -790,7 +774,7 @@ impl Reactor {
             let busy = self
                 .devs
                 .iter()
-                .any(|d| d.backend.inflight() > 0 || d.phase != Phase::Running);
+                .any(|d| d.target.backend.inflight() > 0 || d.phase != Phase::Running);
             let max = if busy {
                 let d = deadline.map_or(sleep, |t| t.min(sleep));
                 sleep = (sleep * 2).min(self.opts.idle_sleep);
@@ -800,7 +784,7 @@ impl Reactor {
             };
             if let [d] = self.devs.as_mut_slice() {
                 // io_uring waits in the kernel for a completion, up to `max`.
-                d.backend.wait(max);
+                d.target.backend.wait(max);
             } else {
                 match max {
                     Some(t) => thread::park_timeout(t),

@@ -122,6 +122,12 @@ impl<A: BufAlloc, U: UserBuf> Driver<A, U> {
         self.users.len()
     }
 
+    /// Every request still held, for a host that is tearing the device
+    /// down and must fail them; the engine is not told.
+    pub fn take_held(&mut self) -> Vec<(ReqId, U)> {
+        self.users.drain().collect()
+    }
+
     /// Reads `len` bytes at `offset` into `user`. On refusal `user` comes back.
     pub fn submit_read(
         &mut self,

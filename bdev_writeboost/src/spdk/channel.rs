@@ -62,6 +62,26 @@ pub struct ChannelCtx {
     poller: *mut sys::spdk_poller,
 }
 
+impl writeboost_engine::driver::UserBuf for UserIo {
+    fn bytes(&self) -> &[u8] {
+        if self.data.is_null() || !matches!(self.kind, UserKind::Read | UserKind::Write) {
+            return &[];
+        }
+        // SAFETY: a read's or write's `data` points at its `len` bytes (the
+        // bdev_io's single buffer, or the bounce copy this owns), valid until
+        // the request completes and touched only on the device's thread.
+        unsafe { std::slice::from_raw_parts(self.data, self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        if self.data.is_null() || !matches!(self.kind, UserKind::Read | UserKind::Write) {
+            return &mut [];
+        }
+        // SAFETY: as in `bytes`; `&mut self` makes this the only access.
+        unsafe { std::slice::from_raw_parts_mut(self.data, self.len) }
+    }
+}
+
 impl UserIo {
     /// Completes the bdev_io, on its own thread.
     pub fn complete(mut self, success: bool) {

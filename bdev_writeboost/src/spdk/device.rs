@@ -13,12 +13,10 @@ use std::ptr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rustc_hash::FxHashMap;
 use spdk_sys as sys;
 use writeboost_engine::config::BufferMode;
-use writeboost_engine::{
-    Command, CommandKind, DataRef, DeviceError, Engine, Event, Nanos, ReqId, Token,
-};
+use writeboost_engine::driver::{CmdMem, Driver, Outcome, Started, Target};
+use writeboost_engine::{Command, CommandKind, DeviceError, Engine, Nanos, ReqId};
 use writeboost_rpc::{CreateRequest, DeviceReport, RpcError, code, report_json};
 
 use super::channel::{ChannelCtx, UserIo, UserKind};
@@ -80,13 +78,29 @@ pub enum State {
 struct CmdCtx {
     dev: *mut Device,
     cmd: Command,
+    /// The memory it reads into or writes from (null for the others),
+    /// kept for a resubmission after -ENOMEM.
+    data: *mut u8,
     wait: sys::spdk_bdev_io_wait_entry,
+}
+
+/// The base bdevs as the driver's [`Target`], borrowed from the device for
+/// one pump or one resubmission.
+struct Bases<'a> {
+    dev: *mut Device,
+    name: &'a str,
+    cache: &'a Base,
+    backing: &'a Base,
+    /// Commands on the base bdevs.
+    inflight: &'a mut usize,
+    /// Commands waiting for a base bdev_io to become free.
+    waiting: &'a mut usize,
 }
 
 pub struct Device {
     pub shared: *mut Shared,
     pub req: CreateRequest,
-    pub engine: Engine<DmaAlloc>,
+    pub driver: Driver<DmaAlloc, UserIo>,
     pub state: State,
     pub cache: Base,
     pub backing: Base,
@@ -94,12 +108,9 @@ pub struct Device {
     pub bdev: *mut sys::spdk_bdev,
     pub io_device_registered: bool,
     poller: *mut sys::spdk_poller,
-    users: FxHashMap<u64, UserIo>,
     next_req: u64,
     /// Resets waiting for the device's I/O in flight to drain.
     resets: Vec<UserIo>,
-    /// Commands that could not be started; reported failed on the next turn.
-    failed: Vec<Token>,
     /// Commands waiting for a base bdev_io to become free.
     waiting: usize,
     /// Commands on the base bdevs.
@@ -169,17 +180,15 @@ impl Device {
         let dev = Box::into_raw(Box::new(Device {
             shared,
             req,
-            engine,
+            driver: Driver::new(engine),
             state: State::Opening,
             cache,
             backing,
             bdev: ptr::null_mut(),
             io_device_registered: false,
             poller: ptr::null_mut(),
-            users: FxHashMap::default(),
             next_req: 1,
             resets: Vec::new(),
-            failed: Vec::new(),
             waiting: 0,
             inflight: 0,
             responder,
@@ -265,19 +274,21 @@ impl Device {
                 did = true;
             }
             let now = self.now();
-            for t in std::mem::take(&mut self.failed) {
-                self.engine.handle_completion(t, Err(DeviceError), now);
+            let dev: *mut Device = self;
+            let mut bases = Bases {
+                dev,
+                name: &self.req.name,
+                cache: &self.cache,
+                backing: &self.backing,
+                inflight: &mut self.inflight,
+                waiting: &mut self.waiting,
+            };
+            self.driver.pump(&mut bases, now);
+            while let Some(o) = self.driver.poll_outcome() {
+                self.on_outcome(o);
                 did = true;
             }
-            while let Some(cmd) = self.engine.poll_command() {
-                self.issue(cmd);
-                did = true;
-            }
-            while let Some(ev) = self.engine.poll_event() {
-                self.on_event(ev);
-                did = true;
-            }
-            if !self.resets.is_empty() && self.users.is_empty() {
+            if !self.resets.is_empty() && self.driver.requests_in_flight() == 0 {
                 for r in std::mem::take(&mut self.resets) {
                     r.complete(true);
                 }
@@ -302,209 +313,32 @@ impl Device {
         }
         let req = ReqId(self.next_req);
         self.next_req += 1;
+        let (offset, len) = (io.offset, io.len as u64);
+        let d = &mut self.driver;
         let r = match io.kind {
-            UserKind::Read => self.engine.submit_read(req, io.offset, io.len as u64, now),
-            UserKind::Write => {
-                // SAFETY: the request's buffer is valid for len bytes until
-                // it completes.
-                let data = unsafe { std::slice::from_raw_parts(io.data, io.len) };
-                self.engine.submit_write(req, io.offset, data, false, now)
-            }
-            UserKind::Flush => self.engine.submit_flush(req, now),
-            UserKind::Unmap => self
-                .engine
-                .submit_discard(req, io.offset, io.len as u64, now),
-            UserKind::WriteZeroes => {
-                self.engine
-                    .submit_write_zeroes(req, io.offset, io.len as u64, now)
-            }
+            UserKind::Read => d.submit_read(req, offset, len, io, now),
+            UserKind::Write => d.submit_write(req, offset, io, false, now),
+            UserKind::Flush => d.submit_flush(req, io, now),
+            UserKind::Unmap => d.submit_discard(req, offset, len, io, now),
+            UserKind::WriteZeroes => d.submit_write_zeroes(req, offset, len, io, now),
             UserKind::Reset => unreachable!("handled above"),
         };
-        match r {
-            Ok(()) => {
-                self.users.insert(req.0, io);
-            }
-            Err(e) => {
-                log::error(&format!("{}: request refused: {e}", self.req.name));
-                io.complete(false);
-            }
+        if let Err((e, io)) = r {
+            log::error(&format!("{}: request refused: {e}", self.req.name));
+            io.complete(false);
         }
     }
 
-    fn user_ptr(&mut self, req: ReqId, offset: usize) -> *mut u8 {
-        match self.users.get_mut(&req.0) {
-            // SAFETY: the engine only names offsets inside the request.
-            Some(u) => unsafe { u.data.add(offset) },
-            None => ptr::null_mut(),
-        }
-    }
-
-    fn data_ptr(&mut self, r: DataRef) -> *mut u8 {
-        match r {
-            DataRef::Engine { buf, offset } => {
-                // SAFETY: offset is inside the engine buffer, which stays put
-                // while the command is in flight.
-                unsafe { self.engine.buffer_mut(buf).as_mut_ptr().add(offset) }
+    fn on_outcome(&mut self, o: Outcome<UserIo>) {
+        match o {
+            Outcome::Completed { user, result, .. } => {
+                if let Err(e) = result {
+                    log::error(&format!("{}: I/O failed: {e}", self.req.name));
+                }
+                user.complete(result.is_ok());
             }
-            DataRef::User { req, offset } => self.user_ptr(req, offset),
-        }
-    }
-
-    /// Starts one engine command on its base bdev.
-    fn issue(&mut self, cmd: Command) {
-        let ctx = Box::into_raw(Box::new(CmdCtx {
-            dev: self,
-            cmd,
-            wait: sys::spdk_bdev_io_wait_entry::default(),
-        }));
-        // SAFETY: ctx is a fresh Box pointer that the completion (or the
-        // io_wait callback) takes back exactly once.
-        unsafe { self.submit_cmd(ctx) }
-    }
-
-    /// # Safety
-    /// `ctx` is a live CmdCtx owned by this call.
-    unsafe fn submit_cmd(&mut self, ctx: *mut CmdCtx) {
-        // SAFETY: per the contract.
-        let cmd = unsafe { (*ctx).cmd };
-        let base = match cmd.device {
-            writeboost_engine::Device::Cache => &self.cache,
-            writeboost_engine::Device::Backing => &self.backing,
-        };
-        let (desc, ch, size, flush_ok, unmap_ok) = (
-            base.desc,
-            base.ch,
-            base.size,
-            base.supports_flush,
-            base.supports_unmap,
-        );
-        let arg = ctx.cast::<c_void>();
-        let cb: sys::spdk_bdev_io_completion_cb = Some(base_io_done);
-        // SAFETY: desc and ch are open on this thread; buffers named by the
-        // command stay valid until it completes (engine buffers are pinned,
-        // user buffers live until the user request completes, which the
-        // engine does only after its commands are done).
-        let rc = unsafe {
-            match cmd.kind {
-                CommandKind::Read { offset, len, dst } => {
-                    let p = self.data_ptr(dst);
-                    if p.is_null() {
-                        -libc_einval()
-                    } else {
-                        sys::spdk_bdev_read(desc, ch, p.cast(), offset, len as u64, cb, arg)
-                    }
-                }
-                CommandKind::Write { offset, len, src } => {
-                    let p = self.data_ptr(src);
-                    if p.is_null() {
-                        -libc_einval()
-                    } else {
-                        sys::spdk_bdev_write(desc, ch, p.cast(), offset, len as u64, cb, arg)
-                    }
-                }
-                CommandKind::WriteZeroes { offset, len } => {
-                    sys::spdk_bdev_write_zeroes(desc, ch, offset, len, cb, arg)
-                }
-                CommandKind::Discard { offset, len } => {
-                    if unmap_ok {
-                        sys::spdk_bdev_unmap(desc, ch, offset, len, cb, arg)
-                    } else {
-                        // Unmap is advisory: a device without it keeps the data.
-                        self.instant_done(ctx);
-                        0
-                    }
-                }
-                CommandKind::Flush => {
-                    if flush_ok {
-                        sys::spdk_bdev_flush(desc, ch, 0, size, cb, arg)
-                    } else {
-                        // No volatile cache to flush.
-                        self.instant_done(ctx);
-                        0
-                    }
-                }
-            }
-        };
-        if rc == 0
-            && !matches!(
-                (cmd.kind, unmap_ok, flush_ok),
-                (CommandKind::Discard { .. }, false, _) | (CommandKind::Flush, _, false)
-            )
-        {
-            self.inflight += 1;
-        }
-        if rc == -12 {
-            // -ENOMEM: no bdev_io free now; SPDK calls back when one is.
-            // SAFETY: ctx lives until the callback resubmits it.
-            unsafe {
-                let bdev = match cmd.device {
-                    writeboost_engine::Device::Cache => self.cache.bdev,
-                    writeboost_engine::Device::Backing => self.backing.bdev,
-                };
-                (*ctx).wait.bdev = bdev;
-                (*ctx).wait.cb_fn = Some(resubmit_cmd);
-                (*ctx).wait.cb_arg = arg;
-                self.waiting += 1;
-                if sys::spdk_bdev_queue_io_wait(bdev, ch, &mut (*ctx).wait) != 0 {
-                    self.waiting -= 1;
-                    self.failed.push(cmd.token);
-                    drop(Box::from_raw(ctx));
-                }
-            }
-        } else if rc != 0 {
-            log::error(&format!(
-                "{}: could not start a {:?} command on the {} bdev (rc {rc})",
-                self.req.name,
-                cmd.kind,
-                match cmd.device {
-                    writeboost_engine::Device::Cache => "cache",
-                    writeboost_engine::Device::Backing => "backing",
-                }
-            ));
-            self.failed.push(cmd.token);
-            // SAFETY: nothing else refers to ctx after a failed submission.
-            unsafe { drop(Box::from_raw(ctx)) };
-        }
-    }
-
-    /// A command that needs no device I/O: completes on the next turn.
-    ///
-    /// # Safety
-    /// `ctx` is live and owned here.
-    unsafe fn instant_done(&mut self, ctx: *mut CmdCtx) {
-        // SAFETY: per the contract; the Box is freed once, here.
-        let ctx = unsafe { Box::from_raw(ctx) };
-        let now = self.now();
-        self.engine.handle_completion(ctx.cmd.token, Ok(()), now);
-    }
-
-    fn on_event(&mut self, ev: Event) {
-        match ev {
-            Event::CopyToUser {
-                req,
-                dst_offset,
-                src,
-                src_offset,
-                len,
-            } => {
-                let dst = self.user_ptr(req, dst_offset);
-                if !dst.is_null() {
-                    let s = &self.engine.buffer(src)[src_offset..src_offset + len];
-                    // SAFETY: dst has len bytes inside the user buffer; the
-                    // engine buffer does not overlap user memory.
-                    unsafe { ptr::copy_nonoverlapping(s.as_ptr(), dst, len) };
-                }
-            }
-            Event::Completed { req, result } => {
-                if let Some(io) = self.users.remove(&req.0) {
-                    if let Err(e) = result {
-                        log::error(&format!("{}: I/O failed: {e}", self.req.name));
-                    }
-                    io.complete(result.is_ok());
-                }
-            }
-            Event::Ready => self.on_ready(),
-            Event::OpenFailed(e) => {
+            Outcome::Ready => self.on_ready(),
+            Outcome::OpenFailed(e) => {
                 let msg = format!(
                     "bdev_writeboost_create {}: {e}; nothing on {} or {} was changed",
                     self.req.name, self.req.cache_bdev, self.req.backing_bdev
@@ -516,7 +350,7 @@ impl Device {
                 self.examine_hold = None;
                 self.state = State::Done;
             }
-            Event::ShutdownComplete => {
+            Outcome::ShutdownComplete => {
                 log::notice(&format!(
                     "{}: shut down cleanly; the cache holds its data for the next create",
                     self.req.name
@@ -528,7 +362,7 @@ impl Device {
 
     /// The engine recovered the cache: register the bdev.
     fn on_ready(&mut self) {
-        let status = self.engine.status();
+        let status = self.driver.engine().status();
         let uuid = sys::spdk_uuid {
             u: sys::spdk_uuid__bindgen_ty_1 {
                 raw: status.cache_uuid,
@@ -597,17 +431,18 @@ impl Device {
             r.error(&RpcError::new(code::ENOMEM, msg));
         }
         self.examine_hold = None;
-        self.engine.shutdown(self.now());
+        let now = self.now();
+        self.driver.engine_mut().shutdown(now);
         self.state = State::Done;
     }
 
     /// Poller turn: engine deadlines and a stuck shutdown after hot remove.
     fn tick(&mut self) {
         let now = self.now();
-        if let Some(t) = self.engine.poll_timeout()
+        if let Some(t) = self.driver.engine().poll_timeout()
             && t <= now
         {
-            self.engine.handle_timeout(now);
+            self.driver.handle_timeout(now);
         }
         if self.state == State::Closing
             && let Some(at) = self.removed_at
@@ -624,9 +459,10 @@ impl Device {
 
     /// Everything `bdev_writeboost_get_stats` reports.
     pub fn report(&self) -> serde_json::Value {
-        let stats = self.engine.stats().clone();
-        let status = self.engine.status();
-        let tunables = *self.engine.tunables();
+        let engine = self.driver.engine();
+        let stats = engine.stats().clone();
+        let status = engine.status();
+        let tunables = *engine.tunables();
         let mut v = report_json(&DeviceReport {
             name: &self.req.name,
             backing_bdev: &self.req.backing_bdev,
@@ -650,8 +486,116 @@ impl Device {
     pub fn begin_close(&mut self) {
         self.state = State::Closing;
         let now = self.now();
-        self.engine.shutdown(now);
+        self.driver.engine_mut().shutdown(now);
     }
+}
+
+/// What became of a command handed to a base bdev.
+enum Submitted {
+    /// On the base bdev (or queued for a free bdev_io): `base_io_done`
+    /// reports it.
+    InFlight,
+    /// Over already; the caller reports this result.
+    Done(Result<(), DeviceError>),
+}
+
+impl Target for Bases<'_> {
+    fn start(&mut self, cmd: Command, mem: CmdMem<'_>) -> Started {
+        // SPDK takes `void *` for writes too and only reads through it.
+        let data = match mem {
+            CmdMem::Src(src) => src.as_ptr().cast_mut(),
+            CmdMem::Dst(dst) => dst.as_mut_ptr(),
+            CmdMem::None => ptr::null_mut(),
+        };
+        let ctx = Box::into_raw(Box::new(CmdCtx {
+            dev: self.dev,
+            cmd,
+            data,
+            wait: sys::spdk_bdev_io_wait_entry::default(),
+        }));
+        // SAFETY: ctx is a fresh Box pointer that the completion (or the
+        // io_wait callback, or submit_cmd on a failure) takes back once; the
+        // memory stays put until the command completes (CmdMem's promise).
+        match unsafe { submit_cmd(self, ctx) } {
+            Submitted::InFlight => Started::InFlight,
+            Submitted::Done(r) => Started::Done(r),
+        }
+    }
+}
+
+/// Starts `ctx`'s command on its base bdev.
+///
+/// # Safety
+/// `ctx` is a live CmdCtx owned by this call, whose `data` is valid for the
+/// command until it completes; the caller is on the device's thread.
+unsafe fn submit_cmd(b: &mut Bases<'_>, ctx: *mut CmdCtx) -> Submitted {
+    // SAFETY: per the contract.
+    let (cmd, data) = unsafe { ((*ctx).cmd, (*ctx).data) };
+    let base = match cmd.device {
+        writeboost_engine::Device::Cache => b.cache,
+        writeboost_engine::Device::Backing => b.backing,
+    };
+    let arg = ctx.cast::<c_void>();
+    let cb: sys::spdk_bdev_io_completion_cb = Some(base_io_done);
+    let (desc, ch) = (base.desc, base.ch);
+    // SAFETY: desc and ch are open on this thread; data is valid for the
+    // command (per the contract).
+    let rc = unsafe {
+        match cmd.kind {
+            CommandKind::Read { offset, len, .. } if !data.is_null() => {
+                sys::spdk_bdev_read(desc, ch, data.cast(), offset, len as u64, cb, arg)
+            }
+            CommandKind::Write { offset, len, .. } if !data.is_null() => {
+                sys::spdk_bdev_write(desc, ch, data.cast(), offset, len as u64, cb, arg)
+            }
+            CommandKind::Read { .. } | CommandKind::Write { .. } => -libc_einval(),
+            CommandKind::WriteZeroes { offset, len } => {
+                sys::spdk_bdev_write_zeroes(desc, ch, offset, len, cb, arg)
+            }
+            CommandKind::Discard { offset, len } if base.supports_unmap => {
+                sys::spdk_bdev_unmap(desc, ch, offset, len, cb, arg)
+            }
+            CommandKind::Flush if base.supports_flush => {
+                sys::spdk_bdev_flush(desc, ch, 0, base.size, cb, arg)
+            }
+            // Unmap is advisory: a device without it keeps the data. A
+            // device without flush has no volatile cache to flush.
+            CommandKind::Discard { .. } | CommandKind::Flush => {
+                drop(Box::from_raw(ctx));
+                return Submitted::Done(Ok(()));
+            }
+        }
+    };
+    if rc == 0 {
+        *b.inflight += 1;
+        return Submitted::InFlight;
+    }
+    if rc == -12 {
+        // -ENOMEM: no bdev_io free now; SPDK calls back when one is.
+        // SAFETY: ctx lives until the callback resubmits it.
+        unsafe {
+            (*ctx).wait.bdev = base.bdev;
+            (*ctx).wait.cb_fn = Some(resubmit_cmd);
+            (*ctx).wait.cb_arg = arg;
+            if sys::spdk_bdev_queue_io_wait(base.bdev, ch, &mut (*ctx).wait) == 0 {
+                *b.waiting += 1;
+                return Submitted::InFlight;
+            }
+        }
+    } else {
+        log::error(&format!(
+            "{}: could not start a {:?} command on the {} bdev (rc {rc})",
+            b.name,
+            cmd.kind,
+            match cmd.device {
+                writeboost_engine::Device::Cache => "cache",
+                writeboost_engine::Device::Backing => "backing",
+            }
+        ));
+    }
+    // SAFETY: nothing else refers to ctx after a failed submission.
+    unsafe { drop(Box::from_raw(ctx)) };
+    Submitted::Done(Err(DeviceError))
 }
 
 fn libc_einval() -> i32 {
@@ -687,8 +631,8 @@ extern "C" fn base_io_done(bdev_io: *mut sys::spdk_bdev_io, success: bool, arg: 
         Device::enter(dev, true, |d| {
             d.inflight -= 1;
             let now = d.now();
-            d.engine
-                .handle_completion(token, if success { Ok(()) } else { Err(DeviceError) }, now);
+            d.driver
+                .complete(token, if success { Ok(()) } else { Err(DeviceError) }, now);
         });
     }
 }
@@ -700,9 +644,21 @@ extern "C" fn resubmit_cmd(arg: *mut c_void) {
     // device's thread.
     unsafe {
         let dev = (*ctx).dev;
+        let token = (*ctx).cmd.token;
         Device::enter(dev, true, |d| {
             d.waiting -= 1;
-            d.submit_cmd(ctx);
+            let mut bases = Bases {
+                dev,
+                name: &d.req.name,
+                cache: &d.cache,
+                backing: &d.backing,
+                inflight: &mut d.inflight,
+                waiting: &mut d.waiting,
+            };
+            if let Submitted::Done(r) = submit_cmd(&mut bases, ctx) {
+                let now = d.now();
+                d.driver.complete(token, r, now);
+            }
         });
     }
 }
@@ -736,7 +692,7 @@ pub unsafe fn teardown(dev: *mut Device) {
         super::module::forget(dev);
         let d = &mut *dev;
         // Anything still waiting fails: the device is going away.
-        for (_, io) in d.users.drain() {
+        for (_, io) in d.driver.take_held() {
             io.complete(false);
         }
         for io in d.resets.drain(..) {

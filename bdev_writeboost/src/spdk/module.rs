@@ -134,7 +134,7 @@ pub extern "C" fn wb_config_json(w: *mut sys::spdk_json_write_ctx) -> i32 {
         // SAFETY: registry devices are live and owned by this thread.
         let d = unsafe { &*d };
         if d.state == State::Online {
-            entries.push(d.req.config_params(d.engine.tunables()));
+            entries.push(d.req.config_params(d.driver.engine().tunables()));
         }
     }
     for p in pending() {

@@ -156,9 +156,12 @@ pub extern "C" fn wb_rpc_set_options(
         .and_then(|req| {
             with_online(&req.name, |d| {
                 let now = d.now();
-                d.engine.set_options(&req.changes, now).map_err(|e| {
-                    RpcError::invalid_params(format!("bdev_writeboost_set_options: {e}"))
-                })?;
+                d.driver
+                    .engine_mut()
+                    .set_options(&req.changes, now)
+                    .map_err(|e| {
+                        RpcError::invalid_params(format!("bdev_writeboost_set_options: {e}"))
+                    })?;
                 Ok(Value::Bool(true))
             })
         });
@@ -177,7 +180,7 @@ pub extern "C" fn wb_rpc_drop_caches(
         .and_then(|req| {
             with_online(&req.name, |d| {
                 let now = d.now();
-                d.engine.drop_caches(now);
+                d.driver.engine_mut().drop_caches(now);
                 Ok(Value::Bool(true))
             })
         });
@@ -195,7 +198,7 @@ pub extern "C" fn wb_rpc_clear_stats(
         .and_then(|p| parse_name("bdev_writeboost_clear_stats", p.as_ref()))
         .and_then(|req| {
             with_online(&req.name, |d| {
-                d.engine.clear_stats();
+                d.driver.engine_mut().clear_stats();
                 Ok(Value::Bool(true))
             })
         });
