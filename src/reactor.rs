@@ -290,7 +290,7 @@ impl Target for HostTarget {
                 b.as_mut().copy_from_slice(src);
                 (OpKind::Write { offset }, b)
             }
-            (CommandKind::Write { .. }, _) => return Started::Done(Err(DeviceError)),
+            (CommandKind::Write { .. }, _) => return Started::Done(Err(DeviceError::Invalid)),
             (CommandKind::WriteZeroes { offset, len }, _) => {
                 (OpKind::WriteZeroes { offset, len }, AlignedBuf::zeroed(0))
             }
@@ -346,7 +346,7 @@ impl Dev {
         {
             dst.copy_from_slice(&d.buf.as_ref()[..dst.len()]);
         }
-        let result = d.result.map_err(|_| DeviceError);
+        let result = d.result.map_err(|e| device_error(&e));
         self.target.put_buf(d.buf);
         let now = self.now();
         self.driver.complete(cmd.token, result, now);
@@ -497,6 +497,15 @@ fn reply(r: &UserReq, error: u32, data: Vec<u8>) {
         data,
         cost: r.cost,
     });
+}
+
+/// What the engine is told of a failed device I/O: a refusal (EINVAL,
+/// EOPNOTSUPP, EBADF) is not worth retrying, anything else may be.
+fn device_error(e: &std::io::Error) -> DeviceError {
+    match e.raw_os_error() {
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::EBADF) => DeviceError::Invalid,
+        _ => DeviceError::Io,
+    }
 }
 
 fn submit_errno(e: &SubmitError) -> u32 {

@@ -251,8 +251,9 @@ impl<A: BufAlloc, U: UserBuf> Driver<A, U> {
                 let started = match mem {
                     Some(mem) => target.start(cmd, mem),
                     // The engine named memory nobody holds: fail the command
-                    // rather than run it on the wrong bytes.
-                    None => Started::Done(Err(DeviceError)),
+                    // rather than run it on the wrong bytes (again would fail
+                    // the same way).
+                    None => Started::Done(Err(DeviceError::Invalid)),
                 };
                 if let Started::Done(result) = started {
                     self.ended.push((cmd.token, result));
@@ -342,8 +343,8 @@ mod tests {
     struct MemTarget {
         cache: Vec<u8>,
         backing: Vec<u8>,
-        /// Fail every write to the cache device.
-        fail_cache_writes: bool,
+        /// Fail every write to the cache device, this way.
+        fail_cache_writes: Option<DeviceError>,
     }
 
     impl Target for MemTarget {
@@ -354,8 +355,10 @@ mod tests {
             };
             match (cmd.kind, mem) {
                 (CommandKind::Write { offset, .. }, CmdMem::Src(src)) => {
-                    if self.fail_cache_writes && cmd.device == Device::Cache {
-                        return Started::Done(Err(DeviceError));
+                    if let Some(e) = self.fail_cache_writes
+                        && cmd.device == Device::Cache
+                    {
+                        return Started::Done(Err(e));
                     }
                     dev[offset as usize..offset as usize + src.len()].copy_from_slice(src);
                 }
@@ -384,7 +387,7 @@ mod tests {
         let mut t = MemTarget {
             cache: vec![0; 16 * MIB as usize],
             backing: vec![0; 64 * MIB as usize],
-            fail_cache_writes: false,
+            fail_cache_writes: None,
         };
         d.pump(&mut t, 0);
         assert!(matches!(d.poll_outcome(), Some(Outcome::Ready)));
@@ -459,11 +462,15 @@ mod tests {
 
     #[test]
     fn commands_that_fail_in_start_reach_the_engine_as_failures() {
-        let (mut d, mut t) = open();
-        t.fail_cache_writes = true;
-        d.submit_write(ReqId(1), 0, vec![3; 4096], true, 0).unwrap();
-        let (r, _) = finish(&mut d, &mut t, 1);
-        assert!(r.is_err(), "a FUA write whose log cannot be written fails");
-        assert!(d.engine().is_read_only());
+        for (e, retries) in [(DeviceError::Io, 3), (DeviceError::Invalid, 0)] {
+            let (mut d, mut t) = open();
+            t.fail_cache_writes = Some(e);
+            d.submit_write(ReqId(1), 0, vec![3; 4096], true, 0).unwrap();
+            let (r, _) = finish(&mut d, &mut t, 1);
+            assert!(r.is_err(), "a FUA write whose log cannot be written fails");
+            assert!(d.engine().is_read_only());
+            // An I/O error is retried; a refused command is not.
+            assert_eq!(d.engine().stats().io_retries, retries, "{e:?}");
+        }
     }
 }

@@ -134,7 +134,23 @@ pub enum IoError {
     ReadOnly,
 }
 
-/// A device command failed; the host tells the engine nothing more specific.
+/// Why a device command failed, as far as the host can tell. The engine
+/// retries what may succeed next time and gives up at once on the rest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
-#[error("device I/O error")]
-pub struct DeviceError;
+pub enum DeviceError {
+    /// The device failed the I/O (EIO, a lost connection, a timeout, no
+    /// memory to start it): worth retrying.
+    #[error("device I/O error")]
+    Io,
+    /// The device refused the command itself (EINVAL, out of range, not
+    /// supported): the same command fails the same way again.
+    #[error("the device refused the command as invalid")]
+    Invalid,
+}
+
+impl DeviceError {
+    /// Whether the same command may succeed if it is issued again.
+    pub fn is_retryable(self) -> bool {
+        self == DeviceError::Io
+    }
+}

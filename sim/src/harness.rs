@@ -322,7 +322,7 @@ impl Harness {
             }
             _ => {}
         }
-        let result = if fail { Err(DeviceError) } else { Ok(()) };
+        let result = if fail { Err(DeviceError::Io) } else { Ok(()) };
         self.driver.complete(token, result, self.now);
         self.drain();
     }

@@ -595,7 +595,12 @@ unsafe fn submit_cmd(b: &mut Bases<'_>, ctx: *mut CmdCtx) -> Submitted {
     }
     // SAFETY: nothing else refers to ctx after a failed submission.
     unsafe { drop(Box::from_raw(ctx)) };
-    Submitted::Done(Err(DeviceError))
+    // A refused command fails the same way again; anything else may not.
+    Submitted::Done(Err(if rc == -libc_einval() {
+        DeviceError::Invalid
+    } else {
+        DeviceError::Io
+    }))
 }
 
 fn libc_einval() -> i32 {
@@ -631,8 +636,15 @@ extern "C" fn base_io_done(bdev_io: *mut sys::spdk_bdev_io, success: bool, arg: 
         Device::enter(dev, true, |d| {
             d.inflight -= 1;
             let now = d.now();
-            d.driver
-                .complete(token, if success { Ok(()) } else { Err(DeviceError) }, now);
+            d.driver.complete(
+                token,
+                if success {
+                    Ok(())
+                } else {
+                    Err(DeviceError::Io)
+                },
+                now,
+            );
         });
     }
 }

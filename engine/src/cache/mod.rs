@@ -474,7 +474,7 @@ impl<A: BufAlloc> Engine<A> {
         let Some(mut f) = self.inflight.remove(&token) else {
             return;
         };
-        if result.is_err() && f.tries < MAX_RETRIES {
+        if result.is_err_and(DeviceError::is_retryable) && f.tries < MAX_RETRIES {
             f.tries += 1;
             self.stats.io_retries += 1;
             self.commands.push_back(f.cmd);
