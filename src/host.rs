@@ -13,10 +13,9 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use serde_json::{Value, json};
-use writeboost_engine::{BackingIdentity, OpenParams};
 use writeboost_rpc::{
-    CreateRequest, METHODS, Params, RpcError, code, parse_create, parse_name, parse_optional_name,
-    parse_set_options,
+    BaseGeometry, CreateRequest, METHODS, Params, RpcError, code, parse_create, parse_name,
+    parse_optional_name, parse_set_options,
 };
 
 use crate::bdev::{self, BaseBdev, BaseKind, BdevInfo, bdev_info};
@@ -513,22 +512,13 @@ impl App {
                 .ok_or_else(|| RpcError::new(code::ENODEV, "the backing bdev went away; retry"))?;
             let new_uuid = store::random_uuid()
                 .map_err(|e| RpcError::new(code::EIO, format!("{m} {name}: {e}")))?;
-            let mut params = OpenParams::new(
-                cache.size(),
-                BackingIdentity {
-                    uuid: backing.uuid,
-                    size: backing.size(),
-                },
+            let geometry = |size, block_size| BaseGeometry { size, block_size };
+            let params = req.open_params(
+                geometry(cache.size(), cache.block_size),
+                geometry(backing.size(), backing.block_size),
+                backing.uuid,
                 new_uuid,
             );
-            params.cache_block_size = cache.block_size;
-            params.backing_block_size = backing.block_size;
-            params.format = req.format;
-            params.mode = req.mode;
-            params.tunables = req.tunables;
-            if let Some(kib) = req.segment_size_kib {
-                params.segment_size = kib as u64 * 1024;
-            }
             let devices = Arc::new(Devices {
                 cache: Arc::clone(&cache.file),
                 backing: Arc::clone(&backing.file),

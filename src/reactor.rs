@@ -25,7 +25,7 @@ use crossbeam_queue::SegQueue;
 use serde_json::Value;
 use thiserror::Error;
 use writeboost_engine::config::BufferMode;
-use writeboost_engine::driver::{CmdMem, Driver, Outcome, Started, Target, UserBuf};
+use writeboost_engine::driver::{CmdMem, Driver, Outcome, Started, Target, UserBuf, UserOp};
 use writeboost_engine::pmem::Pmem;
 use writeboost_engine::{
     Command, CommandKind, DeviceError, Engine, IoError, Nanos, OpenError, OpenParams, ReqId,
@@ -366,7 +366,7 @@ impl Dev {
                     r.then_flush = false;
                     let id = self.new_id();
                     let now = self.now();
-                    if let Err((e, r)) = self.driver.submit_flush(id, r, now) {
+                    if let Err((e, r)) = self.driver.submit(id, UserOp::Flush, r, now) {
                         reply(&r, submit_errno(&e), Vec::new());
                     }
                     return;
@@ -412,26 +412,27 @@ impl Dev {
             buf: Vec::new(),
             then_flush: false,
         };
-        let d = &mut self.driver;
-        let res = match r.kind {
+        let (offset, len) = (r.offset, r.len);
+        let op = match r.kind {
             ReqKind::Read => {
-                u.buf = vec![0u8; r.len as usize];
-                d.submit_read(id, r.offset, r.len, u, now)
+                u.buf = vec![0u8; len as usize];
+                UserOp::Read { offset, len }
             }
             ReqKind::Write => {
                 u.buf = r.data;
-                d.submit_write(id, r.offset, u, r.fua, now)
+                UserOp::Write { offset, fua: r.fua }
             }
-            ReqKind::Flush => d.submit_flush(id, u, now),
+            ReqKind::Flush => UserOp::Flush,
             ReqKind::Trim => {
                 u.then_flush = r.fua;
-                d.submit_discard(id, r.offset, r.len, u, now)
+                UserOp::Discard { offset, len }
             }
             ReqKind::WriteZeroes => {
                 u.then_flush = r.fua;
-                d.submit_write_zeroes(id, r.offset, r.len, u, now)
+                UserOp::WriteZeroes { offset, len }
             }
         };
+        let res = self.driver.submit(id, op, u, now);
         if let Err((e, u)) = res {
             reply(&u, submit_errno(&e), Vec::new());
         }

@@ -108,25 +108,16 @@ fn qemu_img_convert_then_compare() {
         .unwrap();
     let s = start(&path(&d), &["--backing-file", backing.to_str().unwrap()]);
     let uri = s.uri();
-    run_tool(Command::new("qemu-img").args([
-        "convert",
-        "-n",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        src.to_str().unwrap(),
-        &uri,
-    ]));
-    let out = run_tool(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        src.to_str().unwrap(),
-        &uri,
-    ]));
+    convert_then_compare(&src, &uri);
+}
+
+/// qemu-img writes the raw image `src` onto the export at `uri`, then
+/// compares the two.
+fn convert_then_compare(src: &std::path::Path, uri: &str) {
+    let src = src.to_str().unwrap();
+    run_tool(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw", src, uri]));
+    let out =
+        run_tool(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", src, uri]));
     assert!(out.contains("Images are identical"), "{out}");
 }
 
@@ -348,26 +339,7 @@ fn four_kib_base_bdevs_serve_clients_that_align() {
         let mut data = pattern_image(8 << 20, 0x51_7cc1_b727_220a);
         data.truncate((8 << 20) - 2560);
         std::fs::write(&src, &data).unwrap();
-        run_tool(Command::new("qemu-img").args([
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            src.to_str().unwrap(),
-            &uri,
-        ]));
-        let out = run_tool(Command::new("qemu-img").args([
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            src.to_str().unwrap(),
-            &uri,
-        ]));
-        assert!(out.contains("Images are identical"), "{out}");
+        convert_then_compare(&src, &uri);
     }
     h.server.stop();
 }

@@ -6,7 +6,7 @@
 //! [`Outcome`]s.
 //!
 //! ```text
-//! driver.submit_write(req, offset, user, fua, now)?;     // or read/flush/...
+//! driver.submit(req, UserOp::Write { offset, fua }, user, now)?;
 //! driver.pump(&mut target, now);                         // starts commands
 //! while let Some(o) = driver.poll_outcome() { ... }      // completions
 //! // when a command ends: driver.complete(token, result, now), then pump
@@ -70,6 +70,21 @@ pub trait Target {
     fn start(&mut self, cmd: Command, mem: CmdMem<'_>) -> Started;
 }
 
+/// A user request, as [`Driver::submit`] takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserOp {
+    /// `len` bytes at `offset` into the request's memory.
+    Read { offset: u64, len: u64 },
+    /// The request's memory at `offset`; with `fua`, durable before it completes.
+    Write { offset: u64, fua: bool },
+    /// `len` bytes at `offset` read as zeroes from now on.
+    WriteZeroes { offset: u64, len: u64 },
+    /// `len` bytes at `offset` are no longer needed.
+    Discard { offset: u64, len: u64 },
+    /// Everything completed before it is durable.
+    Flush,
+}
+
 /// What the host must act on.
 #[derive(Debug)]
 pub enum Outcome<U> {
@@ -128,80 +143,36 @@ impl<A: BufAlloc, U: UserBuf> Driver<A, U> {
         self.users.drain().collect()
     }
 
-    /// Reads `len` bytes at `offset` into `user`. On refusal `user` comes back.
-    pub fn submit_read(
+    /// Submits user request `req` with its memory; on refusal the memory
+    /// comes back with the reason.
+    pub fn submit(
         &mut self,
         req: ReqId,
-        offset: u64,
-        len: u64,
+        op: UserOp,
         user: U,
         now: Nanos,
     ) -> Result<(), (SubmitError, U)> {
-        match self.engine.submit_read(req, offset, len, now) {
-            Ok(()) => self.hold(req, user),
-            Err(e) => Err((e, user)),
-        }
+        let e = &mut self.engine;
+        let accepted = match op {
+            UserOp::Read { offset, len } => e.submit_read(req, offset, len, now),
+            UserOp::Write { offset, fua } => e.submit_write(req, offset, user.bytes(), fua, now),
+            UserOp::WriteZeroes { offset, len } => e.submit_write_zeroes(req, offset, len, now),
+            UserOp::Discard { offset, len } => e.submit_discard(req, offset, len, now),
+            UserOp::Flush => e.submit_flush(req, now),
+        };
+        self.hold(accepted, req, user)
     }
 
-    /// Writes `user`'s bytes at `offset` (durable before completion with `fua`).
-    pub fn submit_write(
+    /// Keeps `user` for an accepted request; gives it back with the refusal.
+    fn hold(
         &mut self,
-        req: ReqId,
-        offset: u64,
-        user: U,
-        fua: bool,
-        now: Nanos,
-    ) -> Result<(), (SubmitError, U)> {
-        match self
-            .engine
-            .submit_write(req, offset, user.bytes(), fua, now)
-        {
-            Ok(()) => self.hold(req, user),
-            Err(e) => Err((e, user)),
-        }
-    }
-
-    pub fn submit_write_zeroes(
-        &mut self,
-        req: ReqId,
-        offset: u64,
-        len: u64,
-        user: U,
-        now: Nanos,
-    ) -> Result<(), (SubmitError, U)> {
-        match self.engine.submit_write_zeroes(req, offset, len, now) {
-            Ok(()) => self.hold(req, user),
-            Err(e) => Err((e, user)),
-        }
-    }
-
-    pub fn submit_discard(
-        &mut self,
-        req: ReqId,
-        offset: u64,
-        len: u64,
-        user: U,
-        now: Nanos,
-    ) -> Result<(), (SubmitError, U)> {
-        match self.engine.submit_discard(req, offset, len, now) {
-            Ok(()) => self.hold(req, user),
-            Err(e) => Err((e, user)),
-        }
-    }
-
-    pub fn submit_flush(
-        &mut self,
+        accepted: Result<(), SubmitError>,
         req: ReqId,
         user: U,
-        now: Nanos,
     ) -> Result<(), (SubmitError, U)> {
-        match self.engine.submit_flush(req, now) {
-            Ok(()) => self.hold(req, user),
-            Err(e) => Err((e, user)),
+        if let Err(e) = accepted {
+            return Err((e, user));
         }
-    }
-
-    fn hold(&mut self, req: ReqId, user: U) -> Result<(), (SubmitError, U)> {
         // The engine refuses a request id already in flight, so none is replaced.
         debug_assert!(!self.users.contains_key(&req), "request {req:?} held twice");
         self.users.insert(req, user);
@@ -394,6 +365,14 @@ mod tests {
         (d, t)
     }
 
+    fn read(offset: u64, len: u64) -> UserOp {
+        UserOp::Read { offset, len }
+    }
+
+    fn write(offset: u64, fua: bool) -> UserOp {
+        UserOp::Write { offset, fua }
+    }
+
     /// Pumps until request `req` completes; its result and memory.
     fn finish(
         d: &mut Driver<HeapAlloc, Vec<u8>>,
@@ -430,18 +409,18 @@ mod tests {
     fn data_written_through_the_driver_reads_back_from_buffer_cache_and_backing() {
         let (mut d, mut t) = open();
         let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
-        d.submit_write(ReqId(1), 4096, data.clone(), true, 0)
+        d.submit(ReqId(1), write(4096, true), data.clone(), 0)
             .unwrap();
         assert_eq!(finish(&mut d, &mut t, 1).0, Ok(()));
         // The FUA write is in a log on the cache device by now.
         assert!(t.cache.iter().any(|&b| b != 0));
-        d.submit_read(ReqId(2), 4096, 8192, vec![0; 8192], 0)
+        d.submit(ReqId(2), read(4096, 8192), vec![0; 8192], 0)
             .unwrap();
         let (r, got) = finish(&mut d, &mut t, 2);
         assert_eq!((r, got), (Ok(()), data.clone()));
         // Never written: read from the backing device into the user's memory.
         t.backing[32 * MIB as usize..32 * MIB as usize + 4096].fill(0x5a);
-        d.submit_read(ReqId(3), 32 * MIB, 4096, vec![0; 4096], 0)
+        d.submit(ReqId(3), read(32 * MIB, 4096), vec![0; 4096], 0)
             .unwrap();
         let (r, got) = finish(&mut d, &mut t, 3);
         assert_eq!(r, Ok(()));
@@ -453,7 +432,7 @@ mod tests {
     fn a_refused_request_gives_its_memory_back() {
         let (mut d, _t) = open();
         let (e, user) = d
-            .submit_write(ReqId(1), 100, vec![1; 512], false, 0)
+            .submit(ReqId(1), write(100, false), vec![1; 512], 0)
             .unwrap_err();
         assert!(matches!(e, SubmitError::BadRange { .. }), "{e}");
         assert_eq!(user, vec![1; 512]);
@@ -465,7 +444,8 @@ mod tests {
         for (e, retries) in [(DeviceError::Io, 3), (DeviceError::Invalid, 0)] {
             let (mut d, mut t) = open();
             t.fail_cache_writes = Some(e);
-            d.submit_write(ReqId(1), 0, vec![3; 4096], true, 0).unwrap();
+            d.submit(ReqId(1), write(0, true), vec![3; 4096], 0)
+                .unwrap();
             let (r, _) = finish(&mut d, &mut t, 1);
             assert!(r.is_err(), "a FUA write whose log cannot be written fails");
             assert!(d.engine().is_read_only());

@@ -15,8 +15,8 @@ mod params;
 mod report;
 
 pub use params::{
-    CreateRequest, NameRequest, Params, SetOptionsRequest, mode_number, parse_create, parse_name,
-    parse_optional_name, parse_set_options,
+    BaseGeometry, CreateRequest, NameRequest, Params, SetOptionsRequest, mode_number, parse_create,
+    parse_name, parse_optional_name, parse_set_options,
 };
 pub use report::{DeviceReport, io_counters_json, report_json, status_json, tunables_json};
 

@@ -5,9 +5,9 @@
 //! expected, and unknown parameters are refused with the list of known ones.
 
 use serde_json::{Map, Value, json};
-use writeboost_engine::Tunables;
 use writeboost_engine::config::{BufferMode, TUNABLE_RANGES};
 use writeboost_engine::geometry::{MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE};
+use writeboost_engine::{BackingIdentity, OpenParams, Tunables};
 
 use crate::RpcError;
 
@@ -189,7 +189,40 @@ pub struct CreateRequest {
     pub wait_for_bdevs: bool,
 }
 
+/// What the engine is told of a base bdev.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BaseGeometry {
+    pub size: u64,
+    pub block_size: u32,
+}
+
 impl CreateRequest {
+    /// The engine's parameters for this request over these base bdevs;
+    /// `backing_uuid` identifies the backing bdev, `new_cache_uuid` names
+    /// the cache if it is formatted now.
+    pub fn open_params(
+        &self,
+        cache: BaseGeometry,
+        backing: BaseGeometry,
+        backing_uuid: [u8; 16],
+        new_cache_uuid: [u8; 16],
+    ) -> OpenParams {
+        let identity = BackingIdentity {
+            uuid: backing_uuid,
+            size: backing.size,
+        };
+        let mut params = OpenParams::new(cache.size, identity, new_cache_uuid);
+        params.cache_block_size = cache.block_size;
+        params.backing_block_size = backing.block_size;
+        params.format = self.format;
+        params.mode = self.mode;
+        params.tunables = self.tunables;
+        if let Some(kib) = self.segment_size_kib {
+            params.segment_size = u64::from(kib) * 1024;
+        }
+        params
+    }
+
     /// The parameters that recreate this device as it is now, for
     /// `save_config`. `format` is never emitted: replaying a saved
     /// configuration must not wipe the cache. `wait_for_bdevs` is: the

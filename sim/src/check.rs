@@ -7,6 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use writeboost_engine::config::BufferMode;
 use writeboost_engine::config::TUNABLE_RANGES;
+use writeboost_engine::driver::UserOp;
 use writeboost_engine::geometry::Geometry;
 use writeboost_engine::pmem::PoolLayout;
 use writeboost_engine::{BackingIdentity, OpenParams, ReqId, Tunables};
@@ -431,7 +432,8 @@ impl Run {
                 for s in first..first + count {
                     self.sectors[s as usize].later.push(write_id);
                 }
-                h.driver.submit_write(req, off, data, fua, now)
+                h.driver
+                    .submit(req, UserOp::Write { offset: off, fua }, data, now)
             }
             Op::Zeroes => {
                 write_id = self.next_write;
@@ -439,7 +441,12 @@ impl Run {
                 for s in first..first + count {
                     self.sectors[s as usize].later.push(ZERO | write_id);
                 }
-                h.driver.submit_write_zeroes(req, off, len, Vec::new(), now)
+                h.driver.submit(
+                    req,
+                    UserOp::WriteZeroes { offset: off, len },
+                    Vec::new(),
+                    now,
+                )
             }
             Op::Discard => {
                 for s in first..first + count {
@@ -447,15 +454,18 @@ impl Run {
                     st.wild_since = Some(self.next_write);
                     st.cur = WILD;
                 }
-                h.driver.submit_discard(req, off, len, Vec::new(), now)
+                h.driver
+                    .submit(req, UserOp::Discard { offset: off, len }, Vec::new(), now)
             }
-            Op::Read => h
-                .driver
-                .submit_read(req, off, len, vec![0u8; len as usize], now),
+            Op::Read => {
+                let buf = vec![0u8; len as usize];
+                h.driver
+                    .submit(req, UserOp::Read { offset: off, len }, buf, now)
+            }
             Op::Flush => {
                 self.flushes
                     .push_back((req, std::mem::take(&mut self.acked_unflushed)));
-                h.driver.submit_flush(req, Vec::new(), now)
+                h.driver.submit(req, UserOp::Flush, Vec::new(), now)
             }
         };
         if let Err((e, _)) = res {
@@ -620,16 +630,11 @@ impl Run {
             self.next_req += 1;
             let count = chunk.min(nsec - first);
             let buf = vec![0u8; (count * SECTOR as u64) as usize];
-            if h.driver
-                .submit_read(
-                    req,
-                    first * SECTOR as u64,
-                    count * SECTOR as u64,
-                    buf,
-                    h.now,
-                )
-                .is_err()
-            {
+            let op = UserOp::Read {
+                offset: first * SECTOR as u64,
+                len: count * SECTOR as u64,
+            };
+            if h.driver.submit(req, op, buf, h.now).is_err() {
                 self.out.stuck += 1;
                 return;
             }

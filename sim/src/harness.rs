@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BinaryHeap};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use writeboost_engine::driver::{CmdMem, Driver, Outcome, Started, Target};
+use writeboost_engine::driver::{CmdMem, Driver, Outcome, Started, Target, UserOp};
 use writeboost_engine::{
     Command, CommandKind, Device, DeviceError, Engine, HeapAlloc, IoError, Nanos, OpenError,
     OpenParams, ReqId, Token,
@@ -355,7 +355,7 @@ impl Harness {
     pub fn write(&mut self, req: u64, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
         let req = ReqId(req);
         self.driver
-            .submit_write(req, offset, data.to_vec(), fua, self.now)
+            .submit(req, UserOp::Write { offset, fua }, data.to_vec(), self.now)
             .map_err(|(e, _)| e)
             .expect("valid write");
         self.wait(req).0
@@ -365,7 +365,15 @@ impl Harness {
     pub fn read(&mut self, req: u64, offset: u64, len: usize) -> Result<Vec<u8>, IoError> {
         let req = ReqId(req);
         self.driver
-            .submit_read(req, offset, len as u64, vec![0; len], self.now)
+            .submit(
+                req,
+                UserOp::Read {
+                    offset,
+                    len: len as u64,
+                },
+                vec![0; len],
+                self.now,
+            )
             .map_err(|(e, _)| e)
             .expect("valid read");
         let (result, buf) = self.wait(req);
@@ -375,7 +383,7 @@ impl Harness {
     pub fn flush(&mut self, req: u64) -> Result<(), IoError> {
         let req = ReqId(req);
         self.driver
-            .submit_flush(req, Vec::new(), self.now)
+            .submit(req, UserOp::Flush, Vec::new(), self.now)
             .map_err(|(e, _)| e)
             .expect("valid flush");
         self.wait(req).0

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use spdk_sys as sys;
 use writeboost_engine::config::BufferMode;
-use writeboost_engine::driver::{CmdMem, Driver, Outcome, Started, Target};
+use writeboost_engine::driver::{CmdMem, Driver, Outcome, Started, Target, UserOp};
 use writeboost_engine::{Command, CommandKind, DeviceError, Engine, Nanos, ReqId};
 use writeboost_rpc::{CreateRequest, DeviceReport, RpcError, code, report_json};
 
@@ -314,16 +314,15 @@ impl Device {
         let req = ReqId(self.next_req);
         self.next_req += 1;
         let (offset, len) = (io.offset, io.len as u64);
-        let d = &mut self.driver;
-        let r = match io.kind {
-            UserKind::Read => d.submit_read(req, offset, len, io, now),
-            UserKind::Write => d.submit_write(req, offset, io, false, now),
-            UserKind::Flush => d.submit_flush(req, io, now),
-            UserKind::Unmap => d.submit_discard(req, offset, len, io, now),
-            UserKind::WriteZeroes => d.submit_write_zeroes(req, offset, len, io, now),
+        let op = match io.kind {
+            UserKind::Read => UserOp::Read { offset, len },
+            UserKind::Write => UserOp::Write { offset, fua: false },
+            UserKind::Flush => UserOp::Flush,
+            UserKind::Unmap => UserOp::Discard { offset, len },
+            UserKind::WriteZeroes => UserOp::WriteZeroes { offset, len },
             UserKind::Reset => unreachable!("handled above"),
         };
-        if let Err((e, io)) = r {
+        if let Err((e, io)) = self.driver.submit(req, op, io, now) {
             log::error(&format!("{}: request refused: {e}", self.req.name));
             io.complete(false);
         }

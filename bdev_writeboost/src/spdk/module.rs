@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde_json::json;
 use spdk_sys as sys;
+use writeboost_engine::Engine;
 use writeboost_engine::pmem::Pmem;
-use writeboost_engine::{BackingIdentity, Engine, OpenParams};
-use writeboost_rpc::{CreateRequest, RpcError, code};
+use writeboost_rpc::{BaseGeometry, CreateRequest, RpcError, code};
 
 use super::device::{Base, Device, Shared, State, now_ns};
 use super::dma::DmaAlloc;
@@ -301,23 +301,13 @@ fn build_engine(
     let mut new_uuid = sys::spdk_uuid::default();
     // SAFETY: new_uuid is a valid out-parameter.
     unsafe { sys::spdk_uuid_generate(&mut new_uuid) };
-    let mut params = OpenParams::new(
-        cache.size,
-        BackingIdentity {
-            uuid: backing_uuid,
-            size: backing.size,
-        },
-        // SAFETY: the union is 16 plain bytes.
-        unsafe { new_uuid.u.raw },
-    );
-    params.cache_block_size = cache.block_size;
-    params.backing_block_size = backing.block_size;
-    params.format = req.format;
-    params.mode = req.mode;
-    params.tunables = req.tunables;
-    if let Some(kib) = req.segment_size_kib {
-        params.segment_size = kib as u64 * 1024;
-    }
+    let geometry = |b: &Base| BaseGeometry {
+        size: b.size,
+        block_size: b.block_size,
+    };
+    // SAFETY: the union is 16 plain bytes.
+    let new_uuid = unsafe { new_uuid.u.raw };
+    let params = req.open_params(geometry(cache), geometry(backing), backing_uuid, new_uuid);
     let now = now_ns(
         // SAFETY: no preconditions.
         unsafe { sys::spdk_get_ticks_hz() },

@@ -352,16 +352,22 @@ impl<A: BufAlloc> Engine<A> {
             return;
         }
         self.record_wanted = false;
-        let rec = SbRecord {
+        let rec = self.next_record();
+        self.write_record(rec, Purpose::RecordWrite);
+        self.record_state = RecordState::Writing(rec);
+    }
+
+    /// The record that says where the cache is now: the writeback frontier
+    /// and this incarnation's epoch, one sequence number past the last.
+    pub(super) fn next_record(&self) -> SbRecord {
+        SbRecord {
             seq: self.record.seq + 1,
             last_writeback_id: self.last_wb,
             last_writeback_epoch: self.last_wb_epoch,
             epoch: self.epoch,
             cache_uuid: self.record.cache_uuid,
             flags: self.record_flags(),
-        };
-        self.write_record(rec, Purpose::RecordWrite);
-        self.record_state = RecordState::Writing(rec);
+        }
     }
 
     /// Issues the write of a record into its slot.

@@ -356,14 +356,7 @@ impl<A: BufAlloc> Engine<A> {
         // A new incarnation: logs written from now on carry a higher epoch, so
         // stale logs after the chain end can never be mistaken for its continuation.
         self.epoch = self.record.epoch + 1;
-        let rec = SbRecord {
-            seq: self.record.seq + 1,
-            last_writeback_id: self.last_wb,
-            last_writeback_epoch: self.last_wb_epoch,
-            epoch: self.epoch,
-            cache_uuid: self.record.cache_uuid,
-            flags: self.record_flags(),
-        };
+        let rec = self.next_record();
         self.st().record = Some(rec);
         self.write_record(rec, Purpose::Startup(StartIo::RecordWrite));
     }
