@@ -254,7 +254,7 @@ impl App {
                 let v = env!("CARGO_PKG_VERSION");
                 let mut parts = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
                 Ok(json!({
-                    "version": format!("writeboost v{v}"),
+                    "version": format!("writeboost v{v} git sha1 {}", env!("WRITEBOOST_GIT_REV")),
                     "fields": {
                         "major": parts.next().unwrap_or(0),
                         "minor": parts.next().unwrap_or(0),

@@ -48,7 +48,10 @@ const DEFAULT_RPC_SOCKET: &str = "/var/tmp/writeboost.sock";
 /// same can be done at runtime over JSON-RPC (--rpc-socket). SIGINT/SIGTERM
 /// shut down cleanly; a second signal exits at once.
 #[derive(Parser, Debug)]
-#[command(name = "writeboost", version)]
+#[command(
+    name = "writeboost",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("WRITEBOOST_GIT_REV"), ")")
+)]
 struct Cli {
     /// Configuration file (YAML, or SPDK's JSON as save_config writes it)
     /// describing base bdevs, writeboost devices and NBD servers. Without it
