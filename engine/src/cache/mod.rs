@@ -627,6 +627,7 @@ impl<A: BufAlloc> Engine<A> {
 
     /// Checks the engine's internal bookkeeping (for the simulator and tests):
     /// the index, the per-segment metadata and the dirty counts agree.
+    #[cfg(feature = "test-hooks")]
     pub fn check_invariants(&self) -> Result<(), String> {
         if self.phase != Phase::Running {
             return Ok(());
@@ -676,6 +677,7 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     /// Internal queues, for diagnosing a stalled engine.
+    #[cfg(feature = "test-hooks")]
     pub fn debug_state(&self) -> String {
         format!(
             "sealing {:?} unflushed {:?} waiters {:?} deferred_reads {:?} reqs {:?} stalled {} record {:?} backing_flush {:?}/{} inflight {}",
@@ -699,6 +701,7 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     /// Where the cache holds `block` (for diagnostics).
+    #[cfg(feature = "test-hooks")]
     pub fn describe_block(&self, block: u64) -> String {
         match self.index.get(&block) {
             None => "not cached".into(),
