@@ -198,7 +198,7 @@ impl App {
             "bdev_writeboost_set_options" => {
                 let req = parse_set_options(params)?;
                 self.on_device(&req.name.clone(), move |d| {
-                    d.set_options(&req.changes).map(|()| Value::Bool(true))
+                    d.set_options(&req).map(|()| Value::Bool(true))
                 })
             }
             "bdev_writeboost_drop_caches" => {

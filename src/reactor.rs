@@ -31,7 +31,7 @@ use writeboost_engine::{
     Command, CommandKind, DeviceError, Engine, IoError, Nanos, OpenError, OpenParams, ReqId,
     SubmitError,
 };
-use writeboost_rpc::{CreateRequest, DeviceReport, RpcError, report_json};
+use writeboost_rpc::{CreateRequest, DeviceReport, RpcError, SetOptionsRequest, report_json};
 
 use crate::alloc::{AlignedAlloc, AlignedBuf};
 use crate::device::threads::ThreadBackend;
@@ -663,11 +663,12 @@ impl Dev {
         self.phase == Phase::Running
     }
 
-    pub fn set_options(&mut self, changes: &[(&str, u64)]) -> Result<(), RpcError> {
+    pub fn set_options(&mut self, req: &SetOptionsRequest) -> Result<(), RpcError> {
+        let tunables = req.apply_to(self.driver.engine().tunables())?;
         let now = self.now();
         self.driver
             .engine_mut()
-            .set_options(changes, now)
+            .set_options(tunables, now)
             .map_err(|e| RpcError::invalid_params(format!("bdev_writeboost_set_options: {e}")))?;
         self.drain();
         Ok(())

@@ -372,7 +372,12 @@ impl Run {
         if self.rng.random_bool(0.005) {
             let (name, _, max) = TUNABLE_RANGES[self.rng.random_range(0..TUNABLE_RANGES.len())];
             let value = self.rng.random_range(0..=max.min(128));
-            let _ = h.driver.engine_mut().set_options(&[(name, value)], h.now);
+            // Out-of-range values are drawn too: those are refused.
+            let mut t = *h.engine().tunables();
+            if t.set(name, value).is_ok() {
+                let now = h.now;
+                let _ = h.driver.engine_mut().set_options(t, now);
+            }
         }
         h.drain();
         let roll = self.rng.random_range(0..100);

@@ -193,23 +193,18 @@ fn bad_parameters_are_rejected_before_any_io() {
     assert!(t.set("barrier_deadline_ms", 10_001).is_err());
     let mut h = fresh(params(8 * MIB));
     let before = *h.engine().tunables();
-    let err = h
-        .driver
-        .engine_mut()
-        .set_options(
-            &[("writeback_threshold", 50), ("read_cache_threshold", 500)],
-            0,
-        )
-        .unwrap_err();
+    let mut bad = before;
+    bad.writeback_threshold = 50;
+    bad.read_cache_threshold = 500;
+    let err = h.driver.engine_mut().set_options(bad, 0).unwrap_err();
     assert!(
         err.to_string().contains("read_cache_threshold=500"),
         "{err}"
     );
     assert_eq!(*h.engine().tunables(), before, "all or nothing");
-    h.driver
-        .engine_mut()
-        .set_options(&[("writeback_threshold", 50)], 0)
-        .unwrap();
+    let mut good = before;
+    good.writeback_threshold = 50;
+    h.driver.engine_mut().set_options(good, 0).unwrap();
     assert_eq!(h.engine().tunables().writeback_threshold, 50);
 }
 
@@ -426,10 +421,10 @@ fn large_writes_bypass_the_log_and_write_around_keeps_cached_lines_consistent() 
     let mixed = pattern(9, 256 << 10);
     h.write(4, 4 * MIB, &mixed, false).unwrap();
     assert_eq!(h.read(5, 4 * MIB, 256 << 10).unwrap(), mixed);
-    h.driver
-        .engine_mut()
-        .set_options(&[("write_around_mode", 1)], h.now)
-        .unwrap();
+    let mut t = *h.engine().tunables();
+    t.write_around_mode = true;
+    let now = h.now;
+    h.driver.engine_mut().set_options(t, now).unwrap();
     h.write(6, 20 * MIB, &pattern(10, 4096), false).unwrap();
     assert!(
         h.engine()

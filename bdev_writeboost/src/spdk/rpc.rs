@@ -155,10 +155,11 @@ pub extern "C" fn wb_rpc_set_options(
         .and_then(|p| parse_set_options(p.as_ref()))
         .and_then(|req| {
             with_online(&req.name, |d| {
+                let tunables = req.apply_to(d.driver.engine().tunables())?;
                 let now = d.now();
                 d.driver
                     .engine_mut()
-                    .set_options(&req.changes, now)
+                    .set_options(tunables, now)
                     .map_err(|e| {
                         RpcError::invalid_params(format!("bdev_writeboost_set_options: {e}"))
                     })?;

@@ -548,14 +548,12 @@ impl<A: BufAlloc> Engine<A> {
         self.read_only
     }
 
-    /// Changes tunables at runtime; all or nothing.
-    pub fn set_options(&mut self, changes: &[(&str, u64)], now: Nanos) -> Result<(), ConfigError> {
-        let mut t = self.tunables;
-        for &(name, value) in changes {
-            t.set(name, value)?;
-        }
+    /// Replaces the tunables at runtime (start from [`tunables`](Self::tunables)
+    /// and change fields); refused, changing nothing, if any is out of range.
+    pub fn set_options(&mut self, tunables: Tunables, now: Nanos) -> Result<(), ConfigError> {
+        tunables.validate()?;
         self.enter(now);
-        self.tunables = t;
+        self.tunables = tunables;
         self.pump();
         Ok(())
     }
