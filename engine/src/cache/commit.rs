@@ -6,7 +6,7 @@
 //! log holding its data, so recovery may stop at the first bad log without
 //! losing anything acknowledged as durable.
 
-use super::{Engine, OpenLog, Phase, Purpose};
+use super::{Dirty, Engine, OpenLog, Phase, Purpose};
 use crate::error::IoError;
 use crate::format::{Metablock, SbRecord, encode_segment_header};
 use crate::geometry::{BLOCK_SIZE, SECTOR_SIZE};
@@ -279,12 +279,12 @@ impl<A: BufAlloc> Engine<A> {
         if !ok {
             // The older copy is unreadable: the cache device is failing.
             s.valid &= !fill;
-            if let Some(e) = self.index.get_mut(&block)
-                && e.id == id
-                && e.slot == slot
-            {
+            let change = self.index.update_copy(block, id, slot, |e| {
                 e.valid &= !fill;
                 e.dirty &= !fill;
+            });
+            if change == Some(Dirty::Cleaned) {
+                self.seg_mut(id).live_dirty -= 1;
             }
         }
         if ok && fill != 0 {

@@ -12,6 +12,7 @@
 //! always at a fixed point: whatever can make progress has been issued.
 
 mod commit;
+mod index;
 mod read;
 mod startup;
 mod write;
@@ -32,6 +33,7 @@ use crate::pmem::{Pmem, PoolLayout};
 use crate::stats::{Stats, Status};
 
 use self::commit::{CacheFlush, RecordState};
+use self::index::{Dirty, Entry, Index};
 use self::startup::Startup;
 use self::writeback::WbBatch;
 
@@ -41,21 +43,6 @@ const MAX_RETRIES: u8 = 3;
 const WRITEBACK_RETRY_NS: Nanos = 1_000_000_000;
 /// Queue depth at which the backing device counts as 100 % loaded.
 const BACKING_NOMINAL_QD: u64 = 32;
-
-/// Where the newest copy of a cached block lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Entry {
-    /// Log id holding the block.
-    id: u64,
-    /// Data slot within that log.
-    slot: u32,
-    /// Sectors the cache holds for this block.
-    valid: u8,
-    /// Sectors not yet on the backing device.
-    dirty: u8,
-    /// The log's metablock marks the block dirty, so recovery would replay it.
-    logged_dirty: bool,
-}
 
 /// One ring position of the cache device.
 #[derive(Debug, Default)]
@@ -208,9 +195,8 @@ pub struct Engine<A: BufAlloc> {
     events: VecDeque<Event>,
     reqs: FxHashMap<ReqId, UserReq>,
 
-    index: FxHashMap<u64, Entry>,
+    index: Index,
     segs: Vec<SegMeta>,
-    nr_dirty: u64,
 
     next_id: u64,
     epoch: u64,
@@ -337,9 +323,8 @@ impl<A: BufAlloc> Engine<A> {
             commands: VecDeque::new(),
             events: VecDeque::new(),
             reqs: FxHashMap::default(),
-            index: FxHashMap::default(),
+            index: Index::default(),
             segs: Vec::new(),
-            nr_dirty: 0,
             next_id: 1,
             epoch: 0,
             open: None,
@@ -611,8 +596,8 @@ impl<A: BufAlloc> Engine<A> {
             last_flushed_id: self.durable_id,
             last_writeback_id: self.last_wb,
             recorded_writeback_id: self.record.last_writeback_id,
-            nr_dirty_blocks: self.nr_dirty,
-            nr_cached_blocks: self.index.len() as u64,
+            nr_dirty_blocks: self.index.nr_dirty(),
+            nr_cached_blocks: self.index.len(),
             nr_free_buffers: self.free_log_bufs.len() as u32,
             stalled_writes: self.stalled.len() as u32,
             read_only: self.read_only,
@@ -632,7 +617,7 @@ impl<A: BufAlloc> Engine<A> {
         }
         let mut dirty = 0u64;
         let mut live = vec![0u32; self.segs.len()];
-        for (&block, e) in &self.index {
+        for (block, e) in self.index.iter() {
             let pos = self.geo.position(e.id) as usize;
             let seg = &self.segs[pos];
             if seg.id != e.id {
@@ -657,10 +642,10 @@ impl<A: BufAlloc> Engine<A> {
                 live[pos] += 1;
             }
         }
-        if dirty != self.nr_dirty {
+        if dirty != self.index.nr_dirty() {
             return Err(format!(
                 "nr_dirty {} but {dirty} dirty entries",
-                self.nr_dirty
+                self.index.nr_dirty()
             ));
         }
         for (pos, seg) in self.segs.iter().enumerate() {
@@ -920,14 +905,13 @@ impl<A: BufAlloc> Engine<A> {
     /// Removes `block` from the index (caller checked it is droppable or superseded).
     fn drop_entry(&mut self, block: u64) {
         if let Some(e) = self.index.remove(&block) {
-            self.uncount_dirty(&e);
+            self.unlink_dirty(&e);
         }
     }
 
-    /// Takes a superseded entry out of the dirty counts.
-    fn uncount_dirty(&mut self, e: &Entry) {
+    /// A dirty entry left the index: its log holds one dirty block less.
+    fn unlink_dirty(&mut self, e: &Entry) {
         if e.dirty != 0 {
-            self.nr_dirty -= 1;
             self.seg_mut(e.id).live_dirty -= 1;
         }
     }
@@ -942,7 +926,7 @@ impl<A: BufAlloc> Engine<A> {
             self.maybe_writeback();
             self.maybe_write_record();
             if self.drop_caches
-                && self.nr_dirty == 0
+                && self.index.nr_dirty() == 0
                 && self.open.as_ref().is_none_or(|o| !o.has_dirty)
             {
                 // Record the clean state so a restart replays nothing.

@@ -330,8 +330,9 @@ impl<A: BufAlloc> Engine<A> {
                     logged_dirty: true,
                 },
             );
-            self.nr_dirty += 1;
-            self.segs[pos].live_dirty += 1;
+            if mb.valid != 0 {
+                self.segs[pos].live_dirty += 1;
+            }
         }
     }
 

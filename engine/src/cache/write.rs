@@ -1,7 +1,8 @@
 //! User writes: placing cache lines into the open buffer, or bypassing the log.
 
 use super::{
-    Engine, Entry, OpenLog, Purpose, SegMeta, Slot, StalledWrite, data_ref_user, for_each_run,
+    Dirty, Engine, Entry, OpenLog, Purpose, SegMeta, Slot, StalledWrite, data_ref_user,
+    for_each_run,
 };
 use crate::error::{IoError, SubmitError};
 use crate::geometry::{BLOCK_SIZE, FULL_MASK, SECTOR_SIZE};
@@ -309,14 +310,14 @@ impl<A: BufAlloc> Engine<A> {
             slot.dirty = true;
             slot.fill &= !mask;
             slot.crc = None;
-            if e.dirty == 0 {
-                self.nr_dirty += 1;
+            let change = self.index.update_copy(block, id, e.slot, |ent| {
+                ent.valid |= mask;
+                ent.dirty |= mask;
+                ent.logged_dirty = true;
+            });
+            if change == Some(Dirty::Became) {
                 self.seg_mut(id).live_dirty += 1;
             }
-            let ent = self.index.get_mut(&block).expect("entry");
-            ent.valid |= mask;
-            ent.dirty |= mask;
-            ent.logged_dirty = true;
             self.stats.count(true, true, true, full);
             return Some(id);
         }
@@ -362,7 +363,7 @@ impl<A: BufAlloc> Engine<A> {
             }
             // The insert below replaces the entry where it is: one probe of
             // the index, and no tombstone for it to rehash away later.
-            self.uncount_dirty(&old);
+            self.unlink_dirty(&old);
             self.stats.count(true, true, false, full);
         } else {
             self.stats.count(true, false, false, full);
@@ -379,8 +380,9 @@ impl<A: BufAlloc> Engine<A> {
         let full_log = o.slots.len() as u32 == self.geo.data_blocks;
         let seg = self.seg_mut(id);
         seg.blocks.push(block);
-        seg.live_dirty += 1;
-        self.nr_dirty += 1;
+        if valid != 0 {
+            seg.live_dirty += 1;
+        }
         self.index.insert(
             block,
             Entry {

@@ -4,7 +4,7 @@
 //! frontier `last_wb` move, and a ring position is reused only once a durable
 //! superblock record covers it, so recovery never misses a dirty log.
 
-use super::{Engine, Phase, Purpose, WRITEBACK_RETRY_NS, for_each_run};
+use super::{Dirty, Engine, Phase, Purpose, WRITEBACK_RETRY_NS, for_each_run};
 use crate::geometry::{BLOCK_SIZE, FULL_MASK, SECTOR_SIZE};
 use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Nanos};
 
@@ -302,16 +302,11 @@ impl<A: BufAlloc> Engine<A> {
     fn wb_finish(&mut self) {
         let b = self.wb.take().expect("writeback batch");
         for &(block, id, slot, mask) in &b.written {
-            if let Some(e) = self.index.get_mut(&block)
-                && e.id == id
-                && e.slot == slot
-            {
-                let was_dirty = e.dirty != 0;
-                e.dirty &= !mask;
-                if was_dirty && e.dirty == 0 {
-                    self.nr_dirty -= 1;
-                    self.seg_mut(id).live_dirty -= 1;
-                }
+            let change = self
+                .index
+                .update_copy(block, id, slot, |e| e.dirty &= !mask);
+            if change == Some(Dirty::Cleaned) {
+                self.seg_mut(id).live_dirty -= 1;
             }
         }
         if b.last > self.last_wb {
