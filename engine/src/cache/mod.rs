@@ -13,6 +13,7 @@
 
 mod commit;
 mod index;
+mod inflight;
 mod read;
 mod startup;
 mod write;
@@ -34,11 +35,10 @@ use crate::stats::{Stats, Status};
 
 use self::commit::{CacheFlush, RecordState};
 use self::index::{Dirty, Entry, Index};
+use self::inflight::{Ended, InFlight};
 use self::startup::Startup;
 use self::writeback::WbBatch;
 
-/// How often a failed device command is re-issued before it counts as failed.
-const MAX_RETRIES: u8 = 3;
 /// Delay before a failed writeback batch is tried again.
 const WRITEBACK_RETRY_NS: Nanos = 1_000_000_000;
 /// Queue depth at which the backing device counts as 100 % loaded.
@@ -144,13 +144,6 @@ enum Purpose {
     WbWrite,
 }
 
-#[derive(Debug)]
-struct InFlight {
-    cmd: Command,
-    tries: u8,
-    purpose: Purpose,
-}
-
 /// A write waiting for buffer space.
 #[derive(Debug)]
 struct StalledWrite {
@@ -189,9 +182,7 @@ pub struct Engine<A: BufAlloc> {
     read_only: bool,
     now: Nanos,
 
-    next_token: u64,
-    inflight: FxHashMap<Token, InFlight>,
-    commands: VecDeque<Command>,
+    inflight: InFlight<Purpose>,
     events: VecDeque<Event>,
     reqs: FxHashMap<ReqId, UserReq>,
 
@@ -318,9 +309,7 @@ impl<A: BufAlloc> Engine<A> {
             startup: None,
             read_only: false,
             now,
-            next_token: 1,
-            inflight: FxHashMap::default(),
-            commands: VecDeque::new(),
+            inflight: InFlight::default(),
             events: VecDeque::new(),
             reqs: FxHashMap::default(),
             index: Index::default(),
@@ -383,7 +372,7 @@ impl<A: BufAlloc> Engine<A> {
 
     /// Next device command to run, if any.
     pub fn poll_command(&mut self) -> Option<Command> {
-        self.commands.pop_front()
+        self.inflight.poll()
     }
 
     /// Next event for the host, if any.
@@ -456,24 +445,21 @@ impl<A: BufAlloc> Engine<A> {
     /// Reports the end of a device command.
     pub fn handle_completion(&mut self, token: Token, result: Result<(), DeviceError>, now: Nanos) {
         self.enter(now);
-        let Some(mut f) = self.inflight.remove(&token) else {
-            return;
+        let (cmd, purpose, ok) = match self.inflight.complete(token, result) {
+            Ended::Unknown => return,
+            Ended::Retried => {
+                self.stats.io_retries += 1;
+                return;
+            }
+            Ended::Done { cmd, purpose, ok } => (cmd, purpose, ok),
         };
-        if result.is_err_and(DeviceError::is_retryable) && f.tries < MAX_RETRIES {
-            f.tries += 1;
-            self.stats.io_retries += 1;
-            self.commands.push_back(f.cmd);
-            self.inflight.insert(token, f);
-            return;
-        }
-        let ok = result.is_ok();
-        match f.purpose {
+        match purpose {
             Purpose::Startup(io) => self.startup_done(io, ok),
             Purpose::LogWrite { id } => self.log_written(id, ok),
             Purpose::CacheFlush => self.cache_flush_done(ok),
             Purpose::BackingFlush => self.backing_flush_done(ok),
             Purpose::RecordWrite => self.record_written(ok),
-            Purpose::User { req, backing } => self.user_io_done(req, backing, f.cmd, ok),
+            Purpose::User { req, backing } => self.user_io_done(req, backing, cmd, ok),
             Purpose::Fill {
                 id,
                 slot,
@@ -766,8 +752,6 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     fn issue(&mut self, device: Device, kind: CommandKind, purpose: Purpose) -> Token {
-        let token = Token(self.next_token);
-        self.next_token += 1;
         match (device, &kind) {
             (Device::Cache, CommandKind::Write { len, .. }) => {
                 self.stats.cache_write_cmds += 1;
@@ -793,21 +777,7 @@ impl<A: BufAlloc> Engine<A> {
             (Device::Backing, CommandKind::Flush) => self.stats.backing_flush_cmds += 1,
             _ => {}
         }
-        let cmd = Command {
-            token,
-            device,
-            kind,
-        };
-        self.commands.push_back(cmd);
-        self.inflight.insert(
-            token,
-            InFlight {
-                cmd,
-                tries: 0,
-                purpose,
-            },
-        );
-        token
+        self.inflight.issue(device, kind, purpose)
     }
 
     /// Registers a user request that will complete asynchronously.
