@@ -27,7 +27,6 @@ mod spdk {
         if let Ok(libs) = std::env::var("DEP_SPDK_APP_LIBS") {
             for l in libs.split_whitespace() {
                 println!("cargo:rustc-link-arg-bin=writeboost_tgt={l}");
-                println!("cargo:rustc-link-arg-bin=wb_ack_check={l}");
             }
         }
     }

@@ -18,6 +18,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 # The SPDK module against a real SPDK (SPDK_DIR or pkg-config); says SKIPPED without one.
 if [ -n "${SPDK_DIR:-}" ]; then
-    cargo clippy -p spdk-sys -p bdev_writeboost --all-targets --features bdev_writeboost/spdk -- -D warnings
+    cargo clippy -p spdk-sys -p bdev_writeboost -p wb_ack_check --all-targets \
+        --features bdev_writeboost/spdk,wb_ack_check/spdk -- -D warnings
 fi
 bash test/spdk/run.sh

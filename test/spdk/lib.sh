@@ -68,7 +68,8 @@ spdk_build_module() {
             "apt-get install libclang-dev (or set LIBCLANG_PATH to the directory holding libclang.so)" >&2
         exit 1
     fi
-    (cd "$WB_ROOT" && cargo build --release -q -p bdev_writeboost --features spdk)
+    (cd "$WB_ROOT" && cargo build --release -q -p bdev_writeboost --features spdk \
+        -p wb_ack_check --features wb_ack_check/spdk)
     WB_LIB="$WB_ROOT/target/release/libbdev_writeboost.so"
     WB_TGT="$WB_ROOT/target/release/writeboost_tgt"
     WB_CHECK="$WB_ROOT/target/release/wb_ack_check"
