@@ -204,7 +204,7 @@ impl<A: BufAlloc, U: UserBuf> Driver<A, U> {
     pub fn pump(&mut self, target: &mut impl Target, now: Nanos) {
         loop {
             let mut any = false;
-            for (token, result) in std::mem::take(&mut self.ended) {
+            for (token, result) in self.ended.drain(..) {
                 self.engine.handle_completion(token, result, now);
                 any = true;
             }

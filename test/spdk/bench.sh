@@ -18,16 +18,8 @@ if ! spdk_locate; then
     exit 0
 fi
 [ -n "$BDEVPERF_PY" ] || { echo "bdevperf.py not found under $SPDK_ROOT" >&2; exit 1; }
-spdk_build_module
-T=${SECONDS_PER_RUN:-5}
+bench_setup bench
 PAIRS=${PAIRS:-2000}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/wb-spdk-bench.XXXXXX")
-POOLS=$(pool_dir)
-trap 'spdk_cleanup; rm -rf "$WORK" "$POOLS"' EXIT
-
-# 256 MiB of user data and a 512 MiB cache: the whole working set fits.
-CACHE=$(malloc_entry Cache0 131072 4096)
-BACK=$(malloc_entry Back0 65536 4096)
 
 # perf NAME TARGET_BDEV ENTRY... — fills TARGET_BDEV sequentially, then
 # measures randread and randwrite; sets READ_IOPS and WRITE_IOPS.

@@ -33,14 +33,7 @@ if [ -z "$FIO" ] || [ ! -x "$FIO" ]; then
     echo "SKIPPED: fio SPDK plugin benchmark: no fio binary (set FIO to the fio built from the tree SPDK's plugin was built against)"
     exit 0
 fi
-spdk_build_module
-T=${SECONDS_PER_RUN:-5}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/wb-spdk-fio.XXXXXX")
-POOLS=$(pool_dir)
-trap 'spdk_cleanup; rm -rf "$WORK" "$POOLS"' EXIT
-
-CACHE=$(malloc_entry Cache0 131072 4096)
-BACK=$(malloc_entry Back0 65536 4096)
+bench_setup fio
 
 # fio_run NAME TARGET_BDEV ENTRY... — the four jobs against TARGET_BDEV;
 # sets WRITE READ PAIRS (IOPS; PAIRS in write+fsync pairs per second).

@@ -159,6 +159,20 @@ pool_dir() {
     mktemp -d "$d/wb-pool.XXXXXX"
 }
 
+# bench_setup NAME — what every SPDK benchmark shares, so their runs compare:
+# the module built, T (SECONDS_PER_RUN, default 5), WORK and POOLS (removed
+# on exit with every SPDK process), and the base bdevs CACHE (512 MiB) and
+# BACK (256 MiB of user data: the whole working set fits in the cache).
+bench_setup() {
+    spdk_build_module
+    T=${SECONDS_PER_RUN:-5}
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/wb-spdk-$1.XXXXXX")
+    POOLS=$(pool_dir)
+    trap 'spdk_cleanup; rm -rf "$WORK" "$POOLS"' EXIT
+    CACHE=$(malloc_entry Cache0 131072 4096)
+    BACK=$(malloc_entry Back0 65536 4096)
+}
+
 # A pmem pool file of SIZE (e.g. 64M), zeroed.
 make_pool() {
     rm -f "$1"

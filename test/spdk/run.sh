@@ -60,19 +60,26 @@ tgt_setup() {
     local s=$dir/tgt.sock
     rpc "$s" bdev_aio_create "$dir/cache.img" Cache0 4096 >/dev/null
     rpc "$s" bdev_aio_create "$dir/backing.img" Back0 4096 >/dev/null
-    if [ "$mode" = 1 ]; then
-        rpc "$s" bdev_writeboost_create -n wb0 -b Back0 -c Cache0 -m 1 -p "$pool" >/dev/null
-    else
-        rpc "$s" bdev_writeboost_create -n wb0 -b Back0 -c Cache0 >/dev/null
-    fi
+    wb_create "$s" Back0 "$mode" "$pool"
     nvmf_export "$s" "$port" wb0
 }
 
-nvmf_export() { # SOCK PORT BDEV
+# nvmf_export SOCK PORT BDEV [NQN SERIAL] — BDEV over NVMe/TCP on 127.0.0.1:PORT.
+nvmf_export() {
+    local nqn=${4:-$NQN} serial=${5:-WB0000000000001}
     rpc "$1" nvmf_create_transport -t TCP >/dev/null
-    rpc "$1" nvmf_create_subsystem "$NQN" -a -s WB0000000000001 >/dev/null
-    rpc "$1" nvmf_subsystem_add_ns "$NQN" "$3" >/dev/null
-    rpc "$1" nvmf_subsystem_add_listener "$NQN" -t tcp -a 127.0.0.1 -s "$2" >/dev/null
+    rpc "$1" nvmf_create_subsystem "$nqn" -a -s "$serial" >/dev/null
+    rpc "$1" nvmf_subsystem_add_ns "$nqn" "$3" >/dev/null
+    rpc "$1" nvmf_subsystem_add_listener "$nqn" -t tcp -a 127.0.0.1 -s "$2" >/dev/null
+}
+
+# wb_create SOCK BACKING MODE POOL — wb0 over Cache0 and BACKING (POOL in mode 1).
+wb_create() {
+    if [ "$3" = 1 ]; then
+        rpc "$1" bdev_writeboost_create -n wb0 -b "$2" -c Cache0 -m 1 -p "$4" >/dev/null
+    else
+        rpc "$1" bdev_writeboost_create -n wb0 -b "$2" -c Cache0 >/dev/null
+    fi
 }
 
 # The initiator side: a bdev_nvme controller N0 (namespace bdev N0n1).
@@ -337,10 +344,7 @@ storage_start() { # DIR PORT
     STORAGE_PID=$APP_PID
     local s=$1/storage.sock
     rpc "$s" bdev_aio_create "$1/backing.img" Back0 4096 >/dev/null
-    rpc "$s" nvmf_create_transport -t TCP >/dev/null
-    rpc "$s" nvmf_create_subsystem "$REMOTE_NQN" -a -s WBBACK000000001 >/dev/null
-    rpc "$s" nvmf_subsystem_add_ns "$REMOTE_NQN" Back0 >/dev/null
-    rpc "$s" nvmf_subsystem_add_listener "$REMOTE_NQN" -t tcp -a 127.0.0.1 -s "$2" >/dev/null
+    nvmf_export "$s" "$2" Back0 "$REMOTE_NQN" WBBACK000000001
 }
 
 # stat_of SOCK FIELD — a number from bdev_writeboost_get_stats wb0 (stats or status).
@@ -373,11 +377,7 @@ test_remote() {
         rpc "$s" bdev_nvme_attach_controller -b Remote -t tcp -a 127.0.0.1 -f ipv4 -s "$sport" \
             -n "$REMOTE_NQN" -l -1 -o 1 -u 2 >/dev/null
         rpc "$s" bdev_aio_create "$dir/cache.img" Cache0 4096 >/dev/null
-        if [ "$mode" = 1 ]; then
-            rpc "$s" bdev_writeboost_create -n wb0 -b Remoten1 -c Cache0 -m 1 -p "$pool" >/dev/null
-        else
-            rpc "$s" bdev_writeboost_create -n wb0 -b Remoten1 -c Cache0 >/dev/null
-        fi
+        wb_create "$s" Remoten1 "$mode" "$pool"
         nvmf_export "$s" "$port" wb0
         rpc "$s" save_config >"$dir/saved.json"
         checker "$dir" "$port" write N0n1 "$dir/acks" 32768 20 64 $((23 + mode)) >"$dir/write.out" 2>&1 &

@@ -274,16 +274,8 @@ impl Device {
                 did = true;
             }
             let now = self.now();
-            let dev: *mut Device = self;
-            let mut bases = Bases {
-                dev,
-                name: &self.req.name,
-                cache: &self.cache,
-                backing: &self.backing,
-                inflight: &mut self.inflight,
-                waiting: &mut self.waiting,
-            };
-            self.driver.pump(&mut bases, now);
+            let (driver, mut bases) = self.split();
+            driver.pump(&mut bases, now);
             while let Some(o) = self.driver.poll_outcome() {
                 self.on_outcome(o);
                 did = true;
@@ -298,6 +290,20 @@ impl Device {
                 break;
             }
         }
+    }
+
+    /// The driver, and the base bdevs as its target, borrowed side by side.
+    fn split(&mut self) -> (&mut Driver<DmaAlloc, UserIo>, Bases<'_>) {
+        let dev: *mut Device = self;
+        let bases = Bases {
+            dev,
+            name: &self.req.name,
+            cache: &self.cache,
+            backing: &self.backing,
+            inflight: &mut self.inflight,
+            waiting: &mut self.waiting,
+        };
+        (&mut self.driver, bases)
     }
 
     /// Takes a user request: checks it and hands it to the engine.
@@ -658,14 +664,7 @@ extern "C" fn resubmit_cmd(arg: *mut c_void) {
         let token = (*ctx).cmd.token;
         Device::enter(dev, true, |d| {
             d.waiting -= 1;
-            let mut bases = Bases {
-                dev,
-                name: &d.req.name,
-                cache: &d.cache,
-                backing: &d.backing,
-                inflight: &mut d.inflight,
-                waiting: &mut d.waiting,
-            };
+            let (_, mut bases) = d.split();
             if let Submitted::Done(r) = submit_cmd(&mut bases, ctx) {
                 let now = d.now();
                 d.driver.complete(token, r, now);
