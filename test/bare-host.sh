@@ -11,7 +11,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 if ldconfig -p | grep -q 'libpmem2\.so'; then
     if [ -n "${WB_REQUIRE_BARE:-}" ]; then
-        echo "bare-host: libpmem2 is installed; this check needs a machine without PMDK" >&2
+        echo "bare-host: libpmem2 is installed ($(ldconfig -p | grep 'libpmem2\.so' | head -1 | sed 's/.*=> //'));" \
+            "this check needs a machine without PMDK (apt-get purge libpmem2)" >&2
         exit 1
     fi
     echo "SKIPPED: bare-host: libpmem2 is installed here (the check is for a machine without PMDK)"
