@@ -12,26 +12,6 @@ use crate::format::{Metablock, SbRecord, encode_segment_header};
 use crate::geometry::{BLOCK_SIZE, SECTOR_SIZE};
 use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, ReqId};
 
-/// State of a sealed log on its way to durability.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum LogState {
-    Writing,
-    Written,
-    Flushing,
-}
-
-/// The cache-device flush in flight and the logs it covers.
-#[derive(Debug, Default)]
-pub(super) struct CacheFlush {
-    inflight: Option<Vec<u64>>,
-}
-
-impl CacheFlush {
-    pub(super) fn busy(&self) -> bool {
-        self.inflight.is_some()
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum RecordState {
     Idle,
@@ -67,7 +47,7 @@ impl<A: BufAlloc> Engine<A> {
                 self.request_seal();
             } else {
                 let d = self.now + self.tunables.barrier_deadline_ms as u64 * 1_000_000;
-                self.barrier_deadline = Some(self.barrier_deadline.map_or(d, |x| x.min(d)));
+                self.durability.set_barrier(d);
             }
         }
     }
@@ -84,7 +64,7 @@ impl<A: BufAlloc> Engine<A> {
             return;
         }
         let o = self.open.take().expect("open log");
-        self.barrier_deadline = None;
+        self.durability.clear_barrier();
         if o.fills_pending > 0 {
             self.sealing.push(o);
         } else {
@@ -119,7 +99,7 @@ impl<A: BufAlloc> Engine<A> {
         if (n as u32) < self.geo.data_blocks {
             self.stats.nr_partial_flushed += 1;
         }
-        self.unflushed.insert(o.id, LogState::Writing);
+        self.durability.sealed(o.id);
         let offset = self.geo.segment_offset(o.id);
         self.issue(
             Device::Cache,
@@ -141,9 +121,7 @@ impl<A: BufAlloc> Engine<A> {
             self.fail_cache();
             return;
         }
-        if let Some(st) = self.unflushed.get_mut(&id) {
-            *st = LogState::Written;
-        }
+        self.durability.written(id);
         if self.persistent {
             // The pmem slot is the only durable copy until the log is.
             return;
@@ -175,40 +153,28 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     pub(super) fn issue_cache_flush(&mut self) {
-        if self.cache_flush.busy() || self.read_only {
+        if self.durability.flush_busy() || self.read_only {
             return;
         }
-        let logs: Vec<u64> = self
-            .unflushed
-            .iter()
-            .filter(|(_, s)| **s == LogState::Written)
-            .map(|(id, _)| *id)
-            .collect();
         let record = match self.record_state {
             RecordState::Written(r) => Some(r),
             _ => None,
         };
-        if logs.is_empty() && record.is_none() {
+        if !self.durability.has_written() && record.is_none() {
             return;
-        }
-        for id in &logs {
-            self.unflushed.insert(*id, LogState::Flushing);
         }
         if let Some(r) = record {
             self.record_state = RecordState::Flushing(r);
         }
-        self.cache_flush.inflight = Some(logs);
+        self.durability.flush_started();
         self.issue(Device::Cache, CommandKind::Flush, Purpose::CacheFlush);
     }
 
     pub(super) fn cache_flush_done(&mut self, ok: bool) {
-        let logs = self.cache_flush.inflight.take().unwrap_or_default();
+        self.durability.flush_done(ok);
         if !ok {
             self.fail_cache();
             return;
-        }
-        for id in logs {
-            self.unflushed.remove(&id);
         }
         if let RecordState::Flushing(r) = self.record_state {
             self.record = r;
@@ -223,16 +189,15 @@ impl<A: BufAlloc> Engine<A> {
     /// yet, and completes the requests that waited for it.
     fn advance_frontier(&mut self) {
         let mut lowest = self.open.as_ref().map_or(self.next_id, |o| o.id);
-        if let Some((&id, _)) = self.unflushed.first_key_value() {
+        if let Some(id) = self.durability.lowest_unflushed() {
             lowest = lowest.min(id);
         }
         for o in &self.sealing {
             lowest = lowest.min(o.id);
         }
-        let before = self.durable_id;
-        self.durable_id = self.durable_id.max(lowest - 1);
+        let became = self.durability.advance(lowest);
         let now = self.now;
-        for id in before + 1..=self.durable_id {
+        for id in became.clone() {
             let seg = self.seg_mut(id);
             if seg.id == id {
                 seg.durable_at = now;
@@ -241,22 +206,20 @@ impl<A: BufAlloc> Engine<A> {
         if self.persistent {
             // A pool slot is the only safe copy until recovery would replay
             // its log, that is until every earlier log is durable too.
-            for id in before + 1..=self.durable_id {
+            for id in became {
                 self.release_log_buf(id);
             }
         }
-        if self.pmem_drain_until > 0 && !self.persistent && self.durable_id >= self.pmem_drain_until
+        if self.pmem_drain_until > 0
+            && !self.persistent
+            && self.durability.is_durable(self.pmem_drain_until)
         {
             // The drained pool holds nothing the cache device lacks: say so.
             self.pmem_drain_until = 0;
             self.record_wanted = true;
         }
-        let later = self.durability_waiters.split_off(&(self.durable_id + 1));
-        let ready = std::mem::replace(&mut self.durability_waiters, later);
-        for (_, reqs) in ready {
-            for req in reqs {
-                self.try_finish(req);
-            }
+        for req in self.durability.take_ready() {
+            self.try_finish(req);
         }
     }
 
@@ -338,7 +301,7 @@ impl<A: BufAlloc> Engine<A> {
             && self.wb.is_none()
             && (self.open.is_none() || self.persistent)
             && self.sealing.is_empty()
-            && self.unflushed.is_empty();
+            && self.durability.lowest_unflushed().is_none();
         let wanted = self.record_wanted && (self.phase == Phase::Running || at_shutdown);
         if !urgent && !wanted {
             return;
@@ -442,12 +405,8 @@ impl<A: BufAlloc> Engine<A> {
             return;
         }
         self.read_only = true;
-        self.barrier_deadline = None;
-        let waiting = std::mem::take(&mut self.durability_waiters);
-        for (_, reqs) in waiting {
-            for req in reqs {
-                self.try_finish(req);
-            }
+        for req in self.durability.take_all_waiters() {
+            self.try_finish(req);
         }
         self.fail_stalled(IoError::ReadOnly);
     }

@@ -12,6 +12,7 @@
 //! always at a fixed point: whatever can make progress has been issued.
 
 mod commit;
+mod durability;
 mod index;
 mod inflight;
 mod read;
@@ -19,7 +20,7 @@ mod startup;
 mod write;
 mod writeback;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 use rustc_hash::FxHashMap;
 
@@ -33,7 +34,8 @@ use crate::io::{
 use crate::pmem::{Pmem, PoolLayout};
 use crate::stats::{Stats, Status};
 
-use self::commit::{CacheFlush, RecordState};
+use self::commit::RecordState;
+use self::durability::Durability;
 use self::index::{Dirty, Entry, Index};
 use self::inflight::{Ended, InFlight};
 use self::startup::Startup;
@@ -195,11 +197,7 @@ pub struct Engine<A: BufAlloc> {
     /// Logs taken out of `open` that still wait for fill reads before sealing.
     sealing: Vec<OpenLog>,
     free_log_bufs: Vec<BufId>,
-    /// Sealed logs not yet durable.
-    unflushed: BTreeMap<u64, commit::LogState>,
-    /// Every log up to this id is durable.
-    durable_id: u64,
-    cache_flush: CacheFlush,
+    durability: Durability,
     backing_flush_waiting: Vec<commit::BackingWaiter>,
     /// Waiters of the backing flush in flight, and the write generation it covers.
     backing_flush_inflight: Option<(Vec<commit::BackingWaiter>, u64)>,
@@ -207,9 +205,6 @@ pub struct Engine<A: BufAlloc> {
     backing_write_gen: u64,
     /// Generation covered by the last completed backing flush.
     backing_flushed_gen: u64,
-    /// Requests waiting for the durable frontier, by the log id they need.
-    durability_waiters: BTreeMap<u64, Vec<ReqId>>,
-    barrier_deadline: Option<Nanos>,
     stalled: VecDeque<StalledWrite>,
 
     last_wb: u64,
@@ -319,15 +314,11 @@ impl<A: BufAlloc> Engine<A> {
             open: None,
             sealing: Vec::new(),
             free_log_bufs: Vec::new(),
-            unflushed: BTreeMap::new(),
-            durable_id: 0,
-            cache_flush: CacheFlush::default(),
+            durability: Durability::default(),
             backing_flush_waiting: Vec::new(),
             backing_flush_inflight: None,
             backing_write_gen: 0,
             backing_flushed_gen: 0,
-            durability_waiters: BTreeMap::new(),
-            barrier_deadline: None,
             stalled: VecDeque::new(),
             last_wb: 0,
             last_wb_epoch: 0,
@@ -388,7 +379,7 @@ impl<A: BufAlloc> Engine<A> {
         // Only deadlines whose handler can act now: a deadline left in the
         // past with nothing to do would spin the host.
         [
-            self.barrier_deadline,
+            self.durability.barrier_deadline(),
             self.sync_deadline(),
             self.record_deadline(),
             self.wb_retry_at,
@@ -426,8 +417,7 @@ impl<A: BufAlloc> Engine<A> {
     /// Tells the engine the time has come (or passed) for a deadline.
     pub fn handle_timeout(&mut self, now: Nanos) {
         self.enter(now);
-        if self.barrier_deadline.is_some_and(|d| d <= now) {
-            self.barrier_deadline = None;
+        if self.durability.take_barrier_due(now) {
             self.request_seal();
         }
         if self.sync_deadline().is_some_and(|d| d <= now) {
@@ -579,7 +569,7 @@ impl<A: BufAlloc> Engine<A> {
             segment_size: self.geo.segment_size,
             data_blocks_per_segment: self.geo.data_blocks,
             current_id: self.open.as_ref().map_or(0, |o| o.id),
-            last_flushed_id: self.durable_id,
+            last_flushed_id: self.durability.frontier(),
             last_writeback_id: self.last_wb,
             recorded_writeback_id: self.record.last_writeback_id,
             nr_dirty_blocks: self.index.nr_dirty(),
@@ -649,13 +639,12 @@ impl<A: BufAlloc> Engine<A> {
     #[cfg(feature = "test-hooks")]
     pub fn debug_state(&self) -> String {
         format!(
-            "sealing {:?} unflushed {:?} waiters {:?} deferred_reads {:?} reqs {:?} stalled {} record {:?} backing_flush {:?}/{} inflight {}",
+            "sealing {:?} {} deferred_reads {:?} reqs {:?} stalled {} record {:?} backing_flush {:?}/{} inflight {}",
             self.sealing
                 .iter()
                 .map(|o| (o.id, o.fills_pending, o.slots.len()))
                 .collect::<Vec<_>>(),
-            self.unflushed,
-            self.durability_waiters,
+            self.durability.describe(),
             self.deferred_reads,
             self.reqs
                 .iter()
@@ -813,12 +802,12 @@ impl<A: BufAlloc> Engine<A> {
                     .push(commit::BackingWaiter::Req(req));
                 return;
             }
-            if r.wait_log > self.durable_id {
+            if !self.durability.is_durable(r.wait_log) {
                 if self.read_only {
                     r.error = Some(IoError::CacheDevice);
                 } else {
                     let id = r.wait_log;
-                    self.durability_waiters.entry(id).or_default().push(req);
+                    self.durability.wait(id, req);
                     self.note_barrier(id);
                     return;
                 }
@@ -910,7 +899,7 @@ impl<A: BufAlloc> Engine<A> {
 
     /// Flags for the next superblock record.
     fn record_flags(&self) -> u32 {
-        if self.persistent || self.durable_id < self.pmem_drain_until {
+        if self.persistent || !self.durability.is_durable(self.pmem_drain_until) {
             RECORD_FLAG_PMEM
         } else {
             0
@@ -937,8 +926,7 @@ impl<A: BufAlloc> Engine<A> {
         }
         if (self.open.is_some() && !self.persistent)
             || !self.sealing.is_empty()
-            || !self.unflushed.is_empty()
-            || self.cache_flush.busy()
+            || !self.durability.is_settled()
             || self.wb.is_some()
             || self.record_state != RecordState::Idle
             || self.record_wanted

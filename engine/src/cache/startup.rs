@@ -226,7 +226,7 @@ impl<A: BufAlloc> Engine<A> {
         }
         self.epoch = record.epoch;
         self.next_id = 1;
-        self.durable_id = 0;
+        self.durability.reset(0);
         self.record_buf = Some(buf);
         self.issue(
             Device::Cache,
@@ -350,7 +350,7 @@ impl<A: BufAlloc> Engine<A> {
             self.release_buf(b);
         }
         self.next_id = next;
-        self.durable_id = next - 1;
+        self.durability.reset(next - 1);
         if let Err(e) = self.pmem_attach(false) {
             return self.fail_open(e);
         }

@@ -484,7 +484,7 @@ impl<A: BufAlloc> Engine<A> {
         }
         let prev = self.next_id - 1;
         let seg = self.seg(prev);
-        prev > self.durable_id && seg.id == prev && seg.pool_committed == 0
+        !self.durability.is_durable(prev) && seg.id == prev && seg.pool_committed == 0
     }
 
     /// Whether the position the next log needs waits for writeback or a record.

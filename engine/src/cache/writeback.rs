@@ -39,14 +39,14 @@ impl<A: BufAlloc> Engine<A> {
         while self.wb.is_none()
             && self.phase == Phase::Running
             && self.wb_retry_at.is_none()
-            && self.durable_id > self.last_wb
+            && self.durability.frontier() > self.last_wb
         {
             let needed = self.drop_caches || self.writeback_urgent();
             if !needed && !self.background_writeback_allowed() {
                 return;
             }
             let mut limit =
-                (self.last_wb + self.tunables.nr_max_batched_writeback as u64).min(self.durable_id);
+                (self.last_wb + self.tunables.nr_max_batched_writeback as u64).min(self.durability.frontier());
             if !needed {
                 // Background writeback takes only logs past their delay.
                 while limit > self.last_wb && !self.past_writeback_delay(limit) {
@@ -170,7 +170,7 @@ impl<A: BufAlloc> Engine<A> {
     pub(super) fn writeback_delay_deadline(&self) -> Option<Nanos> {
         if self.phase != Phase::Running
             || self.wb.is_some()
-            || self.durable_id <= self.last_wb
+            || self.durability.frontier() <= self.last_wb
             || self.tunables.writeback_threshold == 0
         {
             return None;
@@ -196,7 +196,7 @@ impl<A: BufAlloc> Engine<A> {
     /// Whether the copy an index entry names survives a crash: its log is
     /// durable, or it is published in the pmem pool.
     fn copy_durable(&self, e: &super::Entry) -> bool {
-        e.id <= self.durable_id
+        self.durability.is_durable(e.id)
             || ((self.persistent || e.id <= self.pmem_drain_until) && self.pending_fill(e) == 0)
     }
 
