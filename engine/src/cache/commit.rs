@@ -12,14 +12,6 @@ use crate::format::{Metablock, SbRecord, encode_segment_header};
 use crate::geometry::{BLOCK_SIZE, SECTOR_SIZE};
 use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, ReqId};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum RecordState {
-    Idle,
-    Writing(SbRecord),
-    Written(SbRecord),
-    Flushing(SbRecord),
-}
-
 /// Who waits for a backing-device flush.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum BackingWaiter {
@@ -85,7 +77,7 @@ impl<A: BufAlloc> Engine<A> {
                 dirty: s.dirty,
             })
             .collect();
-        let (geo, epoch, uuid) = (self.geo, self.epoch, self.record.cache_uuid);
+        let (geo, epoch, uuid) = (self.geo, self.epoch, self.records.current().cache_uuid);
         let b = self.buf_mut(o.buf);
         let (hdr, data) = b.split_at_mut(hl);
         let crcs: Vec<u32> = o
@@ -156,16 +148,10 @@ impl<A: BufAlloc> Engine<A> {
         if self.durability.flush_busy() || self.read_only {
             return;
         }
-        let record = match self.record_state {
-            RecordState::Written(r) => Some(r),
-            _ => None,
-        };
-        if !self.durability.has_written() && record.is_none() {
+        if !self.durability.has_written() && !self.records.needs_flush() {
             return;
         }
-        if let Some(r) = record {
-            self.record_state = RecordState::Flushing(r);
-        }
+        self.records.flush_started();
         self.durability.flush_started();
         self.issue(Device::Cache, CommandKind::Flush, Purpose::CacheFlush);
     }
@@ -176,10 +162,7 @@ impl<A: BufAlloc> Engine<A> {
             self.fail_cache();
             return;
         }
-        if let RecordState::Flushing(r) = self.record_state {
-            self.record = r;
-            self.record_state = RecordState::Idle;
-            self.last_record_at = self.now;
+        if self.records.flushed(self.now) {
             self.stats.sb_record_writes += 1;
         }
         self.advance_frontier();
@@ -216,7 +199,7 @@ impl<A: BufAlloc> Engine<A> {
         {
             // The drained pool holds nothing the cache device lacks: say so.
             self.pmem_drain_until = 0;
-            self.record_wanted = true;
+            self.records.want();
         }
         for req in self.durability.take_ready() {
             self.try_finish(req);
@@ -290,7 +273,7 @@ impl<A: BufAlloc> Engine<A> {
     /// Writes the superblock record when space must be reclaimed, when the
     /// interval asks for it, or at shutdown.
     pub(super) fn maybe_write_record(&mut self) {
-        if self.record_state != RecordState::Idle || self.read_only {
+        if !self.records.is_idle() || self.read_only {
             return;
         }
         let urgent = self
@@ -302,42 +285,39 @@ impl<A: BufAlloc> Engine<A> {
             && (self.open.is_none() || self.persistent)
             && self.sealing.is_empty()
             && self.durability.lowest_unflushed().is_none();
-        let wanted = self.record_wanted && (self.phase == Phase::Running || at_shutdown);
+        let wanted = self.records.is_wanted() && (self.phase == Phase::Running || at_shutdown);
         if !urgent && !wanted {
             return;
         }
         if !urgent
             && self.phase == Phase::Running
-            && self.last_wb == self.record.last_writeback_id
-            && self.record.flags == self.record_flags()
+            && self.last_wb == self.records.current().last_writeback_id
+            && self.records.current().flags == self.record_flags()
         {
-            self.record_wanted = false;
+            self.records.unwant();
             return;
         }
-        self.record_wanted = false;
         let rec = self.next_record();
         self.write_record(rec, Purpose::RecordWrite);
-        self.record_state = RecordState::Writing(rec);
+        self.records.writing(rec);
     }
 
     /// The record that says where the cache is now: the writeback frontier
     /// and this incarnation's epoch, one sequence number past the last.
     pub(super) fn next_record(&self) -> SbRecord {
-        SbRecord {
-            seq: self.record.seq + 1,
-            last_writeback_id: self.last_wb,
-            last_writeback_epoch: self.last_wb_epoch,
-            epoch: self.epoch,
-            cache_uuid: self.record.cache_uuid,
-            flags: self.record_flags(),
-        }
+        self.records.next(
+            self.last_wb,
+            self.last_wb_epoch,
+            self.epoch,
+            self.record_flags(),
+        )
     }
 
     /// Issues the write of a record into its slot.
     pub(super) fn write_record(&mut self, rec: SbRecord, purpose: Purpose) {
         let buf = self.alloc_buf(BLOCK_SIZE as usize);
         self.buf_mut(buf).copy_from_slice(&rec.encode());
-        self.record_buf = Some(buf);
+        self.records.set_buf(buf);
         self.issue(
             Device::Cache,
             CommandKind::Write {
@@ -350,18 +330,12 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     pub(super) fn record_written(&mut self, ok: bool) {
-        if let Some(b) = self.record_buf.take() {
+        if let Some(b) = self.records.take_buf() {
             self.release_buf(b);
         }
-        let RecordState::Writing(r) = self.record_state else {
-            return;
-        };
-        if !ok {
-            self.record_state = RecordState::Idle;
+        if self.records.written(ok) && !ok {
             self.fail_cache();
-            return;
         }
-        self.record_state = RecordState::Written(r);
     }
 
     pub(super) fn issue_backing_flush(&mut self) {

@@ -13,6 +13,7 @@
 
 mod commit;
 mod durability;
+mod records;
 mod index;
 mod inflight;
 mod read;
@@ -26,7 +27,7 @@ use rustc_hash::FxHashMap;
 
 use crate::config::{BufferMode, OpenParams, Tunables};
 use crate::error::{ConfigError, DeviceError, IoError, SubmitError};
-use crate::format::{RECORD_FLAG_PMEM, SbRecord, Superblock};
+use crate::format::{RECORD_FLAG_PMEM, Superblock};
 use crate::geometry::{BLOCK_SIZE, Geometry, SECTOR_SIZE};
 use crate::io::{
     BufAlloc, BufId, Command, CommandKind, DataRef, Device, Event, Nanos, ReqId, Token,
@@ -34,8 +35,8 @@ use crate::io::{
 use crate::pmem::{Pmem, PoolLayout};
 use crate::stats::{Stats, Status};
 
-use self::commit::RecordState;
 use self::durability::Durability;
+use self::records::Records;
 use self::index::{Dirty, Entry, Index};
 use self::inflight::{Ended, InFlight};
 use self::startup::Startup;
@@ -210,11 +211,7 @@ pub struct Engine<A: BufAlloc> {
     last_wb: u64,
     /// Epoch of log `last_wb`.
     last_wb_epoch: u64,
-    record: SbRecord,
-    record_state: RecordState,
-    record_buf: Option<BufId>,
-    record_wanted: bool,
-    last_record_at: Nanos,
+    records: Records,
     wb: Option<WbBatch>,
     wb_bufs: Vec<BufId>,
     wb_retry_at: Option<Nanos>,
@@ -322,18 +319,7 @@ impl<A: BufAlloc> Engine<A> {
             stalled: VecDeque::new(),
             last_wb: 0,
             last_wb_epoch: 0,
-            record: SbRecord {
-                seq: 0,
-                last_writeback_id: 0,
-                last_writeback_epoch: 0,
-                epoch: 0,
-                cache_uuid: [0; 16],
-                flags: 0,
-            },
-            record_state: RecordState::Idle,
-            record_buf: None,
-            record_wanted: false,
-            last_record_at: now,
+            records: Records::new(now),
             wb: None,
             wb_bufs: Vec::new(),
             wb_retry_at: None,
@@ -404,14 +390,11 @@ impl<A: BufAlloc> Engine<A> {
 
     /// When the superblock record is next due under `update_sb_record_interval`.
     fn record_deadline(&self) -> Option<Nanos> {
-        (self.tunables.update_sb_record_interval > 0
-            && self.last_wb > self.record.last_writeback_id
-            && self.record_state == RecordState::Idle
-            && !self.record_wanted
-            && !self.read_only)
-            .then(|| {
-                self.last_record_at + self.tunables.update_sb_record_interval as u64 * 1_000_000_000
-            })
+        if self.read_only {
+            return None;
+        }
+        self.records
+            .deadline(self.tunables.update_sb_record_interval, self.last_wb)
     }
 
     /// Tells the engine the time has come (or passed) for a deadline.
@@ -424,7 +407,7 @@ impl<A: BufAlloc> Engine<A> {
             self.request_seal();
         }
         if self.record_deadline().is_some_and(|d| d <= now) {
-            self.record_wanted = true;
+            self.records.want();
         }
         if self.wb_retry_at.is_some_and(|t| t <= now) {
             self.wb_retry_at = None;
@@ -543,7 +526,7 @@ impl<A: BufAlloc> Engine<A> {
                 if !self.persistent {
                     self.request_seal();
                 }
-                self.record_wanted = true;
+                self.records.want();
                 // Bypass writes were acknowledged before they were durable.
                 self.backing_flush_waiting
                     .push(commit::BackingWaiter::Shutdown);
@@ -571,7 +554,7 @@ impl<A: BufAlloc> Engine<A> {
             current_id: self.open.as_ref().map_or(0, |o| o.id),
             last_flushed_id: self.durability.frontier(),
             last_writeback_id: self.last_wb,
-            recorded_writeback_id: self.record.last_writeback_id,
+            recorded_writeback_id: self.records.current().last_writeback_id,
             nr_dirty_blocks: self.index.nr_dirty(),
             nr_cached_blocks: self.index.len(),
             nr_free_buffers: self.free_log_bufs.len() as u32,
@@ -580,7 +563,7 @@ impl<A: BufAlloc> Engine<A> {
             drop_caches_active: self.drop_caches,
             writeback_active: self.wb.is_some(),
             epoch: self.epoch,
-            cache_uuid: self.record.cache_uuid,
+            cache_uuid: self.records.current().cache_uuid,
         }
     }
 
@@ -651,7 +634,7 @@ impl<A: BufAlloc> Engine<A> {
                 .map(|(r, u)| (r.0, u.parts, u.wait_log, u.needs_backing_flush))
                 .collect::<Vec<_>>(),
             self.stalled.len(),
-            self.record_state,
+            self.records.describe(),
             self.backing_flush_inflight.as_ref().map(|f| f.0.len()),
             self.backing_flush_waiting.len(),
             self.inflight.len(),
@@ -858,7 +841,7 @@ impl<A: BufAlloc> Engine<A> {
     /// Whether a cached block's entry may be dropped without a log record:
     /// its data is on the backing device and recovery would not bring it back.
     fn droppable(&self, e: &Entry) -> bool {
-        e.dirty == 0 && (!e.logged_dirty || e.id <= self.record.last_writeback_id)
+        e.dirty == 0 && (!e.logged_dirty || e.id <= self.records.current().last_writeback_id)
     }
 
     /// Removes `block` from the index (caller checked it is droppable or superseded).
@@ -890,7 +873,7 @@ impl<A: BufAlloc> Engine<A> {
             {
                 // Record the clean state so a restart replays nothing.
                 self.drop_caches = false;
-                self.record_wanted = true;
+                self.records.want();
                 self.maybe_write_record();
             }
             self.check_shutdown_done();
@@ -928,8 +911,8 @@ impl<A: BufAlloc> Engine<A> {
             || !self.sealing.is_empty()
             || !self.durability.is_settled()
             || self.wb.is_some()
-            || self.record_state != RecordState::Idle
-            || self.record_wanted
+            || !self.records.is_idle()
+            || self.records.is_wanted()
             || !self.reqs.is_empty()
             || self.backing_flush_inflight.is_some()
             || !self.backing_flush_waiting.is_empty()

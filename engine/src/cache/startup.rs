@@ -109,7 +109,7 @@ impl<A: BufAlloc> Engine<A> {
                 );
             }
             StartIo::RecordWrite => {
-                if let Some(b) = self.record_buf.take() {
+                if let Some(b) = self.records.take_buf() {
                     self.release_buf(b);
                 }
                 self.issue(
@@ -169,7 +169,7 @@ impl<A: BufAlloc> Engine<A> {
             return self.fail_open(OpenError::NoRecord);
         };
         self.install_geometry(sb);
-        self.record = record;
+        self.records.install(record);
         self.last_wb = record.last_writeback_id;
         self.last_wb_epoch = record.last_writeback_epoch;
         let st = self.st();
@@ -220,14 +220,14 @@ impl<A: BufAlloc> Engine<A> {
             b[at..at + BLOCK_SIZE as usize].copy_from_slice(&record.encode());
         }
         self.install_geometry(sb);
-        self.record = record;
+        self.records.install(record);
         if let Err(e) = self.pmem_attach(true) {
             return self.fail_open(e);
         }
         self.epoch = record.epoch;
         self.next_id = 1;
         self.durability.reset(0);
-        self.record_buf = Some(buf);
+        self.records.set_buf(buf);
         self.issue(
             Device::Cache,
             CommandKind::Write {
@@ -276,8 +276,8 @@ impl<A: BufAlloc> Engine<A> {
 
     /// Applies read logs in id order while the chain holds.
     fn apply_ready(&mut self) {
-        let uuid = self.record.cache_uuid;
-        let max_epoch = self.record.epoch;
+        let uuid = self.records.current().cache_uuid;
+        let max_epoch = self.records.current().epoch;
         loop {
             let st = self.st();
             let id = st.next_apply;
@@ -356,18 +356,18 @@ impl<A: BufAlloc> Engine<A> {
         }
         // A new incarnation: logs written from now on carry a higher epoch, so
         // stale logs after the chain end can never be mistaken for its continuation.
-        self.epoch = self.record.epoch + 1;
+        self.epoch = self.records.current().epoch + 1;
         let rec = self.next_record();
         self.st().record = Some(rec);
         self.write_record(rec, Purpose::Startup(StartIo::RecordWrite));
     }
 
     fn become_ready(&mut self) {
-        if let Some(b) = self.record_buf.take() {
+        if let Some(b) = self.records.take_buf() {
             self.release_buf(b);
         }
         if let Some(rec) = self.startup.take().and_then(|st| st.record) {
-            self.record = rec;
+            self.records.install(rec);
         }
         if self.persistent {
             let busy: Vec<BufId> = self.recovered.iter().map(|o| o.buf).collect();
@@ -384,7 +384,7 @@ impl<A: BufAlloc> Engine<A> {
                 self.free_log_bufs.push(b);
             }
         }
-        self.last_record_at = self.now;
+        self.records.opened(self.now);
         self.phase = Phase::Running;
         // What the pool held goes to the cache device as logs (ids continue
         // right after the last durable log).
@@ -398,7 +398,7 @@ impl<A: BufAlloc> Engine<A> {
     /// `formatted`: the cache was formatted now, so the pool is too.
     fn pmem_attach(&mut self, formatted: bool) -> Result<(), OpenError> {
         let Some(mut pm) = self.pmem.take() else {
-            if !formatted && self.record.flags & RECORD_FLAG_PMEM != 0 {
+            if !formatted && self.records.current().flags & RECORD_FLAG_PMEM != 0 {
                 return Err(OpenError::PoolRequired);
             }
             return Ok(());
@@ -413,12 +413,12 @@ impl<A: BufAlloc> Engine<A> {
         let mut hdr = [0u8; 64];
         pm.read(0, &mut hdr);
         let want = PoolHeader {
-            cache_uuid: self.record.cache_uuid,
+            cache_uuid: self.records.current().cache_uuid,
             segment_size: self.geo.segment_size,
             data_blocks: self.geo.data_blocks,
             nr_slots: layout.nr_slots,
         };
-        let had_pmem = self.record.flags & RECORD_FLAG_PMEM != 0;
+        let had_pmem = self.records.current().flags & RECORD_FLAG_PMEM != 0;
         let reformat = match PoolHeader::parse(&hdr).map_err(OpenError::Pool)? {
             // Only an explicit format request may take over a used pool.
             _ if formatted && self.params.format => true,
@@ -522,7 +522,7 @@ impl<A: BufAlloc> Engine<A> {
                 })
                 .collect();
             // Written again as a log of the new incarnation.
-            self.replay_log(id, self.record.epoch + 1, &mbs);
+            self.replay_log(id, self.records.current().epoch + 1, &mbs);
             self.seg_mut(id).buf = Some(buf);
             self.seg_mut(id).pool_committed = slots.len() as u32;
             self.recovered.push(OpenLog {

@@ -469,7 +469,7 @@ impl<A: BufAlloc> Engine<A> {
         let occupant = self.next_id - nr;
         let seg = self.seg(self.next_id);
         seg.id != occupant
-            || (occupant <= self.record.last_writeback_id && seg.readers == 0 && seg.buf.is_none())
+            || (occupant <= self.records.current().last_writeback_id && seg.readers == 0 && seg.buf.is_none())
     }
 
     /// Mode 1: recovery takes the pool's slots as a run of consecutive logs
@@ -494,7 +494,7 @@ impl<A: BufAlloc> Engine<A> {
             return None;
         }
         let occupant = self.next_id - nr;
-        (self.seg(self.next_id).id == occupant && occupant > self.record.last_writeback_id)
+        (self.seg(self.next_id).id == occupant && occupant > self.records.current().last_writeback_id)
             .then_some(occupant)
     }
 
