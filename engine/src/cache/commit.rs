@@ -77,7 +77,11 @@ impl<A: BufAlloc> Engine<A> {
                 dirty: s.dirty,
             })
             .collect();
-        let (geo, epoch, uuid) = (self.geo, self.epoch, self.records.current().cache_uuid);
+        let (geo, epoch, uuid) = (
+            self.geo,
+            self.ring.epoch(),
+            self.records.current().cache_uuid,
+        );
         let b = self.buf_mut(o.buf);
         let (hdr, data) = b.split_at_mut(hl);
         let crcs: Vec<u32> = o
@@ -126,7 +130,7 @@ impl<A: BufAlloc> Engine<A> {
 
     /// Returns log `id`'s buffer (and in mode 1 its pmem slot) for reuse.
     fn release_log_buf(&mut self, id: u64) {
-        let seg = self.seg_mut(id);
+        let seg = self.ring.seg_mut(id);
         if seg.id != id {
             return;
         }
@@ -171,7 +175,7 @@ impl<A: BufAlloc> Engine<A> {
     /// Moves `durable_id` up to just below the lowest log that is not durable
     /// yet, and completes the requests that waited for it.
     fn advance_frontier(&mut self) {
-        let mut lowest = self.open.as_ref().map_or(self.next_id, |o| o.id);
+        let mut lowest = self.open.as_ref().map_or(self.ring.next_id(), |o| o.id);
         if let Some(id) = self.durability.lowest_unflushed() {
             lowest = lowest.min(id);
         }
@@ -181,7 +185,7 @@ impl<A: BufAlloc> Engine<A> {
         let became = self.durability.advance(lowest);
         let now = self.now;
         for id in became.clone() {
-            let seg = self.seg_mut(id);
+            let seg = self.ring.seg_mut(id);
             if seg.id == id {
                 seg.durable_at = now;
             }
@@ -208,7 +212,7 @@ impl<A: BufAlloc> Engine<A> {
 
     /// A fill read for slot `slot` of log `id` ended.
     pub(super) fn fill_done(&mut self, id: u64, slot: u32, src_id: u64, fbuf: BufId, ok: bool) {
-        self.unhold(src_id);
+        self.ring.unhold(src_id);
         let hl = self.geo.header_len();
         let in_open = self.open.as_ref().is_some_and(|o| o.id == id);
         let log = if in_open {
@@ -230,7 +234,7 @@ impl<A: BufAlloc> Engine<A> {
                 e.dirty &= !fill;
             });
             if change == Some(Dirty::Cleaned) {
-                self.seg_mut(id).live_dirty -= 1;
+                self.ring.seg_mut(id).live_dirty -= 1;
             }
         }
         if ok && fill != 0 {
@@ -278,7 +282,7 @@ impl<A: BufAlloc> Engine<A> {
         }
         let urgent = self
             .next_position_blocked_on()
-            .is_some_and(|occ| occ <= self.last_wb);
+            .is_some_and(|occ| occ <= self.ring.last_wb());
         // At shutdown the record goes last (in mode 1 a partial buffer stays open in pmem).
         let at_shutdown = self.phase == Phase::ShuttingDown
             && self.wb.is_none()
@@ -291,7 +295,7 @@ impl<A: BufAlloc> Engine<A> {
         }
         if !urgent
             && self.phase == Phase::Running
-            && self.last_wb == self.records.current().last_writeback_id
+            && self.ring.last_wb() == self.records.current().last_writeback_id
             && self.records.current().flags == self.record_flags()
         {
             self.records.unwant();
@@ -306,9 +310,9 @@ impl<A: BufAlloc> Engine<A> {
     /// and this incarnation's epoch, one sequence number past the last.
     pub(super) fn next_record(&self) -> SbRecord {
         self.records.next(
-            self.last_wb,
-            self.last_wb_epoch,
-            self.epoch,
+            self.ring.last_wb(),
+            self.ring.last_wb_epoch(),
+            self.ring.epoch(),
             self.record_flags(),
         )
     }

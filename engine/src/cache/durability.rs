@@ -116,7 +116,8 @@ impl Durability {
     /// became durable.
     pub(super) fn advance(&mut self, lowest_pending: u64) -> RangeInclusive<u64> {
         debug_assert!(
-            self.lowest_unflushed().is_none_or(|id| id >= lowest_pending),
+            self.lowest_unflushed()
+                .is_none_or(|id| id >= lowest_pending),
             "an unflushed log lies below the given lowest pending log"
         );
         let before = self.frontier;

@@ -13,10 +13,11 @@
 
 mod commit;
 mod durability;
-mod records;
 mod index;
 mod inflight;
 mod read;
+mod records;
+mod ring;
 mod startup;
 mod write;
 mod writeback;
@@ -36,9 +37,10 @@ use crate::pmem::{Pmem, PoolLayout};
 use crate::stats::{Stats, Status};
 
 use self::durability::Durability;
-use self::records::Records;
 use self::index::{Dirty, Entry, Index};
 use self::inflight::{Ended, InFlight};
+use self::records::Records;
+use self::ring::Ring;
 use self::startup::Startup;
 use self::writeback::WbBatch;
 
@@ -46,27 +48,6 @@ use self::writeback::WbBatch;
 const WRITEBACK_RETRY_NS: Nanos = 1_000_000_000;
 /// Queue depth at which the backing device counts as 100 % loaded.
 const BACKING_NOMINAL_QD: u64 = 32;
-
-/// One ring position of the cache device.
-#[derive(Debug, Default)]
-struct SegMeta {
-    /// Log id occupying this position (0 = none).
-    id: u64,
-    /// Backing block of each data slot.
-    blocks: Vec<u64>,
-    /// RAM copy while the log is open or being written.
-    buf: Option<BufId>,
-    /// Reads of this position in flight; it cannot be reused until they end.
-    readers: u32,
-    /// Slots whose index entry is dirty and points here.
-    live_dirty: u32,
-    /// Epoch the log was (or will be) written with.
-    epoch: u64,
-    /// Blocks committed in the log's pmem slot (mode 1).
-    pool_committed: u32,
-    /// When the log became durable on the cache device (0 for recovered logs).
-    durable_at: Nanos,
-}
 
 /// A slot of the open log.
 #[derive(Clone, Copy, Debug)]
@@ -190,10 +171,8 @@ pub struct Engine<A: BufAlloc> {
     reqs: FxHashMap<ReqId, UserReq>,
 
     index: Index,
-    segs: Vec<SegMeta>,
+    ring: Ring,
 
-    next_id: u64,
-    epoch: u64,
     open: Option<OpenLog>,
     /// Logs taken out of `open` that still wait for fill reads before sealing.
     sealing: Vec<OpenLog>,
@@ -208,9 +187,6 @@ pub struct Engine<A: BufAlloc> {
     backing_flushed_gen: u64,
     stalled: VecDeque<StalledWrite>,
 
-    last_wb: u64,
-    /// Epoch of log `last_wb`.
-    last_wb_epoch: u64,
     records: Records,
     wb: Option<WbBatch>,
     wb_bufs: Vec<BufId>,
@@ -305,9 +281,7 @@ impl<A: BufAlloc> Engine<A> {
             events: VecDeque::new(),
             reqs: FxHashMap::default(),
             index: Index::default(),
-            segs: Vec::new(),
-            next_id: 1,
-            epoch: 0,
+            ring: Ring::default(),
             open: None,
             sealing: Vec::new(),
             free_log_bufs: Vec::new(),
@@ -317,8 +291,6 @@ impl<A: BufAlloc> Engine<A> {
             backing_write_gen: 0,
             backing_flushed_gen: 0,
             stalled: VecDeque::new(),
-            last_wb: 0,
-            last_wb_epoch: 0,
             records: Records::new(now),
             wb: None,
             wb_bufs: Vec::new(),
@@ -394,7 +366,7 @@ impl<A: BufAlloc> Engine<A> {
             return None;
         }
         self.records
-            .deadline(self.tunables.update_sb_record_interval, self.last_wb)
+            .deadline(self.tunables.update_sb_record_interval, self.ring.last_wb())
     }
 
     /// Tells the engine the time has come (or passed) for a deadline.
@@ -542,9 +514,9 @@ impl<A: BufAlloc> Engine<A> {
 
     pub fn status(&self) -> Status {
         Status {
-            next_segment_id: self.next_id,
+            next_segment_id: self.ring.next_id(),
             cursor: if self.geo.nr_segments > 0 {
-                self.geo.position(self.next_id)
+                self.geo.position(self.ring.next_id())
             } else {
                 0
             },
@@ -553,7 +525,7 @@ impl<A: BufAlloc> Engine<A> {
             data_blocks_per_segment: self.geo.data_blocks,
             current_id: self.open.as_ref().map_or(0, |o| o.id),
             last_flushed_id: self.durability.frontier(),
-            last_writeback_id: self.last_wb,
+            last_writeback_id: self.ring.last_wb(),
             recorded_writeback_id: self.records.current().last_writeback_id,
             nr_dirty_blocks: self.index.nr_dirty(),
             nr_cached_blocks: self.index.len(),
@@ -562,7 +534,7 @@ impl<A: BufAlloc> Engine<A> {
             read_only: self.read_only,
             drop_caches_active: self.drop_caches,
             writeback_active: self.wb.is_some(),
-            epoch: self.epoch,
+            epoch: self.ring.epoch(),
             cache_uuid: self.records.current().cache_uuid,
         }
     }
@@ -575,10 +547,10 @@ impl<A: BufAlloc> Engine<A> {
             return Ok(());
         }
         let mut dirty = 0u64;
-        let mut live = vec![0u32; self.segs.len()];
+        let mut live = vec![0u32; self.ring.nr_segments() as usize];
         for (block, e) in self.index.iter() {
             let pos = self.geo.position(e.id) as usize;
-            let seg = &self.segs[pos];
+            let seg = self.ring.seg(e.id);
             if seg.id != e.id {
                 return Err(format!(
                     "block {block}: log {} is not at its position (holds {})",
@@ -607,7 +579,7 @@ impl<A: BufAlloc> Engine<A> {
                 self.index.nr_dirty()
             ));
         }
-        for (pos, seg) in self.segs.iter().enumerate() {
+        for (pos, seg) in self.ring.iter().enumerate() {
             if seg.live_dirty != live[pos] {
                 return Err(format!(
                     "log {} live_dirty {} but {} dirty entries",
@@ -653,7 +625,7 @@ impl<A: BufAlloc> Engine<A> {
                 e.valid,
                 e.dirty,
                 e.logged_dirty,
-                self.seg(e.id).buf.is_some()
+                self.ring.seg(e.id).buf.is_some()
             ),
         }
     }
@@ -798,7 +770,7 @@ impl<A: BufAlloc> Engine<A> {
         }
         let r = self.reqs.remove(&req).expect("request present");
         for id in r.holds {
-            self.unhold(id);
+            self.ring.unhold(id);
         }
         self.backing_load -= r.backing_load as u64;
         self.events.push_back(Event::Completed {
@@ -809,28 +781,6 @@ impl<A: BufAlloc> Engine<A> {
 
     fn complete_now(&mut self, req: ReqId, result: Result<(), IoError>) {
         self.events.push_back(Event::Completed { req, result });
-    }
-
-    /// Stops holding ring position of log `id` for a read.
-    fn unhold(&mut self, id: u64) {
-        let pos = self.geo.position(id) as usize;
-        if self.segs[pos].id == id {
-            self.segs[pos].readers -= 1;
-        }
-    }
-
-    fn hold(&mut self, id: u64) {
-        let pos = self.geo.position(id) as usize;
-        self.segs[pos].readers += 1;
-    }
-
-    fn seg(&self, id: u64) -> &SegMeta {
-        &self.segs[self.geo.position(id) as usize]
-    }
-
-    fn seg_mut(&mut self, id: u64) -> &mut SegMeta {
-        let pos = self.geo.position(id) as usize;
-        &mut self.segs[pos]
     }
 
     /// Backing device load as a percentage, as the engine sees it.
@@ -854,7 +804,7 @@ impl<A: BufAlloc> Engine<A> {
     /// A dirty entry left the index: its log holds one dirty block less.
     fn unlink_dirty(&mut self, e: &Entry) {
         if e.dirty != 0 {
-            self.seg_mut(e.id).live_dirty -= 1;
+            self.ring.seg_mut(e.id).live_dirty -= 1;
         }
     }
 

@@ -140,7 +140,7 @@ impl<A: BufAlloc> Engine<A> {
             match self.index.get(&block).copied() {
                 Some(e) => {
                     let (hit, miss) = (mask & e.valid, mask & !e.valid);
-                    let ram = self.seg(e.id).buf;
+                    let ram = self.ring.seg(e.id).buf;
                     self.stats.count(false, hit != 0, ram.is_some(), full);
                     for_each_run(hit, |s0, n| {
                         let (a, l) = (
@@ -229,7 +229,7 @@ impl<A: BufAlloc> Engine<A> {
         }
         self.read_cmds = cmds;
         for &id in &holds {
-            self.hold(id);
+            self.ring.hold(id);
         }
         if parts == 0 && !self.reqs.contains_key(&req) {
             self.complete_now(req, Ok(()));
@@ -305,7 +305,7 @@ impl<A: BufAlloc> Engine<A> {
                 let from = (i * BLOCK_SIZE) as usize;
                 self.buf_mut(buf)[at..at + BLOCK_SIZE as usize]
                     .copy_from_slice(&scratch.as_ref()[from..from + BLOCK_SIZE as usize]);
-                self.seg_mut(id).blocks.push(block);
+                self.ring.seg_mut(id).blocks.push(block);
                 self.index.insert(
                     block,
                     Entry {

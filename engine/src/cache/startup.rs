@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{Engine, Entry, OpenLog, Phase, Purpose, SegMeta, Slot};
+use super::{Engine, Entry, OpenLog, Phase, Purpose, Slot};
 use crate::error::{FormatError, OpenError};
 use crate::format::{
     BackingIdentity, META_AREA_LEN, RECORD_OFFSETS, SbRecord, Superblock, verify_segment,
@@ -170,8 +170,8 @@ impl<A: BufAlloc> Engine<A> {
         };
         self.install_geometry(sb);
         self.records.install(record);
-        self.last_wb = record.last_writeback_id;
-        self.last_wb_epoch = record.last_writeback_epoch;
+        self.ring
+            .set_writeback_frontier(record.last_writeback_id, record.last_writeback_epoch);
         let st = self.st();
         st.next_issue = record.last_writeback_id + 1;
         st.next_apply = record.last_writeback_id + 1;
@@ -183,9 +183,7 @@ impl<A: BufAlloc> Engine<A> {
     fn install_geometry(&mut self, sb: Superblock) {
         self.geo = sb.geometry();
         self.sb = Some(sb);
-        self.segs = (0..self.geo.nr_segments)
-            .map(|_| SegMeta::default())
-            .collect();
+        self.ring.install(self.geo.nr_segments);
     }
 
     fn format(&mut self) {
@@ -224,8 +222,8 @@ impl<A: BufAlloc> Engine<A> {
         if let Err(e) = self.pmem_attach(true) {
             return self.fail_open(e);
         }
-        self.epoch = record.epoch;
-        self.next_id = 1;
+        self.ring.set_epoch(record.epoch);
+        self.ring.set_next_id(1);
         self.durability.reset(0);
         self.records.set_buf(buf);
         self.issue(
@@ -242,7 +240,7 @@ impl<A: BufAlloc> Engine<A> {
     fn issue_replay_reads(&mut self) {
         let (nr, last_wb, seg_len) = (
             self.geo.nr_segments,
-            self.last_wb,
+            self.ring.last_wb(),
             self.geo.segment_size as usize,
         );
         loop {
@@ -304,13 +302,8 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     fn replay_log(&mut self, id: u64, epoch: u64, mbs: &[crate::format::Metablock]) {
-        let pos = self.geo.position(id) as usize;
-        self.segs[pos] = SegMeta {
-            id,
-            epoch,
-            blocks: mbs.iter().map(|m| m.block).collect(),
-            ..SegMeta::default()
-        };
+        self.ring
+            .replay(id, epoch, mbs.iter().map(|m| m.block).collect());
         for (slot, mb) in mbs.iter().enumerate() {
             // Clean (read-cached) blocks are not replayed: an invalidation of
             // them may not be on disk, and the backing device has their data.
@@ -331,7 +324,7 @@ impl<A: BufAlloc> Engine<A> {
                 },
             );
             if mb.valid != 0 {
-                self.segs[pos].live_dirty += 1;
+                self.ring.seg_mut(id).live_dirty += 1;
             }
         }
     }
@@ -349,14 +342,14 @@ impl<A: BufAlloc> Engine<A> {
         for b in bufs {
             self.release_buf(b);
         }
-        self.next_id = next;
+        self.ring.set_next_id(next);
         self.durability.reset(next - 1);
         if let Err(e) = self.pmem_attach(false) {
             return self.fail_open(e);
         }
         // A new incarnation: logs written from now on carry a higher epoch, so
         // stale logs after the chain end can never be mistaken for its continuation.
-        self.epoch = self.records.current().epoch + 1;
+        self.ring.set_epoch(self.records.current().epoch + 1);
         let rec = self.next_record();
         self.st().record = Some(rec);
         self.write_record(rec, Purpose::Startup(StartIo::RecordWrite));
@@ -454,7 +447,7 @@ impl<A: BufAlloc> Engine<A> {
     /// Turns the pool slots holding logs newer than the last durable one
     /// into logs again, with every committed block, in id order.
     fn recover_slots(&mut self, pm: &mut dyn Pmem, layout: &PoolLayout) {
-        let durable = self.next_id - 1;
+        let durable = self.ring.next_id() - 1;
         let mut found = Vec::new();
         for i in 0..layout.nr_slots {
             let mut h = [0u8; 24];
@@ -476,7 +469,7 @@ impl<A: BufAlloc> Engine<A> {
         for (id, _, i) in found {
             // Logs are opened in id order with their slot header persisted
             // first, so only a run continuing the durable logs is genuine.
-            if done || id != self.next_id {
+            if done || id != self.ring.next_id() {
                 stale.push(i);
                 continue;
             }
@@ -523,8 +516,8 @@ impl<A: BufAlloc> Engine<A> {
                 .collect();
             // Written again as a log of the new incarnation.
             self.replay_log(id, self.records.current().epoch + 1, &mbs);
-            self.seg_mut(id).buf = Some(buf);
-            self.seg_mut(id).pool_committed = slots.len() as u32;
+            self.ring.seg_mut(id).buf = Some(buf);
+            self.ring.seg_mut(id).pool_committed = slots.len() as u32;
             self.recovered.push(OpenLog {
                 id,
                 buf,
@@ -535,7 +528,7 @@ impl<A: BufAlloc> Engine<A> {
                 opened_at: self.now,
                 pslot: Some(i),
             });
-            self.next_id = id + 1;
+            self.ring.set_next_id(id + 1);
         }
         // Slots not recovered hold nothing acknowledged (a later slot cannot
         // hold acknowledged data without every earlier one). Clear them, so a
@@ -545,7 +538,7 @@ impl<A: BufAlloc> Engine<A> {
             pm.persist(layout.slot(i), 24);
         }
         if !self.recovered.is_empty() {
-            self.pmem_drain_until = self.next_id - 1;
+            self.pmem_drain_until = self.ring.next_id() - 1;
         }
     }
 }

@@ -1,8 +1,7 @@
 //! User writes: placing cache lines into the open buffer, or bypassing the log.
 
 use super::{
-    Dirty, Engine, Entry, OpenLog, Purpose, SegMeta, Slot, StalledWrite, data_ref_user,
-    for_each_run,
+    Dirty, Engine, Entry, OpenLog, Purpose, Slot, StalledWrite, data_ref_user, for_each_run,
 };
 use crate::error::{IoError, SubmitError};
 use crate::geometry::{BLOCK_SIZE, FULL_MASK, SECTOR_SIZE};
@@ -127,7 +126,7 @@ impl<A: BufAlloc> Engine<A> {
         match &self.open {
             Some(o) if o.has_dirty => o.id,
             Some(o) => o.id - 1,
-            None => self.next_id - 1,
+            None => self.ring.next_id() - 1,
         }
     }
 
@@ -192,7 +191,7 @@ impl<A: BufAlloc> Engine<A> {
             .is_none_or(|o| o.slots.len() as u32 >= self.geo.data_blocks)
             && self
                 .next_position_blocked_on()
-                .is_some_and(|occupant| occupant > self.last_wb)
+                .is_some_and(|occupant| occupant > self.ring.last_wb())
     }
 
     /// No block in the range holds data that only the cache has, or that
@@ -316,7 +315,7 @@ impl<A: BufAlloc> Engine<A> {
                 ent.logged_dirty = true;
             });
             if change == Some(Dirty::Became) {
-                self.seg_mut(id).live_dirty += 1;
+                self.ring.seg_mut(id).live_dirty += 1;
             }
             self.stats.count(true, true, true, full);
             return Some(id);
@@ -344,7 +343,7 @@ impl<A: BufAlloc> Engine<A> {
             let carry = old.dirty & !mask;
             if carry != 0 {
                 valid |= carry;
-                if let Some(src_buf) = self.seg(old.id).buf {
+                if let Some(src_buf) = self.ring.seg(old.id).buf {
                     let src_at = hl + old.slot as usize * BLOCK_SIZE as usize;
                     let mut tmp = [0u8; BLOCK_SIZE as usize];
                     tmp.copy_from_slice(&self.buf(src_buf)[src_at..src_at + BLOCK_SIZE as usize]);
@@ -378,7 +377,7 @@ impl<A: BufAlloc> Engine<A> {
         });
         o.has_dirty = true;
         let full_log = o.slots.len() as u32 == self.geo.data_blocks;
-        let seg = self.seg_mut(id);
+        let seg = self.ring.seg_mut(id);
         seg.blocks.push(block);
         if valid != 0 {
             seg.live_dirty += 1;
@@ -403,7 +402,7 @@ impl<A: BufAlloc> Engine<A> {
         if let Some(old) = fill_src {
             self.open.as_mut().expect("open log").fills_pending += 1;
             let fbuf = self.alloc_buf(BLOCK_SIZE as usize);
-            self.hold(old.id);
+            self.ring.hold(old.id);
             let offset = self.geo.slot_offset(old.id, old.slot);
             self.issue(
                 Device::Cache,
@@ -462,14 +461,13 @@ impl<A: BufAlloc> Engine<A> {
         {
             return false;
         }
-        let nr = self.geo.nr_segments;
-        if self.next_id <= nr {
+        let Some(occupant) = self.ring.next_occupant() else {
             return true;
-        }
-        let occupant = self.next_id - nr;
-        let seg = self.seg(self.next_id);
-        seg.id != occupant
-            || (occupant <= self.records.current().last_writeback_id && seg.readers == 0 && seg.buf.is_none())
+        };
+        let seg = self.ring.seg(occupant);
+        occupant <= self.records.current().last_writeback_id
+            && seg.readers == 0
+            && seg.buf.is_none()
     }
 
     /// Mode 1: recovery takes the pool's slots as a run of consecutive logs
@@ -479,36 +477,26 @@ impl<A: BufAlloc> Engine<A> {
     /// would hide every later log's acknowledged writes, so the next log
     /// opens only once it has a committed block or is durable.
     fn previous_log_uncommitted(&self) -> bool {
-        if !self.persistent || self.pool.is_none() || self.next_id <= 1 {
+        if !self.persistent || self.pool.is_none() || self.ring.next_id() <= 1 {
             return false;
         }
-        let prev = self.next_id - 1;
-        let seg = self.seg(prev);
+        let prev = self.ring.next_id() - 1;
+        let seg = self.ring.seg(prev);
         !self.durability.is_durable(prev) && seg.id == prev && seg.pool_committed == 0
     }
 
     /// Whether the position the next log needs waits for writeback or a record.
     pub(super) fn next_position_blocked_on(&self) -> Option<u64> {
-        let nr = self.geo.nr_segments;
-        if self.next_id <= nr {
-            return None;
-        }
-        let occupant = self.next_id - nr;
-        (self.seg(self.next_id).id == occupant && occupant > self.records.current().last_writeback_id)
-            .then_some(occupant)
+        self.ring
+            .next_occupant()
+            .filter(|&occ| occ > self.records.current().last_writeback_id)
     }
 
     fn open_log(&mut self) {
-        let id = self.next_id;
-        self.next_id += 1;
         let buf = self.free_log_bufs.pop().expect("free log buffer");
-        let pos = self.geo.position(id) as usize;
         // Reclaim the position: the old log is written back, so whatever of it
         // is still indexed is clean and can go.
-        let (old_id, mut blocks) = (
-            self.segs[pos].id,
-            std::mem::take(&mut self.segs[pos].blocks),
-        );
+        let (id, old_id, mut blocks) = self.ring.open_next(buf);
         for &b in &blocks {
             if self.index.get(&b).is_some_and(|e| e.id == old_id) {
                 self.drop_entry(b);
@@ -528,19 +516,10 @@ impl<A: BufAlloc> Engine<A> {
         };
         if let (Some(i), Some(pool), Some(pm)) = (pslot, self.pool, self.pmem.as_mut()) {
             let at = pool.slot(i);
-            pm.write(at, &crate::pmem::encode_slot_header(id, self.epoch));
+            pm.write(at, &crate::pmem::encode_slot_header(id, self.ring.epoch()));
             pm.persist(at, crate::pmem::SLOT_HEADER);
         }
-        self.segs[pos] = SegMeta {
-            id,
-            epoch: self.epoch,
-            blocks,
-            buf: Some(buf),
-            readers: 0,
-            live_dirty: 0,
-            pool_committed: 0,
-            durable_at: 0,
-        };
+        self.ring.set_blocks(id, blocks);
         self.open = Some(OpenLog {
             id,
             buf,
@@ -592,7 +571,7 @@ impl<A: BufAlloc> Engine<A> {
         pm.write_persist(e + 24, &crate::pmem::commit_word(id, &entry).to_le_bytes());
         // The data is final once published: the seal reuses its checksum.
         s.crc = Some(crc);
-        let seg = self.seg_mut(id);
+        let seg = self.ring.seg_mut(id);
         if seg.id == id {
             seg.pool_committed += 1;
         }

@@ -29,7 +29,7 @@ impl<A: BufAlloc> Engine<A> {
     /// Whether the cache is close enough to full that writeback must run
     /// whatever the backing device's load.
     fn writeback_urgent(&self) -> bool {
-        let used = self.next_id - 1 - self.last_wb;
+        let used = self.ring.in_use();
         let reserve = (self.params.nr_buffers as u64).max(self.geo.nr_segments / 16);
         used + reserve >= self.geo.nr_segments
             || (!self.stalled.is_empty() && self.next_position_blocked_on().is_some())
@@ -39,31 +39,31 @@ impl<A: BufAlloc> Engine<A> {
         while self.wb.is_none()
             && self.phase == Phase::Running
             && self.wb_retry_at.is_none()
-            && self.durability.frontier() > self.last_wb
+            && self.durability.frontier() > self.ring.last_wb()
         {
             let needed = self.drop_caches || self.writeback_urgent();
             if !needed && !self.background_writeback_allowed() {
                 return;
             }
-            let mut limit =
-                (self.last_wb + self.tunables.nr_max_batched_writeback as u64).min(self.durability.frontier());
+            let mut limit = (self.ring.last_wb() + self.tunables.nr_max_batched_writeback as u64)
+                .min(self.durability.frontier());
             if !needed {
                 // Background writeback takes only logs past their delay.
-                while limit > self.last_wb && !self.past_writeback_delay(limit) {
+                while limit > self.ring.last_wb() && !self.past_writeback_delay(limit) {
                     limit -= 1;
                 }
-                if limit == self.last_wb {
+                if limit == self.ring.last_wb() {
                     return;
                 }
             }
             // The batch stops before a log holding a block whose newest copy
             // is not durable yet: if that copy were lost in a crash, this log
             // would be the durable copy, so it must stay replayable.
-            let blocked = (self.last_wb + 1..=limit)
+            let blocked = (self.ring.last_wb() + 1..=limit)
                 .find_map(|id| self.superseded_by_volatile(id).map(|b| (id, b)));
             let last = blocked.map_or(limit, |(id, _)| id - 1);
             if let Some((_, blocker)) = blocked
-                && last == self.last_wb
+                && last == self.ring.last_wb()
                 && self.open.as_ref().is_some_and(|o| o.id == blocker)
             {
                 // Make the blocking buffer durable (mode 0); in mode 1 the
@@ -71,7 +71,7 @@ impl<A: BufAlloc> Engine<A> {
                 self.request_seal();
                 self.seal_if_due();
             }
-            if last == self.last_wb {
+            if last == self.ring.last_wb() {
                 return;
             }
             let mut batch = WbBatch {
@@ -86,8 +86,8 @@ impl<A: BufAlloc> Engine<A> {
             // it lies in the batch. A write arriving during the batch may
             // supersede one with a copy that is not durable yet; the batch's
             // copy is then the durable one and must still reach the backing device.
-            for id in self.last_wb + 1..=last {
-                let seg = self.seg(id);
+            for id in self.ring.last_wb() + 1..=last {
+                let seg = self.ring.seg(id);
                 if seg.id != id || seg.live_dirty == 0 {
                     continue;
                 }
@@ -121,7 +121,7 @@ impl<A: BufAlloc> Engine<A> {
                     None => self.alloc_buf(self.geo.segment_size as usize),
                 };
                 for (first, n) in runs {
-                    self.hold(id);
+                    self.ring.hold(id);
                     self.issue(
                         Device::Cache,
                         CommandKind::Read {
@@ -140,8 +140,7 @@ impl<A: BufAlloc> Engine<A> {
             }
             if batch.reads_pending == 0 {
                 // Nothing live was dirty: the logs are superseded or clean.
-                self.last_wb = last;
-                self.last_wb_epoch = self.seg(last).epoch;
+                self.ring.written_back(last);
                 continue;
             }
             self.wb = Some(batch);
@@ -153,12 +152,12 @@ impl<A: BufAlloc> Engine<A> {
     fn background_writeback_allowed(&self) -> bool {
         self.tunables.writeback_threshold > 0
             && self.backing_load_pct() < self.tunables.writeback_threshold as u64
-            && self.past_writeback_delay(self.last_wb + 1)
+            && self.past_writeback_delay(self.ring.last_wb() + 1)
     }
 
     /// When durable log `id` has waited `writeback_delay_ms`.
     fn writeback_due_at(&self, id: u64) -> Nanos {
-        self.seg(id).durable_at + self.tunables.writeback_delay_ms as u64 * 1_000_000
+        self.ring.seg(id).durable_at + self.tunables.writeback_delay_ms as u64 * 1_000_000
     }
 
     fn past_writeback_delay(&self, id: u64) -> bool {
@@ -170,19 +169,19 @@ impl<A: BufAlloc> Engine<A> {
     pub(super) fn writeback_delay_deadline(&self) -> Option<Nanos> {
         if self.phase != Phase::Running
             || self.wb.is_some()
-            || self.durability.frontier() <= self.last_wb
+            || self.durability.frontier() <= self.ring.last_wb()
             || self.tunables.writeback_threshold == 0
         {
             return None;
         }
-        let at = self.writeback_due_at(self.last_wb + 1);
+        let at = self.writeback_due_at(self.ring.last_wb() + 1);
         (at > self.now).then_some(at)
     }
 
     /// A log (id) holding the newest copy of a block that log `id` also
     /// holds, where that newest copy is not durable yet.
     fn superseded_by_volatile(&self, id: u64) -> Option<u64> {
-        let seg = self.seg(id);
+        let seg = self.ring.seg(id);
         if seg.id != id {
             return None;
         }
@@ -201,7 +200,7 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     pub(super) fn wb_read_done(&mut self, id: u64, ok: bool) {
-        self.unhold(id);
+        self.ring.unhold(id);
         let Some(b) = self.wb.as_mut() else { return };
         b.reads_pending -= 1;
         b.failed |= !ok;
@@ -306,12 +305,11 @@ impl<A: BufAlloc> Engine<A> {
                 .index
                 .update_copy(block, id, slot, |e| e.dirty &= !mask);
             if change == Some(Dirty::Cleaned) {
-                self.seg_mut(id).live_dirty -= 1;
+                self.ring.seg_mut(id).live_dirty -= 1;
             }
         }
-        if b.last > self.last_wb {
-            self.last_wb = b.last;
-            self.last_wb_epoch = self.seg(b.last).epoch;
+        if b.last > self.ring.last_wb() {
+            self.ring.written_back(b.last);
         }
         self.wb_bufs.extend(b.bufs.iter().map(|&(_, buf)| buf));
     }
