@@ -197,7 +197,7 @@ mod tests {
         d.flush_started();
         d.flush_done(true);
         // Log 5 is still being written: nothing moves.
-        assert_eq!(d.advance(d.lowest_unflushed().unwrap()), 5..=4);
+        assert!(d.advance(d.lowest_unflushed().unwrap()).is_empty());
         assert_eq!(d.frontier(), 4);
         d.written(5);
         assert!(d.has_written());
@@ -218,7 +218,7 @@ mod tests {
         d.flush_done(false);
         assert!(!d.flush_busy());
         assert_eq!(d.lowest_unflushed(), Some(1));
-        assert_eq!(d.advance(1), 1..=0);
+        assert!(d.advance(1).is_empty());
     }
 
     #[test]
