@@ -118,7 +118,7 @@ impl<A: BufAlloc> Engine<A> {
             return;
         }
         self.durability.written(id);
-        if self.persistent {
+        if self.pmem.acks_writes() {
             // The pmem slot is the only durable copy until the log is.
             return;
         }
@@ -136,8 +136,8 @@ impl<A: BufAlloc> Engine<A> {
         }
         let Some(b) = seg.buf.take() else { return };
         // Buffers taken only to recover pmem slots go back to the allocator.
-        let pooled = if self.persistent {
-            self.slot_bufs.contains(&b)
+        let pooled = if self.pmem.acks_writes() {
+            self.pmem.owns(b)
         } else {
             self.free_log_bufs.len() < self.params.nr_buffers as usize
         };
@@ -190,19 +190,15 @@ impl<A: BufAlloc> Engine<A> {
                 seg.durable_at = now;
             }
         }
-        if self.persistent {
+        if self.pmem.acks_writes() {
             // A pool slot is the only safe copy until recovery would replay
             // its log, that is until every earlier log is durable too.
             for id in became {
                 self.release_log_buf(id);
             }
         }
-        if self.pmem_drain_until > 0
-            && !self.persistent
-            && self.durability.is_durable(self.pmem_drain_until)
-        {
+        if self.pmem.drained(self.durability.frontier()) {
             // The drained pool holds nothing the cache device lacks: say so.
-            self.pmem_drain_until = 0;
             self.records.want();
         }
         for req in self.durability.take_ready() {
@@ -251,9 +247,9 @@ impl<A: BufAlloc> Engine<A> {
             });
         }
         self.release_buf(fbuf);
-        if self.persistent {
+        if self.pmem.acks_writes() {
             self.publish(id, slot);
-            for req in self.fill_waiters.remove(&(id, slot)).unwrap_or_default() {
+            for req in self.pmem.fill_landed(id, slot) {
                 self.part_done(req, Ok(()));
             }
         }
@@ -286,7 +282,7 @@ impl<A: BufAlloc> Engine<A> {
         // At shutdown the record goes last (in mode 1 a partial buffer stays open in pmem).
         let at_shutdown = self.phase == Phase::ShuttingDown
             && self.wb.is_none()
-            && (self.open.is_none() || self.persistent)
+            && (self.open.is_none() || self.pmem.acks_writes())
             && self.sealing.is_empty()
             && self.durability.lowest_unflushed().is_none();
         let wanted = self.records.is_wanted() && (self.phase == Phase::Running || at_shutdown);

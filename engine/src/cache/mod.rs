@@ -15,6 +15,7 @@ mod commit;
 mod durability;
 mod index;
 mod inflight;
+mod pmem_buffer;
 mod read;
 mod records;
 mod ring;
@@ -28,17 +29,18 @@ use rustc_hash::FxHashMap;
 
 use crate::config::{BufferMode, OpenParams, Tunables};
 use crate::error::{ConfigError, DeviceError, IoError, SubmitError};
-use crate::format::{RECORD_FLAG_PMEM, Superblock};
+use crate::format::Superblock;
 use crate::geometry::{BLOCK_SIZE, Geometry, SECTOR_SIZE};
 use crate::io::{
     BufAlloc, BufId, Command, CommandKind, DataRef, Device, Event, Nanos, ReqId, Token,
 };
-use crate::pmem::{Pmem, PoolLayout};
+use crate::pmem::Pmem;
 use crate::stats::{Stats, Status};
 
 use self::durability::Durability;
 use self::index::{Dirty, Entry, Index};
 use self::inflight::{Ended, InFlight};
+use self::pmem_buffer::PmemBuffer;
 use self::records::Records;
 use self::ring::Ring;
 use self::startup::Startup;
@@ -206,22 +208,10 @@ pub struct Engine<A: BufAlloc> {
     /// Scratch list of the commands a read is split into.
     read_cmds: Vec<(Command, Purpose)>,
 
-    /// The pmem pool, when one is attached.
-    pmem: Option<Box<dyn Pmem>>,
-    pool: Option<PoolLayout>,
-    /// Mode 1: writes are acknowledged once persisted in the pool.
-    persistent: bool,
-    /// RAM buffer of each pool slot (index = slot).
-    slot_bufs: Vec<BufId>,
+    /// The pmem pool: mode 1's write buffer, or a pool to drain.
+    pmem: PmemBuffer,
     /// Logs recovered from the pool, written to the cache device once ready.
     recovered: Vec<OpenLog>,
-    /// The record keeps the pmem flag until logs up to this id are durable
-    /// (draining a pool when switching to mode 0).
-    pmem_drain_until: u64,
-    /// Mode 1 writes waiting for a fill before their block can be published.
-    fill_waiters: FxHashMap<(u64, u32), Vec<ReqId>>,
-    /// Fills the placement in progress started (mode 1).
-    new_fills: Vec<(u64, u32)>,
 
     stats: Stats,
 }
@@ -303,14 +293,8 @@ impl<A: BufAlloc> Engine<A> {
             seq_run: 0,
             deferred_reads: Vec::new(),
             read_cmds: Vec::new(),
-            pmem,
-            pool: None,
-            persistent,
-            slot_bufs: Vec::new(),
+            pmem: PmemBuffer::new(pmem, persistent),
             recovered: Vec::new(),
-            pmem_drain_until: 0,
-            fill_waiters: FxHashMap::default(),
-            new_fills: Vec::new(),
             stats: Stats::default(),
         };
         e.start();
@@ -356,8 +340,8 @@ impl<A: BufAlloc> Engine<A> {
             && !o.seal_requested
             && !self.read_only
             // In mode 1 the open buffer is persistent already.
-            && !self.persistent)
-            .then(|| o.opened_at + self.tunables.sync_data_interval as u64 * 1_000_000_000)
+            && !self.pmem.acks_writes())
+        .then(|| o.opened_at + self.tunables.sync_data_interval as u64 * 1_000_000_000)
     }
 
     /// When the superblock record is next due under `update_sb_record_interval`.
@@ -495,7 +479,7 @@ impl<A: BufAlloc> Engine<A> {
                 self.phase = Phase::ShuttingDown;
                 self.fail_stalled(IoError::ReadOnly);
                 // In mode 1 a partial buffer stays in pmem: no partial log.
-                if !self.persistent {
+                if !self.pmem.acks_writes() {
                     self.request_seal();
                 }
                 self.records.want();
@@ -832,16 +816,12 @@ impl<A: BufAlloc> Engine<A> {
 
     /// Flags for the next superblock record.
     fn record_flags(&self) -> u32 {
-        if self.persistent || !self.durability.is_durable(self.pmem_drain_until) {
-            RECORD_FLAG_PMEM
-        } else {
-            0
-        }
+        self.pmem.record_flag(self.durability.frontier())
     }
 
     /// Whether the engine runs in mode 1.
     pub fn is_persistent(&self) -> bool {
-        self.persistent
+        self.pmem.acks_writes()
     }
 
     fn check_shutdown_done(&mut self) {
@@ -857,7 +837,7 @@ impl<A: BufAlloc> Engine<A> {
             }
             return;
         }
-        if (self.open.is_some() && !self.persistent)
+        if (self.open.is_some() && !self.pmem.acks_writes())
             || !self.sealing.is_empty()
             || !self.durability.is_settled()
             || self.wb.is_some()

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use super::pmem_buffer::AttachCheck;
 use super::{Engine, Entry, OpenLog, Phase, Purpose, Slot};
 use crate::error::{FormatError, OpenError};
 use crate::format::{
@@ -14,7 +15,6 @@ use crate::format::{
 use crate::format::{Metablock, RECORD_FLAG_PMEM};
 use crate::geometry::{BLOCK_SIZE, Geometry};
 use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Event};
-use crate::pmem::{ENTRY_SIZE, Pmem, PoolHeader, PoolLayout, parse_entry, parse_slot_header};
 
 /// Logs read ahead during replay.
 const REPLAY_QD: u64 = 4;
@@ -362,10 +362,11 @@ impl<A: BufAlloc> Engine<A> {
         if let Some(rec) = self.startup.take().and_then(|st| st.record) {
             self.records.install(rec);
         }
-        if self.persistent {
+        if self.pmem.acks_writes() {
             let busy: Vec<BufId> = self.recovered.iter().map(|o| o.buf).collect();
             self.free_log_bufs = self
-                .slot_bufs
+                .pmem
+                .slot_bufs()
                 .iter()
                 .copied()
                 .filter(|b| !busy.contains(b))
@@ -390,116 +391,68 @@ impl<A: BufAlloc> Engine<A> {
     /// Checks the pmem pool against this cache and recovers its slots.
     /// `formatted`: the cache was formatted now, so the pool is too.
     fn pmem_attach(&mut self, formatted: bool) -> Result<(), OpenError> {
-        let Some(mut pm) = self.pmem.take() else {
-            if !formatted && self.records.current().flags & RECORD_FLAG_PMEM != 0 {
+        let had_pmem = self.records.current().flags & RECORD_FLAG_PMEM != 0;
+        if !self.pmem.has_pool() {
+            if !formatted && had_pmem {
                 return Err(OpenError::PoolRequired);
             }
             return Ok(());
-        };
-        let result = self.pmem_attach_with(pm.as_mut(), formatted);
-        self.pmem = Some(pm);
-        result
-    }
-
-    fn pmem_attach_with(&mut self, pm: &mut dyn Pmem, formatted: bool) -> Result<(), OpenError> {
-        let layout = PoolLayout::new(pm.len(), &self.geo).map_err(OpenError::Pool)?;
-        let mut hdr = [0u8; 64];
-        pm.read(0, &mut hdr);
-        let want = PoolHeader {
-            cache_uuid: self.records.current().cache_uuid,
-            segment_size: self.geo.segment_size,
-            data_blocks: self.geo.data_blocks,
-            nr_slots: layout.nr_slots,
-        };
-        let had_pmem = self.records.current().flags & RECORD_FLAG_PMEM != 0;
-        let reformat = match PoolHeader::parse(&hdr).map_err(OpenError::Pool)? {
-            // Only an explicit format request may take over a used pool.
-            _ if formatted && self.params.format => true,
-            None if formatted => true,
-            // An empty pool is fine unless this cache's writes may be in one.
-            None if had_pmem => return Err(OpenError::PoolMismatch),
-            None => true,
-            Some(h) if h == want => false,
-            Some(_) => return Err(OpenError::PoolMismatch),
-        };
-        if reformat {
-            // Slot headers first, so no slot of an earlier use can pass for
-            // one of this cache once the header names it.
-            for i in 0..layout.nr_slots {
-                pm.write(layout.slot(i), &[0u8; 24]);
-                pm.persist(layout.slot(i), 24);
-            }
-            pm.write(0, &want.encode());
-            pm.persist(0, 64);
         }
-        self.pool = Some(layout);
-        let seg_len = self.geo.segment_size as usize;
-        if self.persistent {
+        let check = AttachCheck {
+            cache_uuid: self.records.current().cache_uuid,
+            formatted,
+            format_requested: self.params.format,
+            had_pmem,
+        };
+        let layout = self.pmem.attach(&self.geo, check)?;
+        if self.pmem.acks_writes() {
+            let seg_len = self.geo.segment_size as usize;
             for _ in 0..layout.nr_slots.min(self.params.nr_buffers) {
                 let b = self.alloc_buf(seg_len);
-                self.slot_bufs.push(b);
+                self.pmem.add_slot_buf(b);
             }
         }
-        self.recover_slots(pm, &layout);
+        self.recover_slots();
         Ok(())
     }
 
     /// Turns the pool slots holding logs newer than the last durable one
     /// into logs again, with every committed block, in id order.
-    fn recover_slots(&mut self, pm: &mut dyn Pmem, layout: &PoolLayout) {
+    fn recover_slots(&mut self) {
         let durable = self.ring.next_id() - 1;
-        let mut found = Vec::new();
-        for i in 0..layout.nr_slots {
-            let mut h = [0u8; 24];
-            pm.read(layout.slot(i), &mut h);
-            if let Some((id, epoch)) = parse_slot_header(&h)
-                && id > durable
-            {
-                found.push((id, std::cmp::Reverse(epoch), i));
-            }
-        }
-        // An id can appear twice: a slot left empty by a crash keeps its
-        // header, and the next incarnation reuses the id in another slot.
-        // The newest epoch is the real one.
-        found.sort_unstable();
         let mut stale = Vec::new();
         let (hl, seg_len) = (self.geo.header_len(), self.geo.segment_size as usize);
-        let mut data = vec![0u8; BLOCK_SIZE as usize];
         let mut done = false;
-        for (id, _, i) in found {
+        for (id, i) in self.pmem.slots_after(durable) {
             // Logs are opened in id order with their slot header persisted
             // first, so only a run continuing the durable logs is genuine.
             if done || id != self.ring.next_id() {
                 stale.push(i);
                 continue;
             }
-            let buf = match self.slot_bufs.get(i as usize) {
+            let buf = match self.pmem.slot_bufs().get(i as usize) {
                 Some(&b) => b,
                 None => self.alloc_buf(seg_len),
             };
             let mut slots = Vec::new();
-            let mut raw = [0u8; ENTRY_SIZE as usize];
-            for s in 0..layout.data_blocks {
-                pm.read(layout.entry(i, s), &mut raw);
-                if raw[24..] == [0u8; 8] {
-                    continue;
-                }
-                pm.read(layout.data(i, s), &mut data);
-                if let Some(e) = parse_entry(&raw, id, &data, &self.geo) {
-                    let at = hl + slots.len() * BLOCK_SIZE as usize;
-                    self.buf_mut(buf)[at..at + BLOCK_SIZE as usize].copy_from_slice(&data);
-                    slots.push(Slot {
-                        block: e.block,
-                        valid: e.valid,
-                        dirty: true,
-                        fill: 0,
-                        crc: None,
-                    });
-                }
-            }
+            let dst = self.bufs[buf.0 as usize]
+                .as_mut()
+                .expect("slot buffer")
+                .as_mut();
+            self.pmem.read_slot(i, id, &self.geo, |e, data| {
+                let at = hl + slots.len() * BLOCK_SIZE as usize;
+                dst[at..at + BLOCK_SIZE as usize].copy_from_slice(data);
+                slots.push(Slot {
+                    block: e.block,
+                    valid: e.valid,
+                    dirty: true,
+                    fill: 0,
+                    crc: None,
+                });
+            });
             if slots.is_empty() {
                 // The open buffer, with nothing acknowledged in it yet.
-                if !self.slot_bufs.contains(&buf) {
+                if !self.pmem.owns(buf) {
                     self.release_buf(buf);
                 }
                 stale.push(i);
@@ -534,11 +487,10 @@ impl<A: BufAlloc> Engine<A> {
         // hold acknowledged data without every earlier one). Clear them, so a
         // later recovery can never take them for a continuation of new logs.
         for i in stale {
-            pm.write(layout.slot(i), &[0u8; 24]);
-            pm.persist(layout.slot(i), 24);
+            self.pmem.clear_slot(i);
         }
         if !self.recovered.is_empty() {
-            self.pmem_drain_until = self.ring.next_id() - 1;
+            self.pmem.recovered_up_to(self.ring.next_id() - 1);
         }
     }
 }

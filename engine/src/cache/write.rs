@@ -107,7 +107,7 @@ impl<A: BufAlloc> Engine<A> {
             return Ok(());
         }
         // In mode 1 whatever was acknowledged is in pmem already.
-        let wait_log = if self.persistent {
+        let wait_log = if self.pmem.acks_writes() {
             0
         } else {
             self.last_dirty_log()
@@ -142,8 +142,12 @@ impl<A: BufAlloc> Engine<A> {
         let (placed, max_id) = self.place(offset, len, src, 0);
         // Mode 0: FUA waits for the log. Mode 1: every write is durable once
         // its blocks are published in pmem, which may wait for fills.
-        let wait_log = if fua && !self.persistent { max_id } else { 0 };
-        if placed == len && wait_log == 0 && self.new_fills.is_empty() {
+        let wait_log = if fua && !self.pmem.acks_writes() {
+            max_id
+        } else {
+            0
+        };
+        if placed == len && wait_log == 0 && !self.pmem.has_new_fills() {
             self.complete_now(req, Ok(()));
             return;
         }
@@ -169,9 +173,9 @@ impl<A: BufAlloc> Engine<A> {
 
     /// Makes `req` wait for the fills its placement started (mode 1).
     fn wait_for_fills(&mut self, req: ReqId) {
-        for f in std::mem::take(&mut self.new_fills) {
-            self.track(req).parts += 1;
-            self.fill_waiters.entry(f).or_default().push(req);
+        let n = self.pmem.wait_new_fills(req);
+        if n > 0 {
+            self.track(req).parts += n as u32;
         }
     }
 
@@ -212,7 +216,7 @@ impl<A: BufAlloc> Engine<A> {
         self.backing_bypass_inflight += 1;
         self.stats.bypass_write_bytes += len;
         // In mode 1 every acknowledged write is durable, bypass writes too.
-        let durable = fua || self.persistent;
+        let durable = fua || self.pmem.acks_writes();
         let r = self.track(req);
         r.parts += 1;
         r.needs_backing_flush = durable;
@@ -243,7 +247,7 @@ impl<A: BufAlloc> Engine<A> {
             let (placed, max_id) = self.place(s.offset, s.len, src, 0);
             self.wait_for_fills(s.req);
             if s.fua
-                && !self.persistent
+                && !self.pmem.acks_writes()
                 && let Some(r) = self.reqs.get_mut(&s.req)
             {
                 r.wait_log = r.wait_log.max(max_id);
@@ -297,7 +301,7 @@ impl<A: BufAlloc> Engine<A> {
         // in mode 1 an in-place update could tear acknowledged data).
         if let (Some(e), Some(o)) = (existing, self.open.as_ref())
             && e.id == o.id
-            && !self.persistent
+            && !self.pmem.acks_writes()
         {
             let (id, buf) = (o.id, o.buf);
             let at = hl + e.slot as usize * BLOCK_SIZE as usize;
@@ -392,11 +396,11 @@ impl<A: BufAlloc> Engine<A> {
                 logged_dirty: true,
             },
         );
-        if self.persistent {
+        if self.pmem.acks_writes() {
             if fill == 0 {
                 self.publish(id, s);
             } else {
-                self.new_fills.push((id, s));
+                self.pmem.note_fill(id, s);
             }
         }
         if let Some(old) = fill_src {
@@ -477,7 +481,7 @@ impl<A: BufAlloc> Engine<A> {
     /// would hide every later log's acknowledged writes, so the next log
     /// opens only once it has a committed block or is durable.
     fn previous_log_uncommitted(&self) -> bool {
-        if !self.persistent || self.pool.is_none() || self.ring.next_id() <= 1 {
+        if !self.pmem.acks_writes() || self.ring.next_id() <= 1 {
             return false;
         }
         let prev = self.ring.next_id() - 1;
@@ -504,21 +508,8 @@ impl<A: BufAlloc> Engine<A> {
         }
         blocks.clear();
         blocks.reserve(self.geo.data_blocks as usize);
-        // Mode 1: the buffer's pool slot now holds this log; its header is
-        // persistent before any block is published into it.
-        let pslot = if self.persistent {
-            self.slot_bufs
-                .iter()
-                .position(|&b| b == buf)
-                .map(|i| i as u32)
-        } else {
-            None
-        };
-        if let (Some(i), Some(pool), Some(pm)) = (pslot, self.pool, self.pmem.as_mut()) {
-            let at = pool.slot(i);
-            pm.write(at, &crate::pmem::encode_slot_header(id, self.ring.epoch()));
-            pm.persist(at, crate::pmem::SLOT_HEADER);
-        }
+        // Mode 1: the buffer's pool slot now holds this log.
+        let pslot = self.pmem.open_log(buf, id, self.ring.epoch());
         self.ring.set_blocks(id, blocks);
         self.open = Some(OpenLog {
             id,
@@ -532,9 +523,7 @@ impl<A: BufAlloc> Engine<A> {
         });
     }
 
-    /// Publishes slot `slot` of log `id` in its pmem slot: data and entry,
-    /// persisted, then the commit word. Only a valid commit word makes a
-    /// block count, so data and entry need no order between themselves.
+    /// Publishes slot `slot` of log `id` in its pmem slot (mode 1).
     pub(super) fn publish(&mut self, id: u64, slot: u32) {
         // One lookup, borrowed mutably beside the buffers and the pool
         // (disjoint fields): the slot keeps the checksum computed here.
@@ -546,7 +535,7 @@ impl<A: BufAlloc> Engine<A> {
         else {
             return;
         };
-        let (Some(i), Some(pool)) = (log.pslot, self.pool) else {
+        let Some(i) = log.pslot else {
             return;
         };
         let s = &mut log.slots[slot as usize];
@@ -555,24 +544,16 @@ impl<A: BufAlloc> Engine<A> {
             .as_ref()
             .expect("log buffer")
             .as_ref()[at..at + BLOCK_SIZE as usize];
-        let crc = crc32c::crc32c(data);
-        let entry = crate::pmem::encode_entry(
-            &crate::pmem::SlotEntry {
-                block: s.block,
-                valid: s.valid,
-            },
-            crc,
-        );
-        let pm = self.pmem.as_mut().expect("pmem pool");
-        let (d, e) = (pool.data(i, slot), pool.entry(i, slot));
-        pm.write_nodrain(d, data);
-        pm.write_nodrain(e, &entry);
-        pm.drain();
-        pm.write_persist(e + 24, &crate::pmem::commit_word(id, &entry).to_le_bytes());
+        let entry = crate::pmem::SlotEntry {
+            block: s.block,
+            valid: s.valid,
+        };
+        let Some(crc) = self.pmem.publish(i, slot, id, entry, data) else {
+            return;
+        };
         // The data is final once published: the seal reuses its checksum.
         s.crc = Some(crc);
-        let seg = self.ring.seg_mut(id);
-        if seg.id == id {
+        if let Some(seg) = self.ring.log_mut(id) {
             seg.pool_committed += 1;
         }
     }

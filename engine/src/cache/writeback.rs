@@ -195,8 +195,7 @@ impl<A: BufAlloc> Engine<A> {
     /// Whether the copy an index entry names survives a crash: its log is
     /// durable, or it is published in the pmem pool.
     fn copy_durable(&self, e: &super::Entry) -> bool {
-        self.durability.is_durable(e.id)
-            || ((self.persistent || e.id <= self.pmem_drain_until) && self.pending_fill(e) == 0)
+        self.durability.is_durable(e.id) || (self.pmem.may_hold(e.id) && self.pending_fill(e) == 0)
     }
 
     pub(super) fn wb_read_done(&mut self, id: u64, ok: bool) {
