@@ -1,16 +1,17 @@
-//! Log commit: sealing buffers into logs, flushing the cache device, the
-//! durable frontier, superblock records, and the backing-device flush queue.
+//! Log commit: sealing buffers into logs, flushing the cache device and
+//! moving the durable frontier ([`Durability`](super::durability)), writing
+//! superblock records ([`Records`](super::records)), the backing-device
+//! flush queue, and going read-only when the cache device fails.
 //!
-//! Durability is tracked as a frontier: every log up to `durable_id` is
-//! durable. A FUA write or FLUSH completes only when the frontier passes the
-//! log holding its data, so recovery may stop at the first bad log without
+//! A FUA write or FLUSH completes only when the frontier passes the log
+//! holding its data, so recovery may stop at the first bad log without
 //! losing anything acknowledged as durable.
 
-use super::{Dirty, Engine, OpenLog, Phase, Purpose};
+use super::{Engine, OpenLog, Phase, Purpose};
 use crate::error::IoError;
 use crate::format::{Metablock, SbRecord, encode_segment_header};
-use crate::geometry::{BLOCK_SIZE, SECTOR_SIZE};
-use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, ReqId};
+use crate::geometry::BLOCK_SIZE;
+use crate::io::{BufAlloc, CommandKind, DataRef, Device, ReqId};
 
 /// Who waits for a backing-device flush.
 #[derive(Debug, Clone, Copy)]
@@ -206,70 +207,6 @@ impl<A: BufAlloc> Engine<A> {
         }
     }
 
-    /// A fill read for slot `slot` of log `id` ended.
-    pub(super) fn fill_done(&mut self, id: u64, slot: u32, src_id: u64, fbuf: BufId, ok: bool) {
-        self.ring.unhold(src_id);
-        let hl = self.geo.header_len();
-        let in_open = self.open.as_ref().is_some_and(|o| o.id == id);
-        let log = if in_open {
-            self.open.as_mut()
-        } else {
-            self.sealing.iter_mut().find(|o| o.id == id)
-        }
-        .expect("fill for a log that is not open or sealing");
-        let s = &mut log.slots[slot as usize];
-        let (fill, block, buf) = (s.fill, s.block, log.buf);
-        s.fill = 0;
-        s.crc = None;
-        log.fills_pending -= 1;
-        if !ok {
-            // The older copy is unreadable: the cache device is failing.
-            s.valid &= !fill;
-            let change = self.index.update_copy(block, id, slot, |e| {
-                e.valid &= !fill;
-                e.dirty &= !fill;
-            });
-            if change == Some(Dirty::Cleaned) {
-                self.ring.seg_mut(id).live_dirty -= 1;
-            }
-        }
-        if ok && fill != 0 {
-            let mut tmp = [0u8; BLOCK_SIZE as usize];
-            tmp.copy_from_slice(&self.buf(fbuf)[..BLOCK_SIZE as usize]);
-            let at = hl + slot as usize * BLOCK_SIZE as usize;
-            let dst = &mut self.buf_mut(buf)[at..at + BLOCK_SIZE as usize];
-            super::for_each_run(fill, |s0, n| {
-                let (a, z) = (
-                    s0 as usize * SECTOR_SIZE as usize,
-                    (s0 + n) as usize * SECTOR_SIZE as usize,
-                );
-                dst[a..z].copy_from_slice(&tmp[a..z]);
-            });
-        }
-        self.release_buf(fbuf);
-        if self.pmem.acks_writes() {
-            self.publish(id, slot);
-            for req in self.pmem.fill_landed(id, slot) {
-                self.part_done(req, Ok(()));
-            }
-        }
-        if !ok {
-            self.fail_cache();
-        }
-        if !in_open
-            && let Some(i) = self
-                .sealing
-                .iter()
-                .position(|o| o.id == id && o.fills_pending == 0)
-        {
-            let o = self.sealing.swap_remove(i);
-            if !self.read_only {
-                self.seal_log(o);
-            }
-        }
-        self.retry_deferred_reads();
-    }
-
     /// Writes the superblock record when space must be reclaimed, when the
     /// interval asks for it, or at shutdown.
     pub(super) fn maybe_write_record(&mut self) {
@@ -281,7 +218,7 @@ impl<A: BufAlloc> Engine<A> {
             .is_some_and(|occ| occ <= self.ring.last_wb());
         // At shutdown the record goes last (in mode 1 a partial buffer stays open in pmem).
         let at_shutdown = self.phase == Phase::ShuttingDown
-            && self.wb.is_none()
+            && !self.writeback.is_active()
             && (self.open.is_none() || self.pmem.acks_writes())
             && self.sealing.is_empty()
             && self.durability.lowest_unflushed().is_none();

@@ -1,11 +1,25 @@
-//! The cache state machine. Each stage lives in its own file as an `impl`
-//! block of [`Engine`]:
+//! The cache state machine.
 //!
-//! - `startup`: format or recover (superblock, record, log replay);
-//! - `write`: user writes into the open buffer, bypass to the backing device;
+//! State lives in components that each own theirs and check their own
+//! invariants where it changes:
+//!
+//! - [`Index`](index): block → cached copy, and the dirty count;
+//! - [`Ring`](ring): log positions, ids, the epoch, the writeback frontier,
+//!   read holds;
+//! - [`Durability`](durability): unflushed logs, the durable frontier, its
+//!   waiters and the barrier deadline;
+//! - [`Records`](records): superblock records;
+//! - [`InFlight`](inflight): device commands, tokens and retries;
+//! - [`Writeback`](writeback): the batch in flight and its retry;
+//! - [`PmemBuffer`](pmem_buffer): the pmem pool, so mode 1 is one place.
+//!
+//! The stages coordinate them, each in its own file as an `impl` block of
+//! [`Engine`]:
+//!
+//! - `startup`: format or recover (superblock, record, log replay, pool slots);
+//! - `write`: user writes into the open buffer, fills, bypass to the backing device;
 //! - `read`: user reads (buffer, cache device, backing), read caching;
-//! - `commit`: sealing buffers into logs, flushes, the durable frontier,
-//!   superblock records;
+//! - `commit`: sealing buffers into logs, flushes, records;
 //! - `writeback`: migrating dirty blocks to the backing device.
 //!
 //! Every public input runs [`Engine::pump`] before returning, so the engine is
@@ -44,7 +58,7 @@ use self::pmem_buffer::PmemBuffer;
 use self::records::Records;
 use self::ring::Ring;
 use self::startup::Startup;
-use self::writeback::WbBatch;
+use self::writeback::Writeback;
 
 /// Delay before a failed writeback batch is tried again.
 const WRITEBACK_RETRY_NS: Nanos = 1_000_000_000;
@@ -190,10 +204,7 @@ pub struct Engine<A: BufAlloc> {
     stalled: VecDeque<StalledWrite>,
 
     records: Records,
-    wb: Option<WbBatch>,
-    wb_bufs: Vec<BufId>,
-    wb_retry_at: Option<Nanos>,
-    drop_caches: bool,
+    writeback: Writeback,
     backing_load: u64,
     /// Bumped whenever the backing device is written outside writeback, so a
     /// staging read that raced with it is not cached.
@@ -282,10 +293,7 @@ impl<A: BufAlloc> Engine<A> {
             backing_flushed_gen: 0,
             stalled: VecDeque::new(),
             records: Records::new(now),
-            wb: None,
-            wb_bufs: Vec::new(),
-            wb_retry_at: None,
-            drop_caches: false,
+            writeback: Writeback::default(),
             backing_load: 0,
             bypass_seq: 0,
             backing_bypass_inflight: 0,
@@ -324,7 +332,7 @@ impl<A: BufAlloc> Engine<A> {
             self.durability.barrier_deadline(),
             self.sync_deadline(),
             self.record_deadline(),
-            self.wb_retry_at,
+            self.writeback.retry_at(),
             self.writeback_delay_deadline(),
         ]
         .into_iter()
@@ -365,9 +373,7 @@ impl<A: BufAlloc> Engine<A> {
         if self.record_deadline().is_some_and(|d| d <= now) {
             self.records.want();
         }
-        if self.wb_retry_at.is_some_and(|t| t <= now) {
-            self.wb_retry_at = None;
-        }
+        self.writeback.retry_if_due(now);
         self.pump();
     }
 
@@ -463,7 +469,7 @@ impl<A: BufAlloc> Engine<A> {
     pub fn drop_caches(&mut self, now: Nanos) {
         self.enter(now);
         if self.phase == Phase::Running {
-            self.drop_caches = true;
+            self.writeback.set_drop_caches(true);
             self.request_seal();
         }
         self.pump();
@@ -516,8 +522,8 @@ impl<A: BufAlloc> Engine<A> {
             nr_free_buffers: self.free_log_bufs.len() as u32,
             stalled_writes: self.stalled.len() as u32,
             read_only: self.read_only,
-            drop_caches_active: self.drop_caches,
-            writeback_active: self.wb.is_some(),
+            drop_caches_active: self.writeback.drop_caches_active(),
+            writeback_active: self.writeback.is_active(),
             epoch: self.ring.epoch(),
             cache_uuid: self.records.current().cache_uuid,
         }
@@ -801,12 +807,12 @@ impl<A: BufAlloc> Engine<A> {
             self.issue_backing_flush();
             self.maybe_writeback();
             self.maybe_write_record();
-            if self.drop_caches
+            if self.writeback.drop_caches_active()
                 && self.index.nr_dirty() == 0
                 && self.open.as_ref().is_none_or(|o| !o.has_dirty)
             {
                 // Record the clean state so a restart replays nothing.
-                self.drop_caches = false;
+                self.writeback.set_drop_caches(false);
                 self.records.want();
                 self.maybe_write_record();
             }
@@ -831,7 +837,7 @@ impl<A: BufAlloc> Engine<A> {
         // After a cache-device failure nothing more can be made durable:
         // finish once in-flight work has ended.
         if self.read_only {
-            if self.reqs.is_empty() && self.wb.is_none() && self.inflight.is_empty() {
+            if self.reqs.is_empty() && !self.writeback.is_active() && self.inflight.is_empty() {
                 self.phase = Phase::Stopped;
                 self.events.push_back(Event::ShutdownComplete);
             }
@@ -840,7 +846,7 @@ impl<A: BufAlloc> Engine<A> {
         if (self.open.is_some() && !self.pmem.acks_writes())
             || !self.sealing.is_empty()
             || !self.durability.is_settled()
-            || self.wb.is_some()
+            || self.writeback.is_active()
             || !self.records.is_idle()
             || self.records.is_wanted()
             || !self.reqs.is_empty()

@@ -5,7 +5,7 @@ use super::{
 };
 use crate::error::{IoError, SubmitError};
 use crate::geometry::{BLOCK_SIZE, FULL_MASK, SECTOR_SIZE};
-use crate::io::{BufAlloc, CommandKind, DataRef, Device, Nanos, ReqId};
+use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Nanos, ReqId};
 
 /// Where the bytes of a write come from.
 #[derive(Clone, Copy)]
@@ -521,6 +521,70 @@ impl<A: BufAlloc> Engine<A> {
             opened_at: self.now,
             pslot,
         });
+    }
+
+    /// A fill read for slot `slot` of log `id` ended.
+    pub(super) fn fill_done(&mut self, id: u64, slot: u32, src_id: u64, fbuf: BufId, ok: bool) {
+        self.ring.unhold(src_id);
+        let hl = self.geo.header_len();
+        let in_open = self.open.as_ref().is_some_and(|o| o.id == id);
+        let log = if in_open {
+            self.open.as_mut()
+        } else {
+            self.sealing.iter_mut().find(|o| o.id == id)
+        }
+        .expect("fill for a log that is not open or sealing");
+        let s = &mut log.slots[slot as usize];
+        let (fill, block, buf) = (s.fill, s.block, log.buf);
+        s.fill = 0;
+        s.crc = None;
+        log.fills_pending -= 1;
+        if !ok {
+            // The older copy is unreadable: the cache device is failing.
+            s.valid &= !fill;
+            let change = self.index.update_copy(block, id, slot, |e| {
+                e.valid &= !fill;
+                e.dirty &= !fill;
+            });
+            if change == Some(Dirty::Cleaned) {
+                self.ring.seg_mut(id).live_dirty -= 1;
+            }
+        }
+        if ok && fill != 0 {
+            let mut tmp = [0u8; BLOCK_SIZE as usize];
+            tmp.copy_from_slice(&self.buf(fbuf)[..BLOCK_SIZE as usize]);
+            let at = hl + slot as usize * BLOCK_SIZE as usize;
+            let dst = &mut self.buf_mut(buf)[at..at + BLOCK_SIZE as usize];
+            super::for_each_run(fill, |s0, n| {
+                let (a, z) = (
+                    s0 as usize * SECTOR_SIZE as usize,
+                    (s0 + n) as usize * SECTOR_SIZE as usize,
+                );
+                dst[a..z].copy_from_slice(&tmp[a..z]);
+            });
+        }
+        self.release_buf(fbuf);
+        if self.pmem.acks_writes() {
+            self.publish(id, slot);
+            for req in self.pmem.fill_landed(id, slot) {
+                self.part_done(req, Ok(()));
+            }
+        }
+        if !ok {
+            self.fail_cache();
+        }
+        if !in_open
+            && let Some(i) = self
+                .sealing
+                .iter()
+                .position(|o| o.id == id && o.fills_pending == 0)
+        {
+            let o = self.sealing.swap_remove(i);
+            if !self.read_only {
+                self.seal_log(o);
+            }
+        }
+        self.retry_deferred_reads();
     }
 
     /// Publishes slot `slot` of log `id` in its pmem slot (mode 1).

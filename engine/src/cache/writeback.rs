@@ -25,6 +25,57 @@ pub(super) struct WbBatch {
     written: Vec<(u64, u64, u32, u8)>,
 }
 
+/// Writeback's own state: the batch in flight, buffers kept for the next
+/// one, the retry after a failed batch, and a `drop_caches` request.
+#[derive(Debug, Default)]
+pub(super) struct Writeback {
+    batch: Option<WbBatch>,
+    spare_bufs: Vec<BufId>,
+    retry_at: Option<Nanos>,
+    /// Write back everything dirty, whatever the load.
+    drop_caches: bool,
+}
+
+impl Writeback {
+    pub(super) fn is_active(&self) -> bool {
+        self.batch.is_some()
+    }
+
+    pub(super) fn retry_at(&self) -> Option<Nanos> {
+        self.retry_at
+    }
+
+    /// The retry delay has passed: writeback may start again.
+    pub(super) fn retry_if_due(&mut self, now: Nanos) {
+        if self.retry_at.is_some_and(|t| t <= now) {
+            self.retry_at = None;
+        }
+    }
+
+    pub(super) fn drop_caches_active(&self) -> bool {
+        self.drop_caches
+    }
+
+    pub(super) fn set_drop_caches(&mut self, on: bool) {
+        self.drop_caches = on;
+    }
+
+    fn start(&mut self, batch: WbBatch) {
+        debug_assert!(self.batch.is_none(), "two writeback batches");
+        debug_assert!(batch.reads_pending > 0);
+        self.batch = Some(batch);
+    }
+
+    /// The batch ended; its buffers are kept for the next one. A failed
+    /// batch is retried after `retry_at`.
+    fn end(&mut self, retry_at: Option<Nanos>) -> WbBatch {
+        let b = self.batch.take().expect("writeback batch");
+        self.spare_bufs.extend(b.bufs.iter().map(|&(_, buf)| buf));
+        self.retry_at = retry_at;
+        b
+    }
+}
+
 impl<A: BufAlloc> Engine<A> {
     /// Whether the cache is close enough to full that writeback must run
     /// whatever the backing device's load.
@@ -36,12 +87,12 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     pub(super) fn maybe_writeback(&mut self) {
-        while self.wb.is_none()
+        while self.writeback.batch.is_none()
             && self.phase == Phase::Running
-            && self.wb_retry_at.is_none()
+            && self.writeback.retry_at.is_none()
             && self.durability.frontier() > self.ring.last_wb()
         {
-            let needed = self.drop_caches || self.writeback_urgent();
+            let needed = self.writeback.drop_caches || self.writeback_urgent();
             if !needed && !self.background_writeback_allowed() {
                 return;
             }
@@ -116,7 +167,7 @@ impl<A: BufAlloc> Engine<A> {
                         _ => runs.push((slot, 1)),
                     }
                 }
-                let buf = match self.wb_bufs.pop() {
+                let buf = match self.writeback.spare_bufs.pop() {
                     Some(b) => b,
                     None => self.alloc_buf(self.geo.segment_size as usize),
                 };
@@ -143,7 +194,7 @@ impl<A: BufAlloc> Engine<A> {
                 self.ring.written_back(last);
                 continue;
             }
-            self.wb = Some(batch);
+            self.writeback.start(batch);
         }
     }
 
@@ -168,7 +219,7 @@ impl<A: BufAlloc> Engine<A> {
     /// if that is still ahead (the host wakes the engine then).
     pub(super) fn writeback_delay_deadline(&self) -> Option<Nanos> {
         if self.phase != Phase::Running
-            || self.wb.is_some()
+            || self.writeback.batch.is_some()
             || self.durability.frontier() <= self.ring.last_wb()
             || self.tunables.writeback_threshold == 0
         {
@@ -200,7 +251,9 @@ impl<A: BufAlloc> Engine<A> {
 
     pub(super) fn wb_read_done(&mut self, id: u64, ok: bool) {
         self.ring.unhold(id);
-        let Some(b) = self.wb.as_mut() else { return };
+        let Some(b) = self.writeback.batch.as_mut() else {
+            return;
+        };
         b.reads_pending -= 1;
         b.failed |= !ok;
         if b.reads_pending == 0 {
@@ -209,9 +262,9 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     fn wb_write_phase(&mut self) {
-        let mut b = self.wb.take().expect("writeback batch");
+        let mut b = self.writeback.batch.take().expect("writeback batch");
         if b.failed {
-            self.wb = Some(b);
+            self.writeback.batch = Some(b);
             self.wb_abort();
             return;
         }
@@ -257,7 +310,7 @@ impl<A: BufAlloc> Engine<A> {
             }
         }
         b.writes_pending = cmds.len() as u32;
-        self.wb = Some(b);
+        self.writeback.batch = Some(b);
         for (offset, len, buf, boff) in cmds {
             self.issue(
                 Device::Backing,
@@ -269,13 +322,20 @@ impl<A: BufAlloc> Engine<A> {
                 Purpose::WbWrite,
             );
         }
-        if self.wb.as_ref().is_some_and(|b| b.writes_pending == 0) {
+        if self
+            .writeback
+            .batch
+            .as_ref()
+            .is_some_and(|b| b.writes_pending == 0)
+        {
             self.wb_finish();
         }
     }
 
     pub(super) fn wb_write_done(&mut self, ok: bool) {
-        let Some(b) = self.wb.as_mut() else { return };
+        let Some(b) = self.writeback.batch.as_mut() else {
+            return;
+        };
         b.writes_pending -= 1;
         b.failed |= !ok;
         if b.writes_pending == 0 {
@@ -298,7 +358,7 @@ impl<A: BufAlloc> Engine<A> {
 
     /// The batch is durable on the backing device: its blocks are clean.
     fn wb_finish(&mut self) {
-        let b = self.wb.take().expect("writeback batch");
+        let b = self.writeback.end(None);
         for &(block, id, slot, mask) in &b.written {
             let change = self
                 .index
@@ -310,14 +370,38 @@ impl<A: BufAlloc> Engine<A> {
         if b.last > self.ring.last_wb() {
             self.ring.written_back(b.last);
         }
-        self.wb_bufs.extend(b.bufs.iter().map(|&(_, buf)| buf));
     }
 
     /// The batch failed after retries: leave everything dirty and try later.
     fn wb_abort(&mut self) {
-        let b = self.wb.take().expect("writeback batch");
+        self.writeback.end(Some(self.now + WRITEBACK_RETRY_NS));
         self.stats.writeback_errors += 1;
-        self.wb_bufs.extend(b.bufs.iter().map(|&(_, buf)| buf));
-        self.wb_retry_at = Some(self.now + WRITEBACK_RETRY_NS);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ended_batch_keeps_its_buffers_and_a_failed_one_waits() {
+        let mut w = Writeback::default();
+        w.start(WbBatch {
+            last: 3,
+            bufs: vec![(2, BufId(5)), (3, BufId(6))],
+            reads_pending: 2,
+            writes_pending: 0,
+            failed: false,
+            written: Vec::new(),
+        });
+        assert!(w.is_active());
+        let b = w.end(Some(100));
+        assert_eq!(b.last, 3);
+        assert!(!w.is_active());
+        assert_eq!(w.spare_bufs, vec![BufId(5), BufId(6)]);
+        w.retry_if_due(99);
+        assert_eq!(w.retry_at(), Some(100));
+        w.retry_if_due(100);
+        assert_eq!(w.retry_at(), None);
     }
 }
