@@ -84,6 +84,7 @@ impl Ring {
         Some(self.seg_mut(id)).filter(|s| s.id == id)
     }
 
+    #[cfg(feature = "test-hooks")]
     pub(super) fn iter(&self) -> impl Iterator<Item = &SegMeta> {
         self.segs.iter()
     }

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use thiserror::Error;
 use writeboost_rpc::{RpcError, code};
 
-use crate::host::App;
+use crate::registry::App;
 
 /// Largest request accepted (a create with every tunable is well under 1 KiB).
 const MAX_REQUEST: usize = 1 << 20;

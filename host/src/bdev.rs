@@ -21,7 +21,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use writeboost_rpc::{Params, RpcError, code};
 
-use crate::device::DevFile;
+use crate::backends::DevFile;
 use crate::store::{self, StoreError};
 
 /// What a base bdev is made of.

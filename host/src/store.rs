@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use crate::alloc::AlignedBuf;
-use crate::device::DevFile;
+use crate::backends::DevFile;
 
 pub struct StoreOptions {
     pub data_dir: PathBuf,

@@ -1,27 +1,13 @@
-//! Reactors: one thread per core of the core list, each running pollers.
-//! Every writeboost device's engine is owned by one reactor (assigned round
-//! robin) and driven there as a poller: one turn takes new user requests,
-//! reaps device completions and runs the engine's deadlines, which is where
-//! its stages (buffer, log commit, writeback) advance. NBD connection threads
-//! hand requests to a device over a lock-free queue; the RPC server hands a
-//! reactor work (open, statistics, options) over another.
-//!
-//! When a turn of every poller finds nothing to do the reactor spins for
-//! `spin` (lowest latency), then sleeps with growing sleeps capped at
-//! `idle_sleep` while device I/O is in flight (with a single device on the
-//! reactor, io_uring waits in the kernel for a completion, so completions end
-//! the sleep at once), and parks until woken or the next engine deadline when
-//! nothing at all is in flight, so an idle host uses no CPU.
+//! One writeboost device on its reactor, as a poller: the engine's
+//! [`Driver`] over the I/O backend, user requests in, replies out, and the
+//! device's lifecycle (start-up, running, draining, shutdown).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::{self, JoinHandle, Thread};
-use std::time::{Duration, Instant};
+use std::thread;
+use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender};
-use crossbeam_queue::SegQueue;
+use crossbeam_channel::Sender;
 use serde_json::Value;
 use thiserror::Error;
 use writeboost_engine::config::BufferMode;
@@ -34,141 +20,12 @@ use writeboost_engine::{
 use writeboost_rpc::{CreateRequest, DeviceReport, RpcError, SetOptionsRequest, report_json};
 
 use crate::alloc::{AlignedAlloc, AlignedBuf};
-use crate::device::threads::ThreadBackend;
-use crate::device::uring::UringBackend;
-use crate::device::{Backend, Devices, Done, Op, OpKind};
+use crate::backends::threads::ThreadBackend;
+use crate::backends::uring::UringBackend;
+use crate::backends::{Backend, Devices, Done, Op, OpKind};
 use crate::nbd::proto;
-
-/// What a connection asks the reactor to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReqKind {
-    Read,
-    Write,
-    Flush,
-    Trim,
-    WriteZeroes,
-}
-
-/// A user request from a connection.
-pub struct Request {
-    pub kind: ReqKind,
-    pub offset: u64,
-    pub len: u64,
-    /// Payload of a write (empty otherwise).
-    pub data: Vec<u8>,
-    pub fua: bool,
-    pub handle: u64,
-    pub reply: Sender<ConnMsg>,
-    /// Budget the connection charged for this request (returned with the reply).
-    pub cost: u64,
-}
-
-/// Messages to a connection's writer thread.
-pub enum ConnMsg {
-    /// A reply; `data` is the payload of a successful read.
-    Reply {
-        handle: u64,
-        error: u32,
-        data: Vec<u8>,
-        cost: u64,
-    },
-    /// The reader is done; exit once every outstanding reply is written.
-    Close,
-}
-
-/// One writeboost device's state shared between its reactor and everybody else.
-pub struct Shared {
-    pub queue: SegQueue<Request>,
-    pub reactor: OnceLock<Thread>,
-    /// Graceful shutdown requested: new requests are refused, requests in
-    /// flight finish, then the engine shuts down cleanly.
-    pub stop: AtomicBool,
-    /// The engine is gone; whatever is queued now is refused.
-    closed: AtomicBool,
-    /// Told when the device has closed (cleanly or not).
-    done_tx: Sender<()>,
-    done_rx: Receiver<()>,
-}
-
-impl Default for Shared {
-    fn default() -> Self {
-        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        Self {
-            queue: SegQueue::new(),
-            reactor: OnceLock::new(),
-            stop: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
-            done_tx,
-            done_rx,
-        }
-    }
-}
-
-impl Shared {
-    pub fn submit(&self, r: Request) {
-        self.queue.push(r);
-        self.wake();
-        if self.closed.load(Ordering::Acquire) {
-            self.refuse_queued();
-        }
-    }
-
-    fn refuse_queued(&self) {
-        while let Some(r) = self.queue.pop() {
-            let _ = r.reply.send(ConnMsg::Reply {
-                handle: r.handle,
-                error: proto::ESHUTDOWN,
-                data: Vec::new(),
-                cost: r.cost,
-            });
-        }
-    }
-
-    fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.refuse_queued();
-        let _ = self.done_tx.try_send(());
-    }
-
-    /// Asks for a graceful shutdown and waits until the device has closed.
-    pub fn shut_down(&self) {
-        self.stop.store(true, Ordering::Release);
-        self.wake();
-        if !self.closed.load(Ordering::Acquire) {
-            let _ = self.done_rx.recv();
-            // Let other waiters through too.
-            let _ = self.done_tx.try_send(());
-        }
-    }
-
-    pub fn wake(&self) {
-        if let Some(t) = self.reactor.get() {
-            t.unpark();
-        }
-    }
-
-    pub fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum IoBackendKind {
-    /// io_uring, falling back to threads (with a warning) where unavailable.
-    Uring,
-    /// A pool of threads doing pread/pwrite/fdatasync.
-    Threads,
-}
-
-/// How every reactor runs its devices.
-#[derive(Clone, Debug)]
-pub struct ReactorOpts {
-    pub backend: IoBackendKind,
-    pub queue_depth: u32,
-    pub io_threads: usize,
-    pub spin: Duration,
-    pub idle_sleep: Duration,
-}
+use crate::reactor::{IoBackendKind, ReactorOpts};
+use crate::request::{ConnMsg, ReqKind, Request, Shared};
 
 /// Everything a reactor needs to open a writeboost device.
 pub struct DeviceSpec {
@@ -269,7 +126,7 @@ impl HostTarget {
     }
 
     fn put_buf(&mut self, b: AlignedBuf) {
-        if b.len() == 0 {
+        if b.is_empty() {
             return;
         }
         let v = self.pool.entry(b.len()).or_default();
@@ -307,6 +164,53 @@ impl Target for HostTarget {
             buf,
         });
         Started::InFlight
+    }
+}
+
+/// What the reactor's poll loop asks of a device.
+impl Dev {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Requests wait in the device's queue.
+    pub(crate) fn has_queued(&self) -> bool {
+        !self.shared.queue.is_empty()
+    }
+
+    /// How long until the engine's next deadline.
+    pub(crate) fn next_deadline(&self) -> Option<std::time::Duration> {
+        let t = self.driver.engine().poll_timeout()?;
+        Some(std::time::Duration::from_nanos(
+            t.saturating_sub(self.now()),
+        ))
+    }
+
+    /// Device I/O is in flight, or the device is between states: the
+    /// reactor must come back soon even without a wake-up.
+    pub(crate) fn busy(&self) -> bool {
+        self.target.backend.inflight() > 0 || self.phase != Phase::Running
+    }
+
+    /// Waits in the I/O backend for a completion, up to `max`.
+    pub(crate) fn wait_for_io(&mut self, max: Option<std::time::Duration>) {
+        self.target.backend.wait(max);
+    }
+
+    /// After a clean shutdown: what the device did.
+    pub(crate) fn shutdown_summary(&self) -> Option<String> {
+        if self.phase != Phase::Done {
+            return None;
+        }
+        let st = self.driver.engine().stats();
+        Some(format!(
+            "clean shutdown ({} user writes, {} user reads, {} logs written, {} dirty blocks \
+             stay in the cache)",
+            st.user_write_cmds,
+            st.user_read_cmds,
+            st.nr_logs,
+            self.driver.engine().status().nr_dirty_blocks
+        ))
     }
 }
 
@@ -441,7 +345,7 @@ impl Dev {
 
     /// One turn: requests, completions, deadlines, start-up and shutdown.
     /// True if anything happened.
-    fn turn(&mut self) -> bool {
+    pub(crate) fn turn(&mut self) -> bool {
         if self.phase == Phase::Starting {
             return self.turn_starting();
         }
@@ -549,7 +453,7 @@ fn make_backend(
 impl Dev {
     /// Starts opening a device on this (its reactor's) thread; the outcome
     /// is sent on `ready` once the engine has recovered or formatted the cache.
-    fn open(
+    pub(crate) fn open(
         spec: DeviceSpec,
         opts: &ReactorOpts,
         ready: Sender<Result<ReadyInfo, ReactorError>>,
@@ -632,7 +536,7 @@ impl Dev {
     }
 
     /// Finished: closed cleanly, or failed to open (with nothing in flight).
-    fn finished(&self) -> bool {
+    pub(crate) fn finished(&self) -> bool {
         matches!(self.phase, Phase::Done | Phase::Failed) && self.target.backend.inflight() == 0
     }
 
@@ -688,229 +592,4 @@ impl Dev {
     pub fn config_params(&self) -> Value {
         self.req.config_params(self.driver.engine().tunables())
     }
-}
-
-/// Work sent to a reactor thread.
-pub type Work = Box<dyn FnOnce(&mut Reactor) + Send>;
-
-/// A reactor thread: its pollers (devices) and its work queue.
-pub struct Reactor {
-    opts: ReactorOpts,
-    devs: Vec<Dev>,
-    work: Arc<SegQueue<Work>>,
-    exit: Arc<AtomicBool>,
-}
-
-impl Reactor {
-    /// The device named `name`, if this reactor owns it.
-    pub fn dev(&mut self, name: &str) -> Option<&mut Dev> {
-        self.devs.iter_mut().find(|d| d.req.name == name)
-    }
-
-    /// Opens a device here; `ready` gets the outcome later.
-    pub fn open(&mut self, spec: DeviceSpec, ready: Sender<Result<ReadyInfo, ReactorError>>) {
-        let shared = Arc::clone(&spec.shared);
-        match Dev::open(spec, &self.opts, ready) {
-            Ok(d) => self.devs.push(d),
-            Err((e, ready)) => {
-                shared.close();
-                let _ = ready.send(Err(e));
-            }
-        }
-    }
-
-    fn run(&mut self) {
-        let mut idle_since: Option<Instant> = None;
-        let mut sleep = Duration::from_micros(1);
-        loop {
-            let mut progress = false;
-            while let Some(w) = self.work.pop() {
-                w(self);
-                progress = true;
-            }
-            for d in &mut self.devs {
-                progress |= d.turn();
-            }
-            let mut i = 0;
-            while i < self.devs.len() {
-                if !self.devs[i].finished() {
-                    i += 1;
-                    continue;
-                }
-                let d = self.devs.remove(i);
-                if d.phase == Phase::Done {
-                    let st = d.driver.engine().stats();
-                    eprintln!(
-                        "writeboost: {}: clean shutdown ({} user writes, {} user reads, {} logs \
-                         written, {} dirty blocks stay in the cache)",
-                        d.req.name,
-                        st.user_write_cmds,
-                        st.user_read_cmds,
-                        st.nr_logs,
-                        d.driver.engine().status().nr_dirty_blocks
-                    );
-                }
-                // The engine, its pool mapping and its files go before anyone is told.
-                let shared = Arc::clone(&d.shared);
-                drop(d);
-                shared.close();
-                progress = true;
-            }
-            if self.exit.load(Ordering::Acquire) && self.devs.is_empty() && self.work.is_empty() {
-                return;
-            }
-            if progress {
-                idle_since = None;
-                sleep = Duration::from_micros(1);
-                continue;
-            }
-            let since = *idle_since.get_or_insert_with(Instant::now);
-            if since.elapsed() < self.opts.spin {
-                std::hint::spin_loop();
-                continue;
-            }
-            if !self.work.is_empty() || self.devs.iter().any(|d| !d.shared.queue.is_empty()) {
-                continue;
-            }
-            let deadline = self
-                .devs
-                .iter()
-                .filter_map(|d| {
-                    d.driver
-                        .engine()
-                        .poll_timeout()
-                        .map(|t| Duration::from_nanos(t.saturating_sub(d.now())))
-                })
-                .min();
-            let busy = self
-                .devs
-                .iter()
-                .any(|d| d.target.backend.inflight() > 0 || d.phase != Phase::Running);
-            let max = if busy {
-                let d = deadline.map_or(sleep, |t| t.min(sleep));
-                sleep = (sleep * 2).min(self.opts.idle_sleep);
-                Some(d)
-            } else {
-                deadline
-            };
-            if let [d] = self.devs.as_mut_slice() {
-                // io_uring waits in the kernel for a completion, up to `max`.
-                d.target.backend.wait(max);
-            } else {
-                match max {
-                    Some(t) => thread::park_timeout(t),
-                    None => thread::park(),
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Reactor {
-    /// Devices still here when the thread ends (only if it panicked) are
-    /// reported closed, so nobody waits for them forever; their caches
-    /// recover from their logs at the next start.
-    fn drop(&mut self) {
-        for d in self.devs.drain(..) {
-            let shared = Arc::clone(&d.shared);
-            drop(d);
-            shared.close();
-        }
-    }
-}
-
-/// A running reactor thread, as the rest of the host sees it.
-pub struct ReactorHandle {
-    pub core: Option<usize>,
-    thread: Thread,
-    work: Arc<SegQueue<Work>>,
-    exit: Arc<AtomicBool>,
-    join: std::sync::Mutex<Option<JoinHandle<()>>>,
-}
-
-impl ReactorHandle {
-    /// Starts a reactor thread, pinned to `core` if given and allowed.
-    pub fn spawn(index: usize, core: Option<usize>, opts: ReactorOpts) -> std::io::Result<Self> {
-        let work: Arc<SegQueue<Work>> = Arc::new(SegQueue::new());
-        let exit = Arc::new(AtomicBool::new(false));
-        let (w, x) = (Arc::clone(&work), Arc::clone(&exit));
-        let join = thread::Builder::new()
-            .name(format!("wb-reactor-{index}"))
-            .spawn(move || {
-                if let Some(c) = core
-                    && let Err(e) = pin_to_core(c)
-                {
-                    eprintln!(
-                        "writeboost: warning: cannot pin reactor {index} to core {c} ({e}); it \
-                         runs unpinned"
-                    );
-                }
-                let mut r = Reactor {
-                    opts,
-                    devs: Vec::new(),
-                    work: w,
-                    exit: x,
-                };
-                r.run();
-            })?;
-        Ok(Self {
-            core,
-            thread: join.thread().clone(),
-            work,
-            exit,
-            join: std::sync::Mutex::new(Some(join)),
-        })
-    }
-
-    /// Runs `f` on the reactor thread.
-    pub fn send(&self, f: impl FnOnce(&mut Reactor) + Send + 'static) {
-        self.work.push(Box::new(f));
-        self.thread.unpark();
-    }
-
-    /// Runs `f` on the reactor thread and waits for its answer.
-    pub fn call<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Reactor) -> T + Send + 'static,
-    ) -> Option<T> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.send(move |r| {
-            let _ = tx.send(f(r));
-        });
-        rx.recv().ok()
-    }
-
-    /// Lets the thread end once its devices are closed, and waits for it.
-    pub fn stop(&self) {
-        self.exit.store(true, Ordering::Release);
-        self.thread.unpark();
-        let join = self.join.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(j) = join
-            && j.join().is_err()
-        {
-            eprintln!(
-                "writeboost: a reactor thread panicked; its caches recover from their logs at the \
-                 next start"
-            );
-        }
-    }
-}
-
-/// Pins the calling thread to one CPU.
-fn pin_to_core(core: usize) -> std::io::Result<()> {
-    if core >= libc::CPU_SETSIZE as usize {
-        return Err(std::io::Error::other("core number out of range"));
-    }
-    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it
-    // (core < CPU_SETSIZE), and sched_setaffinity reads it for the call.
-    let r = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(core, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }

@@ -18,11 +18,13 @@ use writeboost_rpc::{
     parse_optional_name, parse_set_options,
 };
 
+use crate::backends::Devices;
 use crate::bdev::{self, BaseBdev, BaseKind, BdevInfo, bdev_info};
-use crate::device::Devices;
+use crate::device::DeviceSpec;
 use crate::nbd::proto::{Export, TRANSMISSION_FLAGS};
 use crate::nbd::server::{ServerCtx, spawn_tcp, spawn_unix};
-use crate::reactor::{DeviceSpec, ReactorHandle, Shared};
+use crate::reactor::ReactorHandle;
+use crate::request::Shared;
 use crate::store;
 
 /// Every method the host serves, in the order `rpc_get_methods` lists them.
@@ -55,6 +57,8 @@ pub struct AppOpts {
     /// Try O_DIRECT on aio bdevs.
     pub direct: bool,
     pub verbose: bool,
+    /// What `spdk_get_version` reports.
+    pub build: crate::Build,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -251,10 +255,13 @@ impl App {
             }
             "spdk_get_version" => {
                 Params::new(method, params, true)?.finish()?;
-                let v = env!("CARGO_PKG_VERSION");
+                let crate::Build {
+                    version: v,
+                    git_rev,
+                } = self.opts.build;
                 let mut parts = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
                 Ok(json!({
-                    "version": format!("writeboost v{v} git sha1 {}", env!("WRITEBOOST_GIT_REV")),
+                    "version": format!("writeboost v{v} git sha1 {git_rev}"),
                     "fields": {
                         "major": parts.next().unwrap_or(0),
                         "minor": parts.next().unwrap_or(0),
@@ -716,7 +723,7 @@ impl App {
     fn on_device(
         &self,
         name: &str,
-        f: impl FnOnce(&mut crate::reactor::Dev) -> Result<Value, RpcError> + Send + 'static,
+        f: impl FnOnce(&mut crate::device::Dev) -> Result<Value, RpcError> + Send + 'static,
     ) -> Result<Value, RpcError> {
         let reactor = {
             let st = self.lock();

@@ -14,7 +14,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
 use super::proto::{self, Check, Cmd, Export, Negotiated, RequestHeader};
-use crate::reactor::{ConnMsg, ReqKind, Request, Shared};
+use crate::request::{ConnMsg, ReqKind, Request, Shared};
 
 pub const MAX_INFLIGHT: usize = 256;
 pub const MAX_INFLIGHT_BYTES: u64 = 128 << 20;
