@@ -898,6 +898,16 @@ impl App {
     }
 
     /// The NBD URLs each export is served on, for the start-up message.
+    /// The request queue of writeboost device `name`, once it is online:
+    /// what a front end (an NBD connection, a test) submits requests to.
+    pub fn device_queue(&self, name: &str) -> Option<Arc<Shared>> {
+        self.lock()
+            .wbs
+            .iter()
+            .find(|w| w.req.name == name && w.state == WbState::Online)
+            .map(|w| Arc::clone(&w.shared))
+    }
+
     pub fn nbd_summary(&self) -> Vec<(String, u64, Vec<String>)> {
         let st = self.lock();
         st.nbd
