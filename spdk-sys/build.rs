@@ -2,6 +2,10 @@
 //! Without the `spdk` feature nothing is generated, so the workspace builds
 //! on machines without SPDK.
 
+#[cfg(feature = "spdk")]
+#[path = "surface_list.rs"]
+mod surface;
+
 fn main() {
     println!("cargo:rerun-if-env-changed=SPDK_DIR");
     #[cfg(feature = "spdk")]
@@ -203,16 +207,18 @@ mod spdk {
             .flag_if_supported("-Wno-unused-parameter")
             .compile("spdk_sys_helpers");
         let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-        bindgen::Builder::default()
+        let mut b = bindgen::Builder::default()
             .header("wrapper.h")
-            .clang_arg(format!("-I{}", include.display()))
-            .allowlist_function("spdk_(bdev|bdev_module|thread|poller|io_channel|io_device|get_io_channel|put_io_channel|json|jsonrpc|rpc|log|dma|zmalloc|malloc|free|env|app|uuid)_.*")
-            .allowlist_function("spdk_(get_thread|set_thread|thread_send_msg|poller_register|poller_unregister|dma_malloc|dma_zmalloc|dma_free|get_ticks|get_ticks_hz|get_io_channel|put_io_channel|strerror)")
-            .allowlist_function("spdk_sys_.*")
-            // writeboost_tgt's -S, as spdk_tgt's.
-            .allowlist_function("spdk_vhost_set_socket_path")
-            .allowlist_type("spdk_(bdev|bdev_io|bdev_module|bdev_fn_table|bdev_desc|bdev_io_wait_entry|json_.*|jsonrpc_.*|thread|poller|io_channel|app_opts|uuid).*")
-            .allowlist_var("SPDK_(BDEV|JSONRPC|LOG|RPC|APP)_.*")
+            .clang_arg(format!("-I{}", include.display()));
+        // Exactly what the glue uses (and what its types need): this list is
+        // the module's SPDK surface, committed as src/surface.rs.
+        for f in crate::surface::FUNCTIONS {
+            b = b.allowlist_function(f);
+        }
+        for t in crate::surface::TYPES {
+            b = b.allowlist_type(t);
+        }
+        let bindings = b
             // Fields of these are reached through helpers.c; their NVMe
             // passthrough unions are packed bitfields bindgen cannot lay out.
             .opaque_type("spdk_bdev")
@@ -227,7 +233,31 @@ mod spdk {
             .layout_tests(true)
             .generate()
             .expect("bindgen could not parse SPDK's headers")
-            .write_to_file(out.join("bindings.rs"))
-            .expect("write bindings");
+            .to_string();
+        std::fs::write(out.join("bindings.rs"), &bindings).expect("write bindings");
+        // The committed surface must be what these headers give: CI checks
+        // the glue against it. SPDK_SYS_UPDATE_SURFACE=1 refreshes it (after
+        // the glue uses something new, or for a new SPDK release);
+        // SPDK_SYS_REQUIRE_SURFACE=1 (test/spdk/run.sh) fails on a mismatch.
+        println!("cargo:rerun-if-env-changed=SPDK_SYS_UPDATE_SURFACE");
+        println!("cargo:rerun-if-env-changed=SPDK_SYS_REQUIRE_SURFACE");
+        println!("cargo:rerun-if-changed=src/surface.rs");
+        let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir"));
+        let stamped = crate::surface::stamp(&bindings);
+        if std::env::var_os("SPDK_SYS_UPDATE_SURFACE").is_some() {
+            std::fs::write(dir.join("src/surface.rs"), &stamped).expect("write src/surface.rs");
+        } else if std::fs::read_to_string(dir.join("src/surface.rs"))
+            .ok()
+            .as_deref()
+            != Some(stamped.as_str())
+        {
+            let msg = "src/surface.rs differs from what this SPDK's headers give: \
+                       CI's type-check of the glue is then not against these signatures; \
+                       refresh it with SPDK_SYS_UPDATE_SURFACE=1";
+            if std::env::var_os("SPDK_SYS_REQUIRE_SURFACE").is_some() {
+                panic!("{msg}");
+            }
+            println!("cargo:warning={msg}");
+        }
     }
 }

@@ -15,6 +15,11 @@ if ! ldconfig -p | grep -q 'libpmem2\.so'; then
 fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The SPDK glue, type-checked and linted without SPDK against the SPDK
+# declarations committed in spdk-sys/src/surface.rs (test/spdk/run.sh checks
+# they are what SPDK's headers give).
+cargo clippy -p bdev_writeboost -p wb_ack_check --all-targets \
+    --features bdev_writeboost/surface,wb_ack_check/surface -- -D warnings
 cargo test --workspace
 # The SPDK module against a real SPDK (SPDK_DIR or pkg-config); says SKIPPED without one.
 if [ -n "${SPDK_DIR:-}" ]; then

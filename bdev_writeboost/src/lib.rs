@@ -5,7 +5,8 @@
 //! The module is compiled with the `spdk` feature against a built SPDK (found
 //! through `SPDK_DIR` or pkg-config, see `spdk-sys`). Without it this crate
 //! only re-exports the engine and the RPC contract, so workspace builds need
-//! no SPDK.
+//! no SPDK; the `surface` feature type-checks the module against SPDK's
+//! declarations as committed in spdk-sys, which CI does.
 //!
 //! Threads: every writeboost device belongs to the SPDK thread it was created
 //! on (the app thread, where SPDK runs RPCs, examine and bdev
@@ -17,5 +18,5 @@
 pub use writeboost_engine as engine;
 pub use writeboost_rpc as rpc;
 
-#[cfg(feature = "spdk")]
+#[cfg(feature = "glue")]
 mod spdk;
