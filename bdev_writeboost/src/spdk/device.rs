@@ -19,12 +19,12 @@ use writeboost_engine::driver::{CmdMem, Driver, Outcome, Started, Target, UserOp
 use writeboost_engine::{Command, CommandKind, DeviceError, Engine, Nanos, ReqId};
 use writeboost_rpc::{CreateRequest, DeviceReport, RpcError, code, report_json};
 
-use super::channel::{ChannelCtx, UserIo, UserKind};
-use super::dma::{DmaAlloc, DmaBuf};
+use super::completion::Done;
+use super::dma::DmaAlloc;
+use super::examine::ExamineHold;
 use super::log;
-use super::module::ExamineHold;
 use super::ring::Ring;
-use super::rpc::Responder;
+use super::user_io::{UserIo, UserKind};
 
 /// How long a device whose base bdev went away waits for a clean shutdown
 /// before it lets go anyway (the logs on the cache survive for a re-create).
@@ -97,6 +97,22 @@ struct Bases<'a> {
     waiting: &'a mut usize,
 }
 
+/// The io_device callbacks that make and destroy a device's channels.
+pub struct ChannelFns {
+    pub create: unsafe extern "C" fn(*mut c_void, *mut c_void) -> i32,
+    pub destroy: unsafe extern "C" fn(*mut c_void, *mut c_void),
+    pub ctx_size: u32,
+}
+
+/// What the layer that creates a device gives it: how to make channels,
+/// whom to tell of the create's outcome and of the device's end.
+pub struct Hooks {
+    pub channel_fns: ChannelFns,
+    pub on_created: Option<Done>,
+    pub on_teardown: fn(*mut Device),
+    pub examine_hold: Option<Rc<ExamineHold>>,
+}
+
 pub struct Device {
     pub shared: *mut Shared,
     pub req: CreateRequest,
@@ -115,8 +131,12 @@ pub struct Device {
     waiting: usize,
     /// Commands on the base bdevs.
     inflight: usize,
-    /// The create RPC waiting for the engine to be ready.
-    pub responder: Option<Responder>,
+    /// Told the outcome of the create once the engine is ready (or failed).
+    pub on_created: Option<Done>,
+    /// Makes the io_device's channels.
+    channel_fns: ChannelFns,
+    /// Told when the device is torn down (the registry lets go of it).
+    on_teardown: fn(*mut Device),
     /// Held while a create that examine started is opening, so that
     /// `bdev_wait_for_examine` (and a JSON config's later entries) see the bdev.
     pub examine_hold: Option<Rc<ExamineHold>>,
@@ -163,7 +183,7 @@ impl Device {
         engine: Engine<DmaAlloc>,
         cache: Base,
         backing: Base,
-        responder: Option<Responder>,
+        hooks: Hooks,
         pmem_is_dax: Option<bool>,
         start_ticks: u64,
     ) -> *mut Device {
@@ -191,8 +211,10 @@ impl Device {
             resets: Vec::new(),
             waiting: 0,
             inflight: 0,
-            responder,
-            examine_hold: None,
+            on_created: hooks.on_created,
+            channel_fns: hooks.channel_fns,
+            on_teardown: hooks.on_teardown,
+            examine_hold: hooks.examine_hold,
             pmem_is_dax,
             removed_at: None,
             ns_per_tick: ns_per_tick(hz),
@@ -349,8 +371,8 @@ impl Device {
                     self.req.name, self.req.cache_bdev, self.req.backing_bdev
                 );
                 log::error(&msg);
-                if let Some(r) = self.responder.take() {
-                    r.error(&RpcError::new(code::EINVAL, msg));
+                if let Some(done) = self.on_created.take() {
+                    done(Err(RpcError::new(code::EINVAL, msg)));
                 }
                 self.examine_hold = None;
                 self.state = State::Done;
@@ -382,9 +404,9 @@ impl Device {
             let ioname = CString::new(format!("writeboost_{}", self.req.name)).unwrap_or_default();
             sys::spdk_io_device_register(
                 shared.cast(),
-                Some(super::channel::channel_create),
-                Some(super::channel::channel_destroy),
-                std::mem::size_of::<ChannelCtx>() as u32,
+                Some(self.channel_fns.create),
+                Some(self.channel_fns.destroy),
+                self.channel_fns.ctx_size,
                 ioname.as_ptr(),
             );
             self.io_device_registered = true;
@@ -423,8 +445,8 @@ impl Device {
             },
             status.nr_dirty_blocks
         ));
-        if let Some(r) = self.responder.take() {
-            r.result(&serde_json::Value::String(self.req.name.clone()));
+        if let Some(done) = self.on_created.take() {
+            done(Ok(serde_json::Value::String(self.req.name.clone())));
         }
         self.examine_hold = None;
     }
@@ -432,8 +454,8 @@ impl Device {
     fn fail_open(&mut self, why: &str) {
         let msg = format!("bdev_writeboost_create {}: {why}", self.req.name);
         log::error(&msg);
-        if let Some(r) = self.responder.take() {
-            r.error(&RpcError::new(code::ENOMEM, msg));
+        if let Some(done) = self.on_created.take() {
+            done(Err(RpcError::new(code::ENOMEM, msg)));
         }
         self.examine_hold = None;
         let now = self.now();
@@ -699,7 +721,7 @@ unsafe fn maybe_finish(dev: *mut Device) {
 pub unsafe fn teardown(dev: *mut Device) {
     // SAFETY: per the contract.
     unsafe {
-        super::module::forget(dev);
+        ((*dev).on_teardown)(dev);
         let d = &mut *dev;
         // Anything still waiting fails: the device is going away.
         for (_, io) in d.driver.take_held() {
@@ -774,9 +796,4 @@ fn defer_free(b: BdevToFree) {
             log::warn("could not defer freeing a bdev; it is leaked");
         }
     }
-}
-
-/// Helpers for buffers of requests whose data must be bounced.
-pub fn bounce(len: usize) -> Option<DmaBuf> {
-    DmaBuf::try_new(len)
 }

@@ -2,10 +2,13 @@
 //! is sound; the engine itself stays safe Rust.
 
 mod channel;
+mod completion;
 mod device;
 mod dma;
+mod examine;
 mod json;
 mod log;
 mod module;
 mod ring;
 mod rpc;
+mod user_io;

@@ -20,15 +20,13 @@ use writeboost_engine::Engine;
 use writeboost_engine::pmem::Pmem;
 use writeboost_rpc::{BaseGeometry, CreateRequest, RpcError, code};
 
-use super::device::{Base, Device, Shared, State, now_ns};
+use super::channel::CHANNEL_FNS;
+use super::completion::Done;
+use super::device::{Base, Device, Hooks, Shared, State, now_ns};
 use super::dma::DmaAlloc;
+use super::examine::{ExamineHold, wb_module};
 use super::json::write_value;
 use super::log;
-use super::rpc::{Responder, delete_done};
-
-unsafe extern "C" {
-    fn wb_module() -> *mut sys::spdk_bdev_module;
-}
 
 /// Ticks at module init: the engines' time origin.
 static START_TICKS: AtomicU64 = AtomicU64::new(0);
@@ -66,7 +64,7 @@ pub fn pending() -> Vec<CreateRequest> {
 }
 
 /// Drops a device from the registry (it is being torn down).
-pub fn forget(dev: *mut Device) {
+fn forget(dev: *mut Device) {
     REGISTRY.with(|r| r.borrow_mut().devices.retain(|&d| d != dev));
 }
 
@@ -113,17 +111,6 @@ pub extern "C" fn wb_examine_disk(_bdev: *mut sys::spdk_bdev) {
             req.name, req.cache_bdev, req.backing_bdev
         ));
         start(req, None, Some(Rc::clone(&hold)));
-    }
-}
-
-/// Reports this module's examine_disk as done when dropped.
-pub struct ExamineHold;
-
-impl Drop for ExamineHold {
-    fn drop(&mut self) {
-        // SAFETY: one hold per examine_disk call, dropped once, on the app
-        // thread: exactly one examine_done per examine_disk, as SPDK requires.
-        unsafe { sys::spdk_bdev_module_examine_done(wb_module()) }
     }
 }
 
@@ -186,19 +173,19 @@ fn exists(name: &str) -> bool {
 }
 
 /// `bdev_writeboost_create`: start now, or wait for the base bdevs.
-pub fn create(req: CreateRequest, resp: Option<Responder>) {
+pub fn create(req: CreateRequest, done: Option<Done>) {
     let taken = find(&req.name).is_some()
         || REGISTRY.with(|r| r.borrow().pending.iter().any(|p| p.name == req.name))
         || exists(&req.name);
     if taken {
-        if let Some(r) = resp {
-            r.error(&RpcError::new(
+        if let Some(done) = done {
+            done(Err(RpcError::new(
                 code::EEXIST,
                 format!(
                     "a bdev named '{}' already exists; pick another name",
                     req.name
                 ),
-            ));
+            )));
         }
         return;
     }
@@ -208,8 +195,8 @@ pub fn create(req: CreateRequest, resp: Option<Responder>) {
         .map(String::as_str)
         .collect();
     if !missing.is_empty() && !req.wait_for_bdevs {
-        if let Some(r) = resp {
-            r.error(&RpcError::new(
+        if let Some(done) = done {
+            done(Err(RpcError::new(
                 code::ENODEV,
                 format!(
                     "bdev_writeboost_create {}: no bdev named {}; create it first, or pass \
@@ -218,7 +205,7 @@ pub fn create(req: CreateRequest, resp: Option<Responder>) {
                     missing.join(" or "),
                     req.name
                 ),
-            ));
+            )));
         }
         return;
     }
@@ -230,30 +217,34 @@ pub fn create(req: CreateRequest, resp: Option<Responder>) {
         ));
         let name = req.name.clone();
         REGISTRY.with(|r| r.borrow_mut().pending.push(req));
-        if let Some(r) = resp {
-            r.result(&serde_json::Value::String(name));
+        if let Some(done) = done {
+            done(Ok(serde_json::Value::String(name)));
         }
         return;
     }
-    start(req, resp, None);
+    start(req, done, None);
 }
 
 /// Opens and claims both base bdevs and starts the engine.
-fn start(req: CreateRequest, resp: Option<Responder>, hold: Option<Rc<ExamineHold>>) {
+fn start(req: CreateRequest, done: Option<Done>, hold: Option<Rc<ExamineHold>>) {
     match try_start(&req) {
         Ok((engine, cache, backing, dax)) => {
             let start_ticks = START_TICKS.load(Ordering::Relaxed);
-            let dev = Device::new(req, engine, cache, backing, resp, dax, start_ticks);
-            // SAFETY: dev was just created on this thread and nothing else holds it.
-            unsafe { (*dev).examine_hold = hold };
+            let hooks = Hooks {
+                channel_fns: CHANNEL_FNS,
+                on_created: done,
+                on_teardown: forget,
+                examine_hold: hold,
+            };
+            let dev = Device::new(req, engine, cache, backing, hooks, dax, start_ticks);
             REGISTRY.with(|r| r.borrow_mut().devices.push(dev));
             // SAFETY: dev was just created on this thread.
             unsafe { Device::enter(dev, true, |_| {}) };
         }
         Err(e) => {
             log::error(&e.message);
-            if let Some(r) = resp {
-                r.error(&e);
+            if let Some(done) = done {
+                done(Err(e));
             }
         }
     }
@@ -452,8 +443,9 @@ fn close_base(b: Base) {
     }
 }
 
-/// `bdev_writeboost_delete`.
-pub fn delete(name: &str, resp: Responder) {
+/// `bdev_writeboost_delete`: `done` is told once the bdev is unregistered
+/// (or at once, if it cannot be).
+pub fn delete(name: &str, done: Done) {
     let was_pending = REGISTRY.with(|r| {
         let mut r = r.borrow_mut();
         let before = r.pending.len();
@@ -461,37 +453,51 @@ pub fn delete(name: &str, resp: Responder) {
         before != r.pending.len()
     });
     if was_pending {
-        return resp.result(&serde_json::Value::Bool(true));
+        return done(Ok(serde_json::Value::Bool(true)));
     }
     let Some(dev) = find(name) else {
-        return resp.error(&RpcError::no_such_device(name));
+        return done(Err(RpcError::no_such_device(name)));
     };
     // SAFETY: registry devices are live and owned by this thread.
     let state = unsafe { (*dev).state };
     if state != State::Online {
-        return resp.error(&RpcError::new(
+        return done(Err(RpcError::new(
             code::EBUSY,
             format!("writeboost bdev '{name}' is still opening or already closing; retry"),
-        ));
+        )));
     }
     let cname = CString::new(name).unwrap_or_default();
-    let arg = Box::into_raw(Box::new(resp));
-    // SAFETY: cname is valid; arg is taken back once by delete_done, or here
-    // if SPDK refuses at once.
+    let arg = Box::into_raw(Box::new(done));
+    // SAFETY: cname is valid; arg is taken back once by unregistered, or
+    // here if SPDK refuses at once.
     unsafe {
         let rc = sys::spdk_bdev_unregister_by_name(
             cname.as_ptr(),
             wb_module(),
-            Some(delete_done),
+            Some(unregistered),
             arg.cast(),
         );
         if rc != 0 {
-            let resp = Box::from_raw(arg);
-            resp.error(&RpcError::new(
+            let done = Box::from_raw(arg);
+            done(Err(RpcError::new(
                 rc,
                 format!("cannot unregister '{name}' (rc {rc})"),
-            ));
+            )));
         }
+    }
+}
+
+/// SPDK unregistered a bdev that `delete` asked for.
+extern "C" fn unregistered(arg: *mut c_void, rc: i32) {
+    // SAFETY: arg is the callback boxed in delete, taken back once.
+    let done = unsafe { Box::from_raw(arg.cast::<Done>()) };
+    if rc == 0 {
+        done(Ok(serde_json::Value::Bool(true)));
+    } else {
+        done(Err(RpcError::new(
+            rc,
+            format!("could not unregister the bdev (rc {rc})"),
+        )));
     }
 }
 
@@ -524,11 +530,11 @@ extern "C" fn base_event(ty: u32, bdev: *mut sys::spdk_bdev, _ctx: *mut c_void) 
                 }
                 State::Opening => {
                     Device::enter(dev, true, |d| {
-                        if let Some(r) = d.responder.take() {
-                            r.error(&RpcError::new(
+                        if let Some(done) = d.on_created.take() {
+                            done(Err(RpcError::new(
                                 code::ENODEV,
                                 "a base bdev was removed while the cache was opening",
-                            ));
+                            )));
                         }
                         d.examine_hold = None;
                         d.state = State::Done;

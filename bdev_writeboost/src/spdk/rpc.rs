@@ -2,7 +2,7 @@
 //! `writeboost-rpc`, exactly as the standalone host checks them; SPDK runs
 //! the handlers on the app thread, which owns every device.
 
-use std::ffi::{CString, c_void};
+use std::ffi::CString;
 
 use serde_json::{Value, json};
 use spdk_sys as sys;
@@ -73,7 +73,7 @@ pub extern "C" fn wb_rpc_create(
     };
     // The answer comes once the engine has recovered the cache (or at once
     // if a base bdev is still missing and the create waits for it).
-    module::create(req, Some(resp));
+    module::create(req, Some(Box::new(move |r| resp.answer(r))));
 }
 
 #[unsafe(no_mangle)]
@@ -87,7 +87,7 @@ pub extern "C" fn wb_rpc_delete(
         Ok(n) => n.name,
         Err(e) => return resp.error(&e),
     };
-    module::delete(&name, resp);
+    module::delete(&name, Box::new(move |r| resp.answer(r)));
 }
 
 #[unsafe(no_mangle)]
@@ -204,18 +204,4 @@ pub extern "C" fn wb_rpc_clear_stats(
             })
         });
     resp.answer(r);
-}
-
-/// Answers a delete once SPDK has unregistered the bdev.
-pub extern "C" fn delete_done(arg: *mut c_void, rc: i32) {
-    // SAFETY: arg is the Responder boxed in module::delete, taken back once.
-    let resp = unsafe { Box::from_raw(arg.cast::<Responder>()) };
-    if rc == 0 {
-        resp.result(&Value::Bool(true));
-    } else {
-        resp.error(&RpcError::new(
-            rc,
-            format!("could not unregister the bdev (rc {rc})"),
-        ));
-    }
 }
