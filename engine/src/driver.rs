@@ -104,8 +104,34 @@ pub enum Outcome<U> {
 }
 
 /// An engine and the user requests in flight on it.
+/// Where a device is in its life. The driver tracks it from what the
+/// engine reports, so hosts keep no lifecycle of their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Start-up (recovery or format) is running.
+    Opening,
+    /// Serving user requests.
+    Online,
+    /// A stop was asked for: no new requests; those in flight finish.
+    Draining,
+    /// The engine's clean shutdown is running.
+    Closing,
+    /// Shut down cleanly.
+    Closed,
+    /// Start-up failed.
+    Failed,
+}
+
+impl Lifecycle {
+    /// Nothing more will happen: closed, or failed to open.
+    pub fn is_over(self) -> bool {
+        matches!(self, Lifecycle::Closed | Lifecycle::Failed)
+    }
+}
+
 pub struct Driver<A: BufAlloc, U: UserBuf> {
     engine: Engine<A>,
+    lifecycle: Lifecycle,
     users: FxHashMap<ReqId, U>,
     /// Commands that ended in [`Target::start`], reported on the next pump.
     ended: Vec<(Token, Result<(), DeviceError>)>,
@@ -116,6 +142,7 @@ impl<A: BufAlloc, U: UserBuf> Driver<A, U> {
     pub fn new(engine: Engine<A>) -> Self {
         Self {
             engine,
+            lifecycle: Lifecycle::Opening,
             users: FxHashMap::default(),
             ended: Vec::new(),
             outcomes: VecDeque::new(),
@@ -130,6 +157,35 @@ impl<A: BufAlloc, U: UserBuf> Driver<A, U> {
     /// call [`pump`](Self::pump) afterwards, as after any call.
     pub fn engine_mut(&mut self) -> &mut Engine<A> {
         &mut self.engine
+    }
+
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle
+    }
+
+    /// Stop taking new requests; [`close`](Self::close) once those in flight ended.
+    pub fn begin_drain(&mut self) {
+        if self.lifecycle == Lifecycle::Online {
+            self.lifecycle = Lifecycle::Draining;
+        }
+    }
+
+    /// Starts the engine's clean shutdown; the driver reports
+    /// [`Outcome::ShutdownComplete`] when it is done.
+    pub fn close(&mut self, now: Nanos) {
+        if !self.lifecycle.is_over() {
+            self.lifecycle = Lifecycle::Closing;
+        }
+        self.engine.shutdown(now);
+    }
+
+    /// The host gave up on the device (a start-up that stopped making
+    /// progress, a base device that went away): nothing more is expected
+    /// of it. A clean close stays [`Lifecycle::Closed`].
+    pub fn abandon(&mut self) {
+        if self.lifecycle != Lifecycle::Closed {
+            self.lifecycle = Lifecycle::Failed;
+        }
     }
 
     /// User requests in flight.
@@ -263,9 +319,20 @@ impl<A: BufAlloc, U: UserBuf> Driver<A, U> {
                     .push_back(Outcome::Completed { req, user, result }),
                 None => debug_assert!(false, "completion of {req:?}, which is not held"),
             },
-            Event::Ready => self.outcomes.push_back(Outcome::Ready),
-            Event::OpenFailed(e) => self.outcomes.push_back(Outcome::OpenFailed(e)),
-            Event::ShutdownComplete => self.outcomes.push_back(Outcome::ShutdownComplete),
+            Event::Ready => {
+                self.lifecycle = Lifecycle::Online;
+                self.outcomes.push_back(Outcome::Ready);
+            }
+            Event::OpenFailed(e) => {
+                self.lifecycle = Lifecycle::Failed;
+                self.outcomes.push_back(Outcome::OpenFailed(e));
+            }
+            Event::ShutdownComplete => {
+                if self.lifecycle != Lifecycle::Failed {
+                    self.lifecycle = Lifecycle::Closed;
+                }
+                self.outcomes.push_back(Outcome::ShutdownComplete);
+            }
         }
     }
 
@@ -362,6 +429,7 @@ mod tests {
         };
         d.pump(&mut t, 0);
         assert!(matches!(d.poll_outcome(), Some(Outcome::Ready)));
+        assert_eq!(d.lifecycle(), Lifecycle::Online);
         (d, t)
     }
 
@@ -452,5 +520,28 @@ mod tests {
             // An I/O error is retried; a refused command is not.
             assert_eq!(d.engine().stats().io_retries, retries, "{e:?}");
         }
+    }
+
+    #[test]
+    fn the_lifecycle_follows_the_engine_and_the_host() {
+        let (mut d, mut t) = open();
+        assert_eq!(d.lifecycle(), Lifecycle::Online);
+        d.begin_drain();
+        assert_eq!(d.lifecycle(), Lifecycle::Draining);
+        d.close(0);
+        assert_eq!(d.lifecycle(), Lifecycle::Closing);
+        for now in 0..1000 {
+            d.pump(&mut t, now);
+            if let Some(o) = d.poll_outcome() {
+                assert!(matches!(o, Outcome::ShutdownComplete), "{o:?}");
+                break;
+            }
+            d.handle_timeout(now);
+        }
+        assert_eq!(d.lifecycle(), Lifecycle::Closed);
+        // Giving up after a clean close changes nothing.
+        d.abandon();
+        assert!(d.lifecycle().is_over());
+        assert_eq!(d.lifecycle(), Lifecycle::Closed);
     }
 }

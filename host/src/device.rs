@@ -11,7 +11,9 @@ use crossbeam_channel::Sender;
 use serde_json::Value;
 use thiserror::Error;
 use writeboost_engine::config::BufferMode;
-use writeboost_engine::driver::{CmdMem, Driver, Outcome, Started, Target, UserBuf, UserOp};
+use writeboost_engine::driver::{
+    CmdMem, Driver, Lifecycle, Outcome, Started, Target, UserBuf, UserOp,
+};
 use writeboost_engine::pmem::Pmem;
 use writeboost_engine::{
     Command, CommandKind, DeviceError, Engine, IoError, Nanos, OpenError, OpenParams, ReqId,
@@ -76,19 +78,6 @@ impl UserBuf for UserReq {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Phase {
-    Starting,
-    Running,
-    /// Stop requested: waiting for user requests in flight.
-    Draining,
-    /// engine.shutdown called; waiting for ShutdownComplete.
-    ShuttingDown,
-    Done,
-    /// The cache could not be opened.
-    Failed,
-}
-
 /// One writeboost device on its reactor: a poller.
 pub struct Dev {
     pub req: CreateRequest,
@@ -99,7 +88,6 @@ pub struct Dev {
     shared: Arc<Shared>,
     epoch: Instant,
     next_req: u64,
-    phase: Phase,
     open_result: Option<Result<(), OpenError>>,
     dones: Vec<Done>,
 }
@@ -189,7 +177,7 @@ impl Dev {
     /// Device I/O is in flight, or the device is between states: the
     /// reactor must come back soon even without a wake-up.
     pub(crate) fn busy(&self) -> bool {
-        self.target.backend.inflight() > 0 || self.phase != Phase::Running
+        self.target.backend.inflight() > 0 || self.driver.lifecycle() != Lifecycle::Online
     }
 
     /// Waits in the I/O backend for a completion, up to `max`.
@@ -199,7 +187,7 @@ impl Dev {
 
     /// After a clean shutdown: what the device did.
     pub(crate) fn shutdown_summary(&self) -> Option<String> {
-        if self.phase != Phase::Done {
+        if self.driver.lifecycle() != Lifecycle::Closed {
             return None;
         }
         let st = self.driver.engine().stats();
@@ -287,7 +275,8 @@ impl Dev {
                     Err(e) => reply(&r, io_errno(e), Vec::new()),
                 }
             }
-            Outcome::ShutdownComplete => self.phase = Phase::Done,
+            // The driver's lifecycle says it.
+            Outcome::ShutdownComplete => {}
         }
     }
 
@@ -297,7 +286,7 @@ impl Dev {
     }
 
     fn accept(&mut self, r: Request) {
-        if self.phase != Phase::Running {
+        if self.driver.lifecycle() != Lifecycle::Online {
             let _ = r.reply.send(ConnMsg::Reply {
                 handle: r.handle,
                 error: proto::ESHUTDOWN,
@@ -346,18 +335,17 @@ impl Dev {
     /// One turn: requests, completions, deadlines, start-up and shutdown.
     /// True if anything happened.
     pub(crate) fn turn(&mut self) -> bool {
-        if self.phase == Phase::Starting {
+        // Until the outcome of start-up is reported.
+        if self.ready_tx.is_some() {
             return self.turn_starting();
         }
         let mut progress = false;
-        if self.phase != Phase::Starting {
-            for _ in 0..BATCH {
-                let Some(r) = self.shared.queue.pop() else {
-                    break;
-                };
-                progress = true;
-                self.accept(r);
-            }
+        for _ in 0..BATCH {
+            let Some(r) = self.shared.queue.pop() else {
+                break;
+            };
+            progress = true;
+            self.accept(r);
         }
         let mut dones = std::mem::take(&mut self.dones);
         self.target.backend.poll(&mut dones);
@@ -379,14 +367,13 @@ impl Dev {
             self.drain();
             progress = true;
         }
-        if self.phase == Phase::Running && self.shared.stopping() {
-            self.phase = Phase::Draining;
+        if self.driver.lifecycle() == Lifecycle::Online && self.shared.stopping() {
+            self.driver.begin_drain();
             progress = true;
         }
-        if self.phase == Phase::Draining && self.driver.requests_in_flight() == 0 {
-            self.phase = Phase::ShuttingDown;
+        if self.driver.lifecycle() == Lifecycle::Draining && self.driver.requests_in_flight() == 0 {
             let now = self.now();
-            self.driver.engine_mut().shutdown(now);
+            self.driver.close(now);
             self.drain();
             progress = true;
         }
@@ -501,7 +488,6 @@ impl Dev {
             shared: spec.shared,
             epoch: Instant::now(),
             next_req: 0,
-            phase: Phase::Starting,
             open_result: None,
             dones: Vec::new(),
         };
@@ -531,13 +517,15 @@ impl Dev {
         if let Some(tx) = self.ready_tx.take() {
             let _ = tx.send(outcome);
         }
-        self.phase = if ok { Phase::Running } else { Phase::Failed };
+        if !ok {
+            self.driver.abandon();
+        }
         true
     }
 
     /// Finished: closed cleanly, or failed to open (with nothing in flight).
     pub(crate) fn finished(&self) -> bool {
-        matches!(self.phase, Phase::Done | Phase::Failed) && self.target.backend.inflight() == 0
+        self.driver.lifecycle().is_over() && self.target.backend.inflight() == 0
     }
 
     /// `bdev_writeboost_get_stats` / `bdev_get_bdevs` report.
@@ -564,7 +552,7 @@ impl Dev {
     }
 
     pub fn online(&self) -> bool {
-        self.phase == Phase::Running
+        self.driver.lifecycle() == Lifecycle::Online
     }
 
     pub fn set_options(&mut self, req: &SetOptionsRequest) -> Result<(), RpcError> {

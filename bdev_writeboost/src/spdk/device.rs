@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use spdk_sys as sys;
 use writeboost_engine::config::BufferMode;
-use writeboost_engine::driver::{CmdMem, Driver, Outcome, Started, Target, UserOp};
+use writeboost_engine::driver::{CmdMem, Driver, Lifecycle, Outcome, Started, Target, UserOp};
 use writeboost_engine::{Command, CommandKind, DeviceError, Engine, Nanos, ReqId};
 use writeboost_rpc::{CreateRequest, DeviceReport, RpcError, code, report_json};
 
@@ -62,18 +62,6 @@ pub struct Base {
     pub supports_unmap: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum State {
-    /// The engine is recovering the cache; the bdev is not registered yet.
-    Opening,
-    /// Registered and serving I/O.
-    Online,
-    /// destruct was called: the engine is shutting down.
-    Closing,
-    /// Opening failed or shutdown finished; waiting to be torn down.
-    Done,
-}
-
 /// A device command handed to a base bdev.
 struct CmdCtx {
     dev: *mut Device,
@@ -117,7 +105,6 @@ pub struct Device {
     pub shared: *mut Shared,
     pub req: CreateRequest,
     pub driver: Driver<DmaAlloc, UserIo>,
-    pub state: State,
     pub cache: Base,
     pub backing: Base,
     /// The registered bdev (null until the engine is ready).
@@ -201,7 +188,6 @@ impl Device {
             shared,
             req,
             driver: Driver::new(engine),
-            state: State::Opening,
             cache,
             backing,
             bdev: ptr::null_mut(),
@@ -330,7 +316,7 @@ impl Device {
 
     /// Takes a user request: checks it and hands it to the engine.
     pub fn start_user(&mut self, io: UserIo) {
-        if self.state != State::Online {
+        if self.driver.lifecycle() != Lifecycle::Online {
             io.complete(false);
             return;
         }
@@ -375,14 +361,12 @@ impl Device {
                     done(Err(RpcError::new(code::EINVAL, msg)));
                 }
                 self.examine_hold = None;
-                self.state = State::Done;
             }
             Outcome::ShutdownComplete => {
                 log::notice(&format!(
                     "{}: shut down cleanly; the cache holds its data for the next create",
                     self.req.name
                 ));
-                self.state = State::Done;
             }
         }
     }
@@ -423,12 +407,10 @@ impl Device {
                 return;
             }
             self.bdev = bdev;
-            self.state = State::Online;
             let rc = sys::spdk_bdev_register(bdev);
             if rc != 0 {
                 self.bdev = ptr::null_mut();
                 wb_bdev_free(bdev);
-                self.state = State::Opening;
                 self.fail_open(&format!("spdk_bdev_register failed (rc {rc})"));
                 return;
             }
@@ -459,8 +441,8 @@ impl Device {
         }
         self.examine_hold = None;
         let now = self.now();
-        self.driver.engine_mut().shutdown(now);
-        self.state = State::Done;
+        self.driver.close(now);
+        self.driver.abandon();
     }
 
     /// Poller turn: engine deadlines and a stuck shutdown after hot remove.
@@ -471,7 +453,7 @@ impl Device {
         {
             self.driver.handle_timeout(now);
         }
-        if self.state == State::Closing
+        if self.driver.lifecycle() == Lifecycle::Closing
             && let Some(at) = self.removed_at
             && now.saturating_sub(at) > REMOVED_SHUTDOWN_GRACE_NS
         {
@@ -480,7 +462,7 @@ impl Device {
                  (the cache keeps its logs: re-create the device to recover them)",
                 self.req.name
             ));
-            self.state = State::Done;
+            self.driver.abandon();
         }
     }
 
@@ -501,19 +483,18 @@ impl Device {
             status: &status,
             tunables: &tunables,
         });
-        if self.state == State::Opening {
-            v["state"] = "opening".into();
-        } else if self.state == State::Closing {
-            v["state"] = "closing".into();
+        match self.driver.lifecycle() {
+            Lifecycle::Opening => v["state"] = "opening".into(),
+            Lifecycle::Draining | Lifecycle::Closing => v["state"] = "closing".into(),
+            _ => {}
         }
         v
     }
 
     /// Starts the clean shutdown that destruct waits for.
     pub fn begin_close(&mut self) {
-        self.state = State::Closing;
         let now = self.now();
-        self.driver.engine_mut().shutdown(now);
+        self.driver.close(now);
     }
 }
 
@@ -703,7 +684,7 @@ unsafe fn maybe_finish(dev: *mut Device) {
     // SAFETY: per the contract.
     unsafe {
         let d = &*dev;
-        if d.state != State::Done || d.inflight > 0 || d.waiting > 0 {
+        if !d.driver.lifecycle().is_over() || d.inflight > 0 || d.waiting > 0 {
             return;
         }
         if d.bdev.is_null() {

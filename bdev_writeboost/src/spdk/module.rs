@@ -17,12 +17,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use serde_json::json;
 use spdk_sys as sys;
 use writeboost_engine::Engine;
+use writeboost_engine::driver::Lifecycle;
 use writeboost_engine::pmem::Pmem;
 use writeboost_rpc::{BaseGeometry, CreateRequest, RpcError, code};
 
 use super::channel::CHANNEL_FNS;
 use super::completion::Done;
-use super::device::{Base, Device, Hooks, Shared, State, now_ns};
+use super::device::{Base, Device, Hooks, Shared, now_ns};
 use super::dma::DmaAlloc;
 use super::examine::{ExamineHold, wb_module};
 use super::json::write_value;
@@ -120,7 +121,7 @@ pub extern "C" fn wb_config_json(w: *mut sys::spdk_json_write_ctx) -> i32 {
     for d in all() {
         // SAFETY: registry devices are live and owned by this thread.
         let d = unsafe { &*d };
-        if d.state == State::Online {
+        if d.driver.lifecycle() == Lifecycle::Online {
             entries.push(d.req.config_params(d.driver.engine().tunables()));
         }
     }
@@ -459,8 +460,8 @@ pub fn delete(name: &str, done: Done) {
         return done(Err(RpcError::no_such_device(name)));
     };
     // SAFETY: registry devices are live and owned by this thread.
-    let state = unsafe { (*dev).state };
-    if state != State::Online {
+    let state = unsafe { (*dev).driver.lifecycle() };
+    if state != Lifecycle::Online {
         return done(Err(RpcError::new(
             code::EBUSY,
             format!("writeboost bdev '{name}' is still opening or already closing; retry"),
@@ -524,11 +525,11 @@ extern "C" fn base_event(ty: u32, bdev: *mut sys::spdk_bdev, _ctx: *mut c_void) 
             ));
             d.refresh_now();
             d.removed_at = Some(d.now());
-            match d.state {
-                State::Online => {
+            match d.driver.lifecycle() {
+                Lifecycle::Online => {
                     sys::spdk_bdev_unregister(d.bdev, None, ptr::null_mut());
                 }
-                State::Opening => {
+                Lifecycle::Opening => {
                     Device::enter(dev, true, |d| {
                         if let Some(done) = d.on_created.take() {
                             done(Err(RpcError::new(
@@ -537,10 +538,13 @@ extern "C" fn base_event(ty: u32, bdev: *mut sys::spdk_bdev, _ctx: *mut c_void) 
                             )));
                         }
                         d.examine_hold = None;
-                        d.state = State::Done;
+                        d.driver.abandon();
                     });
                 }
-                State::Closing | State::Done => {}
+                Lifecycle::Draining
+                | Lifecycle::Closing
+                | Lifecycle::Closed
+                | Lifecycle::Failed => {}
             }
         }
     }

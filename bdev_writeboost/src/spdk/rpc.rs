@@ -10,9 +10,10 @@ use writeboost_rpc::{
     RpcError, code, parse_create, parse_name, parse_optional_name, parse_set_options,
 };
 
-use super::device::{Device, State};
+use super::device::Device;
 use super::json::{params_to_value, write_value};
 use super::module;
+use writeboost_engine::driver::Lifecycle;
 
 /// An RPC request waiting for its answer; answered exactly once.
 pub struct Responder(*mut sys::spdk_jsonrpc_request);
@@ -133,7 +134,7 @@ fn with_online(
     let mut out = Err(RpcError::new(code::EBUSY, "the device is busy; retry"));
     // SAFETY: registry devices are live and owned by this (the app) thread.
     unsafe {
-        if (*dev).state != State::Online {
+        if (*dev).driver.lifecycle() != Lifecycle::Online {
             return Err(RpcError::new(
                 code::EBUSY,
                 format!("writeboost bdev '{name}' is not online (it is opening or closing); retry"),
