@@ -6,6 +6,7 @@
 //! tells where to look (recovery never searches).
 
 use crate::error::FormatError;
+use crate::ids::LogId;
 
 /// Smallest unit of a partial write.
 pub const SECTOR_SIZE: u64 = 512;
@@ -91,17 +92,17 @@ impl Geometry {
     }
 
     /// Byte offset on the cache device of the segment holding log `id` (ids start at 1).
-    pub fn segment_offset(&self, id: u64) -> u64 {
+    pub fn segment_offset(&self, id: LogId) -> u64 {
         (1 + self.position(id)) * self.segment_size
     }
 
     /// Ring position (0-based) of log `id`.
-    pub fn position(&self, id: u64) -> u64 {
-        (id - 1) % self.nr_segments
+    pub fn position(&self, id: LogId) -> u64 {
+        (id.get() - 1) % self.nr_segments
     }
 
     /// Byte offset on the cache device of data slot `slot` of log `id`.
-    pub fn slot_offset(&self, id: u64, slot: u32) -> u64 {
+    pub fn slot_offset(&self, id: LogId, slot: u32) -> u64 {
         self.segment_offset(id) + self.header_len() as u64 + slot as u64 * BLOCK_SIZE
     }
 
@@ -145,9 +146,9 @@ mod tests {
     fn ids_map_onto_a_ring_after_the_superblock_region() {
         let g = Geometry::new(DEFAULT_SEGMENT_SIZE, 4 << 20, 1 << 30).unwrap();
         assert_eq!(g.nr_segments, 3);
-        assert_eq!(g.segment_offset(1), 1 << 20);
-        assert_eq!(g.segment_offset(3), 3 << 20);
-        assert_eq!(g.segment_offset(4), 1 << 20);
-        assert_eq!(g.slot_offset(1, 2), (1 << 20) + 4096 + 2 * 4096);
+        assert_eq!(g.segment_offset(LogId(1)), 1 << 20);
+        assert_eq!(g.segment_offset(LogId(3)), 3 << 20);
+        assert_eq!(g.segment_offset(LogId(4)), 1 << 20);
+        assert_eq!(g.slot_offset(LogId(1), 2), (1 << 20) + 4096 + 2 * 4096);
     }
 }

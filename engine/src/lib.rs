@@ -26,6 +26,7 @@ pub mod driver;
 pub mod error;
 pub mod format;
 pub mod geometry;
+pub mod ids;
 pub mod io;
 pub mod pmem;
 pub mod stats;
@@ -34,6 +35,7 @@ pub use cache::Engine;
 pub use config::{OpenParams, Tunables};
 pub use error::{ConfigError, DeviceError, FormatError, IoError, OpenError, SubmitError};
 pub use format::BackingIdentity;
+pub use ids::{Epoch, LogId};
 pub use io::{
     BufAlloc, BufId, Command, CommandKind, DataRef, Device, Event, HeapAlloc, Nanos, ReqId, Token,
 };

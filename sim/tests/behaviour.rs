@@ -370,7 +370,7 @@ fn a_torn_last_log_is_ignored_and_earlier_data_survives() {
     let (mut c, b) = h.crash(&mut ChaCha8Rng::seed_from_u64(1));
     // Tear the second log: one byte of its data block differs.
     let geo = Geometry::new(128 << 10, 8 * MIB, BACKING).unwrap();
-    let off = geo.slot_offset(second, 0) as usize;
+    let off = geo.slot_offset(writeboost_engine::LogId(second), 0) as usize;
     c[off + 100] ^= 0xff;
     let mut h2 = open(p, SimDevice::from_image(c), SimDevice::from_image(b));
     assert_eq!(h2.opened, Some(Ok(())));

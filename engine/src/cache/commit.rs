@@ -11,6 +11,7 @@ use super::{Engine, OpenLog, Phase, Purpose};
 use crate::error::IoError;
 use crate::format::{Metablock, SbRecord, encode_segment_header};
 use crate::geometry::BLOCK_SIZE;
+use crate::ids::LogId;
 use crate::io::{BufAlloc, CommandKind, DataRef, Device, ReqId};
 
 /// Who waits for a backing-device flush.
@@ -34,7 +35,7 @@ impl<A: BufAlloc> Engine<A> {
 
     /// A FUA/FLUSH waits for log `id`: if it is the open one, seal it at the
     /// barrier deadline (or now).
-    pub(super) fn note_barrier(&mut self, id: u64) {
+    pub(super) fn note_barrier(&mut self, id: LogId) {
         if self.open.as_ref().is_some_and(|o| o.id == id) {
             if self.tunables.barrier_deadline_ms == 0 {
                 self.request_seal();
@@ -91,7 +92,7 @@ impl<A: BufAlloc> Engine<A> {
             .zip(data.chunks(BLOCK_SIZE as usize))
             .map(|(s, d)| s.crc.unwrap_or_else(|| crc32c::crc32c(d)))
             .collect();
-        encode_segment_header(hdr, &crcs, &geo, o.id, epoch, &uuid, &mbs);
+        encode_segment_header(hdr, &crcs, &geo, o.id.get(), epoch.get(), &uuid, &mbs);
         self.stats.nr_logs += 1;
         if (n as u32) < self.geo.data_blocks {
             self.stats.nr_partial_flushed += 1;
@@ -112,7 +113,7 @@ impl<A: BufAlloc> Engine<A> {
         );
     }
 
-    pub(super) fn log_written(&mut self, id: u64, ok: bool) {
+    pub(super) fn log_written(&mut self, id: LogId, ok: bool) {
         if !ok {
             // The buffer stays attached so its data can still be read.
             self.fail_cache();
@@ -130,7 +131,7 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     /// Returns log `id`'s buffer (and in mode 1 its pmem slot) for reuse.
-    fn release_log_buf(&mut self, id: u64) {
+    fn release_log_buf(&mut self, id: LogId) {
         let seg = self.ring.seg_mut(id);
         if seg.id != id {
             return;
@@ -228,7 +229,7 @@ impl<A: BufAlloc> Engine<A> {
         }
         if !urgent
             && self.phase == Phase::Running
-            && self.ring.last_wb() == self.records.current().last_writeback_id
+            && self.ring.last_wb() == self.records.written_back()
             && self.records.current().flags == self.record_flags()
         {
             self.records.unwant();

@@ -8,8 +8,8 @@
 //! losing anything acknowledged.
 
 use std::collections::BTreeMap;
-use std::ops::RangeInclusive;
 
+use crate::ids::LogId;
 use crate::io::{Nanos, ReqId};
 
 /// State of a sealed log on its way to durability.
@@ -23,13 +23,13 @@ enum LogState {
 #[derive(Debug, Default)]
 pub(super) struct Durability {
     /// Sealed logs not yet durable.
-    unflushed: BTreeMap<u64, LogState>,
+    unflushed: BTreeMap<LogId, LogState>,
     /// Every log up to this id is durable.
-    frontier: u64,
+    frontier: LogId,
     /// Logs the cache flush in flight covers (`Some` while one is in flight).
-    flushing: Option<Vec<u64>>,
+    flushing: Option<Vec<LogId>>,
     /// Requests waiting for the frontier, by the log id they need.
-    waiters: BTreeMap<u64, Vec<ReqId>>,
+    waiters: BTreeMap<LogId, Vec<ReqId>>,
     /// When the open log is sealed for a waiting FUA/FLUSH.
     barrier_deadline: Option<Nanos>,
 }
@@ -37,28 +37,28 @@ pub(super) struct Durability {
 impl Durability {
     /// Starts from a recovered (or freshly formatted) cache whose logs up to
     /// `frontier` are all durable.
-    pub(super) fn reset(&mut self, frontier: u64) {
+    pub(super) fn reset(&mut self, frontier: LogId) {
         debug_assert!(self.unflushed.is_empty() && self.flushing.is_none());
         self.frontier = frontier;
     }
 
-    pub(super) fn frontier(&self) -> u64 {
+    pub(super) fn frontier(&self) -> LogId {
         self.frontier
     }
 
-    pub(super) fn is_durable(&self, id: u64) -> bool {
+    pub(super) fn is_durable(&self, id: LogId) -> bool {
         id <= self.frontier
     }
 
     /// Log `id` was sealed and its write issued.
-    pub(super) fn sealed(&mut self, id: u64) {
+    pub(super) fn sealed(&mut self, id: LogId) {
         debug_assert!(id > self.frontier, "log {id} sealed below the frontier");
         let old = self.unflushed.insert(id, LogState::Writing);
         debug_assert!(old.is_none(), "log {id} sealed twice");
     }
 
     /// Log `id`'s write completed; it waits for a flush.
-    pub(super) fn written(&mut self, id: u64) {
+    pub(super) fn written(&mut self, id: LogId) {
         if let Some(st) = self.unflushed.get_mut(&id) {
             debug_assert_eq!(*st, LogState::Writing);
             *st = LogState::Written;
@@ -77,7 +77,7 @@ impl Durability {
     /// A cache flush is issued: it covers every log written so far.
     pub(super) fn flush_started(&mut self) {
         debug_assert!(self.flushing.is_none(), "two cache flushes in flight");
-        let logs: Vec<u64> = self
+        let logs: Vec<LogId> = self
             .unflushed
             .iter_mut()
             .filter(|(_, s)| **s == LogState::Written)
@@ -102,7 +102,7 @@ impl Durability {
     }
 
     /// Lowest sealed log that is not durable yet.
-    pub(super) fn lowest_unflushed(&self) -> Option<u64> {
+    pub(super) fn lowest_unflushed(&self) -> Option<LogId> {
         self.unflushed.first_key_value().map(|(&id, _)| id)
     }
 
@@ -114,26 +114,29 @@ impl Durability {
     /// Moves the frontier to just below `lowest_pending`, the lowest log that
     /// is not durable (open, sealing or unflushed). Returns the ids that
     /// became durable.
-    pub(super) fn advance(&mut self, lowest_pending: u64) -> RangeInclusive<u64> {
+    pub(super) fn advance(
+        &mut self,
+        lowest_pending: LogId,
+    ) -> impl DoubleEndedIterator<Item = LogId> + Clone + use<> {
         debug_assert!(
             self.lowest_unflushed()
                 .is_none_or(|id| id >= lowest_pending),
             "an unflushed log lies below the given lowest pending log"
         );
         let before = self.frontier;
-        self.frontier = self.frontier.max(lowest_pending - 1);
-        before + 1..=self.frontier
+        self.frontier = self.frontier.max(lowest_pending.prev());
+        before.next().through(self.frontier)
     }
 
     /// `req` completes once log `id` is durable.
-    pub(super) fn wait(&mut self, id: u64, req: ReqId) {
+    pub(super) fn wait(&mut self, id: LogId, req: ReqId) {
         debug_assert!(id > self.frontier, "waiting for a durable log");
         self.waiters.entry(id).or_default().push(req);
     }
 
     /// Requests whose log is durable now.
     pub(super) fn take_ready(&mut self) -> Vec<ReqId> {
-        let later = self.waiters.split_off(&(self.frontier + 1));
+        let later = self.waiters.split_off(&self.frontier.next());
         let ready = std::mem::replace(&mut self.waiters, later);
         ready.into_values().flatten().collect()
     }
@@ -190,44 +193,44 @@ mod tests {
     #[test]
     fn frontier_moves_only_past_flushed_logs() {
         let mut d = Durability::default();
-        d.reset(4);
-        d.sealed(5);
-        d.sealed(6);
-        d.written(6);
+        d.reset(LogId(4));
+        d.sealed(LogId(5));
+        d.sealed(LogId(6));
+        d.written(LogId(6));
         d.flush_started();
         d.flush_done(true);
         // Log 5 is still being written: nothing moves.
-        assert!(d.advance(d.lowest_unflushed().unwrap()).is_empty());
-        assert_eq!(d.frontier(), 4);
-        d.written(5);
+        assert!(d.advance(d.lowest_unflushed().unwrap()).next().is_none());
+        assert_eq!(d.frontier(), LogId(4));
+        d.written(LogId(5));
         assert!(d.has_written());
         d.flush_started();
         d.flush_done(true);
         assert!(d.is_settled());
-        assert_eq!(d.advance(7), 5..=6);
-        assert!(d.is_durable(6) && !d.is_durable(7));
+        assert!(d.advance(LogId(7)).eq(LogId(5).through(LogId(6))));
+        assert!(d.is_durable(LogId(6)) && !d.is_durable(LogId(7)));
     }
 
     #[test]
     fn a_failed_flush_leaves_its_logs_unflushed() {
         let mut d = Durability::default();
-        d.sealed(1);
-        d.written(1);
+        d.sealed(LogId(1));
+        d.written(LogId(1));
         d.flush_started();
         assert!(d.flush_busy());
         d.flush_done(false);
         assert!(!d.flush_busy());
-        assert_eq!(d.lowest_unflushed(), Some(1));
-        assert!(d.advance(1).is_empty());
+        assert_eq!(d.lowest_unflushed(), Some(LogId(1)));
+        assert!(d.advance(LogId(1)).next().is_none());
     }
 
     #[test]
     fn waiters_wake_in_order_of_the_log_they_need() {
         let mut d = Durability::default();
-        d.wait(2, ReqId(20));
-        d.wait(1, ReqId(10));
-        d.wait(3, ReqId(30));
-        d.advance(3);
+        d.wait(LogId(2), ReqId(20));
+        d.wait(LogId(1), ReqId(10));
+        d.wait(LogId(3), ReqId(30));
+        assert!(d.advance(LogId(3)).eq(LogId(1).through(LogId(2))));
         assert_eq!(d.take_ready(), vec![ReqId(10), ReqId(20)]);
         assert_eq!(d.take_all_waiters(), vec![ReqId(30)]);
     }

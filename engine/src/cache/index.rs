@@ -4,13 +4,14 @@
 //! the ring's per-log `live_dirty` counts follow the [`Dirty`] transition
 //! each change reports.
 
+use crate::ids::LogId;
 use rustc_hash::FxHashMap;
 
 /// Where the newest copy of a cached block lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Entry {
     /// Log id holding the block.
-    pub id: u64,
+    pub id: LogId,
     /// Data slot within that log.
     pub slot: u32,
     /// Sectors the cache holds for this block.
@@ -96,7 +97,7 @@ impl Index {
     pub fn update_copy(
         &mut self,
         block: u64,
-        id: u64,
+        id: LogId,
         slot: u32,
         f: impl FnOnce(&mut Entry),
     ) -> Option<Dirty> {
@@ -147,7 +148,7 @@ impl Index {
 mod tests {
     use super::*;
 
-    fn entry(id: u64, slot: u32, valid: u8, dirty: u8) -> Entry {
+    fn entry(id: LogId, slot: u32, valid: u8, dirty: u8) -> Entry {
         Entry {
             id,
             slot,
@@ -160,28 +161,28 @@ mod tests {
     #[test]
     fn the_dirty_count_follows_every_change() {
         let mut ix = Index::default();
-        assert_eq!(ix.insert(7, entry(1, 0, 0xff, 0xff)), None);
-        assert_eq!(ix.insert(8, entry(1, 1, 0xff, 0)), None);
+        assert_eq!(ix.insert(7, entry(LogId(1), 0, 0xff, 0xff)), None);
+        assert_eq!(ix.insert(8, entry(LogId(1), 1, 0xff, 0)), None);
         assert_eq!((ix.len(), ix.nr_dirty()), (2, 1));
         // Replacing a dirty copy with another dirty one: still one dirty block.
-        let old = ix.insert(7, entry(2, 0, 0xff, 0x0f)).unwrap();
-        assert_eq!(old.id, 1);
+        let old = ix.insert(7, entry(LogId(2), 0, 0xff, 0x0f)).unwrap();
+        assert_eq!(old.id, LogId(1));
         assert_eq!((ix.len(), ix.nr_dirty()), (2, 1));
         // Writeback of the old copy does not touch the new one.
-        assert_eq!(ix.update_copy(7, 1, 0, |e| e.dirty = 0), None);
+        assert_eq!(ix.update_copy(7, LogId(1), 0, |e| e.dirty = 0), None);
         assert_eq!(ix.nr_dirty(), 1);
         // Writeback of part of the new copy, then the rest.
         assert_eq!(
-            ix.update_copy(7, 2, 0, |e| e.dirty &= !0x03),
+            ix.update_copy(7, LogId(2), 0, |e| e.dirty &= !0x03),
             Some(Dirty::Same)
         );
         assert_eq!(
-            ix.update_copy(7, 2, 0, |e| e.dirty = 0),
+            ix.update_copy(7, LogId(2), 0, |e| e.dirty = 0),
             Some(Dirty::Cleaned)
         );
         assert_eq!(ix.nr_dirty(), 0);
         assert_eq!(
-            ix.update_copy(8, 1, 1, |e| e.dirty = 0x10),
+            ix.update_copy(8, LogId(1), 1, |e| e.dirty = 0x10),
             Some(Dirty::Became)
         );
         assert_eq!(ix.nr_dirty(), 1);

@@ -45,6 +45,7 @@ use crate::config::{BufferMode, OpenParams, Tunables};
 use crate::error::{ConfigError, DeviceError, IoError, SubmitError};
 use crate::format::Superblock;
 use crate::geometry::{BLOCK_SIZE, Geometry, SECTOR_SIZE};
+use crate::ids::LogId;
 use crate::io::{
     BufAlloc, BufId, Command, CommandKind, DataRef, Device, Event, Nanos, ReqId, Token,
 };
@@ -81,7 +82,7 @@ struct Slot {
 /// The buffer currently taking writes.
 #[derive(Debug)]
 struct OpenLog {
-    id: u64,
+    id: LogId,
     buf: BufId,
     slots: Vec<Slot>,
     /// Slots waiting for a fill read.
@@ -95,7 +96,7 @@ struct OpenLog {
 }
 
 /// Log ids a read holds, kept inline for the common case.
-type Holds = smallvec::SmallVec<[u64; 2]>;
+type Holds = smallvec::SmallVec<[LogId; 2]>;
 
 /// A user request that is not complete yet.
 #[derive(Debug, Default)]
@@ -104,7 +105,7 @@ struct UserReq {
     parts: u32,
     error: Option<IoError>,
     /// The request completes only when every log up to this id is durable.
-    wait_log: u64,
+    wait_log: LogId,
     /// The request needs a backing-device flush after its parts end.
     needs_backing_flush: bool,
     /// Log ids whose positions this request reads (released on completion);
@@ -119,7 +120,7 @@ struct UserReq {
 enum Purpose {
     Startup(startup::StartIo),
     LogWrite {
-        id: u64,
+        id: LogId,
     },
     CacheFlush,
     BackingFlush,
@@ -131,15 +132,15 @@ enum Purpose {
     },
     /// Old sectors for a slot of the open log.
     Fill {
-        id: u64,
+        id: LogId,
         slot: u32,
-        src_id: u64,
+        src_id: LogId,
         buf: BufId,
     },
     /// A missed read staged into the cache.
     Stage(read::Stage),
     WbRead {
-        id: u64,
+        id: LogId,
     },
     WbWrite,
 }
@@ -504,7 +505,7 @@ impl<A: BufAlloc> Engine<A> {
 
     pub fn status(&self) -> Status {
         Status {
-            next_segment_id: self.ring.next_id(),
+            next_segment_id: self.ring.next_id().get(),
             cursor: if self.geo.nr_segments > 0 {
                 self.geo.position(self.ring.next_id())
             } else {
@@ -513,9 +514,9 @@ impl<A: BufAlloc> Engine<A> {
             nr_segments: self.geo.nr_segments,
             segment_size: self.geo.segment_size,
             data_blocks_per_segment: self.geo.data_blocks,
-            current_id: self.open.as_ref().map_or(0, |o| o.id),
-            last_flushed_id: self.durability.frontier(),
-            last_writeback_id: self.ring.last_wb(),
+            current_id: self.open.as_ref().map_or(0, |o| o.id.get()),
+            last_flushed_id: self.durability.frontier().get(),
+            last_writeback_id: self.ring.last_wb().get(),
             recorded_writeback_id: self.records.current().last_writeback_id,
             nr_dirty_blocks: self.index.nr_dirty(),
             nr_cached_blocks: self.index.len(),
@@ -524,7 +525,7 @@ impl<A: BufAlloc> Engine<A> {
             read_only: self.read_only,
             drop_caches_active: self.writeback.drop_caches_active(),
             writeback_active: self.writeback.is_active(),
-            epoch: self.ring.epoch(),
+            epoch: self.ring.epoch().get(),
             cache_uuid: self.records.current().cache_uuid,
         }
     }
@@ -781,7 +782,7 @@ impl<A: BufAlloc> Engine<A> {
     /// Whether a cached block's entry may be dropped without a log record:
     /// its data is on the backing device and recovery would not bring it back.
     fn droppable(&self, e: &Entry) -> bool {
-        e.dirty == 0 && (!e.logged_dirty || e.id <= self.records.current().last_writeback_id)
+        e.dirty == 0 && (!e.logged_dirty || e.id <= self.records.written_back())
     }
 
     /// Removes `block` from the index (caller checked it is droppable or superseded).

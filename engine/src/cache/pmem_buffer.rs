@@ -12,6 +12,7 @@ use rustc_hash::FxHashMap;
 use crate::error::OpenError;
 use crate::format::RECORD_FLAG_PMEM;
 use crate::geometry::{BLOCK_SIZE, Geometry};
+use crate::ids::{Epoch, LogId};
 use crate::io::{BufId, ReqId};
 use crate::pmem::{
     ENTRY_SIZE, Pmem, PoolHeader, PoolLayout, SLOT_HEADER, SlotEntry, commit_word, encode_entry,
@@ -19,7 +20,7 @@ use crate::pmem::{
 };
 
 /// Slot `slot` of log `id`: a block waiting for a fill before it is published.
-type FillKey = (u64, u32);
+type FillKey = (LogId, u32);
 
 pub(super) struct PmemBuffer {
     pm: Option<Box<dyn Pmem>>,
@@ -31,7 +32,7 @@ pub(super) struct PmemBuffer {
     slot_bufs: Vec<BufId>,
     /// The record keeps the pmem flag until logs up to this id are durable
     /// (draining a pool when switching to mode 0).
-    drain_until: u64,
+    drain_until: LogId,
     /// Mode 1 writes waiting for a fill before their block can be published.
     fill_waiters: FxHashMap<FillKey, Vec<ReqId>>,
     /// Fills the placement in progress started (mode 1).
@@ -62,7 +63,7 @@ impl PmemBuffer {
             layout: None,
             persistent,
             slot_bufs: Vec::new(),
-            drain_until: 0,
+            drain_until: LogId::NONE,
             fill_waiters: FxHashMap::default(),
             new_fills: Vec::new(),
         }
@@ -140,14 +141,14 @@ impl PmemBuffer {
 
     /// Mode 1: a new log opens in the slot `buf` mirrors; the slot header is
     /// persistent before any block is published into it. Returns the slot.
-    pub(super) fn open_log(&mut self, buf: BufId, id: u64, epoch: u64) -> Option<u32> {
+    pub(super) fn open_log(&mut self, buf: BufId, id: LogId, epoch: Epoch) -> Option<u32> {
         if !self.persistent {
             return None;
         }
         let i = self.slot_bufs.iter().position(|&b| b == buf)? as u32;
         if let (Some(pool), Some(pm)) = (self.layout, self.pm.as_mut()) {
             let at = pool.slot(i);
-            pm.write(at, &encode_slot_header(id, epoch));
+            pm.write(at, &encode_slot_header(id.get(), epoch.get()));
             pm.persist(at, SLOT_HEADER);
         }
         Some(i)
@@ -161,7 +162,7 @@ impl PmemBuffer {
         &mut self,
         pslot: u32,
         slot: u32,
-        id: u64,
+        id: LogId,
         entry: SlotEntry,
         data: &[u8],
     ) -> Option<u32> {
@@ -172,13 +173,13 @@ impl PmemBuffer {
         pm.write_nodrain(d, data);
         pm.write_nodrain(e, &entry);
         pm.drain();
-        pm.write_persist(e + 24, &commit_word(id, &entry).to_le_bytes());
+        pm.write_persist(e + 24, &commit_word(id.get(), &entry).to_le_bytes());
         Some(crc)
     }
 
     /// Mode 1: slot `slot` of log `id` waits for a fill before its block
     /// can be published; the write in progress waits with it.
-    pub(super) fn note_fill(&mut self, id: u64, slot: u32) {
+    pub(super) fn note_fill(&mut self, id: LogId, slot: u32) {
         self.new_fills.push((id, slot));
     }
 
@@ -197,13 +198,13 @@ impl PmemBuffer {
     }
 
     /// The fill of slot `slot` of log `id` landed: the writes that waited.
-    pub(super) fn fill_landed(&mut self, id: u64, slot: u32) -> Vec<ReqId> {
+    pub(super) fn fill_landed(&mut self, id: LogId, slot: u32) -> Vec<ReqId> {
         self.fill_waiters.remove(&(id, slot)).unwrap_or_default()
     }
 
     /// The record must keep the pmem flag while the pool may hold data the
     /// cache device lacks (mode 1, or draining until `drain_until`).
-    pub(super) fn record_flag(&self, frontier: u64) -> u32 {
+    pub(super) fn record_flag(&self, frontier: LogId) -> u32 {
         if self.persistent || frontier < self.drain_until {
             RECORD_FLAG_PMEM
         } else {
@@ -213,15 +214,15 @@ impl PmemBuffer {
 
     /// Whether log `id`'s acknowledged blocks have a persistent copy in the
     /// pool (mode 1, or a log recovered from it).
-    pub(super) fn may_hold(&self, id: u64) -> bool {
+    pub(super) fn may_hold(&self, id: LogId) -> bool {
         self.persistent || id <= self.drain_until
     }
 
     /// Mode 0 after mode 1: the pool holds nothing the cache device lacks
     /// once logs up to `frontier` are durable. Returns true the first time.
-    pub(super) fn drained(&mut self, frontier: u64) -> bool {
-        if self.drain_until > 0 && !self.persistent && frontier >= self.drain_until {
-            self.drain_until = 0;
+    pub(super) fn drained(&mut self, frontier: LogId) -> bool {
+        if self.drain_until > LogId::NONE && !self.persistent && frontier >= self.drain_until {
+            self.drain_until = LogId::NONE;
             return true;
         }
         false
@@ -231,7 +232,7 @@ impl PmemBuffer {
     /// id order. An id can appear twice: a slot left empty by a crash keeps
     /// its header, and the next incarnation reuses the id in another slot;
     /// the newest epoch comes first, as it is the real one.
-    pub(super) fn slots_after(&self, durable: u64) -> Vec<(u64, u32)> {
+    pub(super) fn slots_after(&self, durable: LogId) -> Vec<(LogId, u32)> {
         let (Some(pool), Some(pm)) = (self.layout, self.pm.as_ref()) else {
             return Vec::new();
         };
@@ -240,13 +241,13 @@ impl PmemBuffer {
             let mut h = [0u8; 24];
             pm.read(pool.slot(i), &mut h);
             if let Some((id, epoch)) = parse_slot_header(&h)
-                && id > durable
+                && id > durable.get()
             {
                 found.push((id, std::cmp::Reverse(epoch), i));
             }
         }
         found.sort_unstable();
-        found.into_iter().map(|(id, _, i)| (id, i)).collect()
+        found.into_iter().map(|(id, _, i)| (LogId(id), i)).collect()
     }
 
     /// Calls `f` with each committed block of pool slot `pslot` (holding log
@@ -254,7 +255,7 @@ impl PmemBuffer {
     pub(super) fn read_slot(
         &self,
         pslot: u32,
-        id: u64,
+        id: LogId,
         geo: &Geometry,
         mut f: impl FnMut(RecoveredBlock, &[u8]),
     ) {
@@ -269,7 +270,7 @@ impl PmemBuffer {
                 continue;
             }
             pm.read(pool.data(pslot, s), &mut data);
-            if let Some(e) = parse_entry(&raw, id, &data, geo) {
+            if let Some(e) = parse_entry(&raw, id.get(), &data, geo) {
                 f(
                     RecoveredBlock {
                         block: e.block,
@@ -292,7 +293,7 @@ impl PmemBuffer {
 
     /// Logs up to `id` were recovered from the pool: it keeps the pmem flag
     /// until they are durable on the cache device.
-    pub(super) fn recovered_up_to(&mut self, id: u64) {
+    pub(super) fn recovered_up_to(&mut self, id: LogId) {
         self.drain_until = id;
     }
 }
@@ -345,26 +346,28 @@ mod tests {
     fn a_published_block_reads_back_from_its_slot() {
         let (mut p, layout) = attached();
         assert_eq!(layout.nr_slots, 2);
-        let i = p.open_log(BufId(11), 5, 2).expect("slot");
+        let i = p.open_log(BufId(11), LogId(5), Epoch(2)).expect("slot");
         assert_eq!(i, 1);
         let data = vec![0xabu8; BLOCK_SIZE as usize];
         let entry = SlotEntry {
             block: 42,
             valid: 0xff,
         };
-        let crc = p.publish(i, 0, 5, entry, &data).expect("published");
+        let crc = p.publish(i, 0, LogId(5), entry, &data).expect("published");
         assert_eq!(crc, crc32c::crc32c(&data));
-        assert_eq!(p.slots_after(4), vec![(5, 1)]);
-        assert!(p.slots_after(5).is_empty());
+        assert_eq!(p.slots_after(LogId(4)), vec![(LogId(5), 1)]);
+        assert!(p.slots_after(LogId(5)).is_empty());
         let mut got = Vec::new();
-        p.read_slot(i, 5, &geo(), |b, d| got.push((b.block, b.valid, d[0])));
+        p.read_slot(i, LogId(5), &geo(), |b, d| {
+            got.push((b.block, b.valid, d[0]))
+        });
         assert_eq!(got, vec![(42, 0xff, 0xab)]);
         // The commit word is bound to the log id: another log sees nothing.
         let mut other = Vec::new();
-        p.read_slot(i, 6, &geo(), |b, _| other.push(b.block));
+        p.read_slot(i, LogId(6), &geo(), |b, _| other.push(b.block));
         assert!(other.is_empty());
         p.clear_slot(i);
-        assert!(p.slots_after(0).is_empty());
+        assert!(p.slots_after(LogId::NONE).is_empty());
     }
 
     #[test]
@@ -385,24 +388,24 @@ mod tests {
     #[test]
     fn fills_hold_their_writes_until_they_land() {
         let (mut p, _) = attached();
-        p.note_fill(3, 0);
-        p.note_fill(3, 1);
+        p.note_fill(LogId(3), 0);
+        p.note_fill(LogId(3), 1);
         assert!(p.has_new_fills());
         assert_eq!(p.wait_new_fills(ReqId(9)), 2);
         assert!(!p.has_new_fills());
-        assert_eq!(p.fill_landed(3, 1), vec![ReqId(9)]);
-        assert!(p.fill_landed(3, 1).is_empty());
+        assert_eq!(p.fill_landed(LogId(3), 1), vec![ReqId(9)]);
+        assert!(p.fill_landed(LogId(3), 1).is_empty());
     }
 
     #[test]
     fn a_drained_pool_drops_the_record_flag_once() {
         let mut p = PmemBuffer::new(None, false);
-        p.recovered_up_to(7);
-        assert!(p.may_hold(7) && !p.may_hold(8));
-        assert_eq!(p.record_flag(6), RECORD_FLAG_PMEM);
-        assert!(!p.drained(6));
-        assert!(p.drained(7));
-        assert!(!p.drained(9));
-        assert_eq!(p.record_flag(9), 0);
+        p.recovered_up_to(LogId(7));
+        assert!(p.may_hold(LogId(7)) && !p.may_hold(LogId(8)));
+        assert_eq!(p.record_flag(LogId(6)), RECORD_FLAG_PMEM);
+        assert!(!p.drained(LogId(6)));
+        assert!(p.drained(LogId(7)));
+        assert!(!p.drained(LogId(9)));
+        assert_eq!(p.record_flag(LogId(9)), 0);
     }
 }

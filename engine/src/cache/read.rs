@@ -4,6 +4,7 @@
 use super::{Engine, Entry, Phase, Purpose, Slot, for_each_run};
 use crate::error::{IoError, SubmitError};
 use crate::geometry::{BLOCK_SIZE, FULL_MASK, SECTOR_SIZE};
+use crate::ids::LogId;
 use crate::io::{BufAlloc, BufId, Command, CommandKind, DataRef, Device, Event, Nanos, ReqId};
 
 /// A missed read whose blocks are staged into the cache on completion.
@@ -25,7 +26,7 @@ struct Run {
     user_offset: usize,
     len: usize,
     /// Log whose position a cache read holds.
-    hold: Option<u64>,
+    hold: Option<LogId>,
 }
 
 impl<A: BufAlloc> Engine<A> {

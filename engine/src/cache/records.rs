@@ -6,6 +6,7 @@
 //! [`Records::current`] never claims more than a crash would keep.
 
 use crate::format::SbRecord;
+use crate::ids::{Epoch, LogId};
 use crate::io::{BufId, Nanos};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,21 +58,31 @@ impl Records {
         &self.current
     }
 
+    /// The writeback frontier the newest durable record names.
+    pub(super) fn written_back(&self) -> LogId {
+        LogId(self.current.last_writeback_id)
+    }
+
+    /// The epoch of the newest durable record's incarnation.
+    pub(super) fn epoch(&self) -> Epoch {
+        Epoch(self.current.epoch)
+    }
+
     /// The record that says where the cache is now, one sequence number
     /// past the newest.
     pub(super) fn next(
         &self,
-        last_writeback_id: u64,
-        last_writeback_epoch: u64,
-        epoch: u64,
+        last_writeback_id: LogId,
+        last_writeback_epoch: Epoch,
+        epoch: Epoch,
         flags: u32,
     ) -> SbRecord {
-        debug_assert!(last_writeback_id >= self.current.last_writeback_id);
+        debug_assert!(last_writeback_id >= self.written_back());
         SbRecord {
             seq: self.current.seq + 1,
-            last_writeback_id,
-            last_writeback_epoch,
-            epoch,
+            last_writeback_id: last_writeback_id.get(),
+            last_writeback_epoch: last_writeback_epoch.get(),
+            epoch: epoch.get(),
             cache_uuid: self.current.cache_uuid,
             flags,
         }
@@ -153,9 +164,9 @@ impl Records {
 
     /// When a record is due for `interval_s` seconds, if the writeback
     /// frontier `last_wb` has moved past the newest one.
-    pub(super) fn deadline(&self, interval_s: u32, last_wb: u64) -> Option<Nanos> {
+    pub(super) fn deadline(&self, interval_s: u32, last_wb: LogId) -> Option<Nanos> {
         (interval_s > 0
-            && last_wb > self.current.last_writeback_id
+            && last_wb > self.written_back()
             && self.state == State::Idle
             && !self.wanted)
             .then(|| self.last_at + interval_s as u64 * 1_000_000_000)
@@ -179,7 +190,7 @@ mod tests {
             epoch: 1,
             ..*r.current()
         });
-        let next = r.next(5, 1, 1, 0);
+        let next = r.next(LogId(5), Epoch(1), Epoch(1), 0);
         assert_eq!((next.seq, next.last_writeback_id), (2, 5));
         r.want();
         r.writing(next);
@@ -199,7 +210,7 @@ mod tests {
     #[test]
     fn a_failed_write_changes_nothing() {
         let mut r = Records::new(0);
-        let next = r.next(3, 1, 1, 0);
+        let next = r.next(LogId(3), Epoch(1), Epoch(1), 0);
         r.writing(next);
         assert!(r.written(false));
         assert!(r.is_idle() && !r.needs_flush());
@@ -210,10 +221,10 @@ mod tests {
     fn the_interval_runs_from_the_last_durable_record() {
         let mut r = Records::new(0);
         r.opened(100);
-        assert_eq!(r.deadline(0, 9), None, "interval 0 is off");
-        assert_eq!(r.deadline(2, 0), None, "nothing new to record");
-        assert_eq!(r.deadline(2, 9), Some(100 + 2_000_000_000));
+        assert_eq!(r.deadline(0, LogId(9)), None, "interval 0 is off");
+        assert_eq!(r.deadline(2, LogId::NONE), None, "nothing new to record");
+        assert_eq!(r.deadline(2, LogId(9)), Some(100 + 2_000_000_000));
         r.want();
-        assert_eq!(r.deadline(2, 9), None, "already asked for");
+        assert_eq!(r.deadline(2, LogId(9)), None, "already asked for");
     }
 }

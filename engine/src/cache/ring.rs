@@ -6,13 +6,14 @@
 //! only by the log `nr_segments` ids later, and only once everything before
 //! that log was written back (the frontier passed it) and no read holds it.
 
+use crate::ids::{Epoch, LogId};
 use crate::io::{BufId, Nanos};
 
 /// One ring position of the cache device.
 #[derive(Debug, Default)]
 pub(super) struct SegMeta {
-    /// Log id occupying this position (0 = none).
-    pub(super) id: u64,
+    /// Log occupying this position (`NONE` = none).
+    pub(super) id: LogId,
     /// Backing block of each data slot.
     pub(super) blocks: Vec<u64>,
     /// RAM copy while the log is open or being written.
@@ -22,7 +23,7 @@ pub(super) struct SegMeta {
     /// Slots whose index entry is dirty and points here.
     pub(super) live_dirty: u32,
     /// Epoch the log was (or will be) written with.
-    pub(super) epoch: u64,
+    pub(super) epoch: Epoch,
     /// Blocks committed in the log's pmem slot (mode 1).
     pub(super) pool_committed: u32,
     /// When the log became durable on the cache device (0 for recovered logs).
@@ -33,23 +34,23 @@ pub(super) struct SegMeta {
 pub(super) struct Ring {
     segs: Vec<SegMeta>,
     /// The id the next opened log gets.
-    next_id: u64,
+    next_id: LogId,
     /// Epoch of the logs this incarnation writes.
-    epoch: u64,
+    epoch: Epoch,
     /// Every log up to this id is written back.
-    last_wb: u64,
+    last_wb: LogId,
     /// Epoch of log `last_wb`.
-    last_wb_epoch: u64,
+    last_wb_epoch: Epoch,
 }
 
 impl Default for Ring {
     fn default() -> Self {
         Self {
             segs: Vec::new(),
-            next_id: 1,
-            epoch: 0,
-            last_wb: 0,
-            last_wb_epoch: 0,
+            next_id: LogId(1),
+            epoch: Epoch(0),
+            last_wb: LogId::NONE,
+            last_wb_epoch: Epoch(0),
         }
     }
 }
@@ -64,23 +65,23 @@ impl Ring {
         self.segs.len() as u64
     }
 
-    fn position(&self, id: u64) -> usize {
-        debug_assert!(id > 0, "log ids start at 1");
-        ((id - 1) % self.nr_segments()) as usize
+    fn position(&self, id: LogId) -> usize {
+        debug_assert!(id > LogId::NONE, "log ids start at 1");
+        ((id.get() - 1) % self.nr_segments()) as usize
     }
 
     /// The position log `id` lives at (it may hold another log).
-    pub(super) fn seg(&self, id: u64) -> &SegMeta {
+    pub(super) fn seg(&self, id: LogId) -> &SegMeta {
         &self.segs[self.position(id)]
     }
 
-    pub(super) fn seg_mut(&mut self, id: u64) -> &mut SegMeta {
+    pub(super) fn seg_mut(&mut self, id: LogId) -> &mut SegMeta {
         let pos = self.position(id);
         &mut self.segs[pos]
     }
 
     /// Log `id`'s position, if it still holds that log.
-    pub(super) fn log_mut(&mut self, id: u64) -> Option<&mut SegMeta> {
+    pub(super) fn log_mut(&mut self, id: LogId) -> Option<&mut SegMeta> {
         Some(self.seg_mut(id)).filter(|s| s.id == id)
     }
 
@@ -90,25 +91,25 @@ impl Ring {
     }
 
     /// A read holds log `id`'s position until [`unhold`](Self::unhold).
-    pub(super) fn hold(&mut self, id: u64) {
+    pub(super) fn hold(&mut self, id: LogId) {
         self.seg_mut(id).readers += 1;
     }
 
     /// A read of log `id` ended. Its position may have been taken over by
     /// then only if the log was not held, so a mismatch means nothing to do.
-    pub(super) fn unhold(&mut self, id: u64) {
+    pub(super) fn unhold(&mut self, id: LogId) {
         if let Some(s) = self.log_mut(id) {
             debug_assert!(s.readers > 0, "log {id} released more often than held");
             s.readers -= 1;
         }
     }
 
-    pub(super) fn next_id(&self) -> u64 {
+    pub(super) fn next_id(&self) -> LogId {
         self.next_id
     }
 
     /// Start-up found the chain's end: the next log continues after it.
-    pub(super) fn set_next_id(&mut self, id: u64) {
+    pub(super) fn set_next_id(&mut self, id: LogId) {
         debug_assert!(
             id > self.last_wb,
             "next log {id} at or below the writeback frontier"
@@ -117,9 +118,9 @@ impl Ring {
     }
 
     /// The log that held the next log's position and still does, if any.
-    pub(super) fn next_occupant(&self) -> Option<u64> {
+    pub(super) fn next_occupant(&self) -> Option<LogId> {
         let nr = self.nr_segments();
-        if self.next_id <= nr {
+        if self.next_id.get() <= nr {
             return None;
         }
         let occupant = self.next_id - nr;
@@ -130,13 +131,13 @@ impl Ring {
     /// Returns the new id and the backing blocks the old occupant held (the
     /// caller drops their index entries, then hands the vector back through
     /// [`set_blocks`](Self::set_blocks) to keep its allocation).
-    pub(super) fn open_next(&mut self, buf: BufId) -> (u64, u64, Vec<u64>) {
+    pub(super) fn open_next(&mut self, buf: BufId) -> (LogId, LogId, Vec<u64>) {
         let id = self.next_id;
         debug_assert!(
             self.next_occupant().is_none_or(|occ| occ <= self.last_wb),
             "log {id} would overwrite a log not written back"
         );
-        self.next_id += 1;
+        self.next_id = self.next_id.next();
         let epoch = self.epoch;
         let seg = self.seg_mut(id);
         debug_assert_eq!(seg.readers, 0, "a read holds the reused position");
@@ -152,13 +153,13 @@ impl Ring {
         (id, old.id, old.blocks)
     }
 
-    pub(super) fn set_blocks(&mut self, id: u64, blocks: Vec<u64>) {
+    pub(super) fn set_blocks(&mut self, id: LogId, blocks: Vec<u64>) {
         debug_assert!(blocks.is_empty());
         self.seg_mut(id).blocks = blocks;
     }
 
     /// Start-up replays log `id`, holding `blocks`, written with `epoch`.
-    pub(super) fn replay(&mut self, id: u64, epoch: u64, blocks: Vec<u64>) {
+    pub(super) fn replay(&mut self, id: LogId, epoch: Epoch, blocks: Vec<u64>) {
         *self.seg_mut(id) = SegMeta {
             id,
             epoch,
@@ -167,32 +168,32 @@ impl Ring {
         };
     }
 
-    pub(super) fn epoch(&self) -> u64 {
+    pub(super) fn epoch(&self) -> Epoch {
         self.epoch
     }
 
-    pub(super) fn set_epoch(&mut self, epoch: u64) {
+    pub(super) fn set_epoch(&mut self, epoch: Epoch) {
         debug_assert!(epoch >= self.epoch, "epochs go back");
         self.epoch = epoch;
     }
 
     /// Every log up to this id is written back.
-    pub(super) fn last_wb(&self) -> u64 {
+    pub(super) fn last_wb(&self) -> LogId {
         self.last_wb
     }
 
-    pub(super) fn last_wb_epoch(&self) -> u64 {
+    pub(super) fn last_wb_epoch(&self) -> Epoch {
         self.last_wb_epoch
     }
 
     /// Start-up read the writeback frontier from the superblock record.
-    pub(super) fn set_writeback_frontier(&mut self, id: u64, epoch: u64) {
+    pub(super) fn set_writeback_frontier(&mut self, id: LogId, epoch: Epoch) {
         self.last_wb = id;
         self.last_wb_epoch = epoch;
     }
 
     /// Every log up to `last` is written back now.
-    pub(super) fn written_back(&mut self, last: u64) {
+    pub(super) fn written_back(&mut self, last: LogId) {
         debug_assert!(last > self.last_wb && last < self.next_id);
         self.last_wb = last;
         self.last_wb_epoch = self.seg(last).epoch;
@@ -200,7 +201,7 @@ impl Ring {
 
     /// Logs written and not yet written back (open one included).
     pub(super) fn in_use(&self) -> u64 {
-        self.next_id - 1 - self.last_wb
+        self.next_id.prev() - self.last_wb
     }
 }
 
@@ -211,21 +212,21 @@ mod tests {
     fn ring(nr: u64) -> Ring {
         let mut r = Ring::default();
         r.install(nr);
-        r.set_epoch(3);
+        r.set_epoch(Epoch(3));
         r
     }
 
     #[test]
     fn positions_wrap_and_are_reused_after_writeback() {
         let mut r = ring(2);
-        assert_eq!(r.open_next(BufId(0)).0, 1);
-        assert_eq!(r.open_next(BufId(1)).0, 2);
-        assert_eq!(r.next_occupant(), Some(1));
-        r.written_back(1);
-        assert_eq!(r.last_wb_epoch(), 3);
+        assert_eq!(r.open_next(BufId(0)).0, LogId(1));
+        assert_eq!(r.open_next(BufId(1)).0, LogId(2));
+        assert_eq!(r.next_occupant(), Some(LogId(1)));
+        r.written_back(LogId(1));
+        assert_eq!(r.last_wb_epoch(), Epoch(3));
         let (id, old, _) = r.open_next(BufId(2));
-        assert_eq!((id, old), (3, 1));
-        assert_eq!(r.seg(3).id, 3);
+        assert_eq!((id, old), (LogId(3), LogId(1)));
+        assert_eq!(r.seg(LogId(3)).id, LogId(3));
         assert_eq!(r.in_use(), 2);
     }
 
@@ -233,14 +234,14 @@ mod tests {
     fn holds_end_only_on_the_log_they_hold() {
         let mut r = ring(1);
         r.open_next(BufId(0));
-        r.hold(1);
-        r.unhold(1);
-        r.written_back(1);
+        r.hold(LogId(1));
+        r.unhold(LogId(1));
+        r.written_back(LogId(1));
         r.open_next(BufId(1));
         // Log 1's position belongs to log 2 now: releasing log 1 changes nothing.
-        r.seg_mut(2).readers = 1;
-        r.unhold(1);
-        assert_eq!(r.seg(2).readers, 1);
+        r.seg_mut(LogId(2)).readers = 1;
+        r.unhold(LogId(1));
+        assert_eq!(r.seg(LogId(2)).readers, 1);
     }
 
     #[test]

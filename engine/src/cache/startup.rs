@@ -14,6 +14,7 @@ use crate::format::{
 };
 use crate::format::{Metablock, RECORD_FLAG_PMEM};
 use crate::geometry::{BLOCK_SIZE, Geometry};
+use crate::ids::{Epoch, LogId};
 use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Event};
 
 /// Logs read ahead during replay.
@@ -24,7 +25,7 @@ pub(super) enum StartIo {
     Meta,
     FormatWrite,
     FormatFlush,
-    Replay { id: u64, buf: BufId },
+    Replay { id: LogId, buf: BufId },
     RecordWrite,
     RecordFlush,
 }
@@ -33,13 +34,13 @@ pub(super) enum StartIo {
 pub(super) struct Startup {
     buf: Option<BufId>,
     /// Next log id to read and next to apply.
-    next_issue: u64,
-    next_apply: u64,
+    next_issue: LogId,
+    next_apply: LogId,
     inflight: u64,
     stop: bool,
-    prev_epoch: u64,
+    prev_epoch: Epoch,
     /// Logs read but not applied yet (they arrive out of order).
-    ready: BTreeMap<u64, BufId>,
+    ready: BTreeMap<LogId, BufId>,
     spare: Vec<BufId>,
     /// Record to make durable before the cache is ready.
     record: Option<SbRecord>,
@@ -170,13 +171,15 @@ impl<A: BufAlloc> Engine<A> {
         };
         self.install_geometry(sb);
         self.records.install(record);
-        self.ring
-            .set_writeback_frontier(record.last_writeback_id, record.last_writeback_epoch);
+        self.ring.set_writeback_frontier(
+            LogId(record.last_writeback_id),
+            Epoch(record.last_writeback_epoch),
+        );
         let st = self.st();
-        st.next_issue = record.last_writeback_id + 1;
-        st.next_apply = record.last_writeback_id + 1;
+        st.next_issue = LogId(record.last_writeback_id).next();
+        st.next_apply = LogId(record.last_writeback_id).next();
         // The first log replayed must not be older than the last one written back.
-        st.prev_epoch = record.last_writeback_epoch;
+        st.prev_epoch = Epoch(record.last_writeback_epoch);
         self.issue_replay_reads();
     }
 
@@ -222,9 +225,9 @@ impl<A: BufAlloc> Engine<A> {
         if let Err(e) = self.pmem_attach(true) {
             return self.fail_open(e);
         }
-        self.ring.set_epoch(record.epoch);
-        self.ring.set_next_id(1);
-        self.durability.reset(0);
+        self.ring.set_epoch(Epoch(record.epoch));
+        self.ring.set_next_id(LogId(1));
+        self.durability.reset(LogId::NONE);
         self.records.set_buf(buf);
         self.issue(
             Device::Cache,
@@ -249,7 +252,7 @@ impl<A: BufAlloc> Engine<A> {
                 break;
             }
             let id = st.next_issue;
-            st.next_issue += 1;
+            st.next_issue = st.next_issue.next();
             st.inflight += 1;
             let buf = match st.spare.pop() {
                 Some(b) => b,
@@ -275,7 +278,7 @@ impl<A: BufAlloc> Engine<A> {
     /// Applies read logs in id order while the chain holds.
     fn apply_ready(&mut self) {
         let uuid = self.records.current().cache_uuid;
-        let max_epoch = self.records.current().epoch;
+        let max_epoch = self.records.epoch();
         loop {
             let st = self.st();
             let id = st.next_apply;
@@ -290,10 +293,14 @@ impl<A: BufAlloc> Engine<A> {
             let st = self.st();
             st.spare.push(buf);
             match verdict {
-                Ok((h, mbs)) if h.id == id && h.epoch >= prev_epoch && h.epoch <= max_epoch => {
-                    st.prev_epoch = h.epoch;
-                    st.next_apply += 1;
-                    self.replay_log(id, h.epoch, &mbs);
+                Ok((h, mbs))
+                    if LogId(h.id) == id
+                        && Epoch(h.epoch) >= prev_epoch
+                        && Epoch(h.epoch) <= max_epoch =>
+                {
+                    st.prev_epoch = Epoch(h.epoch);
+                    st.next_apply = st.next_apply.next();
+                    self.replay_log(id, Epoch(h.epoch), &mbs);
                 }
                 _ => st.stop = true,
             }
@@ -301,7 +308,7 @@ impl<A: BufAlloc> Engine<A> {
         self.issue_replay_reads();
     }
 
-    fn replay_log(&mut self, id: u64, epoch: u64, mbs: &[crate::format::Metablock]) {
+    fn replay_log(&mut self, id: LogId, epoch: Epoch, mbs: &[crate::format::Metablock]) {
         self.ring
             .replay(id, epoch, mbs.iter().map(|m| m.block).collect());
         for (slot, mb) in mbs.iter().enumerate() {
@@ -349,7 +356,7 @@ impl<A: BufAlloc> Engine<A> {
         }
         // A new incarnation: logs written from now on carry a higher epoch, so
         // stale logs after the chain end can never be mistaken for its continuation.
-        self.ring.set_epoch(self.records.current().epoch + 1);
+        self.ring.set_epoch(self.records.epoch().next());
         let rec = self.next_record();
         self.st().record = Some(rec);
         self.write_record(rec, Purpose::Startup(StartIo::RecordWrite));
@@ -468,7 +475,7 @@ impl<A: BufAlloc> Engine<A> {
                 })
                 .collect();
             // Written again as a log of the new incarnation.
-            self.replay_log(id, self.records.current().epoch + 1, &mbs);
+            self.replay_log(id, self.records.epoch().next(), &mbs);
             self.ring.seg_mut(id).buf = Some(buf);
             self.ring.seg_mut(id).pool_committed = slots.len() as u32;
             self.recovered.push(OpenLog {

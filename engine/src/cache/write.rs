@@ -5,6 +5,7 @@ use super::{
 };
 use crate::error::{IoError, SubmitError};
 use crate::geometry::{BLOCK_SIZE, FULL_MASK, SECTOR_SIZE};
+use crate::ids::LogId;
 use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Nanos, ReqId};
 
 /// Where the bytes of a write come from.
@@ -108,7 +109,7 @@ impl<A: BufAlloc> Engine<A> {
         }
         // In mode 1 whatever was acknowledged is in pmem already.
         let wait_log = if self.pmem.acks_writes() {
-            0
+            LogId::NONE
         } else {
             self.last_dirty_log()
         };
@@ -122,7 +123,7 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     /// Highest log id that may hold acknowledged user data.
-    fn last_dirty_log(&self) -> u64 {
+    fn last_dirty_log(&self) -> LogId {
         match &self.open {
             Some(o) if o.has_dirty => o.id,
             Some(o) => o.id - 1,
@@ -139,15 +140,15 @@ impl<A: BufAlloc> Engine<A> {
             self.bypass(req, offset, len, src, fua);
             return;
         }
-        let (placed, max_id) = self.place(offset, len, src, 0);
+        let (placed, max_id) = self.place(offset, len, src, LogId::NONE);
         // Mode 0: FUA waits for the log. Mode 1: every write is durable once
         // its blocks are published in pmem, which may wait for fills.
         let wait_log = if fua && !self.pmem.acks_writes() {
             max_id
         } else {
-            0
+            LogId::NONE
         };
-        if placed == len && wait_log == 0 && !self.pmem.has_new_fills() {
+        if placed == len && wait_log == LogId::NONE && !self.pmem.has_new_fills() {
             self.complete_now(req, Ok(()));
             return;
         }
@@ -244,7 +245,7 @@ impl<A: BufAlloc> Engine<A> {
                 Some(d) => Src::Data(d),
                 None => Src::Zeros,
             };
-            let (placed, max_id) = self.place(s.offset, s.len, src, 0);
+            let (placed, max_id) = self.place(s.offset, s.len, src, LogId::NONE);
             self.wait_for_fills(s.req);
             if s.fua
                 && !self.pmem.acks_writes()
@@ -268,7 +269,7 @@ impl<A: BufAlloc> Engine<A> {
 
     /// Copies as much of the write as fits into buffers. Returns the bytes
     /// placed (a prefix) and the highest log id used.
-    fn place(&mut self, offset: u64, len: u64, src: Src<'_>, mut max_id: u64) -> (u64, u64) {
+    fn place(&mut self, offset: u64, len: u64, src: Src<'_>, mut max_id: LogId) -> (u64, LogId) {
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
@@ -293,7 +294,7 @@ impl<A: BufAlloc> Engine<A> {
         b1: usize,
         src: Src<'_>,
         from: usize,
-    ) -> Option<u64> {
+    ) -> Option<LogId> {
         let full = mask == FULL_MASK;
         let hl = self.geo.header_len();
         let existing = self.index.get(&block).copied();
@@ -469,9 +470,7 @@ impl<A: BufAlloc> Engine<A> {
             return true;
         };
         let seg = self.ring.seg(occupant);
-        occupant <= self.records.current().last_writeback_id
-            && seg.readers == 0
-            && seg.buf.is_none()
+        occupant <= self.records.written_back() && seg.readers == 0 && seg.buf.is_none()
     }
 
     /// Mode 1: recovery takes the pool's slots as a run of consecutive logs
@@ -481,7 +480,7 @@ impl<A: BufAlloc> Engine<A> {
     /// would hide every later log's acknowledged writes, so the next log
     /// opens only once it has a committed block or is durable.
     fn previous_log_uncommitted(&self) -> bool {
-        if !self.pmem.acks_writes() || self.ring.next_id() <= 1 {
+        if !self.pmem.acks_writes() || self.ring.next_id() <= LogId(1) {
             return false;
         }
         let prev = self.ring.next_id() - 1;
@@ -490,10 +489,10 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     /// Whether the position the next log needs waits for writeback or a record.
-    pub(super) fn next_position_blocked_on(&self) -> Option<u64> {
+    pub(super) fn next_position_blocked_on(&self) -> Option<LogId> {
         self.ring
             .next_occupant()
-            .filter(|&occ| occ > self.records.current().last_writeback_id)
+            .filter(|&occ| occ > self.records.written_back())
     }
 
     fn open_log(&mut self) {
@@ -524,7 +523,7 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     /// A fill read for slot `slot` of log `id` ended.
-    pub(super) fn fill_done(&mut self, id: u64, slot: u32, src_id: u64, fbuf: BufId, ok: bool) {
+    pub(super) fn fill_done(&mut self, id: LogId, slot: u32, src_id: LogId, fbuf: BufId, ok: bool) {
         self.ring.unhold(src_id);
         let hl = self.geo.header_len();
         let in_open = self.open.as_ref().is_some_and(|o| o.id == id);
@@ -588,7 +587,7 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     /// Publishes slot `slot` of log `id` in its pmem slot (mode 1).
-    pub(super) fn publish(&mut self, id: u64, slot: u32) {
+    pub(super) fn publish(&mut self, id: LogId, slot: u32) {
         // One lookup, borrowed mutably beside the buffers and the pool
         // (disjoint fields): the slot keeps the checksum computed here.
         let Some(log) = self

@@ -6,6 +6,7 @@
 
 use super::{Dirty, Engine, Phase, Purpose, WRITEBACK_RETRY_NS, for_each_run};
 use crate::geometry::{BLOCK_SIZE, FULL_MASK, SECTOR_SIZE};
+use crate::ids::LogId;
 use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Nanos};
 
 /// Dead slots between two live ones that a writeback read reads through.
@@ -15,14 +16,14 @@ const WB_READ_GAP_SLOTS: u32 = 1;
 #[derive(Debug)]
 pub(super) struct WbBatch {
     /// Last log id of the batch (the batch covers `last_wb + 1 ..= last`).
-    last: u64,
+    last: LogId,
     /// Buffers holding the logs that had live dirty blocks.
-    bufs: Vec<(u64, BufId)>,
+    bufs: Vec<(LogId, BufId)>,
     reads_pending: u32,
     writes_pending: u32,
     failed: bool,
     /// (block, log id, slot, sectors written) for marking clean at the end.
-    written: Vec<(u64, u64, u32, u8)>,
+    written: Vec<(u64, LogId, u32, u8)>,
 }
 
 /// Writeback's own state: the batch in flight, buffers kept for the next
@@ -101,7 +102,7 @@ impl<A: BufAlloc> Engine<A> {
             if !needed {
                 // Background writeback takes only logs past their delay.
                 while limit > self.ring.last_wb() && !self.past_writeback_delay(limit) {
-                    limit -= 1;
+                    limit = limit.prev();
                 }
                 if limit == self.ring.last_wb() {
                     return;
@@ -110,9 +111,13 @@ impl<A: BufAlloc> Engine<A> {
             // The batch stops before a log holding a block whose newest copy
             // is not durable yet: if that copy were lost in a crash, this log
             // would be the durable copy, so it must stay replayable.
-            let blocked = (self.ring.last_wb() + 1..=limit)
+            let blocked = self
+                .ring
+                .last_wb()
+                .next()
+                .through(limit)
                 .find_map(|id| self.superseded_by_volatile(id).map(|b| (id, b)));
-            let last = blocked.map_or(limit, |(id, _)| id - 1);
+            let last = blocked.map_or(limit, |(id, _)| id.prev());
             if let Some((_, blocker)) = blocked
                 && last == self.ring.last_wb()
                 && self.open.as_ref().is_some_and(|o| o.id == blocker)
@@ -137,7 +142,7 @@ impl<A: BufAlloc> Engine<A> {
             // it lies in the batch. A write arriving during the batch may
             // supersede one with a copy that is not durable yet; the batch's
             // copy is then the durable one and must still reach the backing device.
-            for id in self.ring.last_wb() + 1..=last {
+            for id in self.ring.last_wb().next().through(last) {
                 let seg = self.ring.seg(id);
                 if seg.id != id || seg.live_dirty == 0 {
                     continue;
@@ -207,11 +212,11 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     /// When durable log `id` has waited `writeback_delay_ms`.
-    fn writeback_due_at(&self, id: u64) -> Nanos {
+    fn writeback_due_at(&self, id: LogId) -> Nanos {
         self.ring.seg(id).durable_at + self.tunables.writeback_delay_ms as u64 * 1_000_000
     }
 
-    fn past_writeback_delay(&self, id: u64) -> bool {
+    fn past_writeback_delay(&self, id: LogId) -> bool {
         self.writeback_due_at(id) <= self.now
     }
 
@@ -231,7 +236,7 @@ impl<A: BufAlloc> Engine<A> {
 
     /// A log (id) holding the newest copy of a block that log `id` also
     /// holds, where that newest copy is not durable yet.
-    fn superseded_by_volatile(&self, id: u64) -> Option<u64> {
+    fn superseded_by_volatile(&self, id: LogId) -> Option<LogId> {
         let seg = self.ring.seg(id);
         if seg.id != id {
             return None;
@@ -249,7 +254,7 @@ impl<A: BufAlloc> Engine<A> {
         self.durability.is_durable(e.id) || (self.pmem.may_hold(e.id) && self.pending_fill(e) == 0)
     }
 
-    pub(super) fn wb_read_done(&mut self, id: u64, ok: bool) {
+    pub(super) fn wb_read_done(&mut self, id: LogId, ok: bool) {
         self.ring.unhold(id);
         let Some(b) = self.writeback.batch.as_mut() else {
             return;
@@ -387,8 +392,8 @@ mod tests {
     fn an_ended_batch_keeps_its_buffers_and_a_failed_one_waits() {
         let mut w = Writeback::default();
         w.start(WbBatch {
-            last: 3,
-            bufs: vec![(2, BufId(5)), (3, BufId(6))],
+            last: LogId(3),
+            bufs: vec![(LogId(2), BufId(5)), (LogId(3), BufId(6))],
             reads_pending: 2,
             writes_pending: 0,
             failed: false,
@@ -396,7 +401,7 @@ mod tests {
         });
         assert!(w.is_active());
         let b = w.end(Some(100));
-        assert_eq!(b.last, 3);
+        assert_eq!(b.last, LogId(3));
         assert!(!w.is_active());
         assert_eq!(w.spare_bufs, vec![BufId(5), BufId(6)]);
         w.retry_if_due(99);
