@@ -19,7 +19,7 @@ use writeboost_engine::{
     Command, CommandKind, DeviceError, Engine, IoError, Nanos, OpenError, OpenParams, ReqId,
     SubmitError,
 };
-use writeboost_rpc::{CreateRequest, DeviceReport, RpcError, SetOptionsRequest, report_json};
+use writeboost_rpc::{CreateRequest, RpcError, SetOptionsRequest, device_report};
 
 use crate::alloc::{AlignedAlloc, AlignedBuf};
 use crate::backends::threads::ThreadBackend;
@@ -530,20 +530,7 @@ impl Dev {
 
     /// `bdev_writeboost_get_stats` / `bdev_get_bdevs` report.
     pub fn report(&self) -> Value {
-        let engine = self.driver.engine();
-        let stats = engine.stats();
-        let status = engine.status();
-        report_json(&DeviceReport {
-            name: &self.req.name,
-            backing_bdev: &self.req.backing_bdev,
-            cache_bdev: &self.req.cache_bdev,
-            mode: self.req.mode,
-            pmem_path: self.req.pmem_path.as_deref(),
-            pmem_is_dax: self.pmem_is_dax,
-            stats,
-            status: &status,
-            tunables: engine.tunables(),
-        })
+        device_report(&self.req, self.driver.engine(), self.pmem_is_dax)
     }
 
     /// The UUID the cache was formatted with (the writeboost bdev's UUID).

@@ -18,7 +18,9 @@ pub use params::{
     BaseGeometry, CreateRequest, NameRequest, Params, SetOptionsRequest, mode_number, parse_create,
     parse_name, parse_optional_name, parse_set_options,
 };
-pub use report::{DeviceReport, io_counters_json, report_json, status_json, tunables_json};
+pub use report::{
+    DeviceReport, device_report, io_counters_json, report_json, status_json, tunables_json,
+};
 
 use std::fmt;
 

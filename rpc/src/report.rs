@@ -3,9 +3,9 @@
 
 use serde_json::{Map, Value, json};
 use writeboost_engine::config::BufferMode;
-use writeboost_engine::{Stats, Status, Tunables};
+use writeboost_engine::{BufAlloc, Engine, Stats, Status, Tunables};
 
-use crate::params::mode_number;
+use crate::params::{CreateRequest, mode_number};
 
 /// One writeboost device as reported over RPC.
 pub struct DeviceReport<'a> {
@@ -19,6 +19,27 @@ pub struct DeviceReport<'a> {
     pub stats: &'a Stats,
     pub status: &'a Status,
     pub tunables: &'a Tunables,
+}
+
+/// The report of a device created by `req` whose engine is `engine`, as
+/// every host gives it.
+pub fn device_report<A: BufAlloc>(
+    req: &CreateRequest,
+    engine: &Engine<A>,
+    pmem_is_dax: Option<bool>,
+) -> Value {
+    let status = engine.status();
+    report_json(&DeviceReport {
+        name: &req.name,
+        backing_bdev: &req.backing_bdev,
+        cache_bdev: &req.cache_bdev,
+        mode: req.mode,
+        pmem_path: req.pmem_path.as_deref(),
+        pmem_is_dax,
+        stats: engine.stats(),
+        status: &status,
+        tunables: engine.tunables(),
+    })
 }
 
 /// `{name, backing_bdev, cache_bdev, mode, pmem_path, state, status, tunables, stats}`.

@@ -17,7 +17,7 @@ use spdk_sys as sys;
 use writeboost_engine::config::BufferMode;
 use writeboost_engine::driver::{CmdMem, Driver, Lifecycle, Outcome, Started, Target, UserOp};
 use writeboost_engine::{Command, CommandKind, DeviceError, Engine, Nanos, ReqId};
-use writeboost_rpc::{CreateRequest, DeviceReport, RpcError, code, report_json};
+use writeboost_rpc::{CreateRequest, RpcError, code, device_report};
 
 use super::completion::Done;
 use super::dma::DmaAlloc;
@@ -468,21 +468,7 @@ impl Device {
 
     /// Everything `bdev_writeboost_get_stats` reports.
     pub fn report(&self) -> serde_json::Value {
-        let engine = self.driver.engine();
-        let stats = engine.stats().clone();
-        let status = engine.status();
-        let tunables = *engine.tunables();
-        let mut v = report_json(&DeviceReport {
-            name: &self.req.name,
-            backing_bdev: &self.req.backing_bdev,
-            cache_bdev: &self.req.cache_bdev,
-            mode: self.req.mode,
-            pmem_path: self.req.pmem_path.as_deref(),
-            pmem_is_dax: self.pmem_is_dax,
-            stats: &stats,
-            status: &status,
-            tunables: &tunables,
-        });
+        let mut v = device_report(&self.req, self.driver.engine(), self.pmem_is_dax);
         match self.driver.lifecycle() {
             Lifecycle::Opening => v["state"] = "opening".into(),
             Lifecycle::Draining | Lifecycle::Closing => v["state"] = "closing".into(),

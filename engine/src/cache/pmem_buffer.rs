@@ -301,22 +301,7 @@ impl PmemBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A pool in RAM whose stores are persistent at once.
-    struct RamPool(Vec<u8>);
-
-    impl Pmem for RamPool {
-        fn len(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn read(&self, offset: u64, dst: &mut [u8]) {
-            dst.copy_from_slice(&self.0[offset as usize..offset as usize + dst.len()]);
-        }
-        fn write(&mut self, offset: u64, src: &[u8]) {
-            self.0[offset as usize..offset as usize + src.len()].copy_from_slice(src);
-        }
-        fn persist(&mut self, _offset: u64, _len: u64) {}
-    }
+    use crate::pmem::RamPmem;
 
     fn geo() -> Geometry {
         Geometry::new(64 * 1024, 64 * 64 * 1024, 1 << 30).expect("geometry")
@@ -325,7 +310,7 @@ mod tests {
     fn attached() -> (PmemBuffer, PoolLayout) {
         let g = geo();
         let len = PoolLayout::new(u64::MAX, &g).expect("layout").slot_size * 2 + BLOCK_SIZE;
-        let mut p = PmemBuffer::new(Some(Box::new(RamPool(vec![0; len as usize]))), true);
+        let mut p = PmemBuffer::new(Some(Box::new(RamPmem(vec![0; len as usize]))), true);
         let layout = p
             .attach(
                 &g,
