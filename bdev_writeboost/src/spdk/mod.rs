@@ -1,5 +1,16 @@
 //! SPDK glue: the FFI edge of the module. Every `unsafe` block says why it
 //! is sound; the engine itself stays safe Rust.
+//!
+//! Layered as SPDK's passthru module, each layer calling only down:
+//!
+//! - `rpc`: the `bdev_writeboost_*` handlers; they call `module`'s
+//!   create/delete with a completion callback and answer from it;
+//! - `module`: the bdev module's callbacks and the registry that owns the
+//!   devices; it gives each device its channel callbacks and teardown hook;
+//! - `channel` (per-thread I/O channels, submit_request) over `device` (the
+//!   engine's driver, base bdevs, registration);
+//! - leaves: `user_io` (a user I/O and where it completes), `examine`,
+//!   `completion`, `dma`, `ring`, `json`, `log`.
 
 mod channel;
 mod completion;
