@@ -174,7 +174,7 @@ impl<A: BufAlloc> Engine<A> {
         self.advance_frontier();
     }
 
-    /// Moves `durable_id` up to just below the lowest log that is not durable
+    /// Moves the durable frontier up to just below the lowest log that is not durable
     /// yet, and completes the requests that waited for it.
     fn advance_frontier(&mut self) {
         let mut lowest = self.open.as_ref().map_or(self.ring.next_id(), |o| o.id);
