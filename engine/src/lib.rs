@@ -28,6 +28,7 @@ pub mod format;
 pub mod geometry;
 pub mod ids;
 pub mod io;
+pub mod mutant;
 pub mod pmem;
 pub mod stats;
 

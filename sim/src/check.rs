@@ -13,9 +13,10 @@ use writeboost_engine::pmem::PoolLayout;
 use writeboost_engine::{BackingIdentity, OpenParams, ReqId, Tunables};
 
 use crate::content::{self, SECTOR, Version};
-use crate::device::SimDevice;
+use crate::device::{CrashOutcome, SimDevice};
 use crate::harness::{Harness, Latency};
 use crate::pmem::SimPmem;
+use writeboost_engine::mutant::Mutant;
 
 /// Options of one simulation run.
 #[derive(Clone, Debug)]
@@ -33,6 +34,8 @@ pub struct SimOptions {
     pub force: Vec<(String, u64)>,
     /// Which buffer modes the seed runs in.
     pub mode: ModeChoice,
+    /// A bug planted in every engine of the run (none normally).
+    pub mutant: Mutant,
 }
 
 /// Buffer modes a simulation uses.
@@ -64,6 +67,8 @@ pub struct Outcome {
     pub io_errors: u64,
     pub partial_logs: u64,
     pub logs: u64,
+    /// Crashes by outcome: torn sectors, whole writes, newest first.
+    pub crash_outcomes: [u64; 3],
 }
 
 impl Outcome {
@@ -76,6 +81,9 @@ impl Outcome {
         self.io_errors += o.io_errors;
         self.partial_logs += o.partial_logs;
         self.logs += o.logs;
+        for (a, b) in self.crash_outcomes.iter_mut().zip(o.crash_outcomes) {
+            *a += b;
+        }
     }
 
     pub fn clean(&self) -> bool {
@@ -261,6 +269,7 @@ impl Run {
             _ => Some(pool.unwrap_or_else(|| SimPmem::new(self.pool_len))),
         };
         let mut h = Harness::with_pool(params, cache, backing, pool, self.lat, self.rng.random());
+        h.driver.engine_mut().plant(self.opts.mutant);
         let persistent = self.persistent;
         self.note(|| format!("(re)open in mode {}", persistent as u8));
         h.error_rate = self.opts.error_rate;
@@ -612,7 +621,14 @@ impl Run {
             .pmem
             .as_ref()
             .map(|p| SimPmem::from_image(p.crash(&mut self.rng)));
-        let images = h.crash(&mut self.rng);
+        // Each crash keeps unflushed writes its own way, chosen by the seed.
+        let outcome = CrashOutcome::pick(&mut self.rng);
+        let i = CrashOutcome::ALL
+            .iter()
+            .position(|&o| o == outcome)
+            .unwrap_or(0);
+        self.out.crash_outcomes[i] += 1;
+        let images = h.crash_as(outcome, &mut self.rng);
         self.pending.clear();
         self.acked_unflushed.clear();
         self.flushes.clear();

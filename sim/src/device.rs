@@ -1,8 +1,9 @@
 //! A simulated block device with a volatile write cache.
 //!
 //! Reads see every completed write. A write is durable only after a flush
-//! issued after it completed. A crash keeps the durable image plus, per
-//! 512-byte sector, a random choice of what was still volatile or in flight.
+//! issued after it completed. A crash keeps the durable image plus some of
+//! what was still volatile or in flight, chosen by a [`CrashOutcome`]: per
+//! 512-byte sector, or whole writes in any order.
 
 use std::collections::BTreeMap;
 
@@ -13,6 +14,35 @@ const SECTOR: usize = 512;
 /// Versions of one sector as (write generation, contents), oldest first.
 type Versions = Vec<(u64, Box<[u8]>)>;
 
+/// What a power loss keeps of the writes a device had not made durable.
+/// Real devices produce each: a volatile cache may write back sectors one by
+/// one, or whole writes in whatever order it holds them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CrashOutcome {
+    /// Each 512-byte sector keeps any one of its unflushed versions, or none;
+    /// each sector of a write in flight lands or not.
+    TornSectors,
+    /// Each unflushed or in-flight write survives whole or vanishes, each on
+    /// its own: a later write may survive an earlier one that is lost.
+    WholeWrites,
+    /// The writes after a random point survive whole and every earlier one
+    /// is lost: a cache that wrote back newest first.
+    NewestFirst,
+}
+
+impl CrashOutcome {
+    pub const ALL: [CrashOutcome; 3] = [
+        CrashOutcome::TornSectors,
+        CrashOutcome::WholeWrites,
+        CrashOutcome::NewestFirst,
+    ];
+
+    /// One outcome, chosen by the seed's randomness.
+    pub fn pick(rng: &mut impl Rng) -> Self {
+        Self::ALL[rng.random_range(0..Self::ALL.len())]
+    }
+}
+
 pub struct SimDevice {
     /// What reads return.
     visible: Vec<u8>,
@@ -21,6 +51,8 @@ pub struct SimDevice {
     /// Sectors written but not yet flushed: every version since the last
     /// flush that covered them, with its write generation, oldest first.
     volatile: BTreeMap<u64, Versions>,
+    /// The same unflushed writes whole, as (generation, offset, data), oldest first.
+    unflushed: Vec<(u64, u64, Box<[u8]>)>,
     generation: u64,
     /// When false, the device stores nothing (benchmarks of the engine alone).
     store: bool,
@@ -46,6 +78,7 @@ impl SimDevice {
             visible: image.clone(),
             durable: image,
             volatile: BTreeMap::new(),
+            unflushed: Vec::new(),
             generation: 0,
             store: true,
         }
@@ -73,6 +106,8 @@ impl SimDevice {
         }
         self.visible[offset as usize..offset as usize + src.len()].copy_from_slice(src);
         self.generation += 1;
+        self.unflushed
+            .push((self.generation, offset, src.to_vec().into_boxed_slice()));
         for s in offset / SECTOR as u64..(offset + src.len() as u64).div_ceil(SECTOR as u64) {
             let a = s as usize * SECTOR;
             let v = self.visible[a..a + SECTOR].to_vec().into_boxed_slice();
@@ -105,6 +140,7 @@ impl SimDevice {
 
     /// A flush issued at `point` completed: those writes are durable.
     pub fn flush(&mut self, point: u64) {
+        self.unflushed.retain(|(g, _, _)| *g > point);
         self.volatile.retain(|&s, versions| {
             let covered = versions.iter().take_while(|(g, _)| *g <= point).count();
             if covered > 0 {
@@ -116,23 +152,61 @@ impl SimDevice {
         });
     }
 
-    /// The image after a power loss: durable data plus a random subset of the
-    /// volatile sectors and of the sectors of `in_flight` writes.
-    pub fn crash(mut self, in_flight: &[(u64, Vec<u8>)], rng: &mut impl Rng) -> Vec<u8> {
-        // A volatile cache may have written back any one of the versions, or none.
-        for (&s, versions) in &self.volatile {
-            let pick = rng.random_range(0..=versions.len());
-            if pick > 0 {
-                let a = s as usize * SECTOR;
-                self.durable[a..a + SECTOR].copy_from_slice(&versions[pick - 1].1);
-            }
-        }
-        for (offset, data) in in_flight {
-            for (i, chunk) in data.chunks(SECTOR).enumerate() {
-                if rng.random_bool(0.5) {
-                    let a = *offset as usize + i * SECTOR;
-                    self.durable[a..a + chunk.len()].copy_from_slice(chunk);
+    /// The image after a power loss with per-sector tearing
+    /// ([`CrashOutcome::TornSectors`]).
+    pub fn crash(self, in_flight: &[(u64, Vec<u8>)], rng: &mut impl Rng) -> Vec<u8> {
+        self.crash_as(CrashOutcome::TornSectors, in_flight, rng)
+    }
+
+    /// The image after a power loss: durable data plus what `outcome`
+    /// keeps of the unflushed writes and of the `in_flight` ones.
+    pub fn crash_as(
+        mut self,
+        outcome: CrashOutcome,
+        in_flight: &[(u64, Vec<u8>)],
+        rng: &mut impl Rng,
+    ) -> Vec<u8> {
+        match outcome {
+            CrashOutcome::TornSectors => {
+                // A volatile cache may have written back any one of the
+                // versions, or none.
+                for (&s, versions) in &self.volatile {
+                    let pick = rng.random_range(0..=versions.len());
+                    if pick > 0 {
+                        let a = s as usize * SECTOR;
+                        self.durable[a..a + SECTOR].copy_from_slice(&versions[pick - 1].1);
+                    }
                 }
+                for (offset, data) in in_flight {
+                    for (i, chunk) in data.chunks(SECTOR).enumerate() {
+                        if rng.random_bool(0.5) {
+                            let a = *offset as usize + i * SECTOR;
+                            self.durable[a..a + chunk.len()].copy_from_slice(chunk);
+                        }
+                    }
+                }
+            }
+            CrashOutcome::WholeWrites | CrashOutcome::NewestFirst => {
+                // Oldest first, the writes in flight last (they are the newest).
+                let writes: Vec<(u64, &[u8])> = self
+                    .unflushed
+                    .iter()
+                    .map(|(_, o, d)| (*o, &d[..]))
+                    .chain(in_flight.iter().map(|(o, d)| (*o, &d[..])))
+                    .collect();
+                let cut = rng.random_range(0..=writes.len());
+                let mut image = std::mem::take(&mut self.durable);
+                for (i, (offset, data)) in writes.into_iter().enumerate() {
+                    let keep = match outcome {
+                        CrashOutcome::NewestFirst => i >= cut,
+                        _ => rng.random_bool(0.5),
+                    };
+                    if keep {
+                        let a = offset as usize;
+                        image[a..a + data.len()].copy_from_slice(data);
+                    }
+                }
+                return image;
             }
         }
         self.durable
@@ -162,5 +236,49 @@ mod tests {
             kept_second |= img[512] == 2;
         }
         assert!(kept_second, "volatile data is sometimes kept");
+    }
+
+    /// Two unflushed writes, then a crash: which combinations each outcome produces.
+    fn outcomes(outcome: CrashOutcome) -> std::collections::HashSet<(u8, u8)> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        (0..200)
+            .map(|_| {
+                let mut d = SimDevice::new(4096);
+                d.write(0, &[1; 1024]);
+                d.write(2048, &[2; 1024]);
+                let img = d.crash_as(outcome, &[], &mut rng);
+                // Whole writes never tear.
+                assert!(
+                    img[..1024].iter().all(|&b| b == img[0]),
+                    "{outcome:?} tore a write"
+                );
+                (img[0], img[2048])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn whole_writes_survive_in_any_order() {
+        let all: std::collections::HashSet<(u8, u8)> =
+            [(0, 0), (1, 0), (0, 2), (1, 2)].into_iter().collect();
+        assert_eq!(outcomes(CrashOutcome::WholeWrites), all);
+        // Newest first: the later write may survive alone, the earlier never does.
+        let newest: std::collections::HashSet<(u8, u8)> =
+            [(0, 0), (0, 2), (1, 2)].into_iter().collect();
+        assert_eq!(outcomes(CrashOutcome::NewestFirst), newest);
+    }
+
+    #[test]
+    fn a_flushed_write_survives_every_outcome() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for outcome in CrashOutcome::ALL {
+            let mut d = SimDevice::new(4096);
+            d.write(0, &[5; 512]);
+            let p = d.flush_point();
+            d.flush(p);
+            d.write(512, &[6; 512]);
+            let img = d.crash_as(outcome, &[(1024, vec![7; 512])], &mut rng);
+            assert_eq!(img[0], 5, "{outcome:?}");
+        }
     }
 }

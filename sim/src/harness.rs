@@ -11,7 +11,7 @@ use writeboost_engine::{
     OpenParams, ReqId, Token,
 };
 
-use crate::device::SimDevice;
+use crate::device::{CrashOutcome, SimDevice};
 use crate::pmem::SimPmem;
 
 /// Command latencies in nanoseconds.
@@ -327,8 +327,13 @@ impl Harness {
         self.drain();
     }
 
-    /// Device images after a power loss now.
+    /// Device images after a power loss now, each sector torn on its own.
     pub fn crash(self, rng: &mut impl Rng) -> (Vec<u8>, Vec<u8>) {
+        self.crash_as(CrashOutcome::TornSectors, rng)
+    }
+
+    /// Device images after a power loss now, as `outcome` keeps unflushed writes.
+    pub fn crash_as(self, outcome: CrashOutcome, rng: &mut impl Rng) -> (Vec<u8>, Vec<u8>) {
         let mut cache_w = Vec::new();
         let mut backing_w = Vec::new();
         for f in self.target.inflight.values() {
@@ -340,8 +345,8 @@ impl Harness {
             }
         }
         (
-            self.cache.crash(&cache_w, rng),
-            self.backing.crash(&backing_w, rng),
+            self.cache.crash_as(outcome, &cache_w, rng),
+            self.backing.crash_as(outcome, &backing_w, rng),
         )
     }
 

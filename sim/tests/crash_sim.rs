@@ -2,6 +2,7 @@
 //! torn writes and I/O errors. A large run is `cargo run --release --bin
 //! wb-sim -- --seeds 10000`.
 
+use writeboost_engine::mutant::Mutant;
 use writeboost_sim::check::{Outcome, SimOptions, run_seed};
 
 fn run(seeds: std::ops::Range<u64>, error_rate: f64) -> (Outcome, Vec<u64>) {
@@ -16,6 +17,7 @@ fn run(seeds: std::ops::Range<u64>, error_rate: f64) -> (Outcome, Vec<u64>) {
             verbose: false,
             force: Vec::new(),
             mode: Default::default(),
+            mutant: Mutant::None,
         });
         if !o.clean() {
             bad.push(seed);
@@ -72,6 +74,7 @@ fn pool_slots_without_committed_blocks_hide_nothing() {
             verbose: false,
             force: Vec::new(),
             mode,
+            mutant: Mutant::None,
         });
         assert!(
             o.clean(),

@@ -49,6 +49,7 @@ use crate::ids::LogId;
 use crate::io::{
     BufAlloc, BufId, Command, CommandKind, DataRef, Device, Event, Nanos, ReqId, Token,
 };
+use crate::mutant::Mutant;
 use crate::pmem::Pmem;
 use crate::stats::{Stats, Status};
 
@@ -226,6 +227,8 @@ pub struct Engine<A: BufAlloc> {
     recovered: Vec<OpenLog>,
 
     stats: Stats,
+    /// A planted bug (feature `mutants`), or none.
+    mutant: Mutant,
 }
 
 impl<A: BufAlloc> Engine<A> {
@@ -305,6 +308,7 @@ impl<A: BufAlloc> Engine<A> {
             pmem: PmemBuffer::new(pmem, persistent),
             recovered: Vec::new(),
             stats: Stats::default(),
+            mutant: Mutant::None,
         };
         e.start();
         Ok(e)
@@ -579,6 +583,14 @@ impl<A: BufAlloc> Engine<A> {
             }
         }
         Ok(())
+    }
+
+    /// Plants a bug on purpose (see [`Mutant`]); for tests that show the
+    /// simulator catches it. Call right after opening.
+    #[cfg(feature = "mutants")]
+    pub fn plant(&mut self, m: Mutant) {
+        self.mutant = m;
+        self.pmem.plant(m);
     }
 
     /// Internal queues, for diagnosing a stalled engine.

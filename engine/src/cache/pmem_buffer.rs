@@ -14,6 +14,7 @@ use crate::format::RECORD_FLAG_PMEM;
 use crate::geometry::{BLOCK_SIZE, Geometry};
 use crate::ids::{Epoch, LogId};
 use crate::io::{BufId, ReqId};
+use crate::mutant::Mutant;
 use crate::pmem::{
     ENTRY_SIZE, Pmem, PoolHeader, PoolLayout, SLOT_HEADER, SlotEntry, commit_word, encode_entry,
     encode_slot_header, parse_entry, parse_slot_header,
@@ -37,6 +38,8 @@ pub(super) struct PmemBuffer {
     fill_waiters: FxHashMap<FillKey, Vec<ReqId>>,
     /// Fills the placement in progress started (mode 1).
     new_fills: Vec<FillKey>,
+    /// A planted bug (feature `mutants`).
+    mutant: Mutant,
 }
 
 /// How a pool relates to the cache it is attached to.
@@ -66,7 +69,13 @@ impl PmemBuffer {
             drain_until: LogId::NONE,
             fill_waiters: FxHashMap::default(),
             new_fills: Vec::new(),
+            mutant: Mutant::None,
         }
+    }
+
+    #[cfg(feature = "mutants")]
+    pub(super) fn plant(&mut self, m: Mutant) {
+        self.mutant = m;
     }
 
     /// Mode 1: a write is durable once published in the pool.
@@ -172,8 +181,14 @@ impl PmemBuffer {
         let (d, e) = (pool.data(pslot, slot), pool.entry(pslot, slot));
         pm.write_nodrain(d, data);
         pm.write_nodrain(e, &entry);
-        pm.drain();
-        pm.write_persist(e + 24, &commit_word(id.get(), &entry).to_le_bytes());
+        let commit = commit_word(id.get(), &entry).to_le_bytes();
+        if self.mutant.is(Mutant::CommitBeforeDrain) {
+            // The data and entry stay undrained until a later publish drains.
+            pm.write_persist(e + 24, &commit);
+        } else {
+            pm.drain();
+            pm.write_persist(e + 24, &commit);
+        }
         Some(crc)
     }
 

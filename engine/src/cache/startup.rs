@@ -16,6 +16,7 @@ use crate::format::{Metablock, RECORD_FLAG_PMEM};
 use crate::geometry::{BLOCK_SIZE, Geometry};
 use crate::ids::{Epoch, LogId};
 use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Event};
+use crate::mutant::Mutant;
 
 /// Logs read ahead during replay.
 const REPLAY_QD: u64 = 4;
@@ -289,14 +290,15 @@ impl<A: BufAlloc> Engine<A> {
                 break;
             };
             let prev_epoch = st.prev_epoch;
+            let any_epoch = self.mutant.is(Mutant::NoEpochCheck);
             let verdict = verify_segment(self.buf(buf), &self.geo, &uuid);
             let st = self.st();
             st.spare.push(buf);
             match verdict {
                 Ok((h, mbs))
                     if LogId(h.id) == id
-                        && Epoch(h.epoch) >= prev_epoch
-                        && Epoch(h.epoch) <= max_epoch =>
+                        && ((Epoch(h.epoch) >= prev_epoch && Epoch(h.epoch) <= max_epoch)
+                            || any_epoch) =>
                 {
                     st.prev_epoch = Epoch(h.epoch);
                     st.next_apply = st.next_apply.next();

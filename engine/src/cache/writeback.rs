@@ -8,6 +8,7 @@ use super::{Dirty, Engine, Phase, Purpose, WRITEBACK_RETRY_NS, for_each_run};
 use crate::geometry::{BLOCK_SIZE, FULL_MASK, SECTOR_SIZE};
 use crate::ids::LogId;
 use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Nanos};
+use crate::mutant::Mutant;
 
 /// Dead slots between two live ones that a writeback read reads through.
 const WB_READ_GAP_SLOTS: u32 = 1;
@@ -346,6 +347,8 @@ impl<A: BufAlloc> Engine<A> {
         if b.writes_pending == 0 {
             if b.failed {
                 self.wb_abort();
+            } else if self.mutant.is(Mutant::WritebackWithoutBackingFlush) {
+                self.wb_finish();
             } else {
                 self.backing_flush_waiting
                     .push(super::commit::BackingWaiter::Writeback);

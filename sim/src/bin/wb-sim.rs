@@ -3,6 +3,7 @@
 //! reference model, and prints what was lost or corrupted (nothing, we hope).
 
 use clap::Parser;
+use writeboost_engine::mutant::Mutant;
 use writeboost_sim::check::{ModeChoice, Outcome, SimOptions, run_seed};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -51,6 +52,20 @@ struct Args {
     /// Print each problem as it is found.
     #[arg(long, short)]
     verbose: bool,
+    /// Plant a bug in the engine (no-epoch-check, durable-before-flush,
+    /// writeback-without-backing-flush, commit-before-drain): the run should fail.
+    #[arg(long, default_value = "none", value_parser = parse_mutant)]
+    mutant: Mutant,
+}
+
+fn parse_mutant(s: &str) -> Result<Mutant, String> {
+    Mutant::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = Mutant::ALL.iter().map(|m| m.name()).collect();
+        format!(
+            "no planted bug named '{s}'; there are: {}",
+            names.join(", ")
+        )
+    })
 }
 
 fn parse_kv(s: &str) -> Result<(String, u64), String> {
@@ -74,6 +89,7 @@ fn main() {
             verbose: a.verbose,
             force: a.set.clone(),
             mode: a.mode.into(),
+            mutant: a.mutant,
         });
         if !o.clean() {
             bad_seeds.push(seed);
@@ -84,8 +100,15 @@ fn main() {
         eprintln!("failing seeds: {bad_seeds:?} (rerun one with --first-seed S --seeds 1 -v)");
     }
     println!(
-        "ops={} logs={} partial_logs={} io_errors={} stuck={}",
-        total.ops, total.logs, total.partial_logs, total.io_errors, total.stuck
+        "ops={} logs={} partial_logs={} io_errors={} stuck={} crash_outcomes=torn:{},whole:{},newest_first:{}",
+        total.ops,
+        total.logs,
+        total.partial_logs,
+        total.io_errors,
+        total.stuck,
+        total.crash_outcomes[0],
+        total.crash_outcomes[1],
+        total.crash_outcomes[2]
     );
     println!(
         "wb-sim: seeds={} crashes={} acknowledged_lost={} corrupt_reads={}",

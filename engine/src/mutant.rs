@@ -1,0 +1,53 @@
+//! Planted bugs (feature `mutants`, for tests only). Each breaks one
+//! data-safety rule on purpose; the simulator must catch every one within a
+//! bounded run, which shows it really checks that rule. Without the feature
+//! none can be switched on and every check compiles to `false`.
+
+/// One planted bug, or none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Mutant {
+    #[default]
+    None,
+    /// Recovery replays a log whatever its epoch, so a stale log after the
+    /// chain's end passes for its continuation.
+    NoEpochCheck,
+    /// A log counts as durable once its write completed, before any flush.
+    DurableBeforeFlush,
+    /// Writeback marks blocks clean (and moves the frontier) without
+    /// flushing the backing device first.
+    WritebackWithoutBackingFlush,
+    /// Mode 1 stores a block's commit word before its data and entry are
+    /// drained to the pool (they are drained only by a later publish).
+    CommitBeforeDrain,
+}
+
+impl Mutant {
+    /// Every planted bug.
+    pub const ALL: [Mutant; 4] = [
+        Mutant::NoEpochCheck,
+        Mutant::DurableBeforeFlush,
+        Mutant::WritebackWithoutBackingFlush,
+        Mutant::CommitBeforeDrain,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mutant::None => "none",
+            Mutant::NoEpochCheck => "no-epoch-check",
+            Mutant::DurableBeforeFlush => "durable-before-flush",
+            Mutant::WritebackWithoutBackingFlush => "writeback-without-backing-flush",
+            Mutant::CommitBeforeDrain => "commit-before-drain",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Mutant> {
+        std::iter::once(Mutant::None)
+            .chain(Mutant::ALL)
+            .find(|m| m.name() == name)
+    }
+
+    /// Whether `self` is planted and is `m` (always false without the feature).
+    pub(crate) fn is(self, m: Mutant) -> bool {
+        cfg!(feature = "mutants") && self == m
+    }
+}
