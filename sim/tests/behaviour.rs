@@ -689,3 +689,136 @@ fn leaving_mode_1_needs_the_pool_and_drains_it() {
         "drained: the pool is no longer needed"
     );
 }
+
+// ----- recovery decision table (docs/RECOVERY.md): rows without a test above
+
+#[test]
+fn one_damaged_record_slot_falls_back_to_the_other() {
+    let p = params(8 * MIB);
+    let mut h = fresh(p.clone());
+    h.write(1, 0, &pattern(1, 4096), true).unwrap();
+    // A restart writes the second record slot too.
+    let h = restart(h, p.clone());
+    let (c, b) = h.crash(&mut ChaCha8Rng::seed_from_u64(3));
+    for slot in [4096usize, 2 * 4096] {
+        let mut c = c.clone();
+        c[slot..slot + 4096].fill(0xee);
+        let mut h2 = open(
+            p.clone(),
+            SimDevice::from_image(c),
+            SimDevice::from_image(b.clone()),
+        );
+        assert_eq!(h2.opened, Some(Ok(())), "record slot at {slot} damaged");
+        assert_eq!(h2.read(2, 0, 4096).unwrap(), pattern(1, 4096));
+    }
+}
+
+#[test]
+fn a_log_claiming_a_later_epoch_than_the_record_ends_the_chain() {
+    use writeboost_engine::format::{encode_segment_header, verify_segment};
+    let p = params(8 * MIB);
+    let mut h = fresh(p.clone());
+    h.write(1, 0, &pattern(1, 4096), true).unwrap();
+    let second = writeboost_engine::LogId(h.engine().status().next_segment_id);
+    let epoch = h.engine().status().epoch;
+    h.write(2, 4096, &pattern(2, 4096), true).unwrap();
+    let (mut c, b) = h.crash(&mut ChaCha8Rng::seed_from_u64(1));
+    // Re-seal the second log, checksum and all, as if written by an
+    // incarnation the record never announced.
+    let geo = Geometry::new(128 << 10, 8 * MIB, BACKING).unwrap();
+    let at = geo.segment_offset(second) as usize;
+    let seg = &mut c[at..at + geo.segment_size as usize];
+    let (hdr, mbs) = verify_segment(seg, &geo, &UUID).expect("the second log is intact");
+    assert_eq!(hdr.epoch, epoch);
+    let hl = geo.header_len();
+    let crcs: Vec<u32> = (0..mbs.len())
+        .map(|i| crc32c(&seg[hl + i * 4096..hl + (i + 1) * 4096]))
+        .collect();
+    let (head, _) = seg.split_at_mut(hl);
+    encode_segment_header(head, &crcs, &geo, hdr.id, epoch + 5, &UUID, &mbs);
+    assert!(
+        verify_segment(seg, &geo, &UUID).is_ok(),
+        "a valid log but for its epoch"
+    );
+    let mut h2 = open(p, SimDevice::from_image(c), SimDevice::from_image(b));
+    assert_eq!(h2.opened, Some(Ok(())));
+    assert_eq!(h2.read(3, 0, 4096).unwrap(), pattern(1, 4096));
+    assert_eq!(h2.read(4, 4096, 4096).unwrap(), vec![0; 4096]);
+    assert_eq!(h2.engine().status().next_segment_id, second.get());
+}
+
+#[test]
+fn a_stale_log_from_the_previous_lap_ends_the_chain() {
+    let p = params(8 * MIB);
+    let mut h = fresh(p.clone());
+    let nr = h.engine().status().nr_segments;
+    // Enough FUA writes (one partial log each) to go round the ring twice.
+    let writes = 2 * nr + 10;
+    for i in 0..writes {
+        h.write(10 + i, (i % 16) * 4096, &pattern(i as u8, 4096), true)
+            .unwrap();
+    }
+    let before = h.engine().status().next_segment_id;
+    assert!(
+        before > 2 * nr,
+        "the ring wrapped ({before} logs, {nr} positions)"
+    );
+    let mut h2 = restart(h, p);
+    assert_eq!(h2.opened, Some(Ok(())));
+    // Recovery stopped at the position after the last log, which holds a
+    // log one lap older, and goes on from there.
+    assert_eq!(h2.engine().status().next_segment_id, before);
+    for b in 0..16u64 {
+        let last = (0..writes).rev().find(|i| i % 16 == b).unwrap();
+        assert_eq!(
+            h2.read(1000 + b, b * 4096, 4096).unwrap(),
+            pattern(last as u8, 4096),
+            "block {b}"
+        );
+    }
+}
+
+#[test]
+fn an_empty_pool_where_the_record_expects_one_is_refused_untouched() {
+    let mut h = open_pool(
+        pool_params(8 * MIB),
+        SimDevice::new(8 * MIB),
+        SimDevice::new(BACKING),
+        Some(pool(3)),
+    );
+    h.write(1, 0, &pattern(1, 4096), false).unwrap();
+    let (c, b) = h.crash(&mut ChaCha8Rng::seed_from_u64(4));
+    // The pool that held the acknowledged write is gone; a blank one is offered.
+    let h2 = open_pool(
+        pool_params(8 * MIB),
+        SimDevice::from_image(c.clone()),
+        SimDevice::from_image(b),
+        Some(pool(3)),
+    );
+    assert_eq!(h2.opened, Some(Err(OpenError::PoolMismatch)));
+    assert_eq!(h2.cache.image(), &c[..]);
+}
+
+#[test]
+fn a_cache_device_that_cannot_be_read_at_start_up_is_refused_untouched() {
+    let p = params(8 * MIB);
+    let mut h = fresh(p.clone());
+    h.write(1, 0, &pattern(1, 4096), true).unwrap();
+    let (c, b) = h.crash(&mut ChaCha8Rng::seed_from_u64(5));
+    let mut h2 = Harness::new(
+        p,
+        SimDevice::from_image(c.clone()),
+        SimDevice::from_image(b),
+        lat(),
+        7,
+    );
+    // Every command fails, retries included.
+    h2.error_rate = 1.0;
+    assert!(h2.wait_open());
+    assert!(
+        matches!(h2.opened, Some(Err(OpenError::Device { .. }))),
+        "{:?}",
+        h2.opened
+    );
+    assert_eq!(h2.cache.image(), &c[..]);
+}

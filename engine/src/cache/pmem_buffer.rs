@@ -371,6 +371,16 @@ mod tests {
     }
 
     #[test]
+    fn an_id_in_two_slots_lists_its_newest_epoch_first() {
+        let (mut p, _) = attached();
+        // A crash left slot 0 naming log 5 of epoch 2 with nothing committed;
+        // the next incarnation opened log 5 again in slot 1, epoch 3.
+        p.open_log(BufId(10), LogId(5), Epoch(2));
+        p.open_log(BufId(11), LogId(5), Epoch(3));
+        assert_eq!(p.slots_after(LogId(4)), vec![(LogId(5), 1), (LogId(5), 0)]);
+    }
+
+    #[test]
     fn a_pool_of_another_cache_is_refused() {
         let (mut p, _) = attached();
         let r = p.attach(
