@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Scale benchmark: what a large cache costs at start-up and in memory. For
+# each cache size, on sparse files: fill 85 % of the cache with dirty data
+# over NBD (background writeback and bypass off), then measure
+#   - resident memory of the host per cached 4 KiB block,
+#   - resume after kill -9 (start until the NBD export serves again),
+#   - resume after a clean shutdown (SIGTERM, then start again).
+#
+#   bash test/bench-scale.sh                 # 4 GiB
+#   SIZES="4 16 64" bash test/bench-scale.sh # each size in GiB (64 GiB writes 54 GiB)
+#
+# Knobs: SIZES (GiB, default 4), BENCH_DIR (default /var/tmp: a disk, so
+# O_DIRECT works; the files are sparse but the dirty data is real).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZES=${SIZES:-4}
+FIO=""
+for f in fio /usr/bin/fio; do
+    if command -v "$f" >/dev/null && "$f" --enghelp 2>/dev/null | grep -qw nbd; then
+        FIO=$(command -v "$f")
+        break
+    fi
+done
+[ -n "$FIO" ] || { echo "bench-scale: needs fio with its nbd engine (Debian: fio)" >&2; exit 1; }
+for tool in nbdinfo python3; do
+    command -v "$tool" >/dev/null || { echo "bench-scale: $tool is needed (Debian: libnbd-bin, python3)" >&2; exit 1; }
+done
+
+cargo build --release -q --bin writeboost
+BIN=$PWD/target/release/writeboost
+WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/wb-bench-scale.XXXXXX")
+SERVER=""
+cleanup() {
+    [ -n "$SERVER" ] && kill -9 "$SERVER" 2>/dev/null || true
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+PORT=$((20000 + RANDOM % 20000))
+URI="nbd://127.0.0.1:$PORT/wb0"
+
+now() { date +%s.%N; }
+
+# start — the host over the benchmark files; returns once the export serves.
+start() {
+    "$BIN" -c "$WORK/wb.yaml" -r "$WORK/rpc.sock" >>"$WORK/wb.log" 2>&1 &
+    SERVER=$!
+    local i
+    for i in $(seq 1 60000); do
+        nbdinfo --size "$URI" >/dev/null 2>&1 && return 0
+        kill -0 "$SERVER" 2>/dev/null || { echo "bench-scale: the host exited:" >&2; tail -5 "$WORK/wb.log" >&2; exit 1; }
+        sleep 0.01
+    done
+    echo "bench-scale: nothing serves NBD on port $PORT" >&2
+    exit 1
+}
+
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$SERVER/status"; }
+
+# rpc METHOD [PARAMS_JSON] — the host's JSON-RPC, result on stdout.
+rpc() {
+    python3 - "$WORK/rpc.sock" "$1" "${2:-null}" <<'EOF'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+req = {"jsonrpc": "2.0", "id": 1, "method": sys.argv[2]}
+if sys.argv[3] != "null":
+    req["params"] = json.loads(sys.argv[3])
+s.sendall(json.dumps(req).encode())
+buf = b""
+while True:
+    buf += s.recv(65536)
+    try:
+        print(json.dumps(json.loads(buf)["result"]))
+        break
+    except ValueError:
+        continue
+EOF
+}
+
+dirty_blocks() {
+    rpc bdev_writeboost_get_stats '{"name": "wb0"}' |
+        python3 -c 'import json,sys; j=json.load(sys.stdin); j=j[0] if isinstance(j,list) else j; print(j["status"]["nr_dirty_blocks"])'
+}
+
+printf '%-8s %14s %12s %12s %14s %14s\n' "cache" "dirty blocks" "RSS MiB" "B/block" "crash resume" "clean resume"
+for G in $SIZES; do
+    rm -f "$WORK"/*.img
+    truncate -s "${G}G" "$WORK/cache.img"
+    truncate -s "$((G * 2))G" "$WORK/backing.img"
+    cat >"$WORK/wb.yaml" <<EOF
+aio:
+  - {name: Cache0, filename: $WORK/cache.img, block_size: 4096}
+  - {name: Backing0, filename: $WORK/backing.img, block_size: 4096}
+writeboost:
+  - {name: wb0, backing_bdev: Backing0, cache_bdev: Cache0, writeback_threshold: 0, bypass_write_kib: 0}
+nbd:
+  - {bdev_name: wb0, listen: "127.0.0.1:$PORT"}
+EOF
+    start
+    fill=$((G * 1024 * 85 / 100))
+    # end_fsync: a FLUSH at the end, so every written block is owed after a crash.
+    "$FIO" --name=fill --ioengine=nbd --uri="$URI" --rw=write --bs=1M --iodepth=8 \
+        --size="${fill}M" --end_fsync=1 >"$WORK/fio.log" 2>&1 || { cat "$WORK/fio.log" >&2; exit 1; }
+    blocks=$(dirty_blocks)
+    # Crash: the cache holds its dirty logs; resume replays them.
+    kill -9 "$SERVER"
+    wait "$SERVER" 2>/dev/null || true
+    t0=$(now)
+    start
+    t1=$(now)
+    rss=$(rss_kib)
+    after=$(dirty_blocks)
+    if [ "$after" != "$blocks" ]; then
+        echo "bench-scale: $blocks dirty blocks before the crash, $after after it: flushed data lost" >&2
+        exit 1
+    fi
+    # Clean shutdown, then resume.
+    kill -TERM "$SERVER"
+    wait "$SERVER" 2>/dev/null || true
+    t2=$(now)
+    start
+    t3=$(now)
+    kill -TERM "$SERVER"
+    wait "$SERVER" 2>/dev/null || true
+    SERVER=""
+    python3 - "$G" "$blocks" "$rss" "$t0" "$t1" "$t2" "$t3" <<'EOF'
+import sys
+g, blocks, rss = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+t0, t1, t2, t3 = map(float, sys.argv[4:8])
+print(f"{g:>5} GiB {blocks:>14} {rss / 1024:>12.0f} {rss * 1024 / max(blocks, 1):>12.1f} "
+      f"{t1 - t0:>12.2f} s {t3 - t2:>12.2f} s")
+EOF
+done
