@@ -71,17 +71,7 @@ pub fn random_uuid() -> Result<[u8; 16], StoreError> {
     Ok(b)
 }
 
-pub fn uuid_string(u: &[u8; 16]) -> String {
-    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
+pub use writeboost_rpc::uuid_string;
 
 pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
     let hex: String = s.trim().chars().filter(|c| *c != '-').collect();

@@ -20,6 +20,7 @@ pub use params::{
 };
 pub use report::{
     DeviceReport, device_report, io_counters_json, report_json, status_json, tunables_json,
+    uuid_string,
 };
 
 use std::fmt;

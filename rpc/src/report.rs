@@ -151,7 +151,8 @@ fn stats_json(s: &Stats) -> Value {
     })
 }
 
-fn uuid_string(u: &[u8; 16]) -> String {
+/// A UUID in its canonical text form (8-4-4-4-12 lowercase hex).
+pub fn uuid_string(u: &[u8; 16]) -> String {
     let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
     format!(
         "{}-{}-{}-{}-{}",
