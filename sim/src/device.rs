@@ -11,9 +11,6 @@ use rand::Rng;
 
 const SECTOR: usize = 512;
 
-/// Versions of one sector as (write generation, contents), oldest first.
-type Versions = Vec<(u64, Box<[u8]>)>;
-
 /// What a power loss keeps of the writes a device had not made durable.
 /// Real devices produce each: a volatile cache may write back sectors one by
 /// one, or whole writes in whatever order it holds them.
@@ -48,10 +45,9 @@ pub struct SimDevice {
     visible: Vec<u8>,
     /// What survives a crash for sure.
     durable: Vec<u8>,
-    /// Sectors written but not yet flushed: every version since the last
-    /// flush that covered them, with its write generation, oldest first.
-    volatile: BTreeMap<u64, Versions>,
-    /// The same unflushed writes whole, as (generation, offset, data), oldest first.
+    /// Writes not yet covered by a flush, as (generation, offset, data),
+    /// oldest first. A sector's unflushed versions are those of the writes
+    /// covering it, in this order.
     unflushed: Vec<(u64, u64, Box<[u8]>)>,
     generation: u64,
     /// When false, the device stores nothing (benchmarks of the engine alone).
@@ -77,7 +73,6 @@ impl SimDevice {
         Self {
             visible: image.clone(),
             durable: image,
-            volatile: BTreeMap::new(),
             unflushed: Vec::new(),
             generation: 0,
             store: true,
@@ -105,17 +100,13 @@ impl SimDevice {
             return;
         }
         self.visible[offset as usize..offset as usize + src.len()].copy_from_slice(src);
+        debug_assert!(
+            offset.is_multiple_of(SECTOR as u64) && src.len().is_multiple_of(SECTOR),
+            "device writes are whole sectors"
+        );
         self.generation += 1;
         self.unflushed
             .push((self.generation, offset, src.to_vec().into_boxed_slice()));
-        for s in offset / SECTOR as u64..(offset + src.len() as u64).div_ceil(SECTOR as u64) {
-            let a = s as usize * SECTOR;
-            let v = self.visible[a..a + SECTOR].to_vec().into_boxed_slice();
-            self.volatile
-                .entry(s)
-                .or_default()
-                .push((self.generation, v));
-        }
     }
 
     /// Applies only some sectors of a write (a failed or torn write).
@@ -140,15 +131,14 @@ impl SimDevice {
 
     /// A flush issued at `point` completed: those writes are durable.
     pub fn flush(&mut self, point: u64) {
-        self.unflushed.retain(|(g, _, _)| *g > point);
-        self.volatile.retain(|&s, versions| {
-            let covered = versions.iter().take_while(|(g, _)| *g <= point).count();
-            if covered > 0 {
-                let a = s as usize * SECTOR;
-                self.durable[a..a + SECTOR].copy_from_slice(&versions[covered - 1].1);
-                versions.drain(..covered);
+        let durable = &mut self.durable;
+        self.unflushed.retain(|(g, offset, data)| {
+            if *g > point {
+                return true;
             }
-            !versions.is_empty()
+            let a = *offset as usize;
+            durable[a..a + data.len()].copy_from_slice(data);
+            false
         });
     }
 
@@ -168,13 +158,22 @@ impl SimDevice {
     ) -> Vec<u8> {
         match outcome {
             CrashOutcome::TornSectors => {
-                // A volatile cache may have written back any one of the
-                // versions, or none.
-                for (&s, versions) in &self.volatile {
+                // A volatile cache may have written back any one of a
+                // sector's unflushed versions, or none.
+                let mut versions: BTreeMap<usize, Vec<&[u8]>> = BTreeMap::new();
+                for (_, offset, data) in &self.unflushed {
+                    for (i, v) in data.chunks(SECTOR).enumerate() {
+                        versions
+                            .entry(*offset as usize / SECTOR + i)
+                            .or_default()
+                            .push(v);
+                    }
+                }
+                for (s, versions) in versions {
                     let pick = rng.random_range(0..=versions.len());
                     if pick > 0 {
-                        let a = s as usize * SECTOR;
-                        self.durable[a..a + SECTOR].copy_from_slice(&versions[pick - 1].1);
+                        let a = s * SECTOR;
+                        self.durable[a..a + SECTOR].copy_from_slice(versions[pick - 1]);
                     }
                 }
                 for (offset, data) in in_flight {
@@ -230,7 +229,7 @@ mod tests {
         for _ in 0..20 {
             let mut d2 = SimDevice::from_image(d.durable.clone());
             d2.visible = d.visible.clone();
-            d2.volatile = d.volatile.clone();
+            d2.unflushed = d.unflushed.clone();
             let img = d2.crash(&[], &mut rng);
             assert_eq!(img[0], 1);
             kept_second |= img[512] == 2;

@@ -6,6 +6,7 @@
 //! only by the log `nr_segments` ids later, and only once everything before
 //! that log was written back (the frontier passed it) and no read holds it.
 
+use crate::geometry::Geometry;
 use crate::ids::{Epoch, LogId};
 use crate::io::{BufId, Nanos};
 
@@ -33,6 +34,8 @@ pub(super) struct SegMeta {
 #[derive(Debug)]
 pub(super) struct Ring {
     segs: Vec<SegMeta>,
+    /// Where each log id lives (`Geometry::position`).
+    geo: Option<Geometry>,
     /// The id the next opened log gets.
     next_id: LogId,
     /// Epoch of the logs this incarnation writes.
@@ -47,6 +50,7 @@ impl Default for Ring {
     fn default() -> Self {
         Self {
             segs: Vec::new(),
+            geo: None,
             next_id: LogId(1),
             epoch: Epoch(0),
             last_wb: LogId::NONE,
@@ -56,9 +60,10 @@ impl Default for Ring {
 }
 
 impl Ring {
-    /// Empty positions for a cache of `nr_segments` logs.
-    pub(super) fn install(&mut self, nr_segments: u64) {
-        self.segs = (0..nr_segments).map(|_| SegMeta::default()).collect();
+    /// Empty positions for a cache of `geo.nr_segments` logs.
+    pub(super) fn install(&mut self, geo: Geometry) {
+        self.segs = (0..geo.nr_segments).map(|_| SegMeta::default()).collect();
+        self.geo = Some(geo);
     }
 
     pub(super) fn nr_segments(&self) -> u64 {
@@ -67,7 +72,7 @@ impl Ring {
 
     fn position(&self, id: LogId) -> usize {
         debug_assert!(id > LogId::NONE, "log ids start at 1");
-        ((id.get() - 1) % self.nr_segments()) as usize
+        self.geo.expect("ring installed").position(id) as usize
     }
 
     /// The position log `id` lives at (it may hold another log).
@@ -211,7 +216,13 @@ mod tests {
 
     fn ring(nr: u64) -> Ring {
         let mut r = Ring::default();
-        r.install(nr);
+        r.install(Geometry {
+            segment_size: 1 << 20,
+            header_blocks: 1,
+            data_blocks: 255,
+            nr_segments: nr,
+            backing_size: 1 << 30,
+        });
         r.set_epoch(Epoch(3));
         r
     }

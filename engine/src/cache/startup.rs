@@ -187,7 +187,7 @@ impl<A: BufAlloc> Engine<A> {
     fn install_geometry(&mut self, sb: Superblock) {
         self.geo = sb.geometry();
         self.sb = Some(sb);
-        self.ring.install(self.geo.nr_segments);
+        self.ring.install(self.geo);
     }
 
     fn format(&mut self) {
