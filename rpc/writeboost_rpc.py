@@ -45,6 +45,8 @@ def spdk_rpc_plugin_initialize(subparsers):
             params["pmem_path"] = args.pmem_path
         if args.format:
             params["format"] = True
+        if args.salvage:
+            params["salvage"] = True
         if args.wait_for_bdevs:
             params["wait_for_bdevs"] = True
         if args.segment_size_kib is not None:
@@ -59,6 +61,8 @@ def spdk_rpc_plugin_initialize(subparsers):
     p.add_argument("-m", "--mode", type=int, choices=[0, 1], help="0 = volatile RAM buffer (default), 1 = pmem buffer")
     p.add_argument("-p", "--pmem-path", dest="pmem_path", help="pmem pool (needed for mode 1)")
     p.add_argument("-f", "--format", action="store_true", help="reformat even if a valid cache is present")
+    p.add_argument("--salvage", action="store_true",
+                   help="open a cache whose device damaged logs it had made durable, keeping every intact log")
     p.add_argument("--segment-size-kib", dest="segment_size_kib", type=int, help="segment size when formatting (64-4096)")
     p.add_argument("-w", "--wait-for-bdevs", dest="wait_for_bdevs", action="store_true",
                    help="if a base bdev does not exist yet, create the device when it appears")

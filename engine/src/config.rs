@@ -152,6 +152,9 @@ pub struct OpenParams {
     pub backing_block_size: u32,
     /// Reformat even if a valid cache is present (destroys its contents).
     pub format: bool,
+    /// Recover past logs found damaged below the durable frontier (their
+    /// blocks fall back to older contents) instead of refusing to open.
+    pub salvage: bool,
     /// UUID given to the cache if it is formatted now.
     pub new_cache_uuid: [u8; 16],
     /// Segment size used if the cache is formatted now.
@@ -173,6 +176,7 @@ impl OpenParams {
             backing,
             backing_block_size: 512,
             format: false,
+            salvage: false,
             new_cache_uuid,
             segment_size: DEFAULT_SEGMENT_SIZE,
             nr_buffers: 4,

@@ -10,6 +10,11 @@ pub enum FormatError {
     #[error("backing device size {backing_size} is not a positive multiple of 512 bytes")]
     BadBackingSize { backing_size: u64 },
     #[error(
+        "backing device of {backing_size} bytes is larger than the {max}-byte maximum a log's \
+         48-bit block numbers can address; use a smaller backing device"
+    )]
+    BackingTooLarge { backing_size: u64, max: u64 },
+    #[error(
         "cache device of {cache_size} bytes is too small: it needs at least {needed} bytes \
          (superblock region and two segments); use a larger device or a smaller segment size"
     )]
@@ -28,6 +33,12 @@ pub enum FormatError {
     )]
     NewerVersion { found: u32, supported: u32 },
     #[error(
+        "format version {found} is older than this build's ({supported}); write the cache \
+         back with the release that formatted it (drop_caches, then detach), then reopen \
+         with format=true"
+    )]
+    OlderVersion { found: u32, supported: u32 },
+    #[error(
         "block size mismatch: the cache was formatted with {block}-byte blocks and \
          {sector}-byte sectors; this build uses 4096/512"
     )]
@@ -39,6 +50,8 @@ pub enum FormatError {
     CacheShrunk { formatted: u64, now: u64 },
     #[error("metablock {index} of a log points outside the backing device or has bad flags")]
     BadMetablock { index: u32 },
+    #[error("data block {index} of a log does not match its checksum")]
+    BadBlock { index: u32 },
     #[error(
         "pmem pool of {len} bytes is too small: it needs at least {needed} bytes \
          (header and two segment slots)"
@@ -75,6 +88,14 @@ pub enum OpenError {
          cache device's first 12 KiB from a copy, or reopen with format=true to discard the cache"
     )]
     NoRecord,
+    #[error(
+        "log {first_bad} on the cache device is damaged or missing, yet log {claimed} or a \
+         later record says it was durable: the device lost or corrupted acknowledged data. \
+         Nothing was replayed or written. Copy the cache device for analysis, then reopen with \
+         salvage=true to keep every intact log (blocks of the damaged ones read as their older \
+         contents), or with format=true to discard the cache"
+    )]
+    Corrupt { first_bad: u64, claimed: u64 },
     #[error("the cache device failed during start-up ({op}); check the device and retry")]
     Device { op: &'static str },
     #[error("pmem pool: {0}")]

@@ -4,18 +4,16 @@
 //! before it is used, so a corrupted or hostile device yields an error, not a
 //! panic or an out-of-range access.
 
-use std::sync::LazyLock;
-
 use crate::error::FormatError;
-use crate::geometry::{
-    BLOCK_SIZE, Geometry, METABLOCK_SIZE, SECTOR_SIZE, SECTORS_PER_BLOCK, SEGMENT_HEADER_FIXED,
-};
+use crate::geometry::{BLOCK_SIZE, Geometry, METABLOCK_SIZE, SECTOR_SIZE, SEGMENT_HEADER_FIXED};
 
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"WBOOSTSB";
 pub const RECORD_MAGIC: [u8; 8] = *b"WBOOSTRC";
 pub const SEGMENT_MAGIC: [u8; 8] = *b"WBOOSTSG";
-/// Format version written by this build; anything newer is refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// Format version written by this build. Newer caches are refused ("upgrade"),
+/// older ones too (version 1 logs carry no per-block checksums or durable
+/// frontier): they must be written back by the release that made them.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Byte offsets of the fixed structures in region 0.
 pub const SUPERBLOCK_OFFSET: u64 = 0;
@@ -24,8 +22,16 @@ pub const RECORD_OFFSETS: [u64; 2] = [BLOCK_SIZE, 2 * BLOCK_SIZE];
 pub const META_AREA_LEN: usize = 3 * BLOCK_SIZE as usize;
 
 const SB_CRC_AT: usize = 124;
-const RECORD_CRC_AT: usize = 72;
+const RECORD_CRC_AT: usize = 80;
 const SEG_CRC_AT: usize = 48;
+const SEG_DURABLE_AT: usize = 52;
+/// Largest backing block number a metablock can hold (48 bits).
+/// Log headers recovery reads past the last intact log to find a claim that
+/// a bad log was durable. Logs sealed before one became durable are the few
+/// in flight with it, so the first log sealed after it lies within this
+/// window, unless every log between them is damaged too.
+pub const DURABLE_LOOKAHEAD: u64 = 256;
+pub const MAX_BACKING_BLOCKS: u64 = 1 << 48;
 
 /// Metablock flag: the block was dirty (not on the backing device) when logged.
 pub const MB_FLAG_DIRTY: u8 = 1;
@@ -48,6 +54,22 @@ fn get_uuid(b: &[u8], at: usize) -> [u8; 16] {
 }
 fn put(b: &mut [u8], at: usize, v: &[u8]) {
     b[at..at + v.len()].copy_from_slice(v);
+}
+
+/// Only this build's version opens: a newer one needs a newer build, an
+/// older one the release that wrote it.
+fn check_version(found: u32) -> Result<(), FormatError> {
+    match found {
+        FORMAT_VERSION => Ok(()),
+        f if f > FORMAT_VERSION => Err(FormatError::NewerVersion {
+            found: f,
+            supported: FORMAT_VERSION,
+        }),
+        f => Err(FormatError::OlderVersion {
+            found: f,
+            supported: FORMAT_VERSION,
+        }),
+    }
 }
 
 /// Identity of the backing device a cache belongs to.
@@ -123,12 +145,7 @@ impl Superblock {
             return Err(FormatError::BadChecksum { what: "superblock" });
         }
         let version = get_u32(b, 8);
-        if version > FORMAT_VERSION {
-            return Err(FormatError::NewerVersion {
-                found: version,
-                supported: FORMAT_VERSION,
-            });
-        }
+        check_version(version)?;
         let (block, sector) = (get_u32(b, 12) as u64, get_u32(b, 16) as u64);
         if block != BLOCK_SIZE || sector != SECTOR_SIZE {
             return Err(FormatError::BlockSizeMismatch { block, sector });
@@ -187,6 +204,9 @@ pub struct SbRecord {
     pub last_writeback_id: u64,
     /// Epoch of that log: the log after it must not be older.
     pub last_writeback_epoch: u64,
+    /// Every log with an id at or below this was durable on the cache device
+    /// when the record was written (the durable frontier then).
+    pub durable_id: u64,
     /// Incarnation of the cache; bumped at every start before new logs are written.
     pub epoch: u64,
     pub cache_uuid: [u8; 16],
@@ -209,6 +229,7 @@ impl SbRecord {
         put(&mut b, 40, &self.cache_uuid);
         put(&mut b, 56, &self.flags.to_le_bytes());
         put(&mut b, 64, &self.last_writeback_epoch.to_le_bytes());
+        put(&mut b, 72, &self.durable_id.to_le_bytes());
         let crc = crc32c::crc32c(&b[..RECORD_CRC_AT]);
         put(&mut b, RECORD_CRC_AT, &crc.to_le_bytes());
         b
@@ -227,13 +248,7 @@ impl SbRecord {
                 what: "superblock record",
             });
         }
-        let version = get_u32(b, 8);
-        if version > FORMAT_VERSION {
-            return Err(FormatError::NewerVersion {
-                found: version,
-                supported: FORMAT_VERSION,
-            });
-        }
+        check_version(get_u32(b, 8))?;
         let r = Self {
             seq: get_u64(b, 16),
             last_writeback_id: get_u64(b, 24),
@@ -241,8 +256,12 @@ impl SbRecord {
             cache_uuid: get_uuid(b, 40),
             flags: get_u32(b, 56),
             last_writeback_epoch: get_u64(b, 64),
+            durable_id: get_u64(b, 72),
         };
-        if &r.cache_uuid != cache_uuid || r.flags & !RECORD_FLAG_PMEM != 0 {
+        if &r.cache_uuid != cache_uuid
+            || r.flags & !RECORD_FLAG_PMEM != 0
+            || r.durable_id < r.last_writeback_id
+        {
             return Err(FormatError::BadChecksum {
                 what: "superblock record (other cache)",
             });
@@ -259,12 +278,14 @@ impl SbRecord {
 /// One data block's description in a segment header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Metablock {
-    /// Backing device block number (4 KiB units); stored on disk as a sector.
+    /// Backing device block number (4 KiB units).
     pub block: u64,
     /// Sectors of the block that the log holds.
     pub valid: u8,
     /// The block was dirty when logged (recovery replays only dirty blocks).
     pub dirty: bool,
+    /// CRC-32C of the block's 4 KiB in the log.
+    pub crc: u32,
 }
 
 /// Parsed fixed part of a segment header.
@@ -273,18 +294,21 @@ pub struct SegmentHeader {
     pub id: u64,
     pub epoch: u64,
     pub nr_valid: u32,
+    /// Every log with an id at or below this was durable when this one was
+    /// sealed: a bad log at or below it is corruption, not a torn tail.
+    pub durable_id: u64,
     pub checksum: u32,
 }
 
-/// Writes a segment header into `hdr` (the first `geo.header_len()` bytes of a
-/// segment buffer) and the checksum over the header and the data blocks whose
-/// own CRC-32Cs are `block_crcs` (one per metablock, in order).
+/// Writes a segment header into `hdr` (the first `geo.header_len()` bytes of
+/// a segment buffer). Each metablock carries its block's CRC-32C, and the
+/// header's checksum covers the header, so it covers the data through them.
 pub fn encode_segment_header(
     hdr: &mut [u8],
-    block_crcs: &[u32],
     geo: &Geometry,
     id: u64,
     epoch: u64,
+    durable_id: u64,
     cache_uuid: &[u8; 16],
     blocks: &[Metablock],
 ) {
@@ -296,57 +320,30 @@ pub fn encode_segment_header(
     put(hdr, 16, &id.to_le_bytes());
     put(hdr, 24, &epoch.to_le_bytes());
     put(hdr, 32, cache_uuid);
+    put(hdr, SEG_DURABLE_AT, &durable_id.to_le_bytes());
     for (i, mb) in blocks.iter().enumerate() {
         let at = SEGMENT_HEADER_FIXED + i * METABLOCK_SIZE;
-        put(hdr, at, &(mb.block * SECTORS_PER_BLOCK).to_le_bytes());
-        hdr[at + 8] = mb.valid;
-        hdr[at + 9] = if mb.dirty { MB_FLAG_DIRTY } else { 0 };
+        debug_assert!(mb.block < MAX_BACKING_BLOCKS);
+        put(hdr, at, &mb.block.to_le_bytes()[..6]);
+        hdr[at + 6] = mb.valid;
+        hdr[at + 7] = if mb.dirty { MB_FLAG_DIRTY } else { 0 };
+        put(hdr, at + 8, &mb.crc.to_le_bytes());
     }
-    let crc = block_crcs
-        .iter()
-        .fold(crc32c::crc32c(hdr), |crc, &b| crc_append_block(crc, b));
+    let crc = crc32c::crc32c(&hdr[..geo.header_len()]);
     put(hdr, SEG_CRC_AT, &crc.to_le_bytes());
 }
 
-/// Carrying a CRC-32C over one 4 KiB block of zeros, tabulated per input byte:
-/// the map is linear, so four lookups replace a pass over the block.
-struct BlockShift([[u32; 256]; 4]);
-
-static BLOCK_SHIFT: LazyLock<BlockShift> = LazyLock::new(|| {
-    let basis: [u32; 32] =
-        std::array::from_fn(|bit| crc32c::crc32c_combine(1 << bit, 0, BLOCK_SIZE as usize));
-    BlockShift(std::array::from_fn(|byte| {
-        std::array::from_fn(|v| {
-            (0..8)
-                .filter(|j| v >> j & 1 == 1)
-                .fold(0, |acc, j| acc ^ basis[byte * 8 + j])
-        })
-    }))
-});
-
-/// The CRC-32C of some bytes followed by a 4 KiB block, from the CRC-32C of
-/// the bytes (`crc`) and that of the block alone (`block_crc`):
-/// crc(A ‖ B) = shift(crc(A)) XOR crc(B). A log's blocks already checksummed
-/// one by one (mode 1 does, to publish them) are not read again to seal it.
-pub fn crc_append_block(crc: u32, block_crc: u32) -> u32 {
-    let t = &BLOCK_SHIFT.0;
-    let b = crc.to_le_bytes();
-    t[0][b[0] as usize]
-        ^ t[1][b[1] as usize]
-        ^ t[2][b[2] as usize]
-        ^ t[3][b[3] as usize]
-        ^ block_crc
-}
-
-/// Parses the fixed part of a segment header and checks that it belongs to
-/// this cache and that its fields are within the geometry. The data checksum
-/// is checked separately by [`verify_segment`].
-pub fn parse_segment_header(
+/// Parses and checks a segment header: it belongs to this cache, its
+/// checksum matches and every field is within the geometry. Returns the
+/// header and its metablocks; the data blocks are checked against them by
+/// [`verify_blocks`].
+pub fn verify_segment_header(
     hdr: &[u8],
     geo: &Geometry,
     cache_uuid: &[u8; 16],
-) -> Result<SegmentHeader, FormatError> {
-    if hdr.len() < geo.header_len() {
+) -> Result<(SegmentHeader, Vec<Metablock>), FormatError> {
+    let hl = geo.header_len();
+    if hdr.len() < hl {
         return Err(FormatError::Truncated {
             what: "segment header",
         });
@@ -354,25 +351,56 @@ pub fn parse_segment_header(
     if hdr[..8] != SEGMENT_MAGIC || &get_uuid(hdr, 32) != cache_uuid {
         return Err(FormatError::NotALog);
     }
-    let version = get_u16(hdr, 8) as u32;
-    if version > FORMAT_VERSION {
-        return Err(FormatError::NewerVersion {
-            found: version,
-            supported: FORMAT_VERSION,
-        });
+    let checksum = get_u32(hdr, SEG_CRC_AT);
+    let mut crc = crc32c::crc32c(&hdr[..SEG_CRC_AT]);
+    crc = crc32c::crc32c_append(crc, &[0u8; 4]);
+    crc = crc32c::crc32c_append(crc, &hdr[SEG_CRC_AT + 4..hl]);
+    if crc != checksum {
+        return Err(FormatError::BadChecksum { what: "log header" });
     }
+    check_version(get_u16(hdr, 8) as u32)?;
     let nr_valid = get_u16(hdr, 12) as u32;
-    if get_u16(hdr, 10) as u32 != geo.header_blocks || nr_valid == 0 || nr_valid > geo.data_blocks {
+    // An empty log (nr_valid 0) is a salvage's tombstone.
+    if get_u16(hdr, 10) as u32 != geo.header_blocks || nr_valid > geo.data_blocks {
         return Err(FormatError::BadChecksum {
             what: "segment header fields",
         });
     }
-    Ok(SegmentHeader {
+    let h = SegmentHeader {
         id: get_u64(hdr, 16),
         epoch: get_u64(hdr, 24),
         nr_valid,
-        checksum: get_u32(hdr, SEG_CRC_AT),
-    })
+        durable_id: get_u64(hdr, SEG_DURABLE_AT),
+        checksum,
+    };
+    if h.durable_id >= h.id {
+        // A log is sealed before it can be durable.
+        return Err(FormatError::BadChecksum {
+            what: "segment header durable frontier",
+        });
+    }
+    let blocks = parse_metablocks(hdr, geo, nr_valid)?;
+    Ok((h, blocks))
+}
+
+/// Checks each data block of a log (`data` starts with the first one)
+/// against its metablock's CRC-32C; returns the index of the first mismatch.
+pub fn verify_blocks(data: &[u8], blocks: &[Metablock]) -> Result<(), FormatError> {
+    if data.len() < blocks.len() * BLOCK_SIZE as usize {
+        return Err(FormatError::Truncated {
+            what: "segment data",
+        });
+    }
+    for (i, (mb, d)) in blocks
+        .iter()
+        .zip(data.chunks(BLOCK_SIZE as usize))
+        .enumerate()
+    {
+        if crc32c::crc32c(d) != mb.crc {
+            return Err(FormatError::BadBlock { index: i as u32 });
+        }
+    }
+    Ok(())
 }
 
 /// Verifies a whole log (`seg` starts with the header and holds at least the
@@ -382,27 +410,13 @@ pub fn verify_segment(
     geo: &Geometry,
     cache_uuid: &[u8; 16],
 ) -> Result<(SegmentHeader, Vec<Metablock>), FormatError> {
-    let h = parse_segment_header(seg, geo, cache_uuid)?;
-    let hl = geo.header_len();
-    let data_len = h.nr_valid as usize * BLOCK_SIZE as usize;
-    if seg.len() < hl + data_len {
-        return Err(FormatError::Truncated {
-            what: "segment data",
-        });
-    }
-    let mut crc = crc32c::crc32c(&seg[..SEG_CRC_AT]);
-    crc = crc32c::crc32c_append(crc, &[0u8; 4]);
-    crc = crc32c::crc32c_append(crc, &seg[SEG_CRC_AT + 4..hl]);
-    crc = crc32c::crc32c_append(crc, &seg[hl..hl + data_len]);
-    if crc != h.checksum {
-        return Err(FormatError::BadChecksum { what: "log" });
-    }
-    let blocks = parse_metablocks(seg, geo, h.nr_valid)?;
+    let (h, blocks) = verify_segment_header(seg, geo, cache_uuid)?;
+    verify_blocks(&seg[geo.header_len()..], &blocks)?;
     Ok((h, blocks))
 }
 
 /// The first `nr` metablocks of a segment header, each range-checked (the
-/// log's checksum is not verified here).
+/// header's checksum is not verified here).
 pub fn parse_metablocks(
     seg: &[u8],
     geo: &Geometry,
@@ -416,21 +430,18 @@ pub fn parse_metablocks(
     let mut blocks = Vec::with_capacity(nr as usize);
     for i in 0..nr as usize {
         let at = SEGMENT_HEADER_FIXED + i * METABLOCK_SIZE;
-        let sector = get_u64(seg, at);
-        let (valid, flags) = (seg[at + 8], seg[at + 9]);
-        let block = sector / SECTORS_PER_BLOCK;
-        if !sector.is_multiple_of(SECTORS_PER_BLOCK)
-            || block >= geo.backing_blocks()
-            || valid == 0
-            || flags & !MB_FLAG_DIRTY != 0
-            || get_u16(seg, at + 10) != 0
-        {
+        let mut b = [0u8; 8];
+        b[..6].copy_from_slice(&seg[at..at + 6]);
+        let block = u64::from_le_bytes(b);
+        let (valid, flags) = (seg[at + 6], seg[at + 7]);
+        if block >= geo.backing_blocks() || valid == 0 || flags & !MB_FLAG_DIRTY != 0 {
             return Err(FormatError::BadMetablock { index: i as u32 });
         }
         blocks.push(Metablock {
             block,
             valid,
             dirty: flags & MB_FLAG_DIRTY != 0,
+            crc: get_u32(seg, at + 8),
         });
     }
     Ok(blocks)
@@ -445,37 +456,6 @@ mod tests {
         Geometry::new(DEFAULT_SEGMENT_SIZE, 16 << 20, 1 << 30).unwrap()
     }
     const UUID: [u8; 16] = [7; 16];
-
-    fn block_crcs(data: &[u8]) -> Vec<u32> {
-        data.chunks(BLOCK_SIZE as usize)
-            .map(crc32c::crc32c)
-            .collect()
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn appending_block_crcs_equals_checksumming_the_bytes(
-            head in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
-            seed in proptest::num::u64::ANY,
-            nblocks in 1usize..4,
-        ) {
-            // Seeded filler: blocks that differ from each other and from zero.
-            let mut x = seed | 1;
-            let blocks: Vec<u8> = (0..nblocks * BLOCK_SIZE as usize)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
-            let chained = block_crcs(&blocks)
-                .into_iter()
-                .fold(crc32c::crc32c(&head), crc_append_block);
-            let direct = crc32c::crc32c_append(crc32c::crc32c(&head), &blocks);
-            proptest::prop_assert_eq!(chained, direct);
-        }
-    }
 
     #[test]
     fn superblock_round_trips_and_detects_damage() {
@@ -534,6 +514,7 @@ mod tests {
             seq: 5,
             last_writeback_id: 3,
             last_writeback_epoch: 1,
+            durable_id: 4,
             epoch: 2,
             cache_uuid: UUID,
             flags: RECORD_FLAG_PMEM,
@@ -544,6 +525,18 @@ mod tests {
         assert_eq!(r.offset(), RECORD_OFFSETS[1]);
     }
 
+    fn metablocks(data: &[u8], spec: &[(u64, u8, bool)]) -> Vec<Metablock> {
+        spec.iter()
+            .zip(data.chunks(BLOCK_SIZE as usize))
+            .map(|(&(block, valid, dirty), d)| Metablock {
+                block,
+                valid,
+                dirty,
+                crc: crc32c::crc32c(d),
+            })
+            .collect()
+    }
+
     #[test]
     fn segment_round_trips_and_any_torn_byte_is_caught() {
         let g = geo();
@@ -552,24 +545,12 @@ mod tests {
         for (i, x) in seg[hl..hl + 2 * 4096].iter_mut().enumerate() {
             *x = (i % 251) as u8;
         }
-        let mbs = [
-            Metablock {
-                block: 10,
-                valid: 0xff,
-                dirty: true,
-            },
-            Metablock {
-                block: 3,
-                valid: 0x0f,
-                dirty: false,
-            },
-        ];
-        let (hdr, data) = seg.split_at_mut(hl);
-        encode_segment_header(hdr, &block_crcs(&data[..2 * 4096]), &g, 42, 3, &UUID, &mbs);
+        let mbs = metablocks(&seg[hl..], &[(10, 0xff, true), (3, 0x0f, false)]);
+        encode_segment_header(&mut seg[..hl], &g, 42, 3, 40, &UUID, &mbs);
         let (h, got) = verify_segment(&seg, &g, &UUID).unwrap();
-        assert_eq!((h.id, h.epoch, h.nr_valid), (42, 3, 2));
+        assert_eq!((h.id, h.epoch, h.nr_valid, h.durable_id), (42, 3, 2, 40));
         assert_eq!(got, mbs);
-        for at in [0, 20, 70, hl + 5, hl + 8191] {
+        for at in [0, 20, 55, 70, 4000, hl + 5, hl + 8191] {
             let mut torn = seg.clone();
             torn[at] ^= 0x40;
             assert!(
@@ -577,9 +558,56 @@ mod tests {
                 "flip at {at} undetected"
             );
         }
+        // A data block that does not match its metablock leaves the header good.
+        let mut rotted = seg.clone();
+        rotted[hl + 4096 + 7] ^= 1;
+        assert!(verify_segment_header(&rotted, &g, &UUID).is_ok());
+        assert_eq!(
+            verify_segment(&rotted, &g, &UUID),
+            Err(FormatError::BadBlock { index: 1 })
+        );
         // Bytes past the valid data are not part of the log.
         seg[hl + 3 * 4096] ^= 1;
         assert!(verify_segment(&seg, &g, &UUID).is_ok());
+    }
+
+    #[test]
+    fn a_log_cannot_claim_itself_durable() {
+        let g = geo();
+        let mut seg = vec![0u8; g.segment_size as usize];
+        let hl = g.header_len();
+        let mbs = metablocks(&seg[hl..], &[(1, 0xff, true)]);
+        encode_segment_header(&mut seg[..hl], &g, 7, 1, 7, &UUID, &mbs);
+        assert!(verify_segment(&seg, &g, &UUID).is_err());
+    }
+
+    #[test]
+    fn older_and_newer_versions_are_refused_with_what_to_do() {
+        let g = geo();
+        let sb = Superblock::new(
+            &g,
+            UUID,
+            BackingIdentity {
+                uuid: [1; 16],
+                size: 1 << 30,
+            },
+            16 << 20,
+        );
+        for (v, older) in [(1u32, true), (3, false)] {
+            let mut b = sb.encode();
+            b[8..12].copy_from_slice(&v.to_le_bytes());
+            let crc = crc32c::crc32c(&b[..SB_CRC_AT]);
+            b[SB_CRC_AT..SB_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+            let e = Superblock::parse(&b, 16 << 20).unwrap_err();
+            assert_eq!(
+                matches!(e, FormatError::OlderVersion { found: 1, .. }),
+                older
+            );
+            assert_eq!(
+                matches!(e, FormatError::NewerVersion { found: 3, .. }),
+                !older
+            );
+        }
     }
 
     #[test]
@@ -587,13 +615,8 @@ mod tests {
         let g = Geometry::new(DEFAULT_SEGMENT_SIZE, 16 << 20, 1 << 20).unwrap();
         let mut seg = vec![0u8; g.segment_size as usize];
         let hl = g.header_len();
-        let (hdr, data) = seg.split_at_mut(hl);
-        let mbs = [Metablock {
-            block: 1 << 40,
-            valid: 0xff,
-            dirty: true,
-        }];
-        encode_segment_header(hdr, &block_crcs(&data[..4096]), &g, 1, 1, &UUID, &mbs);
+        let mbs = metablocks(&seg[hl..], &[(1 << 40, 0xff, true)]);
+        encode_segment_header(&mut seg[..hl], &g, 1, 1, 0, &UUID, &mbs);
         assert!(matches!(
             verify_segment(&seg, &g, &UUID),
             Err(FormatError::BadMetablock { index: 0 })

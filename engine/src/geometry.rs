@@ -55,6 +55,10 @@ impl Geometry {
         if backing_size == 0 || !backing_size.is_multiple_of(SECTOR_SIZE) {
             return Err(FormatError::BadBackingSize { backing_size });
         }
+        let max = crate::format::MAX_BACKING_BLOCKS * BLOCK_SIZE;
+        if backing_size > max {
+            return Err(FormatError::BackingTooLarge { backing_size, max });
+        }
         let (header_blocks, data_blocks) = Self::split(segment_size);
         let regions = cache_size / segment_size;
         // One region for the superblock and at least two for logs: one open, one

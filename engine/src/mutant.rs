@@ -19,15 +19,19 @@ pub enum Mutant {
     /// Mode 1 stores a block's commit word before its data and entry are
     /// drained to the pool (they are drained only by a later publish).
     CommitBeforeDrain,
+    /// Recovery takes a damaged log below the durable frontier for a torn
+    /// tail and silently drops the acknowledged logs after it.
+    NoDurableFrontierCheck,
 }
 
 impl Mutant {
     /// Every planted bug.
-    pub const ALL: [Mutant; 4] = [
+    pub const ALL: [Mutant; 5] = [
         Mutant::NoEpochCheck,
         Mutant::DurableBeforeFlush,
         Mutant::WritebackWithoutBackingFlush,
         Mutant::CommitBeforeDrain,
+        Mutant::NoDurableFrontierCheck,
     ];
 
     pub fn name(self) -> &'static str {
@@ -37,6 +41,7 @@ impl Mutant {
             Mutant::DurableBeforeFlush => "durable-before-flush",
             Mutant::WritebackWithoutBackingFlush => "writeback-without-backing-flush",
             Mutant::CommitBeforeDrain => "commit-before-drain",
+            Mutant::NoDurableFrontierCheck => "no-durable-frontier-check",
         }
     }
 

@@ -35,6 +35,9 @@ pub struct Stats {
     pub writeback_errors: u64,
     /// Superblock records written.
     pub sb_record_writes: u64,
+    /// Damaged logs below the durable frontier that a salvage start-up
+    /// skipped (their blocks read as older contents).
+    pub salvaged_logs_skipped: u64,
 }
 
 impl Stats {

@@ -2,7 +2,9 @@
 //! without panicking, whatever geometry the cache has.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use writeboost_engine::format::{parse_metablocks, parse_segment_header, verify_segment};
+use writeboost_engine::format::{
+    parse_metablocks, verify_blocks, verify_segment, verify_segment_header,
+};
 use writeboost_engine::geometry::Geometry;
 
 fuzz_target!(|data: &[u8]| {
@@ -15,7 +17,9 @@ fuzz_target!(|data: &[u8]| {
     let Ok(geo) = Geometry::new(seg, seg * 4, backing) else { return };
     let uuid = [data[3]; 16];
     let body = &data[4..];
-    let _ = parse_segment_header(body, &geo, &uuid);
-    let _ = parse_metablocks(body, &geo, data[0] as u32);
+    let _ = verify_segment_header(body, &geo, &uuid);
+    if let Ok(mbs) = parse_metablocks(body, &geo, data[0] as u32) {
+        let _ = verify_blocks(body, &mbs);
+    }
     let _ = verify_segment(body, &geo, &uuid);
 });

@@ -86,6 +86,11 @@ struct Cli {
     /// including dirty data not yet written back).
     #[arg(long, conflicts_with = "config")]
     format: bool,
+    /// Open a cache whose device lost or corrupted logs it had made durable:
+    /// keep every intact log, and let the damaged ones' blocks read as their
+    /// older contents (without it, such a cache is refused).
+    #[arg(long, conflicts_with_all = ["config", "format"])]
+    salvage: bool,
     /// How device I/O is done: io_uring (falls back to threads where unavailable) or threads.
     #[arg(long, value_enum, default_value = "uring")]
     io_backend: IoBackendKind,
@@ -213,6 +218,9 @@ fn default_config(cli: &Cli, tunables: &Tunables) -> Result<Vec<Call>, String> {
     });
     if cli.format {
         wb["format"] = json!(true);
+    }
+    if cli.salvage {
+        wb["salvage"] = json!(true);
     }
     let defaults = Tunables::default().values();
     for ((name, v), (_, d)) in tunables.values().into_iter().zip(defaults) {

@@ -179,6 +179,9 @@ pub struct CreateRequest {
     pub pmem_path: Option<String>,
     /// Reformat even if the cache bdev holds a valid cache.
     pub format: bool,
+    /// Open past logs found damaged below the durable frontier (their
+    /// blocks read as older contents) instead of refusing.
+    pub salvage: bool,
     /// Segment size if the cache is formatted now.
     pub segment_size_kib: Option<u32>,
     /// Defaults with the given tunables applied.
@@ -215,6 +218,7 @@ impl CreateRequest {
         params.cache_block_size = cache.block_size;
         params.backing_block_size = backing.block_size;
         params.format = self.format;
+        params.salvage = self.salvage;
         params.mode = self.mode;
         params.tunables = self.tunables;
         if let Some(kib) = self.segment_size_kib {
@@ -224,8 +228,8 @@ impl CreateRequest {
     }
 
     /// The parameters that recreate this device as it is now, for
-    /// `save_config`. `format` is never emitted: replaying a saved
-    /// configuration must not wipe the cache. `wait_for_bdevs` is: the
+    /// `save_config`. `format` and `salvage` are never emitted: replaying
+    /// a saved configuration must not wipe the cache or pass over damage. `wait_for_bdevs` is: the
     /// base bdevs' entries may come later in the file.
     pub fn config_params(&self, tunables: &Tunables) -> Value {
         let mut p = json!({
@@ -270,6 +274,7 @@ pub fn parse_create(params: Option<&Value>) -> Result<CreateRequest, RpcError> {
     };
     let pmem_path = p.string("pmem_path")?;
     let format = p.boolean("format")?.unwrap_or(false);
+    let salvage = p.boolean("salvage")?.unwrap_or(false);
     let wait_for_bdevs = p.boolean("wait_for_bdevs")?.unwrap_or(false);
     let segment_size_kib = p
         .uint(
@@ -298,6 +303,12 @@ pub fn parse_create(params: Option<&Value>) -> Result<CreateRequest, RpcError> {
             "{METHOD}: name '{name}' is also a base bdev; pick another name"
         )));
     }
+    if format && salvage {
+        return Err(RpcError::invalid_params(format!(
+            "{METHOD}: format and salvage exclude each other: format discards the cache, \
+             salvage recovers it; give one"
+        )));
+    }
     if mode == BufferMode::Persistent && pmem_path.is_none() {
         return Err(RpcError::invalid_params(format!(
             "{METHOD}: mode 1 (pmem buffer) needs pmem_path, the pmem pool file or device"
@@ -317,6 +328,7 @@ pub fn parse_create(params: Option<&Value>) -> Result<CreateRequest, RpcError> {
         mode,
         pmem_path,
         format,
+        salvage,
         segment_size_kib,
         tunables,
         wait_for_bdevs,
@@ -388,6 +400,10 @@ pub fn parse_optional_name(
 
 #[cfg(test)]
 mod tests {
+    const GEO: BaseGeometry = BaseGeometry {
+        size: 1 << 30,
+        block_size: 512,
+    };
     use super::*;
     use crate::code;
 
@@ -456,6 +472,11 @@ mod tests {
                 json!({"name": "w", "backing_bdev": "B", "cache_bdev": "C", "format": "yes"}),
                 "'format' must be true or false",
             ),
+            (
+                json!({"name": "w", "backing_bdev": "B", "cache_bdev": "C", "format": true,
+                    "salvage": true}),
+                "exclude each other",
+            ),
             (json!(["w"]), "must be a JSON object, not an array"),
         ];
         for (v, want) in cases {
@@ -478,6 +499,18 @@ mod tests {
         let again = create(saved).unwrap();
         // Replaying never formats, and waits for base bdevs listed later.
         r.format = false;
+        r.wait_for_bdevs = true;
+        assert_eq!(again, r);
+        let mut r = create(
+            json!({"name": "wb0", "backing_bdev": "B", "cache_bdev": "C",
+            "salvage": true}),
+        )
+        .unwrap();
+        assert!(r.salvage && r.open_params(GEO, GEO, [1; 16], [2; 16]).salvage);
+        let saved = r.config_params(&r.tunables);
+        assert!(saved.get("salvage").is_none());
+        let again = create(saved).unwrap();
+        r.salvage = false;
         r.wait_for_bdevs = true;
         assert_eq!(again, r);
     }

@@ -10,13 +10,17 @@ use writeboost_engine::config::TUNABLE_RANGES;
 use writeboost_engine::driver::UserOp;
 use writeboost_engine::geometry::Geometry;
 use writeboost_engine::pmem::PoolLayout;
-use writeboost_engine::{BackingIdentity, OpenParams, ReqId, Tunables};
+use writeboost_engine::{BackingIdentity, OpenError, OpenParams, ReqId, Tunables};
 
 use crate::content::{self, SECTOR, Version};
+use crate::corrupt::{self, Injected};
 use crate::device::{CrashOutcome, SimDevice};
 use crate::harness::{Harness, Latency};
 use crate::pmem::SimPmem;
 use writeboost_engine::mutant::Mutant;
+
+/// Share of crashes that also damage a durable log, unless told otherwise.
+pub const DEFAULT_CORRUPTION_RATE: f64 = 0.1;
 
 /// Options of one simulation run.
 #[derive(Clone, Debug)]
@@ -36,6 +40,8 @@ pub struct SimOptions {
     pub mode: ModeChoice,
     /// A bug planted in every engine of the run (none normally).
     pub mutant: Mutant,
+    /// Probability that a crash also damages one durable log at rest.
+    pub corruption_rate: f64,
 }
 
 /// Buffer modes a simulation uses.
@@ -69,6 +75,12 @@ pub struct Outcome {
     pub logs: u64,
     /// Crashes by outcome: torn sectors, whole writes, newest first.
     pub crash_outcomes: [u64; 3],
+    /// Durable logs damaged at rest, by fault (bit rot, misdirected, lost write).
+    pub corruptions: [u64; 3],
+    /// Damage that recovery reported as corruption (then salvaged).
+    pub corruption_detected: u64,
+    /// Damage that recovery took for a torn tail: it opened, dropping logs.
+    pub silent_truncations: u64,
 }
 
 impl Outcome {
@@ -84,10 +96,18 @@ impl Outcome {
         for (a, b) in self.crash_outcomes.iter_mut().zip(o.crash_outcomes) {
             *a += b;
         }
+        for (a, b) in self.corruptions.iter_mut().zip(o.corruptions) {
+            *a += b;
+        }
+        self.corruption_detected += o.corruption_detected;
+        self.silent_truncations += o.silent_truncations;
     }
 
     pub fn clean(&self) -> bool {
-        self.acknowledged_lost == 0 && self.corrupt_reads == 0 && self.stuck == 0
+        self.acknowledged_lost == 0
+            && self.corrupt_reads == 0
+            && self.stuck == 0
+            && self.silent_truncations == 0
     }
 }
 
@@ -253,12 +273,30 @@ impl Run {
         backing: SimDevice,
         pool: Option<SimPmem>,
     ) -> Option<Harness> {
+        match self.open(cache, backing, pool, false) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                self.out.stuck += 1;
+                None
+            }
+        }
+    }
+
+    /// Opens an engine over these devices; `Err(None)` if it never answered.
+    fn open(
+        &mut self,
+        cache: SimDevice,
+        backing: SimDevice,
+        pool: Option<SimPmem>,
+        salvage: bool,
+    ) -> Result<Harness, Option<OpenError>> {
         self.persistent = match self.mode {
             ModeChoice::Pmem => true,
             ModeChoice::Mixed => self.rng.random_bool(0.5),
             _ => false,
         };
         let mut params = self.params.clone();
+        params.salvage = salvage;
         params.mode = if self.persistent {
             BufferMode::Persistent
         } else {
@@ -273,13 +311,20 @@ impl Run {
         let persistent = self.persistent;
         self.note(|| format!("(re)open in mode {}", persistent as u8));
         h.error_rate = self.opts.error_rate;
-        if !h.wait_open() || h.opened.as_ref().is_some_and(|r| r.is_err()) {
-            let why = format!("{:?}", h.opened);
-            self.note(|| format!("reopen failed: {why}"));
-            self.out.stuck += 1;
-            return None;
+        if !h.wait_open() {
+            self.note(|| "reopen never completed".into());
+            return Err(None);
         }
-        Some(h)
+        match h.opened.take() {
+            Some(Err(e)) => {
+                self.note(|| format!("reopen failed: {e}"));
+                Err(Some(e))
+            }
+            r => {
+                h.opened = r;
+                Ok(h)
+            }
+        }
     }
 
     fn go(&mut self, cache_size: u64, backing_size: u64) {
@@ -630,17 +675,80 @@ impl Run {
         let outcome = CrashOutcome::pick(&mut self.rng);
         // ALL lists the outcomes in declaration order.
         self.out.crash_outcomes[outcome as usize] += 1;
-        let images = h.crash_as(outcome, &mut self.rng);
+        let (mut cache, backing) = h.crash_as(outcome, &mut self.rng);
         self.pending.clear();
         self.acked_unflushed.clear();
         self.flushes.clear();
-        let mut h = self.harness(
-            SimDevice::from_image(images.0),
-            SimDevice::from_image(images.1),
-            pool,
-        )?;
+        let damage =
+            self.opts.corruption_rate > 0.0 && self.rng.random_bool(self.opts.corruption_rate);
+        let injected = if damage {
+            corrupt::inject(&mut cache, self.params.cache_size, &mut self.rng)
+        } else {
+            None
+        };
+        let mut h = match injected {
+            None => self.harness(
+                SimDevice::from_image(cache),
+                SimDevice::from_image(backing),
+                pool,
+            )?,
+            Some(inj) => self.recover_damaged(inj, cache, backing, pool)?,
+        };
         self.verify_all(&mut h);
         Some(h)
+    }
+
+    /// Recovery over an image with one durable log damaged must refuse to
+    /// open; a salvage then opens it, and only that log's blocks may read
+    /// as older contents.
+    fn recover_damaged(
+        &mut self,
+        inj: Injected,
+        cache: Vec<u8>,
+        backing: Vec<u8>,
+        pool: Option<SimPmem>,
+    ) -> Option<Harness> {
+        self.out.corruptions[inj.fault as usize] += 1;
+        self.note(|| format!("{} in durable log {}", inj.fault.name(), inj.log));
+        let pool_image = pool.map(|p| p.crash(&mut self.rng));
+        let pool = || pool_image.clone().map(SimPmem::from_image);
+        let first = self.open(
+            SimDevice::from_image(cache.clone()),
+            SimDevice::from_image(backing.clone()),
+            pool(),
+            false,
+        );
+        match first {
+            Ok(h) => {
+                // Opened as if the damage were a torn tail: whatever it
+                // dropped is counted as lost by the read-back.
+                self.out.silent_truncations += 1;
+                return Some(h);
+            }
+            Err(Some(OpenError::Corrupt { .. })) => self.out.corruption_detected += 1,
+            Err(_) => {
+                self.out.stuck += 1;
+                return None;
+            }
+        }
+        let nsec = self.sectors.len() as u64;
+        for b in inj.blocks {
+            for s in b * 8..(b * 8 + 8).min(nsec) {
+                self.sectors[s as usize].wild_since = Some(0);
+            }
+        }
+        match self.open(
+            SimDevice::from_image(cache),
+            SimDevice::from_image(backing),
+            pool(),
+            true,
+        ) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                self.out.stuck += 1;
+                None
+            }
+        }
     }
 
     /// Reads the whole device through the engine and checks every sector

@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod content;
+pub mod corrupt;
 pub mod device;
 pub mod harness;
 pub mod pmem;

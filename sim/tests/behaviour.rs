@@ -76,6 +76,16 @@ fn restart(mut h: Harness, p: OpenParams) -> Harness {
     open(p, SimDevice::from_image(c), SimDevice::from_image(b))
 }
 
+/// Bytes a recovery may read: region 0, `logs` whole logs, and the headers
+/// it looks at past the chain's end for a claim that a bad log was durable.
+fn replay_read_budget(h: &Harness, logs: u64) -> u64 {
+    use writeboost_engine::format::{DURABLE_LOOKAHEAD, META_AREA_LEN};
+    let geo = h.engine().geometry();
+    META_AREA_LEN as u64
+        + logs * geo.segment_size
+        + DURABLE_LOOKAHEAD.min(geo.nr_segments) * geo.header_len() as u64
+}
+
 /// Power loss now: only what is durable survives (plus random volatile bits).
 fn power_loss(h: Harness, p: OpenParams) -> Harness {
     let (c, b) = h.crash(&mut ChaCha8Rng::seed_from_u64(1));
@@ -285,9 +295,9 @@ fn drop_caches_writes_everything_back_with_falling_dirty_count() {
     let h2 = power_loss(h, p);
     assert_eq!(h2.opened, Some(Ok(())));
     // Region 0, plus the read-ahead (4 logs) that finds no log after the
-    // recorded frontier.
+    // recorded frontier, plus the headers past it.
     assert!(
-        h2.engine().stats().cache_read_cmds <= 1 + 4,
+        h2.engine().stats().cache_read_bytes <= replay_read_budget(&h2, 4),
         "{:?}",
         h2.engine().stats()
     );
@@ -338,12 +348,11 @@ fn recovery_reads_only_what_is_dirty() {
     }
     let mut h2 = power_loss(h, p);
     assert_eq!(h2.opened, Some(Ok(())));
-    // Region 0 plus the logs after the recorded writeback frontier.
-    let replay_reads = h2.engine().stats().cache_read_cmds - 1;
-    // Ten logs hold the dirty blocks; four more are read ahead.
+    // Ten logs hold the dirty blocks; four more are read ahead whole.
+    let read = h2.engine().stats().cache_read_bytes;
     assert!(
-        replay_reads <= 10 + 4,
-        "replay read {replay_reads} logs for 10 dirty ones"
+        read <= replay_read_budget(&h2, 10 + 4),
+        "replay read {read} bytes for 10 dirty logs"
     );
     for i in 0..10u64 {
         assert_eq!(
@@ -731,11 +740,8 @@ fn a_log_claiming_a_later_epoch_than_the_record_ends_the_chain() {
     let (hdr, mbs) = verify_segment(seg, &geo, &UUID).expect("the second log is intact");
     assert_eq!(hdr.epoch, epoch);
     let hl = geo.header_len();
-    let crcs: Vec<u32> = (0..mbs.len())
-        .map(|i| crc32c(&seg[hl + i * 4096..hl + (i + 1) * 4096]))
-        .collect();
     let (head, _) = seg.split_at_mut(hl);
-    encode_segment_header(head, &crcs, &geo, hdr.id, epoch + 5, &UUID, &mbs);
+    encode_segment_header(head, &geo, hdr.id, epoch + 5, hdr.durable_id, &UUID, &mbs);
     assert!(
         verify_segment(seg, &geo, &UUID).is_ok(),
         "a valid log but for its epoch"
@@ -821,4 +827,98 @@ fn a_cache_device_that_cannot_be_read_at_start_up_is_refused_untouched() {
         h2.opened
     );
     assert_eq!(h2.cache.image(), &c[..]);
+}
+
+/// Three FUA writes, one log each; the images after a power loss and the
+/// id of the middle log.
+fn three_durable_logs(p: &OpenParams) -> (Vec<u8>, Vec<u8>, writeboost_engine::LogId) {
+    let mut h = fresh(p.clone());
+    h.write(1, 0, &pattern(1, 4096), true).unwrap();
+    let middle = writeboost_engine::LogId(h.engine().status().next_segment_id);
+    h.write(2, 4096, &pattern(2, 4096), true).unwrap();
+    h.write(3, 8192, &pattern(3, 4096), true).unwrap();
+    let (c, b) = h.crash(&mut ChaCha8Rng::seed_from_u64(1));
+    (c, b, middle)
+}
+
+#[test]
+fn a_damaged_log_below_a_later_claim_is_corruption_and_salvage_keeps_the_rest() {
+    let p = params(8 * MIB);
+    let (mut c, b, middle) = three_durable_logs(&p);
+    // Bit rot in the middle log's data block: the third log's header says
+    // the middle one was durable, so this is no torn tail.
+    let geo = Geometry::new(128 << 10, 8 * MIB, BACKING).unwrap();
+    c[geo.segment_offset(middle) as usize + geo.header_len() + 100] ^= 4;
+    let untouched = c.clone();
+    let h = open(
+        p.clone(),
+        SimDevice::from_image(c.clone()),
+        SimDevice::from_image(b.clone()),
+    );
+    match &h.opened {
+        Some(Err(OpenError::Corrupt { first_bad, claimed })) => {
+            assert_eq!(*first_bad, middle.get());
+            assert!(*claimed >= middle.get());
+        }
+        other => panic!("expected a corruption error, got {other:?}"),
+    }
+    assert_eq!(h.cache.image(), &untouched[..], "nothing written");
+    // A salvage keeps the logs around the damaged one; its block reads as
+    // its older contents (the backing device's zeroes).
+    let mut s = p.clone();
+    s.salvage = true;
+    let mut h = open(s, SimDevice::from_image(c), SimDevice::from_image(b));
+    assert_eq!(h.opened, Some(Ok(())));
+    assert_eq!(h.engine().stats().salvaged_logs_skipped, 1);
+    assert_eq!(h.read(4, 0, 4096).unwrap(), pattern(1, 4096));
+    assert_eq!(h.read(5, 4096, 4096).unwrap(), vec![0; 4096]);
+    assert_eq!(h.read(6, 8192, 4096).unwrap(), pattern(3, 4096));
+    // The skipped position became an empty log: the next start, without
+    // salvage, finds the chain whole.
+    let mut h = power_loss(h, p);
+    assert_eq!(h.opened, Some(Ok(())));
+    assert_eq!(h.read(7, 8192, 4096).unwrap(), pattern(3, 4096));
+}
+
+#[test]
+fn a_lost_or_misdirected_durable_log_is_corruption() {
+    let p = params(8 * MIB);
+    let (c, b, middle) = three_durable_logs(&p);
+    let geo = Geometry::new(128 << 10, 8 * MIB, BACKING).unwrap();
+    let (at, seg) = (
+        geo.segment_offset(middle) as usize,
+        geo.segment_size as usize,
+    );
+    // Lost: the position still holds zeroes. Misdirected: it holds the
+    // next position's log.
+    let mut lost = c.clone();
+    lost[at..at + seg].fill(0);
+    let mut misdirected = c.clone();
+    misdirected.copy_within(at + seg..at + 2 * seg, at);
+    for img in [lost, misdirected] {
+        let h = open(
+            p.clone(),
+            SimDevice::from_image(img),
+            SimDevice::from_image(b.clone()),
+        );
+        assert!(
+            matches!(h.opened, Some(Err(OpenError::Corrupt { first_bad, .. })) if first_bad == middle.get()),
+            "{:?}",
+            h.opened
+        );
+    }
+}
+
+#[test]
+fn a_torn_newest_log_claimed_by_nothing_is_a_torn_tail() {
+    let p = params(8 * MIB);
+    let (mut c, b, middle) = three_durable_logs(&p);
+    let geo = Geometry::new(128 << 10, 8 * MIB, BACKING).unwrap();
+    // The newest log: no record or later header can claim it.
+    let newest = middle.next();
+    c[geo.segment_offset(newest) as usize + geo.header_len() + 7] ^= 1;
+    let mut h = open(p, SimDevice::from_image(c), SimDevice::from_image(b));
+    assert_eq!(h.opened, Some(Ok(())));
+    assert_eq!(h.read(4, 4096, 4096).unwrap(), pattern(2, 4096));
+    assert_eq!(h.engine().status().next_segment_id, newest.get());
 }

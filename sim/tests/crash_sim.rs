@@ -3,7 +3,7 @@
 //! wb-sim -- --seeds 10000`.
 
 use writeboost_engine::mutant::Mutant;
-use writeboost_sim::check::{Outcome, SimOptions, run_seed};
+use writeboost_sim::check::{DEFAULT_CORRUPTION_RATE, Outcome, SimOptions, run_seed};
 
 fn run(seeds: std::ops::Range<u64>, error_rate: f64) -> (Outcome, Vec<u64>) {
     let mut total = Outcome::default();
@@ -18,6 +18,7 @@ fn run(seeds: std::ops::Range<u64>, error_rate: f64) -> (Outcome, Vec<u64>) {
             force: Vec::new(),
             mode: Default::default(),
             mutant: Mutant::None,
+            corruption_rate: DEFAULT_CORRUPTION_RATE,
         });
         if !o.clean() {
             bad.push(seed);
@@ -30,9 +31,11 @@ fn run(seeds: std::ops::Range<u64>, error_rate: f64) -> (Outcome, Vec<u64>) {
 #[test]
 fn hundreds_of_seeds_lose_and_corrupt_nothing() {
     let (total, bad) = run(0..300, 0.002);
+    let damaged: u64 = total.corruptions.iter().sum();
     println!(
-        "wb-sim: seeds=300 crashes={} acknowledged_lost={} corrupt_reads={}",
-        total.crashes, total.acknowledged_lost, total.corrupt_reads
+        "wb-sim: seeds=300 crashes={} acknowledged_lost={} corrupt_reads={} corruptions={damaged} \
+         silent_truncations={}",
+        total.crashes, total.acknowledged_lost, total.corrupt_reads, total.silent_truncations
     );
     assert!(
         bad.is_empty(),
@@ -40,6 +43,15 @@ fn hundreds_of_seeds_lose_and_corrupt_nothing() {
     );
     assert!(total.crashes >= 800, "the run really crashed the engine");
     assert!(total.partial_logs > 0 && total.logs > total.partial_logs);
+    assert!(
+        total.corruptions.iter().all(|&n| n > 0),
+        "every fault was injected: {:?}",
+        total.corruptions
+    );
+    assert_eq!(
+        total.corruption_detected, damaged,
+        "every damaged log reported"
+    );
 }
 
 #[test]
@@ -75,6 +87,7 @@ fn pool_slots_without_committed_blocks_hide_nothing() {
             force: Vec::new(),
             mode,
             mutant: Mutant::None,
+            corruption_rate: DEFAULT_CORRUPTION_RATE,
         });
         assert!(
             o.clean(),

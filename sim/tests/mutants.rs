@@ -1,11 +1,12 @@
 //! Planted bugs the simulator must catch (engine feature `mutants`). A check
 //! that cannot fail proves nothing: each bug breaks one data-safety rule, and
-//! a bounded run must find acknowledged data lost or corrupt.
+//! a bounded run must find acknowledged data lost or corrupt, or damage
+//! taken for a torn tail.
 //!
 //! `wb-sim --mutant NAME` runs the same by hand.
 
 use writeboost_engine::mutant::Mutant;
-use writeboost_sim::check::{ModeChoice, SimOptions, run_seed};
+use writeboost_sim::check::{DEFAULT_CORRUPTION_RATE, ModeChoice, SimOptions, run_seed};
 
 /// Runs seeds from `seeds` until one fails; the seed that did.
 fn first_failing(
@@ -24,6 +25,7 @@ fn first_failing(
             force: Vec::new(),
             mode,
             mutant,
+            corruption_rate: DEFAULT_CORRUPTION_RATE,
         })
         .clean()
     })
@@ -35,7 +37,7 @@ fn every_planted_bug_is_caught() {
     let cases = [
         // Needs a stale log right after the chain's end to survive a crash
         // while the one before it is lost: whole-write crash outcomes.
-        (Mutant::NoEpochCheck, ModeChoice::Volatile, 12, 100..140),
+        (Mutant::NoEpochCheck, ModeChoice::Volatile, 12, 100..300),
         (
             Mutant::DurableBeforeFlush,
             ModeChoice::Volatile,
@@ -53,6 +55,13 @@ fn every_planted_bug_is_caught() {
             ModeChoice::Pmem,
             3,
             900_000..900_020,
+        ),
+        // Seen only when a crash also damages a durable log at rest.
+        (
+            Mutant::NoDurableFrontierCheck,
+            ModeChoice::Volatile,
+            3,
+            100..120,
         ),
     ];
     for (mutant, mode, crashes, seeds) in cases {

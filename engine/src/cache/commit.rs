@@ -71,29 +71,36 @@ impl<A: BufAlloc> Engine<A> {
     pub(super) fn seal_log(&mut self, o: OpenLog) {
         let n = o.slots.len();
         let hl = self.geo.header_len();
-        let mbs: Vec<Metablock> = o
-            .slots
-            .iter()
-            .map(|s| Metablock {
-                block: s.block,
-                valid: s.valid,
-                dirty: s.dirty,
-            })
-            .collect();
-        let (geo, epoch, uuid) = (
+        // The frontier the log claims: recovery treats a bad log at or
+        // below it as corruption, never as the chain's torn end.
+        let (geo, epoch, durable, uuid) = (
             self.geo,
             self.ring.epoch(),
+            self.durability.frontier(),
             self.records.current().cache_uuid,
         );
         let b = self.buf_mut(o.buf);
         let (hdr, data) = b.split_at_mut(hl);
-        let crcs: Vec<u32> = o
+        let mbs: Vec<Metablock> = o
             .slots
             .iter()
             .zip(data.chunks(BLOCK_SIZE as usize))
-            .map(|(s, d)| s.crc.unwrap_or_else(|| crc32c::crc32c(d)))
+            .map(|(s, d)| Metablock {
+                block: s.block,
+                valid: s.valid,
+                dirty: s.dirty,
+                crc: s.crc.unwrap_or_else(|| crc32c::crc32c(d)),
+            })
             .collect();
-        encode_segment_header(hdr, &crcs, &geo, o.id.get(), epoch.get(), &uuid, &mbs);
+        encode_segment_header(
+            hdr,
+            &geo,
+            o.id.get(),
+            epoch.get(),
+            durable.get(),
+            &uuid,
+            &mbs,
+        );
         self.stats.nr_logs += 1;
         if (n as u32) < self.geo.data_blocks {
             self.stats.nr_partial_flushed += 1;
@@ -252,6 +259,7 @@ impl<A: BufAlloc> Engine<A> {
         self.records.next(
             self.ring.last_wb(),
             self.ring.last_wb_epoch(),
+            self.durability.frontier(),
             self.ring.epoch(),
             self.record_flags(),
         )

@@ -37,6 +37,7 @@ impl Records {
                 seq: 0,
                 last_writeback_id: 0,
                 last_writeback_epoch: 0,
+                durable_id: 0,
                 epoch: 0,
                 cache_uuid: [0; 16],
                 flags: 0,
@@ -74,14 +75,17 @@ impl Records {
         &self,
         last_writeback_id: LogId,
         last_writeback_epoch: Epoch,
+        durable_id: LogId,
         epoch: Epoch,
         flags: u32,
     ) -> SbRecord {
         debug_assert!(last_writeback_id >= self.written_back());
+        debug_assert!(durable_id >= last_writeback_id);
         SbRecord {
             seq: self.current.seq + 1,
             last_writeback_id: last_writeback_id.get(),
             last_writeback_epoch: last_writeback_epoch.get(),
+            durable_id: durable_id.get(),
             epoch: epoch.get(),
             cache_uuid: self.current.cache_uuid,
             flags,
@@ -190,7 +194,7 @@ mod tests {
             epoch: 1,
             ..*r.current()
         });
-        let next = r.next(LogId(5), Epoch(1), Epoch(1), 0);
+        let next = r.next(LogId(5), Epoch(1), LogId(6), Epoch(1), 0);
         assert_eq!((next.seq, next.last_writeback_id), (2, 5));
         r.want();
         r.writing(next);
@@ -210,7 +214,7 @@ mod tests {
     #[test]
     fn a_failed_write_changes_nothing() {
         let mut r = Records::new(0);
-        let next = r.next(LogId(3), Epoch(1), Epoch(1), 0);
+        let next = r.next(LogId(3), Epoch(1), LogId(3), Epoch(1), 0);
         r.writing(next);
         assert!(r.written(false));
         assert!(r.is_idle() && !r.needs_flush());

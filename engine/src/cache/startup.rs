@@ -1,8 +1,11 @@
 //! Start-up: read region 0, then either format (zeroed block 0 or an explicit
 //! request) or recover. Recovery reads only the logs after the recorded
-//! writeback frontier, in id order, and stops at the first one that is missing,
-//! torn, from another cache or from an older incarnation than its predecessor.
-//! Nothing is written until every check has passed.
+//! writeback frontier, in id order; the chain ends at the first one that is
+//! missing, torn, from another cache or from an older incarnation than its
+//! predecessor. Past that end it reads the next headers: if the record or any
+//! later log says the bad one was durable, it is corruption, not a torn tail,
+//! and opening fails (or, with `salvage`, skips it) instead of silently
+//! dropping acknowledged logs. Nothing is written until every check has passed.
 
 use std::collections::BTreeMap;
 
@@ -10,7 +13,8 @@ use super::pmem_buffer::AttachCheck;
 use super::{Engine, Entry, OpenLog, Phase, Purpose, Slot};
 use crate::error::{FormatError, OpenError};
 use crate::format::{
-    BackingIdentity, META_AREA_LEN, RECORD_OFFSETS, SbRecord, Superblock, verify_segment,
+    BackingIdentity, DURABLE_LOOKAHEAD, META_AREA_LEN, RECORD_OFFSETS, SbRecord, Superblock,
+    encode_segment_header, verify_blocks, verify_segment_header,
 };
 use crate::format::{Metablock, RECORD_FLAG_PMEM};
 use crate::geometry::{BLOCK_SIZE, Geometry};
@@ -26,9 +30,27 @@ pub(super) enum StartIo {
     Meta,
     FormatWrite,
     FormatFlush,
-    Replay { id: LogId, buf: BufId },
+    /// `full`: the whole log was read, not only its header.
+    Replay {
+        id: LogId,
+        buf: BufId,
+        full: bool,
+    },
+    /// A salvage marks a skipped log's position as an empty log.
+    TombstoneWrite {
+        buf: BufId,
+    },
     RecordWrite,
     RecordFlush,
+}
+
+/// An intact log past the chain's end (kept for a salvage).
+#[derive(Debug)]
+struct Later {
+    epoch: Epoch,
+    mbs: Vec<Metablock>,
+    /// Its data was verified too (salvage reads whole logs).
+    full: bool,
 }
 
 #[derive(Debug, Default)]
@@ -38,13 +60,24 @@ pub(super) struct Startup {
     next_issue: LogId,
     next_apply: LogId,
     inflight: u64,
-    stop: bool,
     prev_epoch: Epoch,
-    /// Logs read but not applied yet (they arrive out of order).
-    ready: BTreeMap<LogId, BufId>,
+    /// Logs read but not applied yet (they arrive out of order), and
+    /// whether each was read whole.
+    ready: BTreeMap<LogId, (BufId, bool)>,
     spare: Vec<BufId>,
     /// Record to make durable before the cache is ready.
     record: Option<SbRecord>,
+    /// The first log that did not continue the chain.
+    broken: Option<LogId>,
+    /// The newest intact log seen (reads go on a window past it).
+    last_intact: LogId,
+    /// The newest log the record or any intact header says was durable.
+    claimed: LogId,
+    /// Intact logs past the chain's end, by id.
+    later: BTreeMap<LogId, Later>,
+    /// Logs a salvage skipped, and tombstone writes in flight for them.
+    skipped: Vec<(LogId, Epoch)>,
+    tombstones_pending: u32,
 }
 
 impl<A: BufAlloc> Engine<A> {
@@ -81,7 +114,7 @@ impl<A: BufAlloc> Engine<A> {
             for b in st
                 .buf
                 .into_iter()
-                .chain(st.ready.into_values())
+                .chain(st.ready.into_values().map(|(b, _)| b))
                 .chain(st.spare)
             {
                 self.release_buf(b);
@@ -102,6 +135,19 @@ impl<A: BufAlloc> Engine<A> {
                 self.fail_open(OpenError::Device {
                     op: "writing the superblock",
                 })
+            }
+            StartIo::TombstoneWrite { buf } => {
+                self.release_buf(buf);
+                if !ok {
+                    return self.fail_open(OpenError::Device {
+                        op: "marking skipped logs",
+                    });
+                }
+                let st = self.st();
+                st.tombstones_pending -= 1;
+                if st.tombstones_pending == 0 {
+                    self.write_start_record();
+                }
             }
             StartIo::FormatWrite => {
                 self.issue(
@@ -126,10 +172,10 @@ impl<A: BufAlloc> Engine<A> {
                 })
             }
             StartIo::FormatFlush | StartIo::RecordFlush => self.become_ready(),
-            StartIo::Replay { id, buf } => {
+            StartIo::Replay { id, buf, full } => {
                 let st = self.st();
                 st.inflight -= 1;
-                st.ready.insert(id, buf);
+                st.ready.insert(id, (buf, full));
                 if !ok {
                     return self.fail_open(OpenError::Device { op: "reading logs" });
                 }
@@ -179,6 +225,8 @@ impl<A: BufAlloc> Engine<A> {
         let st = self.st();
         st.next_issue = LogId(record.last_writeback_id).next();
         st.next_apply = LogId(record.last_writeback_id).next();
+        st.last_intact = LogId(record.last_writeback_id);
+        st.claimed = LogId(record.durable_id);
         // The first log replayed must not be older than the last one written back.
         st.prev_epoch = Epoch(record.last_writeback_epoch);
         self.issue_replay_reads();
@@ -206,6 +254,7 @@ impl<A: BufAlloc> Engine<A> {
             seq: 1,
             last_writeback_id: 0,
             last_writeback_epoch: 0,
+            durable_id: 0,
             epoch: 1,
             cache_uuid: p.new_cache_uuid,
             flags: if p.mode == crate::config::BufferMode::Persistent {
@@ -242,17 +291,24 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     fn issue_replay_reads(&mut self) {
-        let (nr, last_wb, seg_len) = (
+        let (nr, last_wb, seg_len, hl) = (
             self.geo.nr_segments,
             self.ring.last_wb(),
             self.geo.segment_size as usize,
+            self.geo.header_len(),
         );
+        let salvage = self.params.salvage;
         loop {
             let st = self.st();
-            if st.stop || st.inflight >= REPLAY_QD || st.next_issue - last_wb > nr {
+            let past_window =
+                st.broken.is_some() && st.next_issue > st.last_intact + DURABLE_LOOKAHEAD.min(nr);
+            if st.inflight >= REPLAY_QD || st.next_issue - last_wb > nr || past_window {
                 break;
             }
             let id = st.next_issue;
+            // Past the chain's end only the headers matter (their claims),
+            // unless a salvage may apply those logs.
+            let full = st.broken.is_none() || salvage;
             st.next_issue = st.next_issue.next();
             st.inflight += 1;
             let buf = match st.spare.pop() {
@@ -264,50 +320,114 @@ impl<A: BufAlloc> Engine<A> {
                 Device::Cache,
                 CommandKind::Read {
                     offset,
-                    len: seg_len,
+                    len: if full { seg_len } else { hl },
                     dst: DataRef::Engine { buf, offset: 0 },
                 },
-                Purpose::Startup(StartIo::Replay { id, buf }),
+                Purpose::Startup(StartIo::Replay { id, buf, full }),
             );
         }
         let st = self.st();
-        if st.inflight == 0 && (st.stop || st.next_apply == st.next_issue) {
-            self.finish_replay();
+        if st.inflight == 0 && st.next_apply == st.next_issue {
+            self.end_of_logs();
         }
     }
 
-    /// Applies read logs in id order while the chain holds.
+    /// Takes the read logs in id order: while the chain holds each is
+    /// replayed; past its end each intact one is kept with its claim.
     fn apply_ready(&mut self) {
         let uuid = self.records.current().cache_uuid;
         let max_epoch = self.records.epoch();
         loop {
             let st = self.st();
             let id = st.next_apply;
-            if st.stop {
-                break;
-            }
-            let Some(buf) = st.ready.remove(&id) else {
+            let Some((buf, full)) = st.ready.remove(&id) else {
                 break;
             };
-            let prev_epoch = st.prev_epoch;
             let any_epoch = self.mutant.is(Mutant::NoEpochCheck);
-            let verdict = verify_segment(self.buf(buf), &self.geo, &uuid);
+            let hl = self.geo.header_len();
+            let b = self.buf(buf);
+            // A log of this cache at its place, from an incarnation that has
+            // been recorded: its header's claim holds even if its data was torn
+            // (the claim was made when it was sealed).
+            let header = verify_segment_header(b, &self.geo, &uuid)
+                .ok()
+                .filter(|(h, _)| LogId(h.id) == id && (Epoch(h.epoch) <= max_epoch || any_epoch));
+            let data_ok = |mbs: &[Metablock]| !full || verify_blocks(&b[hl..], mbs).is_ok();
+            let intact = header.map(|(h, mbs)| {
+                let ok = data_ok(&mbs);
+                (h, mbs, ok)
+            });
             let st = self.st();
             st.spare.push(buf);
-            match verdict {
-                Ok((h, mbs))
-                    if LogId(h.id) == id
-                        && ((Epoch(h.epoch) >= prev_epoch && Epoch(h.epoch) <= max_epoch)
-                            || any_epoch) =>
-                {
-                    st.prev_epoch = Epoch(h.epoch);
-                    st.next_apply = st.next_apply.next();
-                    self.replay_log(id, Epoch(h.epoch), &mbs);
-                }
-                _ => st.stop = true,
+            st.next_apply = st.next_apply.next();
+            let Some((h, mbs, data_ok)) = intact else {
+                st.broken.get_or_insert(id);
+                continue;
+            };
+            st.last_intact = id;
+            st.claimed = st.claimed.max(LogId(h.durable_id));
+            if !data_ok {
+                st.broken.get_or_insert(id);
+                continue;
+            }
+            let epoch = Epoch(h.epoch);
+            if st.broken.is_none() && (epoch >= st.prev_epoch || any_epoch) {
+                st.prev_epoch = epoch;
+                self.replay_log(id, epoch, &mbs);
+            } else {
+                st.broken.get_or_insert(id);
+                st.later.insert(id, Later { epoch, mbs, full });
             }
         }
         self.issue_replay_reads();
+    }
+
+    /// Every log worth reading was read: decide where the chain ends.
+    fn end_of_logs(&mut self) {
+        let salvage = self.params.salvage;
+        let ignore_claims = self.mutant.is(Mutant::NoDurableFrontierCheck);
+        let st = self.st();
+        let end = match st.broken {
+            Some(bad) if bad <= st.claimed && !ignore_claims => {
+                if !salvage {
+                    let e = OpenError::Corrupt {
+                        first_bad: bad.get(),
+                        claimed: st.claimed.get(),
+                    };
+                    return self.fail_open(e);
+                }
+                self.salvage_from(bad)
+            }
+            Some(bad) => bad,
+            None => st.next_apply,
+        };
+        self.finish_replay(end);
+    }
+
+    /// Replays the intact logs past a damaged one, skipping every damaged
+    /// log up to the claimed frontier; returns the new chain end.
+    fn salvage_from(&mut self, bad: LogId) -> LogId {
+        let st = self.st();
+        let claimed = st.claimed;
+        let mut prev_epoch = st.prev_epoch;
+        let mut later = std::mem::take(&mut st.later);
+        let mut id = bad;
+        loop {
+            match later.remove(&id) {
+                Some(l) if l.full && l.epoch >= prev_epoch => {
+                    prev_epoch = l.epoch;
+                    self.replay_log(id, l.epoch, &l.mbs);
+                }
+                _ if id <= claimed => {
+                    // An empty log of the previous one's epoch keeps the
+                    // chain's epochs in order.
+                    self.st().skipped.push((id, prev_epoch));
+                    self.ring.replay(id, prev_epoch, Vec::new());
+                }
+                _ => return id,
+            }
+            id = id.next();
+        }
     }
 
     fn replay_log(&mut self, id: LogId, epoch: Epoch, mbs: &[crate::format::Metablock]) {
@@ -338,13 +458,12 @@ impl<A: BufAlloc> Engine<A> {
         }
     }
 
-    fn finish_replay(&mut self) {
+    fn finish_replay(&mut self, next: LogId) {
         let st = self.startup.as_mut().expect("starting");
-        let next = st.next_apply;
         let bufs: Vec<BufId> = st
             .ready
             .values()
-            .copied()
+            .map(|&(b, _)| b)
             .chain(st.spare.drain(..))
             .collect();
         st.ready.clear();
@@ -359,6 +478,44 @@ impl<A: BufAlloc> Engine<A> {
         // A new incarnation: logs written from now on carry a higher epoch, so
         // stale logs after the chain end can never be mistaken for its continuation.
         self.ring.set_epoch(self.records.epoch().next());
+        let skipped = std::mem::take(&mut self.st().skipped);
+        self.stats.salvaged_logs_skipped += skipped.len() as u64;
+        if skipped.is_empty() {
+            return self.write_start_record();
+        }
+        // Each skipped position becomes an empty log, so the next start
+        // finds the chain whole instead of the same damage again.
+        self.st().tombstones_pending = skipped.len() as u32;
+        let (geo, uuid, hl) = (
+            self.geo,
+            self.records.current().cache_uuid,
+            self.geo.header_len(),
+        );
+        for (id, epoch) in skipped {
+            let buf = self.alloc_buf(hl);
+            encode_segment_header(
+                self.buf_mut(buf),
+                &geo,
+                id.get(),
+                epoch.get(),
+                id.prev().get(),
+                &uuid,
+                &[],
+            );
+            self.issue(
+                Device::Cache,
+                CommandKind::Write {
+                    offset: geo.segment_offset(id),
+                    len: hl,
+                    src: DataRef::Engine { buf, offset: 0 },
+                },
+                Purpose::Startup(StartIo::TombstoneWrite { buf }),
+            );
+        }
+    }
+
+    /// The record of the new incarnation; the cache is ready once it is durable.
+    fn write_start_record(&mut self) {
         let rec = self.next_record();
         self.st().record = Some(rec);
         self.write_record(rec, Purpose::Startup(StartIo::RecordWrite));
@@ -474,6 +631,8 @@ impl<A: BufAlloc> Engine<A> {
                     block: s.block,
                     valid: s.valid,
                     dirty: true,
+                    // Not needed to replay; the seal computes it.
+                    crc: 0,
                 })
                 .collect();
             // Written again as a log of the new incarnation.

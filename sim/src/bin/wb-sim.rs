@@ -4,7 +4,7 @@
 
 use clap::Parser;
 use writeboost_engine::mutant::Mutant;
-use writeboost_sim::check::{ModeChoice, Outcome, SimOptions, run_seed};
+use writeboost_sim::check::{DEFAULT_CORRUPTION_RATE, ModeChoice, Outcome, SimOptions, run_seed};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum ModeArg {
@@ -52,8 +52,13 @@ struct Args {
     /// Print each problem as it is found.
     #[arg(long, short)]
     verbose: bool,
+    /// Share of crashes that also damage one durable log at rest (bit rot,
+    /// a misdirected write or a lost write), from 0 to 1.
+    #[arg(long, default_value_t = DEFAULT_CORRUPTION_RATE, value_parser = parse_rate)]
+    corruption_rate: f64,
     /// Plant a bug in the engine (no-epoch-check, durable-before-flush,
-    /// writeback-without-backing-flush, commit-before-drain): the run should fail.
+    /// writeback-without-backing-flush, commit-before-drain,
+    /// no-durable-frontier-check): the run should fail.
     #[arg(long, default_value = "none", value_parser = parse_mutant)]
     mutant: Mutant,
 }
@@ -66,6 +71,13 @@ fn parse_mutant(s: &str) -> Result<Mutant, String> {
             names.join(", ")
         )
     })
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("'{s}' is not a probability from 0 to 1")),
+    }
 }
 
 fn parse_kv(s: &str) -> Result<(String, u64), String> {
@@ -90,6 +102,7 @@ fn main() {
             force: a.set.clone(),
             mode: a.mode.into(),
             mutant: a.mutant,
+            corruption_rate: a.corruption_rate,
         });
         if !o.clean() {
             bad_seeds.push(seed);
@@ -111,8 +124,16 @@ fn main() {
         total.crash_outcomes[2]
     );
     println!(
-        "wb-sim: seeds={} crashes={} acknowledged_lost={} corrupt_reads={}",
-        a.seeds, total.crashes, total.acknowledged_lost, total.corrupt_reads
+        "corruptions=bit_rot:{},misdirected:{},lost_write:{} corruption_detected={}",
+        total.corruptions[0], total.corruptions[1], total.corruptions[2], total.corruption_detected
+    );
+    println!(
+        "wb-sim: seeds={} crashes={} acknowledged_lost={} corrupt_reads={} silent_truncations={}",
+        a.seeds,
+        total.crashes,
+        total.acknowledged_lost,
+        total.corrupt_reads,
+        total.silent_truncations
     );
     if !total.clean() {
         std::process::exit(1);
