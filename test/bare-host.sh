@@ -9,7 +9,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
-if ldconfig -p | grep -q 'libpmem2\.so'; then
+if ldconfig -p | grep -c 'libpmem2\.so' >/dev/null; then
     if [ -n "${WB_REQUIRE_BARE:-}" ]; then
         echo "bare-host: libpmem2 is installed ($(ldconfig -p | grep 'libpmem2\.so' | head -1 | sed 's/.*=> //'));" \
             "this check needs a machine without PMDK (apt-get purge libpmem2)" >&2
