@@ -457,18 +457,18 @@ mod tests {
     }
     const UUID: [u8; 16] = [7; 16];
 
+    fn superblock(g: &Geometry) -> Superblock {
+        let backing = BackingIdentity {
+            uuid: [1; 16],
+            size: 1 << 30,
+        };
+        Superblock::new(g, UUID, backing, 16 << 20)
+    }
+
     #[test]
     fn superblock_round_trips_and_detects_damage() {
         let g = geo();
-        let sb = Superblock::new(
-            &g,
-            UUID,
-            BackingIdentity {
-                uuid: [1; 16],
-                size: 1 << 30,
-            },
-            16 << 20,
-        );
+        let sb = superblock(&g);
         let mut b = sb.encode();
         assert_eq!(Superblock::parse(&b, 16 << 20).unwrap(), sb);
         assert!(matches!(
@@ -489,15 +489,7 @@ mod tests {
     #[test]
     fn newer_version_is_reported_as_such() {
         let g = geo();
-        let sb = Superblock::new(
-            &g,
-            UUID,
-            BackingIdentity {
-                uuid: [1; 16],
-                size: 1 << 30,
-            },
-            16 << 20,
-        );
+        let sb = superblock(&g);
         let mut b = sb.encode();
         b[8] = 9;
         let crc = crc32c::crc32c(&b[..SB_CRC_AT]);
@@ -584,15 +576,7 @@ mod tests {
     #[test]
     fn older_and_newer_versions_are_refused_with_what_to_do() {
         let g = geo();
-        let sb = Superblock::new(
-            &g,
-            UUID,
-            BackingIdentity {
-                uuid: [1; 16],
-                size: 1 << 30,
-            },
-            16 << 20,
-        );
+        let sb = superblock(&g);
         for (v, older) in [(1u32, true), (3, false)] {
             let mut b = sb.encode();
             b[8..12].copy_from_slice(&v.to_le_bytes());

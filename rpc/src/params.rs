@@ -488,31 +488,35 @@ mod tests {
     }
 
     #[test]
-    fn config_params_round_trip_without_format() {
-        let mut r = create(
-            json!({"name": "wb0", "backing_bdev": "B", "cache_bdev": "C",
-            "format": true, "sync_data_interval": 7}),
-        )
-        .unwrap();
-        let saved = r.config_params(&r.tunables);
-        assert!(saved.get("format").is_none());
-        let again = create(saved).unwrap();
-        // Replaying never formats, and waits for base bdevs listed later.
-        r.format = false;
-        r.wait_for_bdevs = true;
-        assert_eq!(again, r);
-        let mut r = create(
+    fn config_params_round_trip_without_format_or_salvage() {
+        // Each flag given once; replaying the saved entry drops it.
+        type Field = fn(&mut CreateRequest) -> &mut bool;
+        let flags: [(&str, Field); 2] = [
+            ("format", |r| &mut r.format),
+            ("salvage", |r| &mut r.salvage),
+        ];
+        for (flag, field) in flags {
+            let mut r = create(
+                json!({"name": "wb0", "backing_bdev": "B", "cache_bdev": "C",
+                flag: true, "sync_data_interval": 7}),
+            )
+            .unwrap();
+            assert!(*field(&mut r));
+            let saved = r.config_params(&r.tunables);
+            assert!(saved.get(flag).is_none());
+            let again = create(saved).unwrap();
+            // Replaying never formats or salvages, and waits for base
+            // bdevs listed later.
+            *field(&mut r) = false;
+            r.wait_for_bdevs = true;
+            assert_eq!(again, r);
+        }
+        let r = create(
             json!({"name": "wb0", "backing_bdev": "B", "cache_bdev": "C",
             "salvage": true}),
         )
         .unwrap();
-        assert!(r.salvage && r.open_params(GEO, GEO, [1; 16], [2; 16]).salvage);
-        let saved = r.config_params(&r.tunables);
-        assert!(saved.get("salvage").is_none());
-        let again = create(saved).unwrap();
-        r.salvage = false;
-        r.wait_for_bdevs = true;
-        assert_eq!(again, r);
+        assert!(r.open_params(GEO, GEO, [1; 16], [2; 16]).salvage);
     }
 
     #[test]

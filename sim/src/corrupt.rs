@@ -7,7 +7,7 @@
 use rand::Rng;
 use writeboost_engine::format::{
     DURABLE_LOOKAHEAD, Metablock, RECORD_OFFSETS, SbRecord, Superblock, encode_segment_header,
-    verify_segment, verify_segment_header,
+    verify_blocks, verify_segment_header,
 };
 use writeboost_engine::geometry::{BLOCK_SIZE, Geometry};
 use writeboost_engine::ids::LogId;
@@ -79,7 +79,7 @@ fn read_chain(img: &[u8], cache_size: u64) -> Option<Chain> {
     for id in record.last_writeback_id + 1..=last {
         let at = geo.segment_offset(LogId(id)) as usize;
         let log = &img[at..at + seg];
-        let Ok((h, _)) = verify_segment_header(log, &geo, &sb.cache_uuid) else {
+        let Ok((h, mbs)) = verify_segment_header(log, &geo, &sb.cache_uuid) else {
             broken = true;
             continue;
         };
@@ -88,12 +88,12 @@ fn read_chain(img: &[u8], cache_size: u64) -> Option<Chain> {
             continue;
         }
         chain.claimed = chain.claimed.max(h.durable_id);
-        match verify_segment(log, &geo, &sb.cache_uuid) {
-            Ok((h, mbs)) if !broken && h.epoch >= prev_epoch => {
-                prev_epoch = h.epoch;
-                chain.logs.push((id, mbs));
-            }
-            _ => broken = true,
+        let data_ok = verify_blocks(&log[geo.header_len()..], &mbs).is_ok();
+        if !broken && data_ok && h.epoch >= prev_epoch {
+            prev_epoch = h.epoch;
+            chain.logs.push((id, mbs));
+        } else {
+            broken = true;
         }
     }
     Some(chain)

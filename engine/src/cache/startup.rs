@@ -352,10 +352,9 @@ impl<A: BufAlloc> Engine<A> {
             let header = verify_segment_header(b, &self.geo, &uuid)
                 .ok()
                 .filter(|(h, _)| LogId(h.id) == id && (Epoch(h.epoch) <= max_epoch || any_epoch));
-            let data_ok = |mbs: &[Metablock]| !full || verify_blocks(&b[hl..], mbs).is_ok();
             let intact = header.map(|(h, mbs)| {
-                let ok = data_ok(&mbs);
-                (h, mbs, ok)
+                let data_ok = !full || verify_blocks(&b[hl..], &mbs).is_ok();
+                (h, mbs, data_ok)
             });
             let st = self.st();
             st.spare.push(buf);
