@@ -19,6 +19,15 @@ pub enum FormatError {
          (superblock region and two segments); use a larger device or a smaller segment size"
     )]
     CacheTooSmall { cache_size: u64, needed: u64 },
+    #[error(
+        "cache device of {cache_size} bytes holds more 4 KiB slots than the index addresses \
+         ({max_slots}); use a cache device (or partition) of at most {max_bytes} bytes"
+    )]
+    CacheTooLarge {
+        cache_size: u64,
+        max_slots: u64,
+        max_bytes: u64,
+    },
     #[error("the device holds no writeboost superblock")]
     NotACache,
     #[error("region holds no log of this cache")]

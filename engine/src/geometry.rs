@@ -69,6 +69,15 @@ impl Geometry {
                 needed: 3 * segment_size,
             });
         }
+        // The index names a cache slot with a u32 (and 0 for none).
+        let max_slots = u32::MAX as u64 - 1;
+        if (regions - 1) * data_blocks as u64 > max_slots {
+            return Err(FormatError::CacheTooLarge {
+                cache_size,
+                max_slots,
+                max_bytes: (max_slots / data_blocks as u64 + 1) * segment_size,
+            });
+        }
         Ok(Self {
             segment_size,
             header_blocks,
@@ -144,6 +153,18 @@ mod tests {
         assert!(Geometry::new(3 << 16, 64 << 20, 1 << 30).is_err());
         assert!(Geometry::new(32 << 10, 64 << 20, 1 << 30).is_err());
         assert!(Geometry::new(DEFAULT_SEGMENT_SIZE, 64 << 20, 1000).is_err());
+    }
+
+    #[test]
+    fn rejects_caches_with_more_slots_than_the_index_addresses() {
+        let e = Geometry::new(DEFAULT_SEGMENT_SIZE, 20 << 40, 1 << 40).unwrap_err();
+        let FormatError::CacheTooLarge { max_bytes, .. } = e else {
+            panic!("{e:?}");
+        };
+        assert!(Geometry::new(DEFAULT_SEGMENT_SIZE, max_bytes, 1 << 40).is_ok());
+        assert!(Geometry::new(DEFAULT_SEGMENT_SIZE, max_bytes + (1 << 20), 1 << 40).is_err());
+        // A 4 TiB cache fits.
+        assert!(Geometry::new(DEFAULT_SEGMENT_SIZE, 4 << 40, 1 << 40).is_ok());
     }
 
     #[test]

@@ -71,6 +71,9 @@ pub struct Status {
     pub recorded_writeback_id: u64,
     pub nr_dirty_blocks: u64,
     pub nr_cached_blocks: u64,
+    /// Bytes the block index allocates (sized by the cache; pages become
+    /// resident as slots are used).
+    pub index_bytes: u64,
     pub nr_free_buffers: u32,
     pub stalled_writes: u32,
     pub read_only: bool,

@@ -94,6 +94,7 @@ pub fn status_json(s: &Status) -> Value {
         "recorded_writeback_id": s.recorded_writeback_id,
         "nr_dirty_blocks": s.nr_dirty_blocks,
         "nr_cached_blocks": s.nr_cached_blocks,
+        "index_bytes": s.index_bytes,
         "nr_free_buffers": s.nr_free_buffers,
         "stalled_writes": s.stalled_writes,
         "read_only": s.read_only,

@@ -1,19 +1,33 @@
-//! The block index: which log and slot hold the newest cached copy of each
-//! backing block, and how many of those copies are dirty. The index keeps
-//! that count itself, at every change, so it cannot drift from the entries;
-//! the ring's per-log `live_dirty` counts follow the [`Dirty`] transition
-//! each change reports.
+//! The block index: which cache slot holds the newest cached copy of each
+//! backing block, and how many of those copies are dirty.
+//!
+//! Memory is what limits how large a cache one host can serve, so the index
+//! is two flat arrays sized by the cache, not a map entry per block:
+//!
+//! - `words`, one `u64` per cache slot (position × data blocks + slot): the
+//!   backing block logged there (48 bits), and while the slot is the indexed
+//!   copy, its valid and dirty sector masks; plus one bit per slot saying the
+//!   log's metablock marked the block dirty;
+//! - `table`, an open-addressed Robin Hood hash table of `u32`s, 9/8 of the
+//!   slots, keyed by backing block: each entry is `slot + 1` in its low bits
+//!   and its distance from its home bucket in the rest. The distance lets a
+//!   lookup skip entries of other homes without reading their block, and a
+//!   removal shift the cluster back instead of leaving tombstones.
+//!
+//! About 12.6 bytes per cache slot in all. The index keeps its dirty count
+//! itself, at every change; the ring's per-log `live_dirty` counts follow
+//! the [`Dirty`] transition each change reports.
 
-use crate::ids::LogId;
-use rustc_hash::FxHashMap;
+use crate::format::MAX_BACKING_BLOCKS;
 
-/// Where the newest copy of a cached block lives.
+/// A slot of the cache device: ring position × data blocks per log + slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct CacheSlot(pub u32);
+
+/// The indexed copy of a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Entry {
-    /// Log id holding the block.
-    pub id: LogId,
-    /// Data slot within that log.
-    pub slot: u32,
+pub(super) struct Cached {
+    pub at: CacheSlot,
     /// Sectors the cache holds for this block.
     pub valid: u8,
     /// Sectors not yet on the backing device.
@@ -33,25 +47,59 @@ pub(super) enum Dirty {
     Cleaned,
 }
 
+const BLOCK_BITS: u32 = MAX_BACKING_BLOCKS.trailing_zeros();
+const BLOCK_MASK: u64 = MAX_BACKING_BLOCKS - 1;
+const VALID_SHIFT: u32 = BLOCK_BITS;
+const DIRTY_SHIFT: u32 = BLOCK_BITS + 8;
+
 #[derive(Debug, Default)]
 pub(super) struct Index {
-    map: FxHashMap<u64, Entry>,
+    /// Per cache slot: block | valid << 48 | dirty << 56.
+    words: Vec<u64>,
+    /// Per cache slot: the metablock marks it dirty.
+    logged: Vec<u64>,
+    table: Vec<u32>,
+    /// Low bits of a table entry hold `slot + 1`; the rest the distance.
+    slot_bits: u32,
+    /// Largest distance a table entry can state; a farther entry states this
+    /// and its real distance is computed from its block.
+    max_dist: u32,
+    /// Entries in the table.
+    len: u64,
     /// Entries with a dirty sector.
     nr_dirty: u64,
 }
 
-impl Index {
-    pub fn get(&self, block: &u64) -> Option<&Entry> {
-        self.map.get(block)
-    }
+/// Spreads consecutive block numbers over the table (Stafford's mix 13).
+fn hash(block: u64) -> u64 {
+    let mut x = block;
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
 
-    pub fn contains_key(&self, block: &u64) -> bool {
-        self.map.contains_key(block)
+impl Index {
+    /// Empty arrays for a cache of `nr_slots` slots (fewer than 2^32 - 1:
+    /// the geometry guarantees it). Pages are touched only as slots are used.
+    pub fn install(&mut self, nr_slots: u64) {
+        debug_assert!(nr_slots < u32::MAX as u64);
+        let nr_slots = nr_slots.max(1);
+        self.slot_bits = 64 - nr_slots.leading_zeros();
+        self.max_dist = if self.slot_bits >= 32 {
+            0
+        } else {
+            (1u32 << (32 - self.slot_bits)) - 1
+        };
+        self.words = vec![0; nr_slots as usize];
+        self.logged = vec![0; nr_slots.div_ceil(64) as usize];
+        self.table = vec![0; (nr_slots + nr_slots / 8 + 1) as usize];
+        self.len = 0;
+        self.nr_dirty = 0;
     }
 
     /// Cached blocks.
     pub fn len(&self) -> u64 {
-        self.map.len() as u64
+        self.len
     }
 
     /// Cached blocks with a sector not yet on the backing device.
@@ -59,23 +107,63 @@ impl Index {
         self.nr_dirty
     }
 
-    #[cfg(feature = "test-hooks")]
-    pub fn iter(&self) -> impl Iterator<Item = (u64, &Entry)> {
-        self.map.iter().map(|(&b, e)| (b, e))
+    /// Bytes the index holds, allocated (resident only as pages are touched).
+    pub fn bytes(&self) -> u64 {
+        (self.words.len() * 8 + self.logged.len() * 8 + self.table.len() * 4) as u64
     }
 
-    /// Indexes `e` for `block` in place of whatever was there, which comes
+    /// The backing block last logged at `at`, whether or not it is indexed there.
+    pub fn block_at(&self, at: CacheSlot) -> u64 {
+        self.words[at.0 as usize] & BLOCK_MASK
+    }
+
+    /// Notes the block a log holds at `at` without indexing it (a recovered
+    /// clean block, still needed to find the log's live copies).
+    pub fn log_block(&mut self, at: CacheSlot, block: u64) {
+        debug_assert!(block < MAX_BACKING_BLOCKS);
+        self.words[at.0 as usize] = block;
+        self.set_logged(at, false);
+    }
+
+    pub fn get(&self, block: u64) -> Option<Cached> {
+        let i = self.find(block)?;
+        Some(self.copy_at(self.slot_of(self.table[i])))
+    }
+
+    pub fn contains(&self, block: u64) -> bool {
+        self.find(block).is_some()
+    }
+
+    /// Whether `at` holds the indexed copy of the block logged there.
+    pub fn is_current(&self, at: CacheSlot) -> Option<Cached> {
+        self.get(self.block_at(at)).filter(|c| c.at == at)
+    }
+
+    /// Indexes `c` for `block` in place of whatever was there, which comes
     /// back (its dirtiness already taken out of the count).
-    pub fn insert(&mut self, block: u64, e: Entry) -> Option<Entry> {
+    pub fn insert(&mut self, block: u64, c: Cached) -> Option<Cached> {
         debug_assert!(
-            e.dirty & !e.valid == 0,
+            c.dirty & !c.valid == 0,
             "block {block}: dirty sectors not valid"
         );
-        let old = self.map.insert(block, e);
+        let old = match self.find(block) {
+            Some(i) => {
+                let old = self.copy_at(self.slot_of(self.table[i]));
+                let d = self.dist_at(i);
+                self.table[i] = self.entry(c.at, d);
+                Some(old)
+            }
+            None => {
+                self.place(block, c.at);
+                self.len += 1;
+                None
+            }
+        };
+        self.store(block, c);
         if old.is_some_and(|o| o.dirty != 0) {
             self.uncount(block);
         }
-        if e.dirty != 0 {
+        if c.dirty != 0 {
             self.nr_dirty += 1;
         }
         self.check_count();
@@ -83,39 +171,51 @@ impl Index {
     }
 
     /// Takes `block` out of the index.
-    pub fn remove(&mut self, block: &u64) -> Option<Entry> {
-        let old = self.map.remove(block);
-        if old.is_some_and(|o| o.dirty != 0) {
-            self.uncount(*block);
+    pub fn remove(&mut self, block: u64) -> Option<Cached> {
+        let mut i = self.find(block)?;
+        let old = self.copy_at(self.slot_of(self.table[i]));
+        // Backward shift: each following entry away from home moves one closer.
+        let cap = self.table.len();
+        loop {
+            let next = if i + 1 == cap { 0 } else { i + 1 };
+            let d = if self.table[next] == 0 {
+                0
+            } else {
+                self.dist_at(next)
+            };
+            if d == 0 {
+                self.table[i] = 0;
+                break;
+            }
+            self.table[i] = self.entry(self.slot_of(self.table[next]), d - 1);
+            i = next;
+        }
+        self.len -= 1;
+        if old.dirty != 0 {
+            self.uncount(block);
         }
         self.check_count();
-        old
+        Some(old)
     }
 
-    /// Changes `block`'s entry if it is the copy in log `id`, slot `slot`
-    /// (a newer copy elsewhere is left alone); None if it is not.
-    pub fn update_copy(
+    /// Changes `block`'s copy if it is the one at `at` (a newer copy
+    /// elsewhere is left alone); None if it is not.
+    pub fn update_at(
         &mut self,
         block: u64,
-        id: LogId,
-        slot: u32,
-        f: impl FnOnce(&mut Entry),
+        at: CacheSlot,
+        f: impl FnOnce(&mut Cached),
     ) -> Option<Dirty> {
-        let e = self
-            .map
-            .get_mut(&block)
-            .filter(|e| e.id == id && e.slot == slot)?;
-        let was = e.dirty != 0;
-        f(e);
+        let mut c = self.get(block).filter(|c| c.at == at)?;
+        let was = c.dirty != 0;
+        f(&mut c);
+        debug_assert!(c.at == at, "block {block}: an update moved the entry");
         debug_assert!(
-            (e.id, e.slot) == (id, slot),
-            "block {block}: an update moved the entry"
-        );
-        debug_assert!(
-            e.dirty & !e.valid == 0,
+            c.dirty & !c.valid == 0,
             "block {block}: dirty sectors not valid"
         );
-        let change = match (was, e.dirty != 0) {
+        self.store(block, c);
+        let change = match (was, c.dirty != 0) {
             (false, true) => Dirty::Became,
             (true, false) => Dirty::Cleaned,
             _ => Dirty::Same,
@@ -129,6 +229,140 @@ impl Index {
         Some(change)
     }
 
+    /// Every indexed block and its copy, in table order.
+    #[cfg(feature = "test-hooks")]
+    pub fn iter(&self) -> impl Iterator<Item = (u64, Cached)> + '_ {
+        self.table.iter().filter(|&&v| v != 0).map(|&v| {
+            let at = self.slot_of(v);
+            (self.block_at(at), self.copy_at(at))
+        })
+    }
+
+    // ----- table ----------------------------------------------------------
+
+    fn home(&self, block: u64) -> usize {
+        ((hash(block) as u128 * self.table.len() as u128) >> 64) as usize
+    }
+
+    fn slot_of(&self, v: u32) -> CacheSlot {
+        CacheSlot((v & ((1u64 << self.slot_bits) - 1) as u32) - 1)
+    }
+
+    fn entry(&self, at: CacheSlot, dist: u32) -> u32 {
+        let d = dist.min(self.max_dist);
+        // With no distance bits (2^31 slots or more) the shift would overflow.
+        let high = if self.slot_bits >= 32 {
+            0
+        } else {
+            d << self.slot_bits
+        };
+        high | (at.0 + 1)
+    }
+
+    /// Distance of the entry at table index `i` from its home bucket.
+    fn dist_at(&self, i: usize) -> u32 {
+        let v = self.table[i];
+        let stated = if self.slot_bits >= 32 {
+            0
+        } else {
+            v >> self.slot_bits
+        };
+        if stated < self.max_dist {
+            return stated;
+        }
+        let home = self.home(self.block_at(self.slot_of(v)));
+        ((i + self.table.len() - home) % self.table.len()) as u32
+    }
+
+    fn find(&self, block: u64) -> Option<usize> {
+        if self.table.is_empty() {
+            return None;
+        }
+        let cap = self.table.len();
+        let mut i = self.home(block);
+        let mut d = 0u32;
+        loop {
+            let v = self.table[i];
+            if v == 0 {
+                return None;
+            }
+            // An entry stating less than our distance sits nearer its home
+            // than we would: Robin Hood placement puts no match past it.
+            let stated = if self.slot_bits >= 32 {
+                self.max_dist
+            } else {
+                v >> self.slot_bits
+            };
+            let di = if stated < self.max_dist || d >= self.max_dist {
+                self.dist_at(i)
+            } else {
+                stated
+            };
+            if di < d {
+                return None;
+            }
+            if di == d && self.block_at(self.slot_of(v)) == block {
+                return Some(i);
+            }
+            i = if i + 1 == cap { 0 } else { i + 1 };
+            d += 1;
+        }
+    }
+
+    /// Places a block known to be absent, displacing entries nearer their
+    /// home than it is.
+    fn place(&mut self, block: u64, at: CacheSlot) {
+        debug_assert!(self.len < self.table.len() as u64, "index table full");
+        let cap = self.table.len();
+        let mut i = self.home(block);
+        let (mut at, mut d) = (at, 0u32);
+        // Words are stored after placement; the inserted block's distance is
+        // tracked here, so nothing reads its word before then.
+        loop {
+            if self.table[i] == 0 {
+                self.table[i] = self.entry(at, d);
+                return;
+            }
+            let di = self.dist_at(i);
+            if di < d {
+                let v = self.table[i];
+                self.table[i] = self.entry(at, d);
+                at = self.slot_of(v);
+                d = di;
+            }
+            i = if i + 1 == cap { 0 } else { i + 1 };
+            d += 1;
+        }
+    }
+
+    // ----- per-slot words -------------------------------------------------
+
+    fn copy_at(&self, at: CacheSlot) -> Cached {
+        let w = self.words[at.0 as usize];
+        Cached {
+            at,
+            valid: (w >> VALID_SHIFT) as u8,
+            dirty: (w >> DIRTY_SHIFT) as u8,
+            logged_dirty: self.logged[at.0 as usize / 64] >> (at.0 % 64) & 1 != 0,
+        }
+    }
+
+    fn store(&mut self, block: u64, c: Cached) {
+        debug_assert!(block < MAX_BACKING_BLOCKS);
+        self.words[c.at.0 as usize] =
+            block | (c.valid as u64) << VALID_SHIFT | (c.dirty as u64) << DIRTY_SHIFT;
+        self.set_logged(c.at, c.logged_dirty);
+    }
+
+    fn set_logged(&mut self, at: CacheSlot, on: bool) {
+        let (w, bit) = (at.0 as usize / 64, 1u64 << (at.0 % 64));
+        if on {
+            self.logged[w] |= bit;
+        } else {
+            self.logged[w] &= !bit;
+        }
+    }
+
     fn uncount(&mut self, block: u64) {
         debug_assert!(self.nr_dirty > 0, "block {block}: dirty count below zero");
         self.nr_dirty -= 1;
@@ -136,10 +370,10 @@ impl Index {
 
     fn check_count(&self) {
         debug_assert!(
-            self.nr_dirty <= self.map.len() as u64,
+            self.nr_dirty <= self.len,
             "{} dirty of {} cached blocks",
             self.nr_dirty,
-            self.map.len()
+            self.len
         );
     }
 }
@@ -147,47 +381,106 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
-    fn entry(id: LogId, slot: u32, valid: u8, dirty: u8) -> Entry {
-        Entry {
-            id,
-            slot,
+    fn copy(at: u32, valid: u8, dirty: u8) -> Cached {
+        Cached {
+            at: CacheSlot(at),
             valid,
             dirty,
             logged_dirty: dirty != 0,
         }
     }
 
+    fn index(nr_slots: u64) -> Index {
+        let mut ix = Index::default();
+        ix.install(nr_slots);
+        ix
+    }
+
     #[test]
     fn the_dirty_count_follows_every_change() {
-        let mut ix = Index::default();
-        assert_eq!(ix.insert(7, entry(LogId(1), 0, 0xff, 0xff)), None);
-        assert_eq!(ix.insert(8, entry(LogId(1), 1, 0xff, 0)), None);
+        let mut ix = index(16);
+        assert_eq!(ix.insert(7, copy(0, 0xff, 0xff)), None);
+        assert_eq!(ix.insert(8, copy(1, 0xff, 0)), None);
         assert_eq!((ix.len(), ix.nr_dirty()), (2, 1));
         // Replacing a dirty copy with another dirty one: still one dirty block.
-        let old = ix.insert(7, entry(LogId(2), 0, 0xff, 0x0f)).unwrap();
-        assert_eq!(old.id, LogId(1));
+        let old = ix.insert(7, copy(5, 0xff, 0x0f)).unwrap();
+        assert_eq!(old.at, CacheSlot(0));
         assert_eq!((ix.len(), ix.nr_dirty()), (2, 1));
         // Writeback of the old copy does not touch the new one.
-        assert_eq!(ix.update_copy(7, LogId(1), 0, |e| e.dirty = 0), None);
+        assert_eq!(ix.update_at(7, CacheSlot(0), |e| e.dirty = 0), None);
         assert_eq!(ix.nr_dirty(), 1);
         // Writeback of part of the new copy, then the rest.
         assert_eq!(
-            ix.update_copy(7, LogId(2), 0, |e| e.dirty &= !0x03),
+            ix.update_at(7, CacheSlot(5), |e| e.dirty &= !0x03),
             Some(Dirty::Same)
         );
         assert_eq!(
-            ix.update_copy(7, LogId(2), 0, |e| e.dirty = 0),
+            ix.update_at(7, CacheSlot(5), |e| e.dirty = 0),
             Some(Dirty::Cleaned)
         );
         assert_eq!(ix.nr_dirty(), 0);
         assert_eq!(
-            ix.update_copy(8, LogId(1), 1, |e| e.dirty = 0x10),
+            ix.update_at(8, CacheSlot(1), |e| e.dirty = 0x10),
             Some(Dirty::Became)
         );
         assert_eq!(ix.nr_dirty(), 1);
-        assert_eq!(ix.remove(&8).map(|e| e.dirty), Some(0x10));
-        assert_eq!(ix.remove(&8), None);
+        assert_eq!(ix.remove(8).map(|e| e.dirty), Some(0x10));
+        assert_eq!(ix.remove(8), None);
         assert_eq!((ix.len(), ix.nr_dirty()), (1, 0));
+        // The old slot still names the block logged there.
+        assert_eq!(ix.block_at(CacheSlot(0)), 7);
+        assert_eq!(ix.is_current(CacheSlot(0)), None);
+        assert_eq!(ix.is_current(CacheSlot(5)).map(|c| c.dirty), Some(0));
+    }
+
+    /// Random inserts, moves and removals at full load agree with a map, for
+    /// a table whose entries state their distance and ones that state at most
+    /// 1 or nothing (as in caches of 2^30 slots and more), whose distances
+    /// are computed from the block.
+    #[test]
+    fn agrees_with_a_map_under_churn() {
+        for max_dist in [None, Some(1), Some(0)] {
+            let mut ix = index(1000);
+            if let Some(m) = max_dist {
+                ix.max_dist = m;
+            }
+            let used = 1000u32;
+            // A seeded sequence (the index's own mixer over a counter).
+            let mut n = max_dist.unwrap_or(9) as u64;
+            let mut next = |below: u64| {
+                n += 1;
+                hash(n) % below
+            };
+            let mut model: HashMap<u64, u32> = HashMap::new();
+            let mut owner: HashMap<u32, u64> = HashMap::new();
+            for step in 0..40_000 {
+                let block = next(3000) * 977 + (step % 3);
+                let at = next(used as u64) as u32;
+                if next(10) < 3 {
+                    assert_eq!(ix.remove(block).map(|c| c.at.0), model.remove(&block));
+                    if let Some(at) = model.get(&block) {
+                        owner.remove(at);
+                    }
+                    continue;
+                }
+                // A slot holds one indexed block: evict whoever has it.
+                if let Some(b) = owner.remove(&at) {
+                    model.remove(&b);
+                    ix.remove(b);
+                }
+                if let Some(old) = model.insert(block, at) {
+                    owner.remove(&old);
+                }
+                owner.insert(at, block);
+                ix.insert(block, copy(at, 0xff, (step % 2) as u8));
+                assert_eq!(ix.len(), model.len() as u64);
+            }
+            for (&b, &at) in &model {
+                assert_eq!(ix.get(b).map(|c| c.at.0), Some(at), "block {b}");
+            }
+            assert_eq!(ix.get(5), model.get(&5).map(|&a| ix.copy_at(CacheSlot(a))));
+        }
     }
 }

@@ -54,7 +54,7 @@ use crate::pmem::Pmem;
 use crate::stats::{Stats, Status};
 
 use self::durability::Durability;
-use self::index::{Dirty, Entry, Index};
+use self::index::{CacheSlot, Cached, Dirty, Index};
 use self::inflight::{Ended, InFlight};
 use self::pmem_buffer::PmemBuffer;
 use self::records::Records;
@@ -66,6 +66,22 @@ use self::writeback::Writeback;
 const WRITEBACK_RETRY_NS: Nanos = 1_000_000_000;
 /// Queue depth at which the backing device counts as 100 % loaded.
 const BACKING_NOMINAL_QD: u64 = 32;
+
+/// Where the newest copy of a cached block lives: the index's [`Cached`]
+/// with its slot named as a log and a slot in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    /// Log id holding the block.
+    id: LogId,
+    /// Data slot within that log.
+    slot: u32,
+    /// Sectors the cache holds for this block.
+    valid: u8,
+    /// Sectors not yet on the backing device.
+    dirty: u8,
+    /// The log's metablock marks the block dirty, so recovery would replay it.
+    logged_dirty: bool,
+}
 
 /// A slot of the open log.
 #[derive(Clone, Copy, Debug)]
@@ -524,6 +540,7 @@ impl<A: BufAlloc> Engine<A> {
             recorded_writeback_id: self.records.current().last_writeback_id,
             nr_dirty_blocks: self.index.nr_dirty(),
             nr_cached_blocks: self.index.len(),
+            index_bytes: self.index.bytes(),
             nr_free_buffers: self.free_log_bufs.len() as u32,
             stalled_writes: self.stalled.len() as u32,
             read_only: self.read_only,
@@ -543,22 +560,24 @@ impl<A: BufAlloc> Engine<A> {
         }
         let mut dirty = 0u64;
         let mut live = vec![0u32; self.ring.nr_segments() as usize];
-        for (block, e) in self.index.iter() {
+        for (block, c) in self.index.iter() {
+            let e = self.entry_of(c);
             let pos = self.geo.position(e.id) as usize;
             let seg = self.ring.seg(e.id);
-            if seg.id != e.id {
+            if e.id == LogId::NONE || self.cache_slot(e.id, e.slot) != c.at {
                 return Err(format!(
-                    "block {block}: log {} is not at its position (holds {})",
-                    e.id, seg.id
+                    "block {block}: slot {:?} is at no log's position",
+                    c.at
                 ));
             }
-            if seg.blocks.get(e.slot as usize) != Some(&block) {
+            if e.slot >= seg.nr_slots {
                 return Err(format!(
-                    "block {block}: slot {} of log {} holds {:?}",
-                    e.slot,
-                    e.id,
-                    seg.blocks.get(e.slot as usize)
+                    "block {block}: slot {} of log {} holds only {}",
+                    e.slot, e.id, seg.nr_slots
                 ));
+            }
+            if self.index.get(block) != Some(c) {
+                return Err(format!("block {block}: the table does not find it"));
             }
             if e.dirty & !e.valid != 0 {
                 return Err(format!("block {block}: dirty sectors not valid"));
@@ -619,7 +638,7 @@ impl<A: BufAlloc> Engine<A> {
     /// Where the cache holds `block` (for diagnostics).
     #[cfg(feature = "test-hooks")]
     pub fn describe_block(&self, block: u64) -> String {
-        match self.index.get(&block) {
+        match self.entry(block) {
             None => "not cached".into(),
             Some(e) => format!(
                 "log {} slot {} valid {:08b} dirty {:08b} logged_dirty {} in_ram {}",
@@ -797,9 +816,85 @@ impl<A: BufAlloc> Engine<A> {
         e.dirty == 0 && (!e.logged_dirty || e.id <= self.records.written_back())
     }
 
+    // ----- the index in log terms ----------------------------------------
+
+    /// The cache slot of slot `slot` of log `id`.
+    fn cache_slot(&self, id: LogId, slot: u32) -> CacheSlot {
+        CacheSlot((self.geo.position(id) * self.geo.data_blocks as u64) as u32 + slot)
+    }
+
+    /// An indexed copy, named by the log occupying its position.
+    fn entry_of(&self, c: Cached) -> Entry {
+        let db = self.geo.data_blocks;
+        Entry {
+            id: self.ring.occupant((c.at.0 / db) as u64),
+            slot: c.at.0 % db,
+            valid: c.valid,
+            dirty: c.dirty,
+            logged_dirty: c.logged_dirty,
+        }
+    }
+
+    /// Where the newest copy of `block` lives, if it is cached.
+    fn entry(&self, block: u64) -> Option<Entry> {
+        self.index.get(block).map(|c| self.entry_of(c))
+    }
+
+    /// The backing block logged in slot `slot` of log `id`.
+    fn slot_block(&self, id: LogId, slot: u32) -> u64 {
+        self.index.block_at(self.cache_slot(id, slot))
+    }
+
+    /// The copy in slot `slot` of log `id`, if it is the indexed one.
+    fn current_at(&self, id: LogId, slot: u32) -> Option<(u64, Entry)> {
+        let at = self.cache_slot(id, slot);
+        let c = self.index.is_current(at)?;
+        Some((self.index.block_at(at), self.entry_of(c)))
+    }
+
+    /// Indexes `e` for `block`, returning the copy it replaces.
+    fn index_insert(&mut self, block: u64, e: Entry) -> Option<Entry> {
+        let c = Cached {
+            at: self.cache_slot(e.id, e.slot),
+            valid: e.valid,
+            dirty: e.dirty,
+            logged_dirty: e.logged_dirty,
+        };
+        self.index.insert(block, c).map(|c| self.entry_of(c))
+    }
+
+    /// Changes `block`'s entry if it is the copy in log `id`, slot `slot`
+    /// (a newer copy elsewhere is left alone); None if it is not.
+    fn update_copy(
+        &mut self,
+        block: u64,
+        id: LogId,
+        slot: u32,
+        f: impl FnOnce(&mut Entry),
+    ) -> Option<Dirty> {
+        if self.ring.seg(id).id != id {
+            return None;
+        }
+        let at = self.cache_slot(id, slot);
+        let mut e = Entry {
+            id,
+            slot,
+            valid: 0,
+            dirty: 0,
+            logged_dirty: false,
+        };
+        self.index.update_at(block, at, |c| {
+            (e.valid, e.dirty, e.logged_dirty) = (c.valid, c.dirty, c.logged_dirty);
+            f(&mut e);
+            debug_assert!((e.id, e.slot) == (id, slot), "an update moved the entry");
+            (c.valid, c.dirty, c.logged_dirty) = (e.valid, e.dirty, e.logged_dirty);
+        })
+    }
+
     /// Removes `block` from the index (caller checked it is droppable or superseded).
     fn drop_entry(&mut self, block: u64) {
-        if let Some(e) = self.index.remove(&block) {
+        if let Some(c) = self.index.remove(block) {
+            let e = self.entry_of(c);
             self.unlink_dirty(&e);
         }
     }

@@ -61,9 +61,9 @@ impl<A: BufAlloc> Engine<A> {
     fn read_common(&mut self, req: ReqId, offset: u64, len: u64) {
         let (first, last) = (offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
         let blocked = (first..=last).any(|b| {
-            self.index.get(&b).is_some_and(|e| {
+            self.entry(b).is_some_and(|e| {
                 let (mask, _, _) = Self::block_span(b, offset, len);
-                self.pending_fill(e) & mask != 0
+                self.pending_fill(&e) & mask != 0
             })
         });
         if blocked {
@@ -138,7 +138,7 @@ impl<A: BufAlloc> Engine<A> {
             let uoff = (block * BLOCK_SIZE + b0 as u64 - offset) as usize;
             let sector_user = |s0: u32| uoff + (s0 as usize * SECTOR_SIZE as usize - b0);
             let full = mask == FULL_MASK;
-            match self.index.get(&block).copied() {
+            match self.entry(block) {
                 Some(e) => {
                     let (hit, miss) = (mask & e.valid, mask & !e.valid);
                     let ram = self.ring.seg(e.id).buf;
@@ -286,9 +286,7 @@ impl<A: BufAlloc> Engine<A> {
             let hl = self.geo.header_len();
             for i in 0..s.nblocks {
                 let block = s.first_block + i;
-                if self.index.contains_key(&block)
-                    || !self.can_take_block()
-                    || !self.ensure_open_slot()
+                if self.index.contains(block) || !self.can_take_block() || !self.ensure_open_slot()
                 {
                     continue;
                 }
@@ -306,8 +304,8 @@ impl<A: BufAlloc> Engine<A> {
                 let from = (i * BLOCK_SIZE) as usize;
                 self.buf_mut(buf)[at..at + BLOCK_SIZE as usize]
                     .copy_from_slice(&scratch.as_ref()[from..from + BLOCK_SIZE as usize]);
-                self.ring.seg_mut(id).blocks.push(block);
-                self.index.insert(
+                self.ring.seg_mut(id).nr_slots += 1;
+                self.index_insert(
                     block,
                     Entry {
                         id,

@@ -15,8 +15,8 @@ use crate::io::{BufId, Nanos};
 pub(super) struct SegMeta {
     /// Log occupying this position (`NONE` = none).
     pub(super) id: LogId,
-    /// Backing block of each data slot.
-    pub(super) blocks: Vec<u64>,
+    /// Data slots the log holds (their blocks are in the index's words).
+    pub(super) nr_slots: u32,
     /// RAM copy while the log is open or being written.
     pub(super) buf: Option<BufId>,
     /// Reads of this position in flight; it cannot be reused until they end.
@@ -85,6 +85,11 @@ impl Ring {
         &mut self.segs[pos]
     }
 
+    /// The log at ring position `pos`.
+    pub(super) fn occupant(&self, pos: u64) -> LogId {
+        self.segs[pos as usize].id
+    }
+
     /// Log `id`'s position, if it still holds that log.
     pub(super) fn log_mut(&mut self, id: LogId) -> Option<&mut SegMeta> {
         Some(self.seg_mut(id)).filter(|s| s.id == id)
@@ -133,10 +138,9 @@ impl Ring {
     }
 
     /// Takes the next position for a new log with `buf` as its RAM copy.
-    /// Returns the new id and the backing blocks the old occupant held (the
-    /// caller drops their index entries, then hands the vector back through
-    /// [`set_blocks`](Self::set_blocks) to keep its allocation).
-    pub(super) fn open_next(&mut self, buf: BufId) -> (LogId, LogId, Vec<u64>) {
+    /// Returns the new id, the old occupant and how many slots it held (the
+    /// caller drops their index entries).
+    pub(super) fn open_next(&mut self, buf: BufId) -> (LogId, LogId, u32) {
         let id = self.next_id;
         debug_assert!(
             self.next_occupant().is_none_or(|occ| occ <= self.last_wb),
@@ -155,20 +159,15 @@ impl Ring {
                 ..SegMeta::default()
             },
         );
-        (id, old.id, old.blocks)
+        (id, old.id, old.nr_slots)
     }
 
-    pub(super) fn set_blocks(&mut self, id: LogId, blocks: Vec<u64>) {
-        debug_assert!(blocks.is_empty());
-        self.seg_mut(id).blocks = blocks;
-    }
-
-    /// Start-up replays log `id`, holding `blocks`, written with `epoch`.
-    pub(super) fn replay(&mut self, id: LogId, epoch: Epoch, blocks: Vec<u64>) {
+    /// Start-up replays log `id`, holding `nr_slots` blocks, written with `epoch`.
+    pub(super) fn replay(&mut self, id: LogId, epoch: Epoch, nr_slots: u32) {
         *self.seg_mut(id) = SegMeta {
             id,
             epoch,
-            blocks,
+            nr_slots,
             ..SegMeta::default()
         };
     }

@@ -236,6 +236,8 @@ impl<A: BufAlloc> Engine<A> {
         self.geo = sb.geometry();
         self.sb = Some(sb);
         self.ring.install(self.geo);
+        self.index
+            .install(self.geo.nr_segments * self.geo.data_blocks as u64);
     }
 
     fn format(&mut self) {
@@ -421,7 +423,7 @@ impl<A: BufAlloc> Engine<A> {
                     // An empty log of the previous one's epoch keeps the
                     // chain's epochs in order.
                     self.st().skipped.push((id, prev_epoch));
-                    self.ring.replay(id, prev_epoch, Vec::new());
+                    self.ring.replay(id, prev_epoch, 0);
                 }
                 _ => return id,
             }
@@ -430,18 +432,19 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     fn replay_log(&mut self, id: LogId, epoch: Epoch, mbs: &[crate::format::Metablock]) {
-        self.ring
-            .replay(id, epoch, mbs.iter().map(|m| m.block).collect());
+        self.ring.replay(id, epoch, mbs.len() as u32);
         for (slot, mb) in mbs.iter().enumerate() {
+            let at = self.cache_slot(id, slot as u32);
+            self.index.log_block(at, mb.block);
             // Clean (read-cached) blocks are not replayed: an invalidation of
             // them may not be on disk, and the backing device has their data.
             if !mb.dirty {
                 continue;
             }
-            if self.index.contains_key(&mb.block) {
+            if self.index.contains(mb.block) {
                 self.drop_entry(mb.block);
             }
-            self.index.insert(
+            self.index_insert(
                 mb.block,
                 Entry {
                     id,

@@ -77,7 +77,7 @@ impl<A: BufAlloc> Engine<A> {
         let first = offset.div_ceil(BLOCK_SIZE);
         let last = (offset + len) / BLOCK_SIZE;
         for block in first..last {
-            if let Some(e) = self.index.get(&block).copied()
+            if let Some(e) = self.entry(block)
                 && self.droppable(&e)
             {
                 self.drop_entry(block);
@@ -203,13 +203,13 @@ impl<A: BufAlloc> Engine<A> {
     /// recovery could bring back over the new data.
     fn bypassable(&self, offset: u64, len: u64) -> bool {
         let (first, last) = (offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
-        (first..=last).all(|b| self.index.get(&b).is_none_or(|e| self.droppable(e)))
+        (first..=last).all(|b| self.entry(b).is_none_or(|e| self.droppable(&e)))
     }
 
     fn bypass(&mut self, req: ReqId, offset: u64, len: u64, src: Src<'_>, fua: bool) {
         let (first, last) = (offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
         for b in first..=last {
-            if self.index.contains_key(&b) {
+            if self.index.contains(b) {
                 self.drop_entry(b);
             }
         }
@@ -297,7 +297,7 @@ impl<A: BufAlloc> Engine<A> {
     ) -> Option<LogId> {
         let full = mask == FULL_MASK;
         let hl = self.geo.header_len();
-        let existing = self.index.get(&block).copied();
+        let existing = self.entry(block);
         // A line already in the open buffer is updated in place (mode 0;
         // in mode 1 an in-place update could tear acknowledged data).
         if let (Some(e), Some(o)) = (existing, self.open.as_ref())
@@ -314,7 +314,7 @@ impl<A: BufAlloc> Engine<A> {
             slot.dirty = true;
             slot.fill &= !mask;
             slot.crc = None;
-            let change = self.index.update_copy(block, id, e.slot, |ent| {
+            let change = self.update_copy(block, id, e.slot, |ent| {
                 ent.valid |= mask;
                 ent.dirty |= mask;
                 ent.logged_dirty = true;
@@ -383,11 +383,11 @@ impl<A: BufAlloc> Engine<A> {
         o.has_dirty = true;
         let full_log = o.slots.len() as u32 == self.geo.data_blocks;
         let seg = self.ring.seg_mut(id);
-        seg.blocks.push(block);
+        seg.nr_slots += 1;
         if valid != 0 {
             seg.live_dirty += 1;
         }
-        self.index.insert(
+        self.index_insert(
             block,
             Entry {
                 id,
@@ -499,17 +499,17 @@ impl<A: BufAlloc> Engine<A> {
         let buf = self.free_log_bufs.pop().expect("free log buffer");
         // Reclaim the position: the old log is written back, so whatever of it
         // is still indexed is clean and can go.
-        let (id, old_id, mut blocks) = self.ring.open_next(buf);
-        for &b in &blocks {
-            if self.index.get(&b).is_some_and(|e| e.id == old_id) {
-                self.drop_entry(b);
+        let (id, old_id, old_slots) = self.ring.open_next(buf);
+        if old_id != LogId::NONE {
+            for slot in 0..old_slots {
+                let at = self.cache_slot(id, slot);
+                if self.index.is_current(at).is_some() {
+                    self.drop_entry(self.index.block_at(at));
+                }
             }
         }
-        blocks.clear();
-        blocks.reserve(self.geo.data_blocks as usize);
         // Mode 1: the buffer's pool slot now holds this log.
         let pslot = self.pmem.open_log(buf, id, self.ring.epoch());
-        self.ring.set_blocks(id, blocks);
         self.open = Some(OpenLog {
             id,
             buf,
@@ -541,7 +541,7 @@ impl<A: BufAlloc> Engine<A> {
         if !ok {
             // The older copy is unreadable: the cache device is failing.
             s.valid &= !fill;
-            let change = self.index.update_copy(block, id, slot, |e| {
+            let change = self.update_copy(block, id, slot, |e| {
                 e.valid &= !fill;
                 e.dirty &= !fill;
             });

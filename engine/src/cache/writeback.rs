@@ -149,13 +149,11 @@ impl<A: BufAlloc> Engine<A> {
                     continue;
                 }
                 let before = batch.written.len();
-                for (slot, &block) in seg.blocks.iter().enumerate() {
-                    if let Some(e) = self.index.get(&block)
-                        && e.id == id
-                        && e.slot == slot as u32
+                for slot in 0..seg.nr_slots {
+                    if let Some((block, e)) = self.current_at(id, slot)
                         && e.dirty != 0
                     {
-                        batch.written.push((block, id, slot as u32, e.dirty));
+                        batch.written.push((block, id, slot, e.dirty));
                     }
                 }
                 if batch.written.len() == before {
@@ -242,10 +240,9 @@ impl<A: BufAlloc> Engine<A> {
         if seg.id != id {
             return None;
         }
-        seg.blocks.iter().enumerate().find_map(|(slot, b)| {
-            let e = self.index.get(b)?;
-            ((e.id, e.slot) != (id, slot as u32) && e.dirty != 0 && !self.copy_durable(e))
-                .then_some(e.id)
+        (0..seg.nr_slots).find_map(|slot| {
+            let e = self.entry(self.slot_block(id, slot))?;
+            ((e.id, e.slot) != (id, slot) && e.dirty != 0 && !self.copy_durable(&e)).then_some(e.id)
         })
     }
 
@@ -368,9 +365,7 @@ impl<A: BufAlloc> Engine<A> {
     fn wb_finish(&mut self) {
         let b = self.writeback.end(None);
         for &(block, id, slot, mask) in &b.written {
-            let change = self
-                .index
-                .update_copy(block, id, slot, |e| e.dirty &= !mask);
+            let change = self.update_copy(block, id, slot, |e| e.dirty &= !mask);
             if change == Some(Dirty::Cleaned) {
                 self.ring.seg_mut(id).live_dirty -= 1;
             }
