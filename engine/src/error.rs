@@ -162,6 +162,11 @@ pub enum IoError {
     BackingDevice,
     #[error("the cache is read-only after a cache device failure; writes are refused")]
     ReadOnly,
+    #[error(
+        "the cached copy of this block failed its checksum (damaged at rest): rewrite the \
+         whole block, or reopen the cache with salvage=true to fall back to older contents"
+    )]
+    Corrupt,
 }
 
 /// Why a device command failed, as far as the host can tell. The engine

@@ -10,6 +10,8 @@ pub struct Stats {
     pub nr_partial_flushed: u64,
     /// Logs written in total.
     pub nr_logs: u64,
+    /// Cached copies the scrub found damaged (corrupt at rest).
+    pub corrupt_blocks_found: u64,
     pub user_write_cmds: u64,
     pub user_write_bytes: u64,
     pub user_read_cmds: u64,
@@ -74,6 +76,12 @@ pub struct Status {
     /// Bytes the block index allocates (sized by the cache; pages become
     /// resident as slots are used).
     pub index_bytes: u64,
+    /// Logs replayed from their headers whose data the scrub has not checked yet.
+    pub unchecked_logs: u64,
+    /// Dirty blocks whose cached copy failed its checksum: reads of them
+    /// fail and writeback stops before them until they are rewritten whole
+    /// or the cache is reopened with salvage.
+    pub corrupt_blocks: u64,
     pub nr_free_buffers: u32,
     pub stalled_writes: u32,
     pub read_only: bool,

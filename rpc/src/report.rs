@@ -95,6 +95,8 @@ pub fn status_json(s: &Status) -> Value {
         "nr_dirty_blocks": s.nr_dirty_blocks,
         "nr_cached_blocks": s.nr_cached_blocks,
         "index_bytes": s.index_bytes,
+        "unchecked_logs": s.unchecked_logs,
+        "corrupt_blocks": s.corrupt_blocks,
         "nr_free_buffers": s.nr_free_buffers,
         "stalled_writes": s.stalled_writes,
         "read_only": s.read_only,

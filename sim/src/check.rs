@@ -81,6 +81,12 @@ pub struct Outcome {
     pub corruption_detected: u64,
     /// Damage that recovery took for a torn tail: it opened, dropping logs.
     pub silent_truncations: u64,
+    /// Of the damage detected, what the scrub found after an open (data of
+    /// a log whose header recovery trusted) rather than the open itself.
+    pub found_by_scrub: u64,
+    /// Damaged data that no read or writeback needed any more (a copy
+    /// superseded or clean): nothing to report, nothing lost.
+    pub damage_unused: u64,
 }
 
 impl Outcome {
@@ -101,6 +107,8 @@ impl Outcome {
         }
         self.corruption_detected += o.corruption_detected;
         self.silent_truncations += o.silent_truncations;
+        self.found_by_scrub += o.found_by_scrub;
+        self.damage_unused += o.damage_unused;
     }
 
     pub fn clean(&self) -> bool {
@@ -718,19 +726,32 @@ impl Run {
             pool(),
             false,
         );
-        match first {
+        let (cache, backing, pool_image) = match first {
+            Ok(h) if inj.in_data => {
+                // Its header is intact, so the log was replayed and its data
+                // is checked lazily: a read waits for the scrub, and a
+                // damaged copy fails instead of reading back.
+                match self.scrub_after_open(h) {
+                    Ok(h) => return Some(h),
+                    Err(images) => images,
+                }
+            }
             Ok(h) => {
                 // Opened as if the damage were a torn tail: whatever it
                 // dropped is counted as lost by the read-back.
                 self.out.silent_truncations += 1;
                 return Some(h);
             }
-            Err(Some(OpenError::Corrupt { .. })) => self.out.corruption_detected += 1,
+            Err(Some(OpenError::Corrupt { .. })) => {
+                self.out.corruption_detected += 1;
+                (cache, backing, pool_image)
+            }
             Err(_) => {
                 self.out.stuck += 1;
                 return None;
             }
-        }
+        };
+        let pool = || pool_image.clone().map(SimPmem::from_image);
         let nsec = self.sectors.len() as u64;
         for b in inj.blocks {
             for s in b * 8..(b * 8 + 8).min(nsec) {
@@ -749,6 +770,34 @@ impl Run {
                 None
             }
         }
+    }
+
+    /// After an open over damaged data: reads everything back (each read
+    /// of an unchecked log waits for the scrub; a damaged copy must fail,
+    /// never read back). If the scrub reported corrupt blocks, the engine
+    /// is crashed and its images come back for a salvage; if it found
+    /// nothing, the damage was in a copy nothing needs.
+    #[allow(clippy::type_complexity)]
+    fn scrub_after_open(
+        &mut self,
+        mut h: Harness,
+    ) -> Result<Harness, (Vec<u8>, Vec<u8>, Option<Vec<u8>>)> {
+        self.verify_all(&mut h);
+        let corrupt = h.engine().status().corrupt_blocks;
+        if corrupt == 0 {
+            self.out.damage_unused += 1;
+            return Ok(h);
+        }
+        self.out.corruption_detected += 1;
+        self.out.found_by_scrub += 1;
+        self.note(|| format!("the scrub found {corrupt} corrupt blocks: salvage"));
+        let pool = h.pmem.as_ref().map(|p| p.crash(&mut self.rng));
+        let outcome = CrashOutcome::pick(&mut self.rng);
+        let (cache, backing) = h.crash_as(outcome, &mut self.rng);
+        self.pending.clear();
+        self.acked_unflushed.clear();
+        self.flushes.clear();
+        Err((cache, backing, pool))
     }
 
     /// Reads the whole device through the engine and checks every sector

@@ -45,6 +45,9 @@ pub struct Injected {
     /// Its dirty blocks (backing block numbers): after a salvage they may
     /// read as any older contents.
     pub blocks: Vec<u64>,
+    /// Only data blocks were damaged, not the header: recovery trusts the
+    /// header of a log claimed durable, so the scrub finds this, not the open.
+    pub in_data: bool,
 }
 
 /// The log chain recovery would replay from `img`, and the newest log any
@@ -116,12 +119,14 @@ pub fn inject(img: &mut [u8], cache_size: u64, rng: &mut impl Rng) -> Option<Inj
     let seg = geo.segment_size as usize;
     let at = geo.segment_offset(LogId(id)) as usize;
     let fault = Fault::ALL[rng.random_range(0..Fault::ALL.len())];
+    let mut in_data = false;
     match fault {
         Fault::BitRot => {
             // Only bytes a checksum covers: the header and the used blocks.
             let span = geo.header_len() + mbs.len() * BLOCK_SIZE as usize;
-            let byte = at + rng.random_range(0..span);
-            img[byte] ^= 1 << rng.random_range(0..8);
+            let off = rng.random_range(0..span);
+            img[at + off] ^= 1 << rng.random_range(0..8);
+            in_data = off >= geo.header_len();
         }
         Fault::Misdirected => {
             // Any other position of the ring.
@@ -149,5 +154,6 @@ pub fn inject(img: &mut [u8], cache_size: u64, rng: &mut impl Rng) -> Option<Inj
         fault,
         log: id,
         blocks: mbs.iter().filter(|m| m.dirty).map(|m| m.block).collect(),
+        in_data,
     })
 }

@@ -842,13 +842,58 @@ fn three_durable_logs(p: &OpenParams) -> (Vec<u8>, Vec<u8>, writeboost_engine::L
 }
 
 #[test]
+fn damaged_data_in_a_claimed_log_is_found_by_the_scrub_and_never_read_back() {
+    let p = params(8 * MIB);
+    let (mut c, b, middle) = three_durable_logs(&p);
+    // Bit rot in the middle log's data block. The third log's header claims
+    // the middle one durable, so recovery replays it from its header alone.
+    let geo = Geometry::new(128 << 10, 8 * MIB, BACKING).unwrap();
+    c[geo.segment_offset(middle) as usize + geo.header_len() + 100] ^= 4;
+    let mut h = open(
+        p.clone(),
+        SimDevice::from_image(c.clone()),
+        SimDevice::from_image(b.clone()),
+    );
+    assert_eq!(h.opened, Some(Ok(())));
+    // The read waits for the scrub, which finds the damage: it fails.
+    assert_eq!(h.read(4, 4096, 4096), Err(IoError::Corrupt));
+    assert_eq!(h.read(5, 0, 4096).unwrap(), pattern(1, 4096));
+    assert_eq!(h.read(6, 8192, 4096).unwrap(), pattern(3, 4096));
+    let st = h.engine().status();
+    assert_eq!((st.corrupt_blocks, st.unchecked_logs), (1, 0));
+    // Writeback stops before the damaged log, so a restart finds it again.
+    let mut t = *h.engine().tunables();
+    t.writeback_delay_ms = 0;
+    let now = h.now;
+    h.driver.engine_mut().set_options(t, now).unwrap();
+    h.settle(1_000_000_000);
+    assert!(h.engine().status().last_writeback_id < middle.get());
+    let mut h = power_loss(h, p.clone());
+    assert_eq!(h.opened, Some(Ok(())));
+    assert_eq!(h.read(7, 4096, 4096), Err(IoError::Corrupt));
+    // A whole new copy replaces the damaged one.
+    h.write(8, 4096, &pattern(8, 4096), true).unwrap();
+    assert_eq!(h.read(9, 4096, 4096).unwrap(), pattern(8, 4096));
+    assert_eq!(h.engine().status().corrupt_blocks, 0);
+    // Or a salvage falls back to the older contents (here the backing
+    // device's zeroes), keeping the logs around the damaged one.
+    let mut s = p.clone();
+    s.salvage = true;
+    let mut h = open(s, SimDevice::from_image(c), SimDevice::from_image(b));
+    assert_eq!(h.opened, Some(Ok(())));
+    assert_eq!(h.engine().stats().salvaged_logs_skipped, 1);
+    assert_eq!(h.read(10, 4096, 4096).unwrap(), vec![0; 4096]);
+    assert_eq!(h.read(11, 8192, 4096).unwrap(), pattern(3, 4096));
+}
+
+#[test]
 fn a_damaged_log_below_a_later_claim_is_corruption_and_salvage_keeps_the_rest() {
     let p = params(8 * MIB);
     let (mut c, b, middle) = three_durable_logs(&p);
-    // Bit rot in the middle log's data block: the third log's header says
-    // the middle one was durable, so this is no torn tail.
+    // Bit rot in the middle log's header: the third log's header says the
+    // middle one was durable, so this is no torn tail.
     let geo = Geometry::new(128 << 10, 8 * MIB, BACKING).unwrap();
-    c[geo.segment_offset(middle) as usize + geo.header_len() + 100] ^= 4;
+    c[geo.segment_offset(middle) as usize + 100] ^= 4;
     let untouched = c.clone();
     let h = open(
         p.clone(),

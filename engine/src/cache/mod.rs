@@ -33,6 +33,7 @@ mod pmem_buffer;
 mod read;
 mod records;
 mod ring;
+mod scrub;
 mod startup;
 mod write;
 mod writeback;
@@ -59,6 +60,7 @@ use self::inflight::{Ended, InFlight};
 use self::pmem_buffer::PmemBuffer;
 use self::records::Records;
 use self::ring::Ring;
+use self::scrub::Scrub;
 use self::startup::Startup;
 use self::writeback::Writeback;
 
@@ -160,6 +162,10 @@ enum Purpose {
         id: LogId,
     },
     WbWrite,
+    /// A log read whole for the scrub.
+    Scrub {
+        id: LogId,
+    },
 }
 
 /// A write waiting for buffer space.
@@ -223,6 +229,7 @@ pub struct Engine<A: BufAlloc> {
 
     records: Records,
     writeback: Writeback,
+    scrub: Scrub,
     backing_load: u64,
     /// Bumped whenever the backing device is written outside writeback, so a
     /// staging read that raced with it is not cached.
@@ -314,6 +321,7 @@ impl<A: BufAlloc> Engine<A> {
             stalled: VecDeque::new(),
             records: Records::new(now),
             writeback: Writeback::default(),
+            scrub: Scrub::default(),
             backing_load: 0,
             bypass_seq: 0,
             backing_bypass_inflight: 0,
@@ -425,6 +433,7 @@ impl<A: BufAlloc> Engine<A> {
             Purpose::Stage(s) => self.stage_done(s, ok),
             Purpose::WbRead { id } => self.wb_read_done(id, ok),
             Purpose::WbWrite => self.wb_write_done(ok),
+            Purpose::Scrub { id } => self.scrub_done(id, ok),
         }
         self.pump();
     }
@@ -541,6 +550,8 @@ impl<A: BufAlloc> Engine<A> {
             nr_dirty_blocks: self.index.nr_dirty(),
             nr_cached_blocks: self.index.len(),
             index_bytes: self.index.bytes(),
+            unchecked_logs: self.scrub.nr_unchecked(),
+            corrupt_blocks: self.scrub.nr_corrupt(),
             nr_free_buffers: self.free_log_bufs.len() as u32,
             stalled_writes: self.stalled.len() as u32,
             read_only: self.read_only,
@@ -913,6 +924,7 @@ impl<A: BufAlloc> Engine<A> {
             self.seal_if_due();
             self.issue_cache_flush();
             self.issue_backing_flush();
+            self.maybe_scrub();
             self.maybe_writeback();
             self.maybe_write_record();
             if self.writeback.drop_caches_active()
@@ -955,6 +967,7 @@ impl<A: BufAlloc> Engine<A> {
             || !self.sealing.is_empty()
             || !self.durability.is_settled()
             || self.writeback.is_active()
+            || !self.scrub.is_idle()
             || !self.records.is_idle()
             || self.records.is_wanted()
             || !self.reqs.is_empty()

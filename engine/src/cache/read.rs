@@ -60,12 +60,29 @@ impl<A: BufAlloc> Engine<A> {
 
     fn read_common(&mut self, req: ReqId, offset: u64, len: u64) {
         let (first, last) = (offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
-        let blocked = (first..=last).any(|b| {
-            self.entry(b).is_some_and(|e| {
-                let (mask, _, _) = Self::block_span(b, offset, len);
-                self.pending_fill(&e) & mask != 0
-            })
-        });
+        let mut blocked = false;
+        let mut corrupt = false;
+        for b in first..=last {
+            let Some(e) = self.entry(b) else {
+                continue;
+            };
+            let (mask, _, _) = Self::block_span(b, offset, len);
+            blocked |= self.pending_fill(&e) & mask != 0;
+            // Data from a log the scrub has not checked waits for it.
+            if e.valid & mask != 0
+                && self.scrub.is_unchecked(e.id)
+                && self.ring.seg(e.id).buf.is_none()
+            {
+                self.scrub.want(e.id);
+                blocked = true;
+            }
+            corrupt |= self.scrub.is_corrupt(b);
+        }
+        if corrupt && !blocked {
+            self.track(req).parts += 1;
+            self.part_done(req, Err(IoError::Corrupt));
+            return;
+        }
         if blocked {
             self.track(req).parts += 1;
             self.deferred_reads.push((req, offset, len));

@@ -6,6 +6,13 @@
 //! later log says the bad one was durable, it is corruption, not a torn tail,
 //! and opening fails (or, with `salvage`, skips it) instead of silently
 //! dropping acknowledged logs. Nothing is written until every check has passed.
+//!
+//! Only headers are read at first. A log at or below the claimed durable
+//! frontier was flushed before a later log or record said so, so it cannot
+//! be torn: it is replayed from its header alone, and the scrub checks its
+//! data after start-up, before anything reads it. Only the few logs past the
+//! claim, which a crash may have torn, are read whole and checked now. So
+//! resume reads a header per log instead of the whole cache.
 
 use std::collections::BTreeMap;
 
@@ -22,8 +29,8 @@ use crate::ids::{Epoch, LogId};
 use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Event};
 use crate::mutant::Mutant;
 
-/// Logs read ahead during replay.
-const REPLAY_QD: u64 = 4;
+/// Log headers read ahead during replay (small reads: a deep queue).
+const REPLAY_QD: u64 = 32;
 
 #[derive(Debug)]
 pub(super) enum StartIo {
@@ -35,6 +42,11 @@ pub(super) enum StartIo {
         id: LogId,
         buf: BufId,
         full: bool,
+    },
+    /// A chain log past the claims, read whole to check its data.
+    Verify {
+        id: LogId,
+        buf: BufId,
     },
     /// A salvage marks a skipped log's position as an empty log.
     TombstoneWrite {
@@ -78,6 +90,12 @@ pub(super) struct Startup {
     /// Logs a salvage skipped, and tombstone writes in flight for them.
     skipped: Vec<(LogId, Epoch)>,
     tombstones_pending: u32,
+    /// Chain logs whose header was read and that no claim covers yet: they
+    /// are replayed in order as claims pass them; those left at the end are
+    /// read whole and checked.
+    pending: std::collections::VecDeque<(LogId, Epoch, Vec<Metablock>)>,
+    /// Pending logs are being read whole (the chain's last logs).
+    verifying: bool,
 }
 
 impl<A: BufAlloc> Engine<A> {
@@ -180,6 +198,15 @@ impl<A: BufAlloc> Engine<A> {
                     return self.fail_open(OpenError::Device { op: "reading logs" });
                 }
                 self.apply_ready();
+            }
+            StartIo::Verify { id, buf } => {
+                let st = self.st();
+                st.inflight -= 1;
+                st.ready.insert(id, (buf, true));
+                if !ok {
+                    return self.fail_open(OpenError::Device { op: "reading logs" });
+                }
+                self.apply_verified();
             }
         }
     }
@@ -308,9 +335,9 @@ impl<A: BufAlloc> Engine<A> {
                 break;
             }
             let id = st.next_issue;
-            // Past the chain's end only the headers matter (their claims),
-            // unless a salvage may apply those logs.
-            let full = st.broken.is_none() || salvage;
+            // Headers only (the claims, and the logs they cover), unless a
+            // salvage may apply the logs: it checks every log whole.
+            let full = salvage;
             st.next_issue = st.next_issue.next();
             st.inflight += 1;
             let buf = match st.spare.pop() {
@@ -374,17 +401,95 @@ impl<A: BufAlloc> Engine<A> {
             let epoch = Epoch(h.epoch);
             if st.broken.is_none() && (epoch >= st.prev_epoch || any_epoch) {
                 st.prev_epoch = epoch;
-                self.replay_log(id, epoch, &mbs);
+                if full {
+                    self.replay_log(id, epoch, &mbs, true);
+                } else {
+                    st.pending.push_back((id, epoch, mbs));
+                }
             } else {
                 st.broken.get_or_insert(id);
                 st.later.insert(id, Later { epoch, mbs, full });
             }
+            self.replay_claimed();
         }
         self.issue_replay_reads();
     }
 
+    /// Replays, from their headers, the pending logs a claim now covers.
+    fn replay_claimed(&mut self) {
+        loop {
+            let st = self.st();
+            let claimed = st.claimed;
+            if st.pending.front().is_none_or(|p| p.0 > claimed) {
+                return;
+            }
+            let (id, epoch, mbs) = st.pending.pop_front().expect("pending log");
+            self.replay_log(id, epoch, &mbs, false);
+        }
+    }
+
+    /// Reads whole the chain logs no claim covers: a crash may have torn them.
+    fn verify_pending(&mut self) {
+        let seg_len = self.geo.segment_size as usize;
+        let ids: Vec<LogId> = self.st().pending.iter().map(|p| p.0).collect();
+        self.st().verifying = true;
+        for id in ids {
+            let buf = match self.st().spare.pop() {
+                Some(b) => b,
+                None => self.alloc_buf(seg_len),
+            };
+            self.st().inflight += 1;
+            let offset = self.geo.segment_offset(id);
+            self.issue(
+                Device::Cache,
+                CommandKind::Read {
+                    offset,
+                    len: seg_len,
+                    dst: DataRef::Engine { buf, offset: 0 },
+                },
+                Purpose::Startup(StartIo::Verify { id, buf }),
+            );
+        }
+    }
+
+    /// Takes the whole reads of pending logs in id order: each whose data
+    /// matches its header is replayed; the first that does not ends the chain.
+    fn apply_verified(&mut self) {
+        let hl = self.geo.header_len();
+        loop {
+            let st = self.st();
+            let Some(&(id, ..)) = st.pending.front() else {
+                break;
+            };
+            let Some((buf, _)) = st.ready.remove(&id) else {
+                break;
+            };
+            let (id, epoch, mbs) = st.pending.pop_front().expect("pending log");
+            st.spare.push(buf);
+            let data_ok = verify_blocks(&self.buf(buf)[hl..], &mbs).is_ok();
+            if !data_ok {
+                let st = self.st();
+                st.broken = Some(st.broken.map_or(id, |b| b.min(id)));
+                // The chain ends here: the logs after it are not replayed.
+                for (rest, ..) in std::mem::take(&mut st.pending) {
+                    if let Some((b, _)) = st.ready.remove(&rest) {
+                        st.spare.push(b);
+                    }
+                }
+                break;
+            }
+            self.replay_log(id, epoch, &mbs, true);
+        }
+        if self.st().inflight == 0 {
+            self.end_of_logs();
+        }
+    }
+
     /// Every log worth reading was read: decide where the chain ends.
     fn end_of_logs(&mut self) {
+        if !self.st().verifying && !self.st().pending.is_empty() {
+            return self.verify_pending();
+        }
         let salvage = self.params.salvage;
         let ignore_claims = self.mutant.is(Mutant::NoDurableFrontierCheck);
         let st = self.st();
@@ -417,7 +522,7 @@ impl<A: BufAlloc> Engine<A> {
             match later.remove(&id) {
                 Some(l) if l.full && l.epoch >= prev_epoch => {
                     prev_epoch = l.epoch;
-                    self.replay_log(id, l.epoch, &l.mbs);
+                    self.replay_log(id, l.epoch, &l.mbs, true);
                 }
                 _ if id <= claimed => {
                     // An empty log of the previous one's epoch keeps the
@@ -431,8 +536,13 @@ impl<A: BufAlloc> Engine<A> {
         }
     }
 
-    fn replay_log(&mut self, id: LogId, epoch: Epoch, mbs: &[crate::format::Metablock]) {
+    /// `verified`: the log's data was checked against its header; if not,
+    /// the scrub checks it before anything reads it.
+    fn replay_log(&mut self, id: LogId, epoch: Epoch, mbs: &[Metablock], verified: bool) {
         self.ring.replay(id, epoch, mbs.len() as u32);
+        if !verified && !mbs.is_empty() {
+            self.scrub.add(id);
+        }
         for (slot, mb) in mbs.iter().enumerate() {
             let at = self.cache_slot(id, slot as u32);
             self.index.log_block(at, mb.block);
@@ -638,7 +748,7 @@ impl<A: BufAlloc> Engine<A> {
                 })
                 .collect();
             // Written again as a log of the new incarnation.
-            self.replay_log(id, self.records.epoch().next(), &mbs);
+            self.replay_log(id, self.records.epoch().next(), &mbs, true);
             self.ring.seg_mut(id).buf = Some(buf);
             self.ring.seg_mut(id).pool_committed = slots.len() as u32;
             self.recovered.push(OpenLog {

@@ -332,6 +332,20 @@ impl<A: BufAlloc> Engine<A> {
         {
             return None;
         }
+        // Sectors to carry over from a log the scrub has not checked wait
+        // for it, as reads do.
+        if let Some(old) = existing
+            && old.dirty & !mask != 0
+            && self.scrub.is_unchecked(old.id)
+            && self.ring.seg(old.id).buf.is_none()
+        {
+            self.scrub.want(old.id);
+            return None;
+        }
+        if full {
+            // A whole new copy: a damaged older one no longer matters.
+            self.scrub.rewritten(block);
+        }
         if !self.ensure_open_slot() {
             return None;
         }

@@ -100,6 +100,13 @@ impl<A: BufAlloc> Engine<A> {
             }
             let mut limit = (self.ring.last_wb() + self.tunables.nr_max_batched_writeback as u64)
                 .min(self.durability.frontier());
+            // Only logs whose data the scrub has checked and found whole.
+            if let Some(first) = self.scrub.first_unusable() {
+                limit = limit.min(first.prev()).max(self.ring.last_wb());
+            }
+            if limit == self.ring.last_wb() {
+                return;
+            }
             if !needed {
                 // Background writeback takes only logs past their delay.
                 while limit > self.ring.last_wb() && !self.past_writeback_delay(limit) {

@@ -124,8 +124,14 @@ fn main() {
         total.crash_outcomes[2]
     );
     println!(
-        "corruptions=bit_rot:{},misdirected:{},lost_write:{} corruption_detected={}",
-        total.corruptions[0], total.corruptions[1], total.corruptions[2], total.corruption_detected
+        "corruptions=bit_rot:{},misdirected:{},lost_write:{} corruption_detected={} \
+         found_by_scrub={} damage_unused={}",
+        total.corruptions[0],
+        total.corruptions[1],
+        total.corruptions[2],
+        total.corruption_detected,
+        total.found_by_scrub,
+        total.damage_unused
     );
     println!(
         "wb-sim: seeds={} crashes={} acknowledged_lost={} corrupt_reads={} silent_truncations={}",
