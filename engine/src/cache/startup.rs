@@ -551,19 +551,17 @@ impl<A: BufAlloc> Engine<A> {
             if !mb.dirty {
                 continue;
             }
-            if self.index.contains(mb.block) {
-                self.drop_entry(mb.block);
+            // A later copy replaces the entry where it is: one probe.
+            let e = Entry {
+                id,
+                slot: slot as u32,
+                valid: mb.valid,
+                dirty: mb.valid,
+                logged_dirty: true,
+            };
+            if let Some(old) = self.index_insert(mb.block, e) {
+                self.unlink_dirty(&old);
             }
-            self.index_insert(
-                mb.block,
-                Entry {
-                    id,
-                    slot: slot as u32,
-                    valid: mb.valid,
-                    dirty: mb.valid,
-                    logged_dirty: true,
-                },
-            );
             if mb.valid != 0 {
                 self.ring.seg_mut(id).live_dirty += 1;
             }
