@@ -1,11 +1,14 @@
 //! Sizes and address arithmetic of the cache device layout.
 //!
 //! The cache device is cut into segment-sized regions. Region 0 holds the
-//! superblock and the two superblock-record slots; regions 1.. hold logs. A log
-//! with id `k` always lives in region `1 + (k - 1) % nr_segments`, so an id alone
-//! tells where to look (recovery never searches).
+//! superblock and the two superblock-record slots; regions 1..=nr_segments
+//! hold logs; the regions after them hold the checkpoint a clean shutdown
+//! writes (about 0.3 % of the cache). A log with id `k` always lives in
+//! region `1 + (k - 1) % nr_segments`, so an id alone tells where to look
+//! (recovery never searches).
 
 use crate::error::FormatError;
+use crate::format::CheckpointLayout;
 use crate::ids::LogId;
 
 /// Smallest unit of a partial write.
@@ -61,17 +64,23 @@ impl Geometry {
         }
         let (header_blocks, data_blocks) = Self::split(segment_size);
         let regions = cache_size / segment_size;
-        // One region for the superblock and at least two for logs: one open, one
-        // being written back.
-        if regions < 3 {
+        // The checkpoint's regions, sized for every region holding a log
+        // (a little more than the logs left over need).
+        let checkpoint = CheckpointLayout::new(regions.saturating_sub(1), data_blocks)
+            .len
+            .div_ceil(segment_size);
+        // One region for the superblock, the checkpoint and at least two for
+        // logs: one open, one being written back.
+        if regions < 3 + checkpoint {
             return Err(FormatError::CacheTooSmall {
                 cache_size,
-                needed: 3 * segment_size,
+                needed: (3 + checkpoint.max(1)) * segment_size,
             });
         }
+        let nr_segments = regions - 1 - checkpoint;
         // The index names a cache slot with a u32 (and 0 for none).
         let max_slots = u32::MAX as u64 - 1;
-        if (regions - 1) * data_blocks as u64 > max_slots {
+        if nr_segments * data_blocks as u64 > max_slots {
             return Err(FormatError::CacheTooLarge {
                 cache_size,
                 max_slots,
@@ -82,7 +91,7 @@ impl Geometry {
             segment_size,
             header_blocks,
             data_blocks,
-            nr_segments: regions - 1,
+            nr_segments,
             backing_size,
         })
     }
@@ -119,6 +128,16 @@ impl Geometry {
         self.segment_offset(id) + self.header_len() as u64 + slot as u64 * BLOCK_SIZE
     }
 
+    /// Where the checkpoint's sections lie.
+    pub fn checkpoint_layout(&self) -> CheckpointLayout {
+        CheckpointLayout::new(self.nr_segments, self.data_blocks)
+    }
+
+    /// Byte offset on the cache device of the checkpoint region.
+    pub fn checkpoint_offset(&self) -> u64 {
+        (1 + self.nr_segments) * self.segment_size
+    }
+
     /// Number of 4 KiB blocks on the backing device (a trailing partial block counts).
     pub fn backing_blocks(&self) -> u64 {
         self.backing_size.div_ceil(BLOCK_SIZE)
@@ -133,7 +152,9 @@ mod tests {
     fn default_segment_has_one_header_block_and_255_data_blocks() {
         let g = Geometry::new(DEFAULT_SEGMENT_SIZE, 64 << 20, 1 << 30).unwrap();
         assert_eq!((g.header_blocks, g.data_blocks), (1, 255));
-        assert_eq!(g.nr_segments, 63);
+        // Region 0, 62 logs, and one region for the checkpoint.
+        assert_eq!(g.nr_segments, 62);
+        assert!(g.checkpoint_offset() + g.checkpoint_layout().len <= 64 << 20);
     }
 
     #[test]
@@ -147,7 +168,7 @@ mod tests {
     #[test]
     fn rejects_tiny_caches_and_odd_segments() {
         assert!(matches!(
-            Geometry::new(DEFAULT_SEGMENT_SIZE, 2 << 20, 1 << 30),
+            Geometry::new(DEFAULT_SEGMENT_SIZE, 3 << 20, 1 << 30),
             Err(FormatError::CacheTooSmall { .. })
         ));
         assert!(Geometry::new(3 << 16, 64 << 20, 1 << 30).is_err());
@@ -162,18 +183,18 @@ mod tests {
             panic!("{e:?}");
         };
         assert!(Geometry::new(DEFAULT_SEGMENT_SIZE, max_bytes, 1 << 40).is_ok());
-        assert!(Geometry::new(DEFAULT_SEGMENT_SIZE, max_bytes + (1 << 20), 1 << 40).is_err());
         // A 4 TiB cache fits.
         assert!(Geometry::new(DEFAULT_SEGMENT_SIZE, 4 << 40, 1 << 40).is_ok());
     }
 
     #[test]
     fn ids_map_onto_a_ring_after_the_superblock_region() {
-        let g = Geometry::new(DEFAULT_SEGMENT_SIZE, 4 << 20, 1 << 30).unwrap();
+        let g = Geometry::new(DEFAULT_SEGMENT_SIZE, 5 << 20, 1 << 30).unwrap();
         assert_eq!(g.nr_segments, 3);
         assert_eq!(g.segment_offset(LogId(1)), 1 << 20);
         assert_eq!(g.segment_offset(LogId(3)), 3 << 20);
         assert_eq!(g.segment_offset(LogId(4)), 1 << 20);
+        assert_eq!(g.checkpoint_offset(), 4 << 20);
         assert_eq!(g.slot_offset(LogId(1), 2), (1 << 20) + 4096 + 2 * 4096);
     }
 }

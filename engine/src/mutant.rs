@@ -22,16 +22,20 @@ pub enum Mutant {
     /// Recovery takes a damaged log below the durable frontier for a torn
     /// tail and silently drops the acknowledged logs after it.
     NoDurableFrontierCheck,
+    /// Start-up loads whatever checkpoint the region holds, without the
+    /// newest record naming it (its sequence number and epoch).
+    TrustAnyCheckpoint,
 }
 
 impl Mutant {
     /// Every planted bug.
-    pub const ALL: [Mutant; 5] = [
+    pub const ALL: [Mutant; 6] = [
         Mutant::NoEpochCheck,
         Mutant::DurableBeforeFlush,
         Mutant::WritebackWithoutBackingFlush,
         Mutant::CommitBeforeDrain,
         Mutant::NoDurableFrontierCheck,
+        Mutant::TrustAnyCheckpoint,
     ];
 
     pub fn name(self) -> &'static str {
@@ -42,6 +46,7 @@ impl Mutant {
             Mutant::WritebackWithoutBackingFlush => "writeback-without-backing-flush",
             Mutant::CommitBeforeDrain => "commit-before-drain",
             Mutant::NoDurableFrontierCheck => "no-durable-frontier-check",
+            Mutant::TrustAnyCheckpoint => "trust-any-checkpoint",
         }
     }
 

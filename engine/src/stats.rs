@@ -10,6 +10,10 @@ pub struct Stats {
     pub nr_partial_flushed: u64,
     /// Logs written in total.
     pub nr_logs: u64,
+    /// Start-ups that loaded a clean shutdown's checkpoint, and that found
+    /// one named but unusable (and replayed the logs instead).
+    pub checkpoints_loaded: u64,
+    pub checkpoints_rejected: u64,
     /// Cached copies the scrub found damaged (corrupt at rest).
     pub corrupt_blocks_found: u64,
     pub user_write_cmds: u64,

@@ -21,6 +21,7 @@ use writeboost_engine::mutant::Mutant;
 
 /// Share of crashes that also damage a durable log, unless told otherwise.
 pub const DEFAULT_CORRUPTION_RATE: f64 = 0.1;
+pub const DEFAULT_RESTART_RATE: f64 = 0.25;
 
 /// Options of one simulation run.
 #[derive(Clone, Debug)]
@@ -42,6 +43,9 @@ pub struct SimOptions {
     pub mutant: Mutant,
     /// Probability that a crash also damages one durable log at rest.
     pub corruption_rate: f64,
+    /// Probability that a crash point is a clean restart instead (half of
+    /// those lose power part way through the shutdown).
+    pub restart_rate: f64,
 }
 
 /// Buffer modes a simulation uses.
@@ -87,6 +91,12 @@ pub struct Outcome {
     /// Damaged data that no read or writeback needed any more (a copy
     /// superseded or clean): nothing to report, nothing lost.
     pub damage_unused: u64,
+    /// Clean shutdowns in the middle of a run, and how many of them the
+    /// next start resumed from the checkpoint.
+    pub clean_restarts: u64,
+    pub checkpoints_loaded: u64,
+    /// Power failures part way through a shutdown.
+    pub shutdown_crashes: u64,
 }
 
 impl Outcome {
@@ -109,6 +119,9 @@ impl Outcome {
         self.silent_truncations += o.silent_truncations;
         self.found_by_scrub += o.found_by_scrub;
         self.damage_unused += o.damage_unused;
+        self.clean_restarts += o.clean_restarts;
+        self.checkpoints_loaded += o.checkpoints_loaded;
+        self.shutdown_crashes += o.shutdown_crashes;
     }
 
     pub fn clean(&self) -> bool {
@@ -139,6 +152,10 @@ struct Sector {
     cur: u64,
     /// A discard since this write id: anything written here may come back.
     wild_since: Option<u64>,
+    /// Discarded and not written since: its contents are unspecified, and
+    /// may change without a write (the cache and the backing device may
+    /// hold different ones), so even a read-back sets no baseline.
+    discarded: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -352,7 +369,16 @@ impl Run {
         loop {
             while crash_at.first().is_some_and(|&c| c <= issued) {
                 crash_at.remove(0);
-                let Some(nh) = self.crash_and_recover(h) else {
+                // Now and then a clean restart instead, or a power failure
+                // part way through one.
+                let nh = if self.opts.restart_rate > 0.0
+                    && self.rng.random_bool(self.opts.restart_rate)
+                {
+                    self.restart(h)
+                } else {
+                    self.crash_and_recover(h)
+                };
+                let Some(nh) = nh else {
                     return;
                 };
                 h = nh;
@@ -390,14 +416,46 @@ impl Run {
         self.out.partial_logs += st.nr_partial_flushed;
         self.out.logs += st.nr_logs;
         // Clean shutdown: everything acknowledged must come back exactly.
+        self.shutdown_and_reopen(h, None);
+    }
+
+    /// A clean restart at a crash point: the requests in flight end, then
+    /// the engine shuts down, or the power fails part way through that.
+    fn restart(&mut self, mut h: Harness) -> Option<Harness> {
+        while !self.pending.is_empty() {
+            if !h.step() {
+                self.note(|| "requests never ended before a restart".into());
+                self.out.stuck += 1;
+                return None;
+            }
+            self.collect(&mut h);
+        }
+        let budget = self
+            .rng
+            .random_bool(0.5)
+            .then(|| self.rng.random_range(0..200u32));
+        self.shutdown_and_reopen(h, budget)
+    }
+
+    /// Shuts the engine down and opens a new one over its images, checking
+    /// every sector. With `crash_after`, the power fails after that many
+    /// steps of the shutdown if it has not completed: a half-written
+    /// checkpoint, or one whose record never came, must not be trusted.
+    fn shutdown_and_reopen(&mut self, mut h: Harness, crash_after: Option<u32>) -> Option<Harness> {
         h.driver.engine_mut().shutdown(h.now);
         h.drain();
+        let mut steps = 0u32;
         while !h.shut_down {
+            if crash_after.is_some_and(|n| steps >= n) {
+                self.out.shutdown_crashes += 1;
+                return self.crash_and_recover(h);
+            }
             if !h.step() {
                 self.note(|| "shutdown never completed".into());
                 self.out.stuck += 1;
-                return;
+                return None;
             }
+            steps += 1;
         }
         let pool = h
             .pmem
@@ -415,13 +473,17 @@ impl Run {
                 }
             }
         }
-        if let Some(mut h) = self.harness(
+        self.acked_unflushed.clear();
+        self.flushes.clear();
+        let mut h = self.harness(
             SimDevice::from_image(images.0),
             SimDevice::from_image(images.1),
             pool,
-        ) {
-            self.verify_all(&mut h);
-        }
+        )?;
+        self.out.clean_restarts += 1;
+        self.out.checkpoints_loaded += h.engine().stats().checkpoints_loaded;
+        self.verify_all(&mut h);
+        Some(h)
     }
 
     fn overlaps(&self, first: u64, count: u64) -> bool {
@@ -525,6 +587,7 @@ impl Run {
                     let st = &mut self.sectors[s as usize];
                     st.wild_since = Some(self.next_write);
                     st.cur = WILD;
+                    st.discarded = true;
                 }
                 h.driver
                     .submit(req, UserOp::Discard { offset: off, len }, Vec::new(), now)
@@ -632,7 +695,9 @@ impl Run {
     /// Write `id` (whose sectors hold `version`) was acknowledged.
     fn acked_write_as(&mut self, id: u64, version: u64, first: u64, count: u64) {
         for s in first..first + count {
-            self.sectors[s as usize].cur = version;
+            let st = &mut self.sectors[s as usize];
+            st.cur = version;
+            st.discarded = false;
         }
         let _ = id;
         self.acked_unflushed.push((version, first, count));
@@ -879,9 +944,11 @@ impl Run {
                     }
                 }
                 st.durable = v;
-                st.cur = v;
                 st.later.clear();
-                st.wild_since = None;
+                if !st.discarded {
+                    st.cur = v;
+                    st.wild_since = None;
+                }
             }
         }
     }

@@ -967,3 +967,84 @@ fn a_torn_newest_log_claimed_by_nothing_is_a_torn_tail() {
     assert_eq!(h.read(4, 4096, 4096).unwrap(), pattern(2, 4096));
     assert_eq!(h.engine().status().next_segment_id, newest.get());
 }
+
+/// Forty blocks spread over several logs, some written twice.
+fn several_logs(h: &mut Harness) {
+    for i in 0..40u64 {
+        h.write(10 + i, i * 3 * 4096, &pattern(i as u8, 4096), i % 7 == 0)
+            .unwrap();
+    }
+    for i in 0..10u64 {
+        h.write(60 + i, i * 3 * 4096, &pattern(100 + i as u8, 4096), false)
+            .unwrap();
+    }
+}
+
+fn expect_several_logs(h: &mut Harness) {
+    for i in 0..40u64 {
+        let want = if i < 10 { 100 + i as u8 } else { i as u8 };
+        assert_eq!(
+            h.read(200 + i, i * 3 * 4096, 4096).unwrap(),
+            pattern(want, 4096),
+            "block {}",
+            i * 3
+        );
+    }
+}
+
+#[test]
+fn a_clean_shutdown_resumes_from_its_checkpoint_without_reading_logs() {
+    let p = params(8 * MIB);
+    let mut h = fresh(p.clone());
+    several_logs(&mut h);
+    let mut h = restart(h, p.clone());
+    assert_eq!(h.opened, Some(Ok(())));
+    let st = h.engine().stats().clone();
+    assert_eq!((st.checkpoints_loaded, st.checkpoints_rejected), (1, 0));
+    // Region 0 and the checkpoint: not one log.
+    let layout = h.engine().geometry().checkpoint_layout();
+    use writeboost_engine::format::META_AREA_LEN;
+    assert_eq!(st.cache_read_bytes, META_AREA_LEN as u64 + layout.len);
+    expect_several_logs(&mut h);
+    // The new incarnation's first record no longer names the checkpoint:
+    // after a crash the logs are replayed, the checkpoint ignored.
+    let mut h = power_loss(h, p.clone());
+    assert_eq!(h.opened, Some(Ok(())));
+    let st = h.engine().stats().clone();
+    assert_eq!((st.checkpoints_loaded, st.checkpoints_rejected), (0, 0));
+    expect_several_logs(&mut h);
+    // A second clean shutdown writes a new one.
+    let mut h = restart(h, p);
+    assert_eq!(h.engine().stats().checkpoints_loaded, 1);
+    expect_several_logs(&mut h);
+}
+
+#[test]
+fn a_damaged_checkpoint_is_refused_and_the_logs_replayed() {
+    let p = params(8 * MIB);
+    let mut h = fresh(p.clone());
+    several_logs(&mut h);
+    h.driver.engine_mut().shutdown(h.now);
+    h.drain();
+    while !h.shut_down {
+        assert!(h.step(), "shutdown stuck");
+    }
+    let geo = *h.engine().geometry();
+    let (c, b) = (h.cache.image().to_vec(), h.backing.image().to_vec());
+    let at = geo.checkpoint_offset() as usize;
+    let layout = geo.checkpoint_layout();
+    // A bit in the header, in a ring position, in the index words, in the table.
+    for off in [20, layout.positions + 3, layout.words + 1, layout.table + 2] {
+        let mut img = c.clone();
+        img[at + off as usize] ^= 0x10;
+        let mut h = open(
+            p.clone(),
+            SimDevice::from_image(img),
+            SimDevice::from_image(b.clone()),
+        );
+        assert_eq!(h.opened, Some(Ok(())), "damage at {off}");
+        let st = h.engine().stats().clone();
+        assert_eq!((st.checkpoints_loaded, st.checkpoints_rejected), (0, 1));
+        expect_several_logs(&mut h);
+    }
+}

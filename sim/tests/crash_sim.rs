@@ -3,7 +3,9 @@
 //! wb-sim -- --seeds 10000`.
 
 use writeboost_engine::mutant::Mutant;
-use writeboost_sim::check::{DEFAULT_CORRUPTION_RATE, Outcome, SimOptions, run_seed};
+use writeboost_sim::check::{
+    DEFAULT_CORRUPTION_RATE, DEFAULT_RESTART_RATE, Outcome, SimOptions, run_seed,
+};
 
 fn run(seeds: std::ops::Range<u64>, error_rate: f64) -> (Outcome, Vec<u64>) {
     let mut total = Outcome::default();
@@ -19,6 +21,7 @@ fn run(seeds: std::ops::Range<u64>, error_rate: f64) -> (Outcome, Vec<u64>) {
             mode: Default::default(),
             mutant: Mutant::None,
             corruption_rate: DEFAULT_CORRUPTION_RATE,
+            restart_rate: DEFAULT_RESTART_RATE,
         });
         if !o.clean() {
             bad.push(seed);
@@ -41,7 +44,12 @@ fn hundreds_of_seeds_lose_and_corrupt_nothing() {
         bad.is_empty(),
         "failing seeds {bad:?}: rerun with wb-sim --first-seed S --seeds 1 -v"
     );
-    assert!(total.crashes >= 800, "the run really crashed the engine");
+    assert!(total.crashes >= 600, "the run really crashed the engine");
+    // A quarter of the crash points are clean restarts instead (and every
+    // seed ends with one), resumed from the checkpoint; some lose power part
+    // way through the shutdown.
+    assert!(total.clean_restarts >= 400 && total.checkpoints_loaded > 0);
+    assert!(total.shutdown_crashes > 0);
     assert!(total.partial_logs > 0 && total.logs > total.partial_logs);
     assert!(
         total.corruptions.iter().all(|&n| n > 0),
@@ -93,6 +101,7 @@ fn pool_slots_without_committed_blocks_hide_nothing() {
             mode,
             mutant: Mutant::None,
             corruption_rate: DEFAULT_CORRUPTION_RATE,
+            restart_rate: DEFAULT_RESTART_RATE,
         });
         assert!(
             o.clean(),

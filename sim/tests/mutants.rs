@@ -6,13 +6,16 @@
 //! `wb-sim --mutant NAME` runs the same by hand.
 
 use writeboost_engine::mutant::Mutant;
-use writeboost_sim::check::{DEFAULT_CORRUPTION_RATE, ModeChoice, SimOptions, run_seed};
+use writeboost_sim::check::{
+    DEFAULT_CORRUPTION_RATE, DEFAULT_RESTART_RATE, ModeChoice, SimOptions, run_seed,
+};
 
 /// Runs seeds from `seeds` until one fails; the seed that did.
 fn first_failing(
     mutant: Mutant,
     mode: ModeChoice,
     crashes: u32,
+    restart_rate: f64,
     seeds: std::ops::Range<u64>,
 ) -> Option<u64> {
     seeds.into_iter().find(|&seed| {
@@ -26,6 +29,7 @@ fn first_failing(
             mode,
             mutant,
             corruption_rate: DEFAULT_CORRUPTION_RATE,
+            restart_rate,
         })
         .clean()
     })
@@ -33,41 +37,64 @@ fn first_failing(
 
 #[test]
 fn every_planted_bug_is_caught() {
-    // (bug, mode, crashes per seed, seeds within which it must be caught)
+    let r = DEFAULT_RESTART_RATE;
+    // (bug, mode, crashes per seed, share of clean restarts, seeds within
+    // which it must be caught)
     let cases = [
         // Needs a stale log right after the chain's end to survive a crash
-        // while the one before it is lost: whole-write crash outcomes.
-        (Mutant::NoEpochCheck, ModeChoice::Volatile, 12, 100..300),
+        // while the one before it is lost: whole-write crash outcomes, in
+        // runs of crashes that no clean restart interrupts.
+        (
+            Mutant::NoEpochCheck,
+            ModeChoice::Volatile,
+            12,
+            0.0,
+            100..300,
+        ),
         (
             Mutant::DurableBeforeFlush,
             ModeChoice::Volatile,
             3,
+            r,
             100..120,
         ),
         (
             Mutant::WritebackWithoutBackingFlush,
             ModeChoice::Volatile,
             3,
+            r,
             100..120,
         ),
         (
             Mutant::CommitBeforeDrain,
             ModeChoice::Pmem,
             3,
+            r,
             900_000..900_020,
         ),
-        // Seen only when a crash also damages a durable log at rest.
+        // Seen only when a crash also damages a durable log's header at
+        // rest (damaged data is the scrub's to find, whatever the claims).
         (
             Mutant::NoDurableFrontierCheck,
             ModeChoice::Volatile,
             3,
-            100..120,
+            r,
+            100..140,
+        ),
+        // Seen when a clean restart is followed by a crash: the checkpoint
+        // of the earlier shutdown is stale by then.
+        (
+            Mutant::TrustAnyCheckpoint,
+            ModeChoice::Volatile,
+            6,
+            r,
+            100..140,
         ),
     ];
-    for (mutant, mode, crashes, seeds) in cases {
+    for (mutant, mode, crashes, restarts, seeds) in cases {
         let range = format!("{seeds:?}");
         assert!(
-            first_failing(mutant, mode, crashes, seeds).is_some(),
+            first_failing(mutant, mode, crashes, restarts, seeds).is_some(),
             "planted bug {} went unnoticed over seeds {range}: the simulator no longer checks \
              the rule it breaks",
             mutant.name()

@@ -224,7 +224,9 @@ impl<A: BufAlloc> Engine<A> {
     /// Writes the superblock record when space must be reclaimed, when the
     /// interval asks for it, or at shutdown.
     pub(super) fn maybe_write_record(&mut self) {
-        if !self.records.is_idle() || self.read_only {
+        // The checkpoint's header names the record that follows it: none
+        // may come between.
+        if !self.records.is_idle() || self.read_only || self.save.in_progress() {
             return;
         }
         let urgent = self
@@ -235,7 +237,8 @@ impl<A: BufAlloc> Engine<A> {
             && !self.writeback.is_active()
             && (self.open.is_none() || self.pmem.acks_writes())
             && self.sealing.is_empty()
-            && self.durability.lowest_unflushed().is_none();
+            && self.durability.lowest_unflushed().is_none()
+            && self.save.finished();
         let wanted = self.records.is_wanted() && (self.phase == Phase::Running || at_shutdown);
         if !urgent && !wanted {
             return;

@@ -36,6 +36,17 @@ pub(super) struct Cached {
     pub logged_dirty: bool,
 }
 
+/// The index's arrays, as a checkpoint stores them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Part {
+    /// One u64 per cache slot.
+    Words,
+    /// One u64 per 64 cache slots.
+    Logged,
+    /// One u32 per table entry.
+    Table,
+}
+
 /// How a change moved an entry in or out of the dirty blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Dirty {
@@ -70,12 +81,7 @@ pub(super) struct Index {
     nr_dirty: u64,
 }
 
-/// Blocks of one aligned run share consecutive home buckets, so a
-/// sequential write or a replayed log finds its next block's bucket in the
-/// cache line it already holds. Longer runs cluster the table: with runs of
-/// 16, entries of a sequentially filled table sat 25 buckets from home on
-/// average, against 6 with runs of 4.
-const RUN: u64 = 4;
+use crate::format::INDEX_RUN as RUN;
 
 /// Spreads runs of block numbers over the table (Stafford's mix 13).
 fn hash(block: u64) -> u64 {
@@ -99,7 +105,7 @@ impl Index {
         };
         self.words = vec![0; nr_slots as usize];
         self.logged = vec![0; nr_slots.div_ceil(64) as usize];
-        self.table = vec![0; (nr_slots + nr_slots / 8 + 1).next_multiple_of(RUN) as usize];
+        self.table = vec![0; crate::format::index_table_len(nr_slots) as usize];
         self.len = 0;
         self.nr_dirty = 0;
     }
@@ -243,6 +249,87 @@ impl Index {
             let at = self.slot_of(v);
             (self.block_at(at), self.copy_at(at))
         })
+    }
+
+    /// Writes elements `first..` of `part` into `dst` as little-endian bytes.
+    pub fn encode(&self, part: Part, first: usize, dst: &mut [u8]) {
+        match part {
+            Part::Words | Part::Logged => {
+                let src = if part == Part::Words {
+                    &self.words
+                } else {
+                    &self.logged
+                };
+                for (d, w) in dst.chunks_mut(8).zip(&src[first..]) {
+                    d.copy_from_slice(&w.to_le_bytes());
+                }
+            }
+            Part::Table => {
+                for (d, v) in dst.chunks_mut(4).zip(&self.table[first..]) {
+                    d.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+    }
+
+    /// Sets elements `first..` of `part` from `src`, checking each: a word's
+    /// block within the backing device and dirty sectors valid, a table
+    /// entry naming a slot that exists. False (changing nothing further) at
+    /// the first that is not. Runs of zeroes are skipped, so pages of
+    /// unused slots are never touched.
+    pub fn restore(&mut self, part: Part, first: usize, src: &[u8], backing_blocks: u64) -> bool {
+        let nr_slots = self.words.len() as u32;
+        let slot_mask = ((1u64 << self.slot_bits) - 1) as u32;
+        let size = if part == Part::Table { 4 } else { 8 };
+        if first + src.len() / size > self.len_of(part) {
+            return false;
+        }
+        for (page, bytes) in src.chunks(4096).enumerate() {
+            if bytes.iter().all(|&b| b == 0) {
+                continue;
+            }
+            let at = first + page * 4096 / size;
+            for (i, e) in bytes.chunks(size).enumerate() {
+                match part {
+                    Part::Words | Part::Logged => {
+                        let w = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                        if part == Part::Words {
+                            let (valid, dirty) =
+                                ((w >> VALID_SHIFT) as u8, (w >> DIRTY_SHIFT) as u8);
+                            if w & BLOCK_MASK >= backing_blocks || dirty & !valid != 0 {
+                                return false;
+                            }
+                            self.words[at + i] = w;
+                        } else {
+                            self.logged[at + i] = w;
+                        }
+                    }
+                    Part::Table => {
+                        let v = u32::from_le_bytes(e.try_into().expect("4 bytes"));
+                        if v != 0 && !(1..=nr_slots).contains(&(v & slot_mask)) {
+                            return false;
+                        }
+                        self.table[at + i] = v;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn len_of(&self, part: Part) -> usize {
+        match part {
+            Part::Words => self.words.len(),
+            Part::Logged => self.logged.len(),
+            Part::Table => self.table.len(),
+        }
+    }
+
+    /// The counts a checkpoint recorded with the arrays it restored.
+    pub fn restore_counts(&mut self, len: u64, nr_dirty: u64) {
+        self.len = len;
+        self.nr_dirty = nr_dirty;
+        self.check_count();
     }
 
     // ----- table ----------------------------------------------------------

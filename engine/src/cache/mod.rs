@@ -25,6 +25,7 @@
 //! Every public input runs [`Engine::pump`] before returning, so the engine is
 //! always at a fixed point: whatever can make progress has been issued.
 
+mod checkpoint;
 mod commit;
 mod durability;
 mod index;
@@ -166,6 +167,11 @@ enum Purpose {
     Scrub {
         id: LogId,
     },
+    /// A piece of the shutdown checkpoint, and the flush after it.
+    CheckpointWrite {
+        buf: BufId,
+    },
+    CheckpointFlush,
 }
 
 /// A write waiting for buffer space.
@@ -230,6 +236,8 @@ pub struct Engine<A: BufAlloc> {
     records: Records,
     writeback: Writeback,
     scrub: Scrub,
+    /// The checkpoint a clean shutdown writes.
+    save: checkpoint::Save,
     backing_load: u64,
     /// Bumped whenever the backing device is written outside writeback, so a
     /// staging read that raced with it is not cached.
@@ -322,6 +330,7 @@ impl<A: BufAlloc> Engine<A> {
             records: Records::new(now),
             writeback: Writeback::default(),
             scrub: Scrub::default(),
+            save: checkpoint::Save::default(),
             backing_load: 0,
             bypass_seq: 0,
             backing_bypass_inflight: 0,
@@ -434,6 +443,8 @@ impl<A: BufAlloc> Engine<A> {
             Purpose::WbRead { id } => self.wb_read_done(id, ok),
             Purpose::WbWrite => self.wb_write_done(ok),
             Purpose::Scrub { id } => self.scrub_done(id, ok),
+            Purpose::CheckpointWrite { buf } => self.checkpoint_written(buf, ok),
+            Purpose::CheckpointFlush => self.checkpoint_flushed(ok),
         }
         self.pump();
     }
@@ -926,6 +937,7 @@ impl<A: BufAlloc> Engine<A> {
             self.issue_backing_flush();
             self.maybe_scrub();
             self.maybe_writeback();
+            self.maybe_checkpoint();
             self.maybe_write_record();
             if self.writeback.drop_caches_active()
                 && self.index.nr_dirty() == 0
@@ -942,7 +954,7 @@ impl<A: BufAlloc> Engine<A> {
 
     /// Flags for the next superblock record.
     fn record_flags(&self) -> u32 {
-        self.pmem.record_flag(self.durability.frontier())
+        self.pmem.record_flag(self.durability.frontier()) | self.checkpoint_flag()
     }
 
     /// Whether the engine runs in mode 1.
@@ -968,6 +980,7 @@ impl<A: BufAlloc> Engine<A> {
             || !self.durability.is_settled()
             || self.writeback.is_active()
             || !self.scrub.is_idle()
+            || !self.save.finished()
             || !self.records.is_idle()
             || self.records.is_wanted()
             || !self.reqs.is_empty()

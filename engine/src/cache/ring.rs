@@ -90,6 +90,29 @@ impl Ring {
         self.segs[pos as usize].id
     }
 
+    /// Ring position `pos`.
+    pub(super) fn at(&self, pos: u64) -> &SegMeta {
+        &self.segs[pos as usize]
+    }
+
+    /// A checkpoint puts log `id` back at position `pos` as it was.
+    pub(super) fn restore(
+        &mut self,
+        pos: u64,
+        id: LogId,
+        epoch: Epoch,
+        nr_slots: u32,
+        live_dirty: u32,
+    ) {
+        self.segs[pos as usize] = SegMeta {
+            id,
+            epoch,
+            nr_slots,
+            live_dirty,
+            ..SegMeta::default()
+        };
+    }
+
     /// Log `id`'s position, if it still holds that log.
     pub(super) fn log_mut(&mut self, id: LogId) -> Option<&mut SegMeta> {
         Some(self.seg_mut(id)).filter(|s| s.id == id)

@@ -23,7 +23,7 @@ use crate::format::{
     BackingIdentity, DURABLE_LOOKAHEAD, META_AREA_LEN, RECORD_OFFSETS, SbRecord, Superblock,
     encode_segment_header, verify_blocks, verify_segment_header,
 };
-use crate::format::{Metablock, RECORD_FLAG_PMEM};
+use crate::format::{Metablock, RECORD_FLAG_CHECKPOINT, RECORD_FLAG_PMEM};
 use crate::geometry::{BLOCK_SIZE, Geometry};
 use crate::ids::{Epoch, LogId};
 use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Event};
@@ -46,6 +46,14 @@ pub(super) enum StartIo {
     /// A chain log past the claims, read whole to check its data.
     Verify {
         id: LogId,
+        buf: BufId,
+    },
+    /// The checkpoint a clean shutdown left: its header, then its body.
+    CheckpointHeader {
+        buf: BufId,
+    },
+    CheckpointChunk {
+        off: u64,
         buf: BufId,
     },
     /// A salvage marks a skipped log's position as an empty log.
@@ -96,6 +104,8 @@ pub(super) struct Startup {
     pending: std::collections::VecDeque<(LogId, Epoch, Vec<Metablock>)>,
     /// Pending logs are being read whole (the chain's last logs).
     verifying: bool,
+    /// A checkpoint being loaded instead of the logs.
+    pub(super) load: Option<super::checkpoint::Load>,
 }
 
 impl<A: BufAlloc> Engine<A> {
@@ -121,7 +131,7 @@ impl<A: BufAlloc> Engine<A> {
         );
     }
 
-    fn st(&mut self) -> &mut Startup {
+    pub(super) fn st(&mut self) -> &mut Startup {
         self.startup.as_mut().expect("starting")
     }
 
@@ -199,6 +209,8 @@ impl<A: BufAlloc> Engine<A> {
                 }
                 self.apply_ready();
             }
+            StartIo::CheckpointHeader { buf } => self.checkpoint_header_read(buf, ok),
+            StartIo::CheckpointChunk { off, buf } => self.checkpoint_chunk_read(off, buf, ok),
             StartIo::Verify { id, buf } => {
                 let st = self.st();
                 st.inflight -= 1;
@@ -249,6 +261,17 @@ impl<A: BufAlloc> Engine<A> {
             LogId(record.last_writeback_id),
             Epoch(record.last_writeback_epoch),
         );
+        // A clean shutdown's checkpoint, unless a salvage wants every log checked.
+        let any = self.mutant.is(Mutant::TrustAnyCheckpoint);
+        if (record.flags & RECORD_FLAG_CHECKPOINT != 0 || any) && !self.params.salvage {
+            return self.checkpoint_load();
+        }
+        self.replay_logs();
+    }
+
+    /// Recovery from the logs, starting after the recorded writeback frontier.
+    fn replay_logs(&mut self) {
+        let record = *self.records.current();
         let st = self.st();
         st.next_issue = LogId(record.last_writeback_id).next();
         st.next_apply = LogId(record.last_writeback_id).next();
@@ -257,6 +280,19 @@ impl<A: BufAlloc> Engine<A> {
         // The first log replayed must not be older than the last one written back.
         st.prev_epoch = Epoch(record.last_writeback_epoch);
         self.issue_replay_reads();
+    }
+
+    /// A checkpoint was partly loaded and then refused: start over from the
+    /// logs with an empty ring and index.
+    pub(super) fn reset_for_replay(&mut self) {
+        let sb = self.sb.expect("superblock read");
+        self.install_geometry(sb);
+        let record = *self.records.current();
+        self.ring.set_writeback_frontier(
+            LogId(record.last_writeback_id),
+            Epoch(record.last_writeback_epoch),
+        );
+        self.replay_logs();
     }
 
     fn install_geometry(&mut self, sb: Superblock) {
@@ -568,7 +604,7 @@ impl<A: BufAlloc> Engine<A> {
         }
     }
 
-    fn finish_replay(&mut self, next: LogId) {
+    pub(super) fn finish_replay(&mut self, next: LogId) {
         let st = self.startup.as_mut().expect("starting");
         let bufs: Vec<BufId> = st
             .ready

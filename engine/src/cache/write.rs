@@ -77,10 +77,16 @@ impl<A: BufAlloc> Engine<A> {
         let first = offset.div_ceil(BLOCK_SIZE);
         let last = (offset + len) / BLOCK_SIZE;
         for block in first..last {
-            if let Some(e) = self.entry(block)
-                && self.droppable(&e)
-            {
+            let Some(e) = self.entry(block) else {
+                continue;
+            };
+            if self.droppable(&e) {
                 self.drop_entry(block);
+            } else if e.dirty == 0 {
+                // Its log still marks it dirty, so the entry stays, but it no
+                // longer serves reads: they go to the backing device, as for
+                // the rest of the range, and read the same after a restart.
+                self.update_copy(block, e.id, e.slot, |e| e.valid = 0);
             }
         }
         self.bypass_seq += 1;

@@ -4,7 +4,9 @@
 
 use clap::Parser;
 use writeboost_engine::mutant::Mutant;
-use writeboost_sim::check::{DEFAULT_CORRUPTION_RATE, ModeChoice, Outcome, SimOptions, run_seed};
+use writeboost_sim::check::{
+    DEFAULT_CORRUPTION_RATE, DEFAULT_RESTART_RATE, ModeChoice, Outcome, SimOptions, run_seed,
+};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum ModeArg {
@@ -56,9 +58,13 @@ struct Args {
     /// a misdirected write or a lost write), from 0 to 1.
     #[arg(long, default_value_t = DEFAULT_CORRUPTION_RATE, value_parser = parse_rate)]
     corruption_rate: f64,
+    /// Share of crash points that are a clean restart instead (half of them
+    /// lose power part way through the shutdown), from 0 to 1.
+    #[arg(long, default_value_t = DEFAULT_RESTART_RATE, value_parser = parse_rate)]
+    restart_rate: f64,
     /// Plant a bug in the engine (no-epoch-check, durable-before-flush,
     /// writeback-without-backing-flush, commit-before-drain,
-    /// no-durable-frontier-check): the run should fail.
+    /// no-durable-frontier-check, trust-any-checkpoint): the run should fail.
     #[arg(long, default_value = "none", value_parser = parse_mutant)]
     mutant: Mutant,
 }
@@ -103,6 +109,7 @@ fn main() {
             mode: a.mode.into(),
             mutant: a.mutant,
             corruption_rate: a.corruption_rate,
+            restart_rate: a.restart_rate,
         });
         if !o.clean() {
             bad_seeds.push(seed);
@@ -132,6 +139,10 @@ fn main() {
         total.corruption_detected,
         total.found_by_scrub,
         total.damage_unused
+    );
+    println!(
+        "clean_restarts={} checkpoints_loaded={} shutdown_crashes={}",
+        total.clean_restarts, total.checkpoints_loaded, total.shutdown_crashes
     );
     println!(
         "wb-sim: seeds={} crashes={} acknowledged_lost={} corrupt_reads={} silent_truncations={}",
