@@ -2,7 +2,9 @@
 # Scale benchmark: what a large cache costs at start-up and in memory. For
 # each cache size, on sparse files: fill 85 % of the cache with dirty data
 # over NBD (background writeback and bypass off), then measure
-#   - resident memory of the host per cached 4 KiB block,
+#   - resident memory of the host per cached 4 KiB block: in all, and above
+#     what the same host holds with the cache empty (its fixed cost: buffers,
+#     code, the NBD server), which is what grows with the cache,
 #   - resume after kill -9 (start until the NBD export serves again),
 #   - resume after a clean shutdown (SIGTERM, then start again).
 #
@@ -78,12 +80,19 @@ while True:
 EOF
 }
 
-dirty_blocks() {
+# status FIELD — one field of the device's status.
+status() {
     rpc bdev_writeboost_get_stats '{"name": "wb0"}' |
-        python3 -c 'import json,sys; j=json.load(sys.stdin); j=j[0] if isinstance(j,list) else j; print(j["status"]["nr_dirty_blocks"])'
+        python3 -c 'import json,sys; j=json.load(sys.stdin); j=j[0] if isinstance(j,list) else j; print(j["status"][sys.argv[1]])' "$1"
 }
 
-printf '%-8s %14s %12s %12s %14s %14s\n' "cache" "dirty blocks" "RSS MiB" "B/block" "crash resume" "clean resume"
+# stat_field FIELD — one of the device's counters.
+stat_field() {
+    rpc bdev_writeboost_get_stats '{"name": "wb0"}' |
+        python3 -c 'import json,sys; j=json.load(sys.stdin); j=j[0] if isinstance(j,list) else j; print(j["stats"][sys.argv[1]])' "$1"
+}
+
+printf '%-8s %12s %9s %9s %9s %11s %13s %13s\n' "cache" "dirty blocks" "RSS MiB" "B/block" "empty MiB" "B/block>" "crash resume" "clean resume"
 for G in $SIZES; do
     rm -f "$WORK"/*.img
     truncate -s "${G}G" "$WORK/cache.img"
@@ -98,11 +107,12 @@ nbd:
   - {bdev_name: wb0, listen: "127.0.0.1:$PORT"}
 EOF
     start
+    empty=$(rss_kib)
     fill=$((G * 1024 * 85 / 100))
     # end_fsync: a FLUSH at the end, so every written block is owed after a crash.
     "$FIO" --name=fill --ioengine=nbd --uri="$URI" --rw=write --bs=1M --iodepth=8 \
         --size="${fill}M" --end_fsync=1 >"$WORK/fio.log" 2>&1 || { cat "$WORK/fio.log" >&2; exit 1; }
-    blocks=$(dirty_blocks)
+    blocks=$(status nr_dirty_blocks)
     # Crash: the cache holds its dirty logs; resume replays them.
     kill -9 "$SERVER"
     wait "$SERVER" 2>/dev/null || true
@@ -110,7 +120,7 @@ EOF
     start
     t1=$(now)
     rss=$(rss_kib)
-    after=$(dirty_blocks)
+    after=$(status nr_dirty_blocks)
     if [ "$after" != "$blocks" ]; then
         echo "bench-scale: $blocks dirty blocks before the crash, $after after it: flushed data lost" >&2
         exit 1
@@ -121,14 +131,21 @@ EOF
     t2=$(now)
     start
     t3=$(now)
+    after=$(status nr_dirty_blocks)
+    loaded=$(stat_field checkpoints_loaded)
+    if [ "$after" != "$blocks" ] || [ "$loaded" != 1 ]; then
+        echo "bench-scale: after a clean shutdown $after dirty blocks (of $blocks), checkpoint loaded: $loaded" >&2
+        exit 1
+    fi
     kill -TERM "$SERVER"
     wait "$SERVER" 2>/dev/null || true
     SERVER=""
-    python3 - "$G" "$blocks" "$rss" "$t0" "$t1" "$t2" "$t3" <<'EOF'
+    python3 - "$G" "$blocks" "$rss" "$empty" "$t0" "$t1" "$t2" "$t3" <<'EOF'
 import sys
-g, blocks, rss = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-t0, t1, t2, t3 = map(float, sys.argv[4:8])
-print(f"{g:>5} GiB {blocks:>14} {rss / 1024:>12.0f} {rss * 1024 / max(blocks, 1):>12.1f} "
-      f"{t1 - t0:>12.2f} s {t3 - t2:>12.2f} s")
+g, blocks, rss, empty = map(int, sys.argv[1:5])
+t0, t1, t2, t3 = map(float, sys.argv[5:9])
+b = max(blocks, 1)
+print(f"{g:>5} GiB {blocks:>12} {rss / 1024:>9.0f} {rss * 1024 / b:>9.1f} {empty / 1024:>9.0f} "
+      f"{(rss - empty) * 1024 / b:>11.1f} {t1 - t0:>11.2f} s {t3 - t2:>11.2f} s")
 EOF
 done

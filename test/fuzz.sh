@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../fuzz"
 secs=${1:-60}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
-for target in superblock record segment pmem_slot nbd; do
+for target in superblock record segment pmem_slot checkpoint nbd; do
     echo "fuzzing $target for ${secs}s"
     cargo fuzz run "$target" -- -max_total_time="$secs" -max_len=65536
 done

@@ -468,6 +468,45 @@ pub const fn index_table_len(nr_slots: u64) -> u64 {
     (nr_slots + nr_slots / 8 + 1).next_multiple_of(INDEX_RUN)
 }
 
+/// Bits of a hash-table entry that name a cache slot (as `slot + 1`); the
+/// bits above state the entry's distance from its home bucket.
+pub const fn index_slot_bits(nr_slots: u64) -> u32 {
+    let n = if nr_slots == 0 { 1 } else { nr_slots };
+    64 - n.leading_zeros()
+}
+
+/// Bit layout of an index word: the backing block in the low 48 bits, then
+/// the valid and the dirty sector masks.
+pub const INDEX_VALID_SHIFT: u32 = 48;
+pub const INDEX_DIRTY_SHIFT: u32 = 56;
+
+/// Checks an index word from a checkpoint: its block lies on the backing
+/// device and its dirty sectors are valid ones.
+pub fn parse_index_word(w: u64, backing_blocks: u64) -> Result<u64, FormatError> {
+    let (valid, dirty) = (
+        (w >> INDEX_VALID_SHIFT) as u8,
+        (w >> INDEX_DIRTY_SHIFT) as u8,
+    );
+    if w & (MAX_BACKING_BLOCKS - 1) >= backing_blocks || dirty & !valid != 0 {
+        return Err(FormatError::BadChecksum {
+            what: "checkpoint index word",
+        });
+    }
+    Ok(w)
+}
+
+/// Checks a hash-table entry from a checkpoint: empty, or naming a cache
+/// slot that exists.
+pub fn parse_table_entry(v: u32, nr_slots: u64) -> Result<u32, FormatError> {
+    let mask = ((1u64 << index_slot_bits(nr_slots)) - 1) as u32;
+    if v != 0 && !(1..=nr_slots).contains(&((v & mask) as u64)) {
+        return Err(FormatError::BadChecksum {
+            what: "checkpoint table entry",
+        });
+    }
+    Ok(v)
+}
+
 /// Bytes of one ring position in a checkpoint.
 pub const CHECKPOINT_POSITION_LEN: u64 = 32;
 /// Position flag: the log's data was not checked by the scrub yet.
@@ -821,5 +860,110 @@ mod tests {
             verify_segment(&seg, &g, &UUID),
             Err(FormatError::BadMetablock { index: 0 })
         ));
+    }
+
+    fn checkpoint_header(g: &Geometry) -> (CheckpointHeader, SbRecord) {
+        let rec = SbRecord {
+            seq: 9,
+            last_writeback_id: 3,
+            last_writeback_epoch: 2,
+            durable_id: 5,
+            epoch: 4,
+            cache_uuid: UUID,
+            flags: RECORD_FLAG_CHECKPOINT,
+        };
+        let h = CheckpointHeader {
+            seq: 9,
+            epoch: 4,
+            cache_uuid: UUID,
+            nr_segments: g.nr_segments,
+            data_blocks: g.data_blocks,
+            next_id: 6,
+            last_writeback_id: 3,
+            index_len: 10,
+            nr_dirty: 4,
+            body_crc: 77,
+        };
+        (h, rec)
+    }
+
+    #[test]
+    fn a_checkpoint_header_round_trips_for_its_record_only() {
+        let g = geo();
+        let (h, rec) = checkpoint_header(&g);
+        let b = h.encode();
+        assert_eq!(CheckpointHeader::parse(&b, &g, &rec), Ok(h));
+        // The next incarnation's record, another cache's, damage: refused.
+        let later = SbRecord { seq: 10, ..rec };
+        assert!(CheckpointHeader::parse(&b, &g, &later).is_err());
+        let other = SbRecord {
+            cache_uuid: [8; 16],
+            ..rec
+        };
+        assert!(CheckpointHeader::parse(&b, &g, &other).is_err());
+        let mut bad = b;
+        bad[70] ^= 1;
+        assert!(CheckpointHeader::parse(&bad, &g, &rec).is_err());
+        // Fields out of range, with a good checksum.
+        for wrong in [
+            CheckpointHeader {
+                next_id: 3 + g.nr_segments + 2,
+                ..h
+            },
+            CheckpointHeader { nr_dirty: 11, ..h },
+            CheckpointHeader {
+                nr_segments: g.nr_segments + 1,
+                ..h
+            },
+        ] {
+            assert!(CheckpointHeader::parse(&wrong.encode(), &g, &rec).is_err());
+        }
+        assert!(CheckpointHeader::parse(&b[..100], &g, &rec).is_err());
+    }
+
+    #[test]
+    fn checkpoint_positions_and_index_entries_are_range_checked() {
+        let g = geo();
+        let (h, _) = checkpoint_header(&g);
+        let p = CheckpointPosition {
+            id: 5,
+            epoch: 4,
+            nr_slots: 200,
+            live_dirty: 10,
+            flags: POSITION_FLAG_UNCHECKED,
+        };
+        assert_eq!(CheckpointPosition::parse(&p.encode(), 4, &g, &h), Ok(p));
+        for wrong in [
+            // Not at its position, not yet written, from a later epoch.
+            (p, 3),
+            (CheckpointPosition { id: 6, ..p }, 5),
+            (CheckpointPosition { epoch: 5, ..p }, 4),
+            (
+                CheckpointPosition {
+                    nr_slots: g.data_blocks + 1,
+                    ..p
+                },
+                4,
+            ),
+            (
+                CheckpointPosition {
+                    live_dirty: 201,
+                    ..p
+                },
+                4,
+            ),
+            (CheckpointPosition { flags: 2, ..p }, 4),
+        ] {
+            assert!(CheckpointPosition::parse(&wrong.0.encode(), wrong.1, &g, &h).is_err());
+        }
+        let blocks = g.backing_blocks();
+        assert!(parse_index_word((blocks - 1) | (0xff << INDEX_VALID_SHIFT), blocks).is_ok());
+        assert!(parse_index_word(blocks, blocks).is_err());
+        assert!(parse_index_word(0x01 << INDEX_DIRTY_SHIFT, blocks).is_err());
+        let slots = g.nr_segments * g.data_blocks as u64;
+        assert!(parse_table_entry(0, slots).is_ok());
+        assert!(parse_table_entry(slots as u32 | (3 << index_slot_bits(slots)), slots).is_ok());
+        assert!(parse_table_entry(slots as u32 + 1, slots).is_err());
+        assert!(parse_table_entry(1 << index_slot_bits(slots), slots).is_err());
     }
 }

@@ -150,6 +150,10 @@ fn stats_json(s: &Stats) -> Value {
         "io_retries": s.io_retries,
         "writeback_errors": s.writeback_errors,
         "sb_record_writes": s.sb_record_writes,
+        "salvaged_logs_skipped": s.salvaged_logs_skipped,
+        "checkpoints_loaded": s.checkpoints_loaded,
+        "checkpoints_rejected": s.checkpoints_rejected,
+        "corrupt_blocks_found": s.corrupt_blocks_found,
         "cache_writes_per_user_write": s.cache_writes_per_user_write(),
     })
 }

@@ -433,7 +433,7 @@ impl Run {
         let budget = self
             .rng
             .random_bool(0.5)
-            .then(|| self.rng.random_range(0..200u32));
+            .then(|| self.rng.random_range(0..24u32));
         self.shutdown_and_reopen(h, budget)
     }
 

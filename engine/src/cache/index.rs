@@ -18,7 +18,10 @@
 //! itself, at every change; the ring's per-log `live_dirty` counts follow
 //! the [`Dirty`] transition each change reports.
 
-use crate::format::MAX_BACKING_BLOCKS;
+use crate::format::{
+    INDEX_DIRTY_SHIFT, INDEX_VALID_SHIFT, MAX_BACKING_BLOCKS, index_slot_bits, parse_index_word,
+    parse_table_entry,
+};
 
 /// A slot of the cache device: ring position × data blocks per log + slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -58,10 +61,10 @@ pub(super) enum Dirty {
     Cleaned,
 }
 
-const BLOCK_BITS: u32 = MAX_BACKING_BLOCKS.trailing_zeros();
 const BLOCK_MASK: u64 = MAX_BACKING_BLOCKS - 1;
-const VALID_SHIFT: u32 = BLOCK_BITS;
-const DIRTY_SHIFT: u32 = BLOCK_BITS + 8;
+const VALID_SHIFT: u32 = INDEX_VALID_SHIFT;
+const DIRTY_SHIFT: u32 = INDEX_DIRTY_SHIFT;
+const _: () = assert!(MAX_BACKING_BLOCKS.trailing_zeros() == VALID_SHIFT);
 
 #[derive(Debug, Default)]
 pub(super) struct Index {
@@ -97,7 +100,7 @@ impl Index {
     pub fn install(&mut self, nr_slots: u64) {
         debug_assert!(nr_slots < u32::MAX as u64);
         let nr_slots = nr_slots.max(1);
-        self.slot_bits = 64 - nr_slots.leading_zeros();
+        self.slot_bits = index_slot_bits(nr_slots);
         self.max_dist = if self.slot_bits >= 32 {
             0
         } else {
@@ -242,6 +245,24 @@ impl Index {
         Some(change)
     }
 
+    /// Loads the home buckets of `blocks` ahead of inserting them: the loads
+    /// are independent, so the memory system serves them in parallel
+    /// instead of one cache miss at a time inside each probe.
+    pub fn warm(&self, blocks: impl Iterator<Item = u64>) {
+        if self.table.is_empty() {
+            return;
+        }
+        let (mut sum, mut last_run) = (0u32, u64::MAX);
+        for b in blocks {
+            // Blocks of one run share a cache line of buckets.
+            if b / RUN != last_run {
+                last_run = b / RUN;
+                sum = sum.wrapping_add(self.table[self.home(b)]);
+            }
+        }
+        std::hint::black_box(sum);
+    }
+
     /// Every indexed block and its copy, in table order.
     #[cfg(feature = "test-hooks")]
     pub fn iter(&self) -> impl Iterator<Item = (u64, Cached)> + '_ {
@@ -278,8 +299,7 @@ impl Index {
     /// the first that is not. Runs of zeroes are skipped, so pages of
     /// unused slots are never touched.
     pub fn restore(&mut self, part: Part, first: usize, src: &[u8], backing_blocks: u64) -> bool {
-        let nr_slots = self.words.len() as u32;
-        let slot_mask = ((1u64 << self.slot_bits) - 1) as u32;
+        let nr_slots = self.words.len() as u64;
         let size = if part == Part::Table { 4 } else { 8 };
         if first + src.len() / size > self.len_of(part) {
             return false;
@@ -294,11 +314,9 @@ impl Index {
                     Part::Words | Part::Logged => {
                         let w = u64::from_le_bytes(e.try_into().expect("8 bytes"));
                         if part == Part::Words {
-                            let (valid, dirty) =
-                                ((w >> VALID_SHIFT) as u8, (w >> DIRTY_SHIFT) as u8);
-                            if w & BLOCK_MASK >= backing_blocks || dirty & !valid != 0 {
+                            let Ok(w) = parse_index_word(w, backing_blocks) else {
                                 return false;
-                            }
+                            };
                             self.words[at + i] = w;
                         } else {
                             self.logged[at + i] = w;
@@ -306,9 +324,9 @@ impl Index {
                     }
                     Part::Table => {
                         let v = u32::from_le_bytes(e.try_into().expect("4 bytes"));
-                        if v != 0 && !(1..=nr_slots).contains(&(v & slot_mask)) {
+                        let Ok(v) = parse_table_entry(v, nr_slots) else {
                             return false;
-                        }
+                        };
                         self.table[at + i] = v;
                     }
                 }

@@ -16,8 +16,9 @@
 
 use std::collections::BTreeMap;
 
+use super::index::{CacheSlot, Cached};
 use super::pmem_buffer::AttachCheck;
-use super::{Engine, Entry, OpenLog, Phase, Purpose, Slot};
+use super::{Engine, OpenLog, Phase, Purpose, Slot};
 use crate::error::{FormatError, OpenError};
 use crate::format::{
     BackingIdentity, DURABLE_LOOKAHEAD, META_AREA_LEN, RECORD_OFFSETS, SbRecord, Superblock,
@@ -30,7 +31,7 @@ use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Event};
 use crate::mutant::Mutant;
 
 /// Log headers read ahead during replay (small reads: a deep queue).
-const REPLAY_QD: u64 = 32;
+const REPLAY_QD: u64 = 128;
 
 #[derive(Debug)]
 pub(super) enum StartIo {
@@ -376,16 +377,14 @@ impl<A: BufAlloc> Engine<A> {
             let full = salvage;
             st.next_issue = st.next_issue.next();
             st.inflight += 1;
-            let buf = match st.spare.pop() {
-                Some(b) => b,
-                None => self.alloc_buf(seg_len),
-            };
+            let len = if full { seg_len } else { hl };
+            let buf = self.replay_buf(len);
             let offset = self.geo.segment_offset(id);
             self.issue(
                 Device::Cache,
                 CommandKind::Read {
                     offset,
-                    len: if full { seg_len } else { hl },
+                    len,
                     dst: DataRef::Engine { buf, offset: 0 },
                 },
                 Purpose::Startup(StartIo::Replay { id, buf, full }),
@@ -394,6 +393,19 @@ impl<A: BufAlloc> Engine<A> {
         let st = self.st();
         if st.inflight == 0 && st.next_apply == st.next_issue {
             self.end_of_logs();
+        }
+    }
+
+    /// A buffer of at least `len` bytes for a replay read: a spare one if
+    /// it is large enough (header reads need only a header's worth).
+    fn replay_buf(&mut self, len: usize) -> BufId {
+        match self.st().spare.pop() {
+            Some(b) if self.buf(b).len() >= len => b,
+            Some(b) => {
+                self.release_buf(b);
+                self.alloc_buf(len)
+            }
+            None => self.alloc_buf(len),
         }
     }
 
@@ -470,10 +482,7 @@ impl<A: BufAlloc> Engine<A> {
         let ids: Vec<LogId> = self.st().pending.iter().map(|p| p.0).collect();
         self.st().verifying = true;
         for id in ids {
-            let buf = match self.st().spare.pop() {
-                Some(b) => b,
-                None => self.alloc_buf(seg_len),
-            };
+            let buf = self.replay_buf(seg_len);
             self.st().inflight += 1;
             let offset = self.geo.segment_offset(id);
             self.issue(
@@ -579,8 +588,14 @@ impl<A: BufAlloc> Engine<A> {
         if !verified && !mbs.is_empty() {
             self.scrub.add(id);
         }
+        // The hot loop of a resume: the log's first cache slot is computed
+        // once, and its dirty count kept here until the end.
+        let first = self.cache_slot(id, 0);
+        let mut live = 0u32;
+        self.index
+            .warm(mbs.iter().filter(|m| m.dirty).map(|m| m.block));
         for (slot, mb) in mbs.iter().enumerate() {
-            let at = self.cache_slot(id, slot as u32);
+            let at = CacheSlot(first.0 + slot as u32);
             self.index.log_block(at, mb.block);
             // Clean (read-cached) blocks are not replayed: an invalidation of
             // them may not be on disk, and the backing device has their data.
@@ -588,20 +603,26 @@ impl<A: BufAlloc> Engine<A> {
                 continue;
             }
             // A later copy replaces the entry where it is: one probe.
-            let e = Entry {
-                id,
-                slot: slot as u32,
+            let c = Cached {
+                at,
                 valid: mb.valid,
                 dirty: mb.valid,
                 logged_dirty: true,
             };
-            if let Some(old) = self.index_insert(mb.block, e) {
-                self.unlink_dirty(&old);
+            if let Some(old) = self.index.insert(mb.block, c)
+                && old.dirty != 0
+            {
+                // Mode 1 may log a block twice in one log.
+                match self.entry_of(old).id {
+                    same if same == id => live -= 1,
+                    other => self.ring.seg_mut(other).live_dirty -= 1,
+                }
             }
             if mb.valid != 0 {
-                self.ring.seg_mut(id).live_dirty += 1;
+                live += 1;
             }
         }
+        self.ring.seg_mut(id).live_dirty += live;
     }
 
     pub(super) fn finish_replay(&mut self, next: LogId) {
