@@ -141,8 +141,11 @@ fn main() {
         total.damage_unused
     );
     println!(
-        "clean_restarts={} checkpoints_loaded={} shutdown_crashes={}",
-        total.clean_restarts, total.checkpoints_loaded, total.shutdown_crashes
+        "clean_restarts={} checkpoints_loaded={} shutdown_crashes={} false_corruption={}",
+        total.clean_restarts,
+        total.checkpoints_loaded,
+        total.shutdown_crashes,
+        total.false_corruption
     );
     println!(
         "wb-sim: seeds={} crashes={} acknowledged_lost={} corrupt_reads={} silent_truncations={}",
