@@ -509,8 +509,6 @@ pub fn parse_table_entry(v: u32, nr_slots: u64) -> Result<u32, FormatError> {
 
 /// Bytes of one ring position in a checkpoint.
 pub const CHECKPOINT_POSITION_LEN: u64 = 32;
-/// Position flag: the log's data was not checked by the scrub yet.
-pub const POSITION_FLAG_UNCHECKED: u32 = 1;
 const CK_CRC_AT: usize = 108;
 
 /// Where each section of a checkpoint lies, in bytes from its start. Each
@@ -652,7 +650,6 @@ pub struct CheckpointPosition {
     /// Data slots it holds, and how many of them are the dirty indexed copy.
     pub nr_slots: u32,
     pub live_dirty: u32,
-    pub flags: u32,
 }
 
 impl CheckpointPosition {
@@ -662,7 +659,6 @@ impl CheckpointPosition {
         put(&mut b, 8, &self.epoch.to_le_bytes());
         put(&mut b, 16, &self.nr_slots.to_le_bytes());
         put(&mut b, 20, &self.live_dirty.to_le_bytes());
-        put(&mut b, 24, &self.flags.to_le_bytes());
         b
     }
 
@@ -684,15 +680,13 @@ impl CheckpointPosition {
             epoch: get_u64(b, 8),
             nr_slots: get_u32(b, 16),
             live_dirty: get_u32(b, 20),
-            flags: get_u32(b, 24),
         };
         let placed = p.id == 0 || (p.id < h.next_id && (p.id - 1) % geo.nr_segments == pos);
         if !placed
             || p.epoch > h.epoch
             || p.nr_slots > geo.data_blocks
             || p.live_dirty > p.nr_slots
-            || p.flags & !POSITION_FLAG_UNCHECKED != 0
-            || get_u32(b, 28) != 0
+            || get_u64(b, 24) != 0
         {
             return Err(FormatError::BadChecksum {
                 what: "checkpoint position",
@@ -930,7 +924,6 @@ mod tests {
             epoch: 4,
             nr_slots: 200,
             live_dirty: 10,
-            flags: POSITION_FLAG_UNCHECKED,
         };
         assert_eq!(CheckpointPosition::parse(&p.encode(), 4, &g, &h), Ok(p));
         for wrong in [
@@ -952,10 +945,12 @@ mod tests {
                 },
                 4,
             ),
-            (CheckpointPosition { flags: 2, ..p }, 4),
         ] {
             assert!(CheckpointPosition::parse(&wrong.0.encode(), wrong.1, &g, &h).is_err());
         }
+        let mut reserved = p.encode();
+        reserved[30] = 1;
+        assert!(CheckpointPosition::parse(&reserved, 4, &g, &h).is_err());
         let blocks = g.backing_blocks();
         assert!(parse_index_word((blocks - 1) | (0xff << INDEX_VALID_SHIFT), blocks).is_ok());
         assert!(parse_index_word(blocks, blocks).is_err());

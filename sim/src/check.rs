@@ -813,7 +813,10 @@ impl Run {
             false,
         );
         let (cache, backing, pool_image) = match first {
-            Ok(h) if inj.in_data => {
+            // Damage to data alone, or any damage under a clean shutdown's
+            // checkpoint (which replaces reading the headers), is the
+            // scrub's to find.
+            Ok(h) if inj.in_data || h.engine().stats().checkpoints_loaded > 0 => {
                 // Its header is intact, so the log was replayed and its data
                 // is checked lazily: a read waits for the scrub, and a
                 // damaged copy fails instead of reading back.

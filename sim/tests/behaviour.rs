@@ -1001,11 +1001,17 @@ fn a_clean_shutdown_resumes_from_its_checkpoint_without_reading_logs() {
     assert_eq!(h.opened, Some(Ok(())));
     let st = h.engine().stats().clone();
     assert_eq!((st.checkpoints_loaded, st.checkpoints_rejected), (1, 0));
-    // Region 0 and the checkpoint: not one log.
-    let layout = h.engine().geometry().checkpoint_layout();
+    // Start-up read region 0 and the checkpoint, not one log header; the
+    // scrub, once the cache is ready, checks the logs' data (at most its
+    // first log is read by now), and reads wait for it.
+    let geo = *h.engine().geometry();
     use writeboost_engine::format::META_AREA_LEN;
-    assert_eq!(st.cache_read_bytes, META_AREA_LEN as u64 + layout.len);
+    let startup = META_AREA_LEN as u64 + geo.checkpoint_layout().len;
+    assert!(st.cache_read_bytes >= startup);
+    assert!(st.cache_read_bytes <= startup + geo.segment_size);
+    assert!(h.engine().status().unchecked_logs > 0);
     expect_several_logs(&mut h);
+    assert_eq!(h.engine().status().corrupt_blocks, 0);
     // The new incarnation's first record no longer names the checkpoint:
     // after a crash the logs are replayed, the checkpoint ignored.
     let mut h = power_loss(h, p.clone());
@@ -1017,6 +1023,40 @@ fn a_clean_shutdown_resumes_from_its_checkpoint_without_reading_logs() {
     let mut h = restart(h, p);
     assert_eq!(h.engine().stats().checkpoints_loaded, 1);
     expect_several_logs(&mut h);
+}
+
+#[test]
+fn a_log_damaged_under_a_checkpoint_is_found_by_the_scrub() {
+    let p = params(8 * MIB);
+    let mut h = fresh(p.clone());
+    several_logs(&mut h);
+    // The log holding block 30's only copy.
+    let where_ = h.engine().describe_block(30);
+    let id: u64 = where_.split(' ').nth(1).unwrap().parse().unwrap();
+    h.driver.engine_mut().shutdown(h.now);
+    h.drain();
+    while !h.shut_down {
+        assert!(h.step(), "shutdown stuck");
+    }
+    let geo = *h.engine().geometry();
+    let (mut c, b) = (h.cache.image().to_vec(), h.backing.image().to_vec());
+    // That log's write was lost while the cache was down.
+    let at = geo.segment_offset(writeboost_engine::LogId(id)) as usize;
+    c[at..at + geo.segment_size as usize].fill(0);
+    let mut h = open(
+        p.clone(),
+        SimDevice::from_image(c),
+        SimDevice::from_image(b),
+    );
+    assert_eq!(h.opened, Some(Ok(())));
+    assert_eq!(h.engine().stats().checkpoints_loaded, 1);
+    // Block 0 lives in another log; block 30's copy is gone: its read fails.
+    assert_eq!(h.read(1, 0, 4096).unwrap(), pattern(100, 4096));
+    assert_eq!(
+        h.read(2, 30 * 4096, 4096).map(|_| ()),
+        Err(IoError::Corrupt)
+    );
+    assert!(h.engine().status().corrupt_blocks > 0);
 }
 
 #[test]

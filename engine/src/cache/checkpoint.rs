@@ -10,7 +10,9 @@
 //! first record of the next incarnation drops the flag before anything new
 //! is written. A checkpoint left by a run that crashed is never named by the
 //! newest record, and one that does not match is ignored: the logs are
-//! replayed as after a crash.
+//! replayed as after a crash. The logs it names are not trusted either:
+//! they may have been damaged while the cache was down, so the scrub checks
+//! each (header and data) before anything uses it, as after a replay.
 //!
 //! Mode 1 keeps a partial buffer in pmem at shutdown; its blocks are left out
 //! of the checkpoint, and start-up recovers them from the pool as usual.
@@ -22,7 +24,7 @@ use super::startup::StartIo;
 use super::{Engine, Phase, Purpose};
 use crate::format::{
     CHECKPOINT_POSITION_LEN, CheckpointHeader, CheckpointLayout, CheckpointPosition,
-    POSITION_FLAG_UNCHECKED, RECORD_FLAG_CHECKPOINT,
+    RECORD_FLAG_CHECKPOINT,
 };
 use crate::geometry::BLOCK_SIZE;
 use crate::ids::{Epoch, LogId};
@@ -75,8 +77,9 @@ pub(super) struct Load {
     ready: BTreeMap<u64, BufId>,
     crc: u32,
     failed: bool,
-    /// Logs the scrub had not checked when the checkpoint was written.
-    unchecked: Vec<LogId>,
+    /// The logs it names: the scrub checks their data, as after a replay
+    /// from headers, since it may have been damaged while the cache was down.
+    logs: Vec<LogId>,
 }
 
 /// One section of the checkpoint: where it starts, its element size, and
@@ -255,11 +258,6 @@ impl<A: BufAlloc> Engine<A> {
                             epoch: seg.epoch.get(),
                             nr_slots: seg.nr_slots,
                             live_dirty: seg.live_dirty,
-                            flags: if self.scrub.is_unchecked(seg.id) {
-                                POSITION_FLAG_UNCHECKED
-                            } else {
-                                0
-                            },
                         };
                         d.copy_from_slice(&p.encode());
                     }
@@ -381,7 +379,7 @@ impl<A: BufAlloc> Engine<A> {
             ready: BTreeMap::new(),
             crc: 0,
             failed: false,
-            unchecked: Vec::new(),
+            logs: Vec::new(),
         });
         self.checkpoint_read_more();
     }
@@ -455,7 +453,7 @@ impl<A: BufAlloc> Engine<A> {
         let (layout, header) = (l.layout, l.header);
         let (geo, backing_blocks) = (self.geo, self.geo.backing_blocks());
         let mut ok = true;
-        let mut unchecked = Vec::new();
+        let mut logs = Vec::new();
         overlaps(&layout, off, bytes.len() as u64, |s, first, range| {
             let src = &bytes[range];
             match s {
@@ -472,8 +470,8 @@ impl<A: BufAlloc> Engine<A> {
                                     p.nr_slots,
                                     p.live_dirty,
                                 );
-                                if p.flags & POSITION_FLAG_UNCHECKED != 0 {
-                                    unchecked.push(id);
+                                if p.nr_slots > 0 {
+                                    logs.push(id);
                                 }
                             }
                             Ok(_) => {}
@@ -489,7 +487,7 @@ impl<A: BufAlloc> Engine<A> {
             }
         });
         self.bufs[buf.0 as usize] = Some(src);
-        self.ckload().unchecked.extend(unchecked);
+        self.ckload().logs.extend(logs);
         ok
     }
 
@@ -498,7 +496,7 @@ impl<A: BufAlloc> Engine<A> {
         let l = self.st().load.take().expect("loading a checkpoint");
         self.index
             .restore_counts(l.header.index_len, l.header.nr_dirty);
-        for id in l.unchecked {
+        for id in l.logs {
             self.scrub.add(id);
         }
         self.stats.checkpoints_loaded += 1;
