@@ -39,11 +39,13 @@ pub(super) enum Save {
     /// Not started.
     #[default]
     Idle,
-    /// Body chunks: the next to write, those in flight, the CRC so far.
+    /// Body chunks: the next to write, those in flight, the CRC so far;
+    /// `failed`: one failed, so no more are written (those in flight end).
     Body {
         next: u64,
         inflight: u32,
         crc: u32,
+        failed: bool,
     },
     /// The header, then the flush that makes the checkpoint durable.
     Header,
@@ -192,6 +194,7 @@ impl<A: BufAlloc> Engine<A> {
             next: BLOCK_SIZE,
             inflight: 0,
             crc: 0,
+            failed: false,
         };
         self.checkpoint_write_more();
     }
@@ -204,13 +207,19 @@ impl<A: BufAlloc> Engine<A> {
                 next,
                 inflight,
                 crc,
+                failed,
             } = self.save
             else {
                 return;
             };
-            if next >= layout.len {
+            if failed || next >= layout.len {
                 if inflight == 0 {
-                    self.checkpoint_write_header(crc);
+                    if failed {
+                        // Without it the next start replays logs: nothing is lost.
+                        self.save = Save::Skipped;
+                    } else {
+                        self.checkpoint_write_header(crc);
+                    }
                 }
                 return;
             }
@@ -225,6 +234,7 @@ impl<A: BufAlloc> Engine<A> {
                 next: next + len,
                 inflight: inflight + 1,
                 crc,
+                failed,
             };
             self.issue(
                 Device::Cache,
@@ -304,30 +314,26 @@ impl<A: BufAlloc> Engine<A> {
 
     pub(super) fn checkpoint_written(&mut self, buf: BufId, ok: bool) {
         self.release_buf(buf);
-        if !ok {
-            // Without it the next start replays logs: nothing is lost.
-            self.save = Save::Skipped;
-            return;
-        }
         match self.save {
             Save::Body {
                 next,
                 inflight,
                 crc,
+                failed,
             } => {
                 self.save = Save::Body {
                     next,
                     inflight: inflight - 1,
                     crc,
+                    failed: failed || !ok,
                 };
                 self.checkpoint_write_more();
             }
-            Save::Header => {
+            Save::Header if ok => {
                 self.save = Save::Flush;
                 self.issue(Device::Cache, CommandKind::Flush, Purpose::CheckpointFlush);
             }
-            // A chunk that ended after another failed.
-            _ => {}
+            _ => self.save = Save::Skipped,
         }
     }
 
