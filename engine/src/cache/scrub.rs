@@ -55,9 +55,10 @@ impl Scrub {
         self.unchecked.len() as u64
     }
 
-    /// Writeback may take logs up to (not including) this one.
-    pub fn first_unusable(&self) -> Option<LogId> {
-        let unchecked = self.unchecked.first().copied();
+    /// Writeback, past log `after`, may take logs up to (not including)
+    /// this one.
+    pub fn first_unusable(&self, after: LogId) -> Option<LogId> {
+        let unchecked = self.unchecked.range(after.next()..).next().copied();
         let corrupt = self.corrupt.values().min().copied();
         unchecked.into_iter().chain(corrupt).min()
     }

@@ -202,26 +202,30 @@ impl<A: BufAlloc> Engine<A> {
             }
             StartIo::FormatFlush | StartIo::RecordFlush => self.become_ready(),
             StartIo::Replay { id, buf, full } => {
-                let st = self.st();
-                st.inflight -= 1;
-                st.ready.insert(id, (buf, full));
-                if !ok {
-                    return self.fail_open(OpenError::Device { op: "reading logs" });
+                if self.log_read(id, buf, full, ok) {
+                    self.apply_ready();
                 }
-                self.apply_ready();
+            }
+            StartIo::Verify { id, buf } => {
+                if self.log_read(id, buf, true, ok) {
+                    self.apply_verified();
+                }
             }
             StartIo::CheckpointHeader { buf } => self.checkpoint_header_read(buf, ok),
             StartIo::CheckpointChunk { off, buf } => self.checkpoint_chunk_read(off, buf, ok),
-            StartIo::Verify { id, buf } => {
-                let st = self.st();
-                st.inflight -= 1;
-                st.ready.insert(id, (buf, true));
-                if !ok {
-                    return self.fail_open(OpenError::Device { op: "reading logs" });
-                }
-                self.apply_verified();
-            }
         }
+    }
+
+    /// A read of log `id` ended: its buffer waits for the in-order pass.
+    /// False if it failed, which fails the open.
+    fn log_read(&mut self, id: LogId, buf: BufId, full: bool, ok: bool) -> bool {
+        let st = self.st();
+        st.inflight -= 1;
+        st.ready.insert(id, (buf, full));
+        if !ok {
+            self.fail_open(OpenError::Device { op: "reading logs" });
+        }
+        ok
     }
 
     fn meta_read(&mut self) {

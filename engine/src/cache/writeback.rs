@@ -101,7 +101,7 @@ impl<A: BufAlloc> Engine<A> {
             let mut limit = (self.ring.last_wb() + self.tunables.nr_max_batched_writeback as u64)
                 .min(self.durability.frontier());
             // Only logs whose data the scrub has checked and found whole.
-            if let Some(first) = self.scrub.first_unusable() {
+            if let Some(first) = self.scrub.first_unusable(self.ring.last_wb()) {
                 limit = limit.min(first.prev()).max(self.ring.last_wb());
             }
             if limit == self.ring.last_wb() {
