@@ -3,7 +3,8 @@
 //! State lives in components that each own theirs and check their own
 //! invariants where it changes:
 //!
-//! - [`Index`](index): block → cached copy, and the dirty count;
+//! - [`Index`](index): block → cached copy (flat arrays sized by the cache),
+//!   and the dirty count;
 //! - [`Ring`](ring): log positions, ids, the epoch, the writeback frontier,
 //!   read holds;
 //! - [`Durability`](durability): unflushed logs, the durable frontier, its
@@ -11,12 +12,16 @@
 //! - [`Records`](records): superblock records;
 //! - [`InFlight`](inflight): device commands, tokens and retries;
 //! - [`Writeback`](writeback): the batch in flight and its retry;
-//! - [`PmemBuffer`](pmem_buffer): the pmem pool, so mode 1 is one place.
+//! - [`PmemBuffer`](pmem_buffer): the pmem pool, so mode 1 is one place;
+//! - [`Scrub`](scrub): checks the data of logs resumed without reading it,
+//!   before anything uses it, and the blocks found damaged.
 //!
 //! The stages coordinate them, each in its own file as an `impl` block of
 //! [`Engine`]:
 //!
-//! - `startup`: format or recover (superblock, record, log replay, pool slots);
+//! - `startup`: format or recover (superblock, record, log headers, pool slots);
+//! - `checkpoint`: the index and ring written at a clean shutdown, and loaded
+//!   instead of the logs at the next start;
 //! - `write`: user writes into the open buffer, fills, bypass to the backing device;
 //! - `read`: user reads (buffer, cache device, backing), read caching;
 //! - `commit`: sealing buffers into logs, flushes, records;
