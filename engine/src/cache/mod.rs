@@ -854,7 +854,7 @@ impl<A: BufAlloc> Engine<A> {
     fn entry_of(&self, c: Cached) -> Entry {
         let db = self.geo.data_blocks;
         Entry {
-            id: self.ring.occupant((c.at.0 / db) as u64),
+            id: self.ring.at((c.at.0 / db) as u64).id,
             slot: c.at.0 % db,
             valid: c.valid,
             dirty: c.dirty,

@@ -85,11 +85,6 @@ impl Ring {
         &mut self.segs[pos]
     }
 
-    /// The log at ring position `pos`.
-    pub(super) fn occupant(&self, pos: u64) -> LogId {
-        self.segs[pos as usize].id
-    }
-
     /// Ring position `pos`.
     pub(super) fn at(&self, pos: u64) -> &SegMeta {
         &self.segs[pos as usize]
