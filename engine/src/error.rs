@@ -105,6 +105,13 @@ pub enum OpenError {
          contents), or with format=true to discard the cache"
     )]
     Corrupt { first_bad: u64, claimed: u64 },
+    #[error(
+        "log {log} on the cache device could not be read, even after retries; nothing was \
+         replayed or written. Check the device and retry; if it stays unreadable, reopen with \
+         salvage=true to skip that log (its blocks read as their older contents), or with \
+         format=true to discard the cache"
+    )]
+    Unreadable { log: u64 },
     #[error("the cache device failed during start-up ({op}); check the device and retry")]
     Device { op: &'static str },
     #[error("pmem pool: {0}")]
@@ -162,6 +169,12 @@ pub enum IoError {
     BackingDevice,
     #[error("the cache is read-only after a cache device failure; writes are refused")]
     ReadOnly,
+    #[error(
+        "the backing device failed a flush, so writes that went straight to it since the last \
+         successful flush may be lost and no later flush can vouch for them; check the backing \
+         device, rewrite that data, then restart the cache"
+    )]
+    BackingWritesLost,
     #[error(
         "the cached copy of this block failed its checksum (damaged at rest): rewrite the \
          whole block, or reopen the cache with salvage=true to fall back to older contents"

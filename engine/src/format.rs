@@ -224,6 +224,12 @@ pub const RECORD_FLAG_PMEM: u32 = 1;
 /// of replaying logs. The next incarnation's first record drops it.
 pub const RECORD_FLAG_CHECKPOINT: u32 = 2;
 
+/// The largest log id, epoch or record sequence number a structure may
+/// state: a cache that wrote a log every nanosecond would reach it after a
+/// century, so a larger one is damage that passed its CRC, and refusing it
+/// keeps every `+ 1` the engine does on these numbers from wrapping.
+pub const MAX_COUNTER: u64 = 1 << 62;
+
 impl SbRecord {
     pub fn encode(&self) -> [u8; BLOCK_SIZE as usize] {
         let mut b = [0u8; BLOCK_SIZE as usize];
@@ -267,6 +273,9 @@ impl SbRecord {
         if &r.cache_uuid != cache_uuid
             || r.flags & !(RECORD_FLAG_PMEM | RECORD_FLAG_CHECKPOINT) != 0
             || r.durable_id < r.last_writeback_id
+            || [r.seq, r.durable_id, r.epoch, r.last_writeback_epoch]
+                .iter()
+                .any(|&n| n > MAX_COUNTER)
         {
             return Err(FormatError::BadChecksum {
                 what: "superblock record (other cache)",
@@ -379,7 +388,7 @@ pub fn verify_segment_header(
         durable_id: get_u64(hdr, SEG_DURABLE_AT),
         checksum,
     };
-    if h.durable_id >= h.id {
+    if h.durable_id >= h.id || h.id > MAX_COUNTER || h.epoch > MAX_COUNTER {
         // A log is sealed before it can be durable.
         return Err(FormatError::BadChecksum {
             what: "segment header durable frontier",
@@ -764,6 +773,47 @@ mod tests {
         assert_eq!(SbRecord::parse(&b, &UUID).unwrap(), r);
         assert!(SbRecord::parse(&b, &[0; 16]).is_err());
         assert_eq!(r.offset(), RECORD_OFFSETS[1]);
+    }
+
+    #[test]
+    fn a_record_near_the_end_of_the_counters_is_refused() {
+        // Its CRC is valid, yet the next log id or epoch would wrap.
+        let ok = SbRecord {
+            seq: 5,
+            last_writeback_id: 3,
+            last_writeback_epoch: 1,
+            durable_id: 4,
+            epoch: 2,
+            cache_uuid: UUID,
+            flags: 0,
+        };
+        for r in [
+            SbRecord {
+                last_writeback_id: u64::MAX - 1,
+                durable_id: u64::MAX,
+                ..ok
+            },
+            SbRecord {
+                epoch: u64::MAX,
+                ..ok
+            },
+            SbRecord {
+                last_writeback_epoch: MAX_COUNTER + 1,
+                ..ok
+            },
+            SbRecord {
+                seq: u64::MAX,
+                ..ok
+            },
+        ] {
+            assert!(SbRecord::parse(&r.encode(), &UUID).is_err(), "{r:?}");
+        }
+        let g = geo();
+        let mut hdr = vec![0u8; g.header_len()];
+        encode_segment_header(&mut hdr, &g, u64::MAX, 1, 0, &UUID, &[]);
+        assert!(verify_segment_header(&hdr, &g, &UUID).is_err());
+        encode_segment_header(&mut hdr, &g, 7, u64::MAX, 0, &UUID, &[]);
+        assert!(verify_segment_header(&hdr, &g, &UUID).is_err());
     }
 
     fn metablocks(data: &[u8], spec: &[(u64, u8, bool)]) -> Vec<Metablock> {

@@ -39,6 +39,11 @@ pub struct Stats {
     pub io_retries: u64,
     /// Writeback batches that failed and will be retried.
     pub writeback_errors: u64,
+    /// Backing-device flushes that failed while writes that bypassed the
+    /// cache waited for them (every later FLUSH fails: see `IoError::BackingWritesLost`).
+    pub backing_flush_failures: u64,
+    /// Scrub reads that failed even after retries (the log is read again later).
+    pub scrub_read_errors: u64,
     /// Superblock records written.
     pub sb_record_writes: u64,
     /// Damaged logs below the durable frontier that a salvage start-up
@@ -89,6 +94,9 @@ pub struct Status {
     pub nr_free_buffers: u32,
     pub stalled_writes: u32,
     pub read_only: bool,
+    /// A backing flush failed while writes that bypassed the cache waited
+    /// for it: every FLUSH fails from then on (`IoError::BackingWritesLost`).
+    pub backing_writes_lost: bool,
     pub drop_caches_active: bool,
     /// A writeback batch is in flight.
     pub writeback_active: bool,

@@ -410,7 +410,10 @@ fn submit_errno(e: &SubmitError) -> u32 {
 fn io_errno(e: IoError) -> u32 {
     match e {
         IoError::ReadOnly => proto::EPERM,
-        IoError::CacheDevice | IoError::BackingDevice | IoError::Corrupt => proto::EIO,
+        IoError::CacheDevice
+        | IoError::BackingDevice
+        | IoError::BackingWritesLost
+        | IoError::Corrupt => proto::EIO,
     }
 }
 

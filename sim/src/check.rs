@@ -10,7 +10,7 @@ use writeboost_engine::config::TUNABLE_RANGES;
 use writeboost_engine::driver::UserOp;
 use writeboost_engine::geometry::Geometry;
 use writeboost_engine::pmem::PoolLayout;
-use writeboost_engine::{BackingIdentity, OpenError, OpenParams, ReqId, Tunables};
+use writeboost_engine::{BackingIdentity, IoError, Nanos, OpenError, OpenParams, ReqId, Tunables};
 
 use crate::content::{self, SECTOR, Version};
 use crate::corrupt::{self, Injected};
@@ -22,6 +22,12 @@ use writeboost_engine::mutant::Mutant;
 /// Share of crashes that also damage a durable log, unless told otherwise.
 pub const DEFAULT_CORRUPTION_RATE: f64 = 0.1;
 pub const DEFAULT_RESTART_RATE: f64 = 0.25;
+/// Simulated time within which every request must complete, with success
+/// or an error: past it the run has stopped making progress.
+const LIVENESS_NS: Nanos = 120_000_000_000;
+/// Times an open that failed on a device error is tried again, as a user
+/// would after a transient fault.
+const OPEN_RETRIES: u32 = 3;
 
 /// Options of one simulation run.
 #[derive(Clone, Debug)]
@@ -98,8 +104,18 @@ pub struct Outcome {
     /// Power failures part way through a shutdown.
     pub shutdown_crashes: u64,
     /// Recoveries from undamaged images whose scrub still reported damaged
-    /// data: a log replayed from its header that a crash had torn.
+    /// data (a log replayed from its header that a crash had torn), and
+    /// requests that failed as damaged where the model holds nothing damaged.
     pub false_corruption: u64,
+    /// Opens that failed on a device error and were tried again.
+    pub open_retries: u64,
+    /// Recoveries after which the workload went on at once, without reading
+    /// the device back first (reads and writes meet the scrub).
+    pub undrained_restarts: u64,
+    /// Runs whose cache device failed for good part way through.
+    pub cache_failures: u64,
+    /// Flushes that failed (what they covered is not durable).
+    pub failed_flushes: u64,
 }
 
 impl Outcome {
@@ -126,6 +142,10 @@ impl Outcome {
         self.checkpoints_loaded += o.checkpoints_loaded;
         self.shutdown_crashes += o.shutdown_crashes;
         self.false_corruption += o.false_corruption;
+        self.open_retries += o.open_retries;
+        self.undrained_restarts += o.undrained_restarts;
+        self.cache_failures += o.cache_failures;
+        self.failed_flushes += o.failed_flushes;
     }
 
     pub fn clean(&self) -> bool {
@@ -161,6 +181,10 @@ struct Sector {
     /// may change without a write (the cache and the backing device may
     /// hold different ones), so even a read-back sets no baseline.
     discarded: bool,
+    /// A recovery happened and nothing has read or written the sector
+    /// since: it holds `durable` or one of `later`, and the first read
+    /// says which.
+    unknown: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -177,7 +201,13 @@ struct Pending {
     first: u64,
     count: u64,
     write_id: u64,
+    /// Simulated time it was submitted.
+    since: Nanos,
 }
+
+/// Why an open failed (None: it never answered), and the harness if the
+/// engine answered, for another try over the same devices.
+type OpenFailure = (Option<OpenError>, Option<Box<Harness>>);
 
 /// Writes as (version, first sector, sector count).
 type AckedWrites = Vec<(u64, u64, u64)>;
@@ -200,6 +230,18 @@ struct Run {
     /// The current incarnation runs in mode 1.
     persistent: bool,
     pool_len: u64,
+    /// Blocks damaged at rest that reads may fail on (`IoError::Corrupt`).
+    damaged: std::collections::BTreeSet<u64>,
+    /// The current incarnation opened from an image nothing damaged at
+    /// rest: its scrub must find nothing.
+    undamaged: bool,
+    /// Writes numbered below this were submitted before the last (re)open:
+    /// only they can be what a recovery kept.
+    recovery_mark: u64,
+    /// Damage injected at rest that nothing needed when it was injected
+    /// (the log and its blocks): a later recovery that replays the log's
+    /// header may still report it.
+    latent: Option<(u64, Vec<u64>)>,
 }
 
 /// Runs one seed: workload, crashes, recoveries, clean shutdown, checks.
@@ -273,6 +315,10 @@ pub fn run_seed(opts: &SimOptions) -> Outcome {
         mode,
         persistent: false,
         pool_len,
+        damaged: Default::default(),
+        undamaged: true,
+        recovery_mark: 0,
+        latent: None,
     };
     if opts.verbose {
         eprintln!(
@@ -303,7 +349,26 @@ impl Run {
         backing: SimDevice,
         pool: Option<SimPmem>,
     ) -> Option<Harness> {
-        match self.open(cache, backing, pool, false) {
+        let failed = match self.open(cache, backing, pool, false) {
+            Ok(h) => return Some(h),
+            Err((Some(OpenError::Corrupt { first_bad, .. }), Some(h)))
+                if self.latent.as_ref().is_some_and(|l| l.0 == first_bad) =>
+            {
+                h
+            }
+            Err(_) => {
+                self.out.stuck += 1;
+                return None;
+            }
+        };
+        // Damage injected earlier, which nothing needed then, found by a
+        // recovery that replays the log's header: salvage it, and its
+        // blocks may read as older contents.
+        let (log, blocks) = self.latent.take().expect("latent damage");
+        self.note(|| format!("recovery found the earlier damage to log {log}: salvage"));
+        self.out.corruption_detected += 1;
+        self.make_wild(&blocks);
+        match self.open(failed.cache, failed.backing, failed.pmem, true) {
             Ok(h) => Some(h),
             Err(_) => {
                 self.out.stuck += 1;
@@ -312,19 +377,58 @@ impl Run {
         }
     }
 
+    /// Every sector of `blocks` may read as any older contents.
+    fn make_wild(&mut self, blocks: &[u64]) {
+        let nsec = self.sectors.len() as u64;
+        for &b in blocks {
+            for s in b * 8..(b * 8 + 8).min(nsec) {
+                self.sectors[s as usize].wild_since = Some(0);
+            }
+        }
+    }
+
     /// Opens an engine over these devices; `Err(None)` if it never answered.
     fn open(
         &mut self,
-        cache: SimDevice,
-        backing: SimDevice,
-        pool: Option<SimPmem>,
+        mut cache: SimDevice,
+        mut backing: SimDevice,
+        mut pool: Option<SimPmem>,
         salvage: bool,
-    ) -> Result<Harness, Option<OpenError>> {
+    ) -> Result<Harness, OpenFailure> {
         self.persistent = match self.mode {
             ModeChoice::Pmem => true,
             ModeChoice::Mixed => self.rng.random_bool(0.5),
             _ => false,
         };
+        let mut tries = 0;
+        loop {
+            match self.open_once(cache, backing, pool, salvage) {
+                // A device error at start-up changes nothing the next try
+                // depends on: try again over the same devices, as a user would.
+                Err((Some(OpenError::Device { .. } | OpenError::Unreadable { .. }), Some(h)))
+                    if tries < OPEN_RETRIES =>
+                {
+                    tries += 1;
+                    self.out.open_retries += 1;
+                    (cache, backing, pool) = (h.cache, h.backing, h.pmem);
+                }
+                Err(e) => return Err(e),
+                Ok(h) => {
+                    self.recovery_mark = self.next_write;
+                    return Ok(h);
+                }
+            }
+        }
+    }
+
+    /// One open; on failure, the harness too if the engine answered.
+    fn open_once(
+        &mut self,
+        cache: SimDevice,
+        backing: SimDevice,
+        pool: Option<SimPmem>,
+        salvage: bool,
+    ) -> Result<Harness, OpenFailure> {
         let mut params = self.params.clone();
         params.salvage = salvage;
         params.mode = if self.persistent {
@@ -339,16 +443,16 @@ impl Run {
         let mut h = Harness::with_pool(params, cache, backing, pool, self.lat, self.rng.random());
         h.driver.engine_mut().plant(self.opts.mutant);
         let persistent = self.persistent;
-        self.note(|| format!("(re)open in mode {}", persistent as u8));
+        self.note(|| format!("(re)open in mode {} salvage {salvage}", persistent as u8));
         h.error_rate = self.opts.error_rate;
         if !h.wait_open() {
             self.note(|| "reopen never completed".into());
-            return Err(None);
+            return Err((None, None));
         }
         match h.opened.take() {
             Some(Err(e)) => {
                 self.note(|| format!("reopen failed: {e}"));
-                Err(Some(e))
+                Err((Some(e), Some(Box::new(h))))
             }
             r => {
                 h.opened = r;
@@ -370,8 +474,20 @@ impl Run {
             .collect();
         crash_at.sort_unstable();
         let qd = self.rng.random_range(1..=8usize);
+        // A tenth of the runs lose the cache device for good part way
+        // through: writes fail from then on, until the next restart.
+        let mut cache_dies_at = self
+            .rng
+            .random_bool(0.1)
+            .then(|| self.rng.random_range(1..self.opts.ops));
         let mut issued = 0u64;
         loop {
+            if cache_dies_at.is_some_and(|at| issued >= at) {
+                cache_dies_at = None;
+                self.out.cache_failures += 1;
+                self.note(|| "the cache device fails for good".into());
+                h.fail_cache_writes = true;
+            }
             while crash_at.first().is_some_and(|&c| c <= issued) {
                 crash_at.remove(0);
                 // Now and then a clean restart instead, or a power failure
@@ -403,7 +519,7 @@ impl Run {
                 }
                 continue;
             }
-            if !h.step() {
+            if !h.step() || self.overdue(&h) {
                 let status = format!("{:?} {}", h.engine().status(), h.engine().debug_state());
                 self.note(|| {
                     format!(
@@ -421,14 +537,66 @@ impl Run {
         self.out.partial_logs += st.nr_partial_flushed;
         self.out.logs += st.nr_logs;
         // Clean shutdown: everything acknowledged must come back exactly.
-        self.shutdown_and_reopen(h, None);
+        if let Some(mut h) = self.shutdown_and_reopen(h, None) {
+            self.verify_all(&mut h);
+            self.end_incarnation(&h);
+        }
+    }
+
+    /// Whether a request has waited past [`LIVENESS_NS`].
+    fn overdue(&self, h: &Harness) -> bool {
+        self.pending
+            .iter()
+            .find(|(_, p)| h.now > p.since + LIVENESS_NS)
+            .inspect(|(req, p)| {
+                self.note(|| {
+                    format!(
+                        "request {} ({}) pending for {} s",
+                        req.0,
+                        op_name(p.op),
+                        (h.now - p.since) / 1_000_000_000
+                    )
+                })
+            })
+            .is_some()
+    }
+
+    /// The scrub of an incarnation opened from an image nothing damaged at
+    /// rest must have found nothing (only logs a crash cannot have torn
+    /// are replayed unchecked). Checked when the incarnation ends, since
+    /// the workload may go on while the scrub runs.
+    fn end_incarnation(&mut self, h: &Harness) {
+        if self.undamaged {
+            self.expect_no_damage_found(h);
+        }
+    }
+
+    /// After a recovery: half the time every sector is read back first
+    /// (which waits for the scrub); otherwise the workload goes on at once
+    /// and each sector's first read says what survived.
+    fn after_recovery(&mut self, h: &mut Harness) {
+        self.note(|| {
+            let st = h.engine().status();
+            format!(
+                "recovered: next log {} durable {} written back {} unchecked {}",
+                st.next_segment_id, st.last_flushed_id, st.last_writeback_id, st.unchecked_logs
+            )
+        });
+        if self.rng.random_bool(0.5) {
+            self.verify_all(h);
+        } else {
+            self.out.undrained_restarts += 1;
+            for s in &mut self.sectors {
+                s.unknown = true;
+            }
+        }
     }
 
     /// A clean restart at a crash point: the requests in flight end, then
     /// the engine shuts down, or the power fails part way through that.
     fn restart(&mut self, mut h: Harness) -> Option<Harness> {
         while !self.pending.is_empty() {
-            if !h.step() {
+            if !h.step() || self.overdue(&h) {
                 self.note(|| "requests never ended before a restart".into());
                 self.out.stuck += 1;
                 return None;
@@ -450,29 +618,41 @@ impl Run {
         h.driver.engine_mut().shutdown(h.now);
         h.drain();
         let mut steps = 0u32;
+        let started = h.now;
         while !h.shut_down {
             if crash_after.is_some_and(|n| steps >= n) {
                 self.out.shutdown_crashes += 1;
                 return self.crash_and_recover(h);
             }
-            if !h.step() {
+            if !h.step() || h.now > started + LIVENESS_NS {
                 self.note(|| "shutdown never completed".into());
                 self.out.stuck += 1;
                 return None;
             }
             steps += 1;
         }
+        self.end_incarnation(&h);
         let pool = h
             .pmem
             .as_ref()
             .map(|p| SimPmem::from_image(p.crash(&mut self.rng)));
-        let read_only = h.engine().is_read_only();
+        let st = h.engine().status();
+        let read_only = st.read_only || st.backing_writes_lost;
+        self.note(|| {
+            format!(
+                "shut down: read_only {} backing_writes_lost {}",
+                st.read_only, st.backing_writes_lost
+            )
+        });
         let images = h.crash(&mut self.rng);
         // After a cache-device failure nothing more could be made durable,
-        // so only durable writes are owed; otherwise every acknowledged one.
+        // and after a failed backing flush writes that bypassed the cache
+        // may be gone, so only durable writes are owed; otherwise every
+        // acknowledged one.
         if !read_only {
+            // (A sector not read since a recovery keeps its choices.)
             for s in &mut self.sectors {
-                if s.cur != WILD {
+                if s.cur != WILD && !s.unknown {
                     s.durable = s.cur;
                     s.later.clear();
                 }
@@ -487,8 +667,8 @@ impl Run {
         )?;
         self.out.clean_restarts += 1;
         self.out.checkpoints_loaded += h.engine().stats().checkpoints_loaded;
-        self.verify_all(&mut h);
-        self.expect_no_damage_found(&h);
+        self.undamaged = true;
+        self.after_recovery(&mut h);
         Some(h)
     }
 
@@ -621,6 +801,7 @@ impl Run {
                 first,
                 count,
                 write_id,
+                since: h.now,
             },
         );
         h.drain();
@@ -659,6 +840,17 @@ impl Run {
             if let Err(e) = result {
                 self.out.io_errors += 1;
                 self.note(|| format!("request {req:?} failed: {e}"));
+                if e == IoError::Corrupt && !self.may_be_damaged(p.first, p.count) {
+                    self.out.false_corruption += 1;
+                    self.note(|| format!("request {req:?} failed as damaged, yet nothing is"));
+                }
+                if p.op == Op::Flush {
+                    // What it covered is not durable, and no later flush
+                    // can make it so.
+                    self.out.failed_flushes += 1;
+                    self.flushes.retain(|(r, _)| *r != req);
+                    continue;
+                }
                 for s in p.first..p.first + p.count {
                     let st = &mut self.sectors[s as usize];
                     st.cur = WILD;
@@ -674,7 +866,7 @@ impl Run {
                         self.make_durable(ZERO | p.write_id, p.first, p.count);
                     }
                 }
-                Op::Read => self.check_read(p.first, &buf),
+                Op::Read => self.check_read(h, p.first, &buf),
                 Op::Flush => {
                     let Some(pos) = self.flushes.iter().position(|(r, _)| *r == req) else {
                         continue;
@@ -688,6 +880,11 @@ impl Run {
                 Op::Discard => {}
             }
         }
+    }
+
+    /// Whether a block of sectors `first..first + count` was damaged at rest.
+    fn may_be_damaged(&self, first: u64, count: u64) -> bool {
+        (first / 8..=(first + count - 1) / 8).any(|b| self.damaged.contains(&b))
     }
 
     fn acked_write(&mut self, id: u64, first: u64, count: u64, fua: bool) {
@@ -704,6 +901,7 @@ impl Run {
             let st = &mut self.sectors[s as usize];
             st.cur = version;
             st.discarded = false;
+            st.unknown = false;
         }
         let _ = id;
         self.acked_unflushed.push((version, first, count));
@@ -722,9 +920,13 @@ impl Run {
         }
     }
 
-    fn check_read(&mut self, first: u64, buf: &[u8]) {
+    fn check_read(&mut self, h: &Harness, first: u64, buf: &[u8]) {
         for (i, sector) in buf.chunks(SECTOR).enumerate() {
             let lba = first + i as u64;
+            if self.sectors[lba as usize].unknown {
+                self.settle(h, lba, sector);
+                continue;
+            }
             let got = content::decode(sector, lba);
             let want = self.sectors[lba as usize].cur;
             let ok = match got {
@@ -743,6 +945,8 @@ impl Run {
     }
 
     fn crash_and_recover(&mut self, h: Harness) -> Option<Harness> {
+        self.end_incarnation(&h);
+        self.damaged.clear();
         self.out.crashes += 1;
         self.out.partial_logs += h.engine().stats().nr_partial_flushed;
         self.out.logs += h.engine().stats().nr_logs;
@@ -774,9 +978,11 @@ impl Run {
             )?,
             Some(inj) => self.recover_damaged(inj, cache, backing, pool)?,
         };
-        self.verify_all(&mut h);
-        if !damaged {
-            self.expect_no_damage_found(&h);
+        self.undamaged = !damaged;
+        if damaged {
+            self.verify_all(&mut h);
+        } else {
+            self.after_recovery(&mut h);
         }
         Some(h)
     }
@@ -803,9 +1009,11 @@ impl Run {
         pool: Option<SimPmem>,
     ) -> Option<Harness> {
         self.out.corruptions[inj.fault as usize] += 1;
+        self.damaged = inj.blocks.iter().copied().collect();
         self.note(|| format!("{} in durable log {}", inj.fault.name(), inj.log));
         let pool_image = pool.map(|p| p.crash(&mut self.rng));
         let pool = || pool_image.clone().map(SimPmem::from_image);
+        let unused_before = self.out.damage_unused;
         let first = self.open(
             SimDevice::from_image(cache.clone()),
             SimDevice::from_image(backing.clone()),
@@ -821,7 +1029,12 @@ impl Run {
                 // is checked lazily: a read waits for the scrub, and a
                 // damaged copy fails instead of reading back.
                 match self.scrub_after_open(h) {
-                    Ok(h) => return Some(h),
+                    Ok(h) => {
+                        if self.out.damage_unused > unused_before {
+                            self.latent = Some((inj.log, inj.blocks));
+                        }
+                        return Some(h);
+                    }
                     Err(images) => images,
                 }
             }
@@ -831,7 +1044,7 @@ impl Run {
                 self.out.silent_truncations += 1;
                 return Some(h);
             }
-            Err(Some(OpenError::Corrupt { .. })) => {
+            Err((Some(OpenError::Corrupt { .. }), _)) => {
                 self.out.corruption_detected += 1;
                 (cache, backing, pool_image)
             }
@@ -841,12 +1054,7 @@ impl Run {
             }
         };
         let pool = || pool_image.clone().map(SimPmem::from_image);
-        let nsec = self.sectors.len() as u64;
-        for b in inj.blocks {
-            for s in b * 8..(b * 8 + 8).min(nsec) {
-                self.sectors[s as usize].wild_since = Some(0);
-            }
-        }
+        self.make_wild(&inj.blocks);
         match self.open(
             SimDevice::from_image(cache),
             SimDevice::from_image(backing),
@@ -908,72 +1116,96 @@ impl Run {
                 return;
             }
             h.drain();
+            let since = h.now;
             while h.done.is_empty() {
-                if !h.step() {
+                if !h.step() || h.now > since + LIVENESS_NS {
                     self.note(|| "verification read never completed".into());
                     self.out.stuck += 1;
                     return;
                 }
             }
             let (_, result, buf) = h.done.remove(0);
-            if result.is_err() {
+            if let Err(e) = result {
                 self.out.io_errors += 1;
+                if e == IoError::Corrupt && !self.may_be_damaged(first, count) {
+                    self.out.false_corruption += 1;
+                    self.note(|| format!("read-back of {first}+{count} failed as damaged"));
+                }
                 continue;
             }
             for (i, sector) in buf.chunks(SECTOR).enumerate() {
-                let lba = first + i as u64;
-                let got = content::decode(sector, lba);
-                let st = &mut self.sectors[lba as usize];
-                let version = match got {
-                    Version::Garbage => {
-                        self.out.corrupt_reads += 1;
-                        let id = u64::from_le_bytes(sector[..8].try_into().expect("8"));
-                        let at = u64::from_le_bytes(sector[8..16].try_into().expect("8"));
-                        let where_ = h.engine().describe_block(lba / 8);
-                        let msg = format!(
-                            "sector {lba} is garbage after recovery (header says write {id} lba {at}); {where_}"
-                        );
-                        if self.opts.verbose {
-                            eprintln!("seed {}: {msg}", self.opts.seed);
-                        }
-                        continue;
-                    }
-                    Version::Zero => None,
-                    Version::Write(id) => Some(id),
-                };
-                let matches = |v: u64| match version {
-                    None => is_zero(v),
-                    Some(id) => v == id,
-                };
-                let allowed = matches(st.durable)
-                    || st.later.iter().any(|&v| matches(v))
-                    || st.wild_since.is_some();
-                let v = version.unwrap_or(0);
-                if !allowed {
-                    let older =
-                        v < st.durable & !ZERO || (version.is_none() && !is_zero(st.durable));
-                    if older {
-                        self.out.acknowledged_lost += 1;
-                    } else {
-                        self.out.corrupt_reads += 1;
-                    }
-                    if self.opts.verbose {
-                        eprintln!(
-                            "seed {}: sector {lba} read version {v}, durable {} later {:?} ({})",
-                            self.opts.seed,
-                            st.durable,
-                            st.later,
-                            h.engine().describe_block(lba / 8)
-                        );
-                    }
-                }
-                st.durable = v;
-                st.later.clear();
-                if !st.discarded {
-                    st.cur = v;
-                    st.wild_since = None;
-                }
+                self.settle(h, first + i as u64, sector);
             }
+        }
+    }
+
+    /// Checks sector `lba`, read back after a recovery, against what may
+    /// have survived; the result becomes its new baseline.
+    fn settle(&mut self, h: &Harness, lba: u64, sector: &[u8]) {
+        let got = content::decode(sector, lba);
+        let st = &mut self.sectors[lba as usize];
+        let version = match got {
+            Version::Garbage => {
+                self.out.corrupt_reads += 1;
+                if self.opts.verbose {
+                    let id = u64::from_le_bytes(sector[..8].try_into().expect("8"));
+                    let at = u64::from_le_bytes(sector[8..16].try_into().expect("8"));
+                    eprintln!(
+                        "seed {}: sector {lba} is garbage after recovery (header says write {id} \
+                         lba {at}); {}",
+                        self.opts.seed,
+                        h.engine().describe_block(lba / 8)
+                    );
+                }
+                return;
+            }
+            Version::Zero => None,
+            Version::Write(id) => Some(id),
+        };
+        let matches = |v: u64| match version {
+            None => is_zero(v),
+            Some(id) => v == id,
+        };
+        // What the recovery kept: the durable version or one submitted
+        // before it. A version submitted since (by a write that failed, or
+        // is not acknowledged yet) may be read too, but is not durable.
+        let mark = self.recovery_mark;
+        let kept = matches(st.durable) || st.later.iter().any(|&v| v & !ZERO < mark && matches(v));
+        let since = st.later.iter().any(|&v| v & !ZERO >= mark && matches(v));
+        let allowed = kept || since || st.wild_since.is_some();
+        let v = version.unwrap_or(0);
+        if since {
+            // A version written since may be what was read (zeroes of a
+            // failed write-zeroes and recovered zeroes look alike): still
+            // unknown what the recovery kept.
+            if !st.discarded {
+                st.cur = v;
+            }
+            return;
+        }
+        if !allowed {
+            let older = v < st.durable & !ZERO || (version.is_none() && !is_zero(st.durable));
+            if older {
+                self.out.acknowledged_lost += 1;
+            } else {
+                self.out.corrupt_reads += 1;
+            }
+            if self.opts.verbose {
+                eprintln!(
+                    "seed {}: sector {lba} read version {v}, durable {} later {:?} ({})",
+                    self.opts.seed,
+                    st.durable,
+                    st.later,
+                    h.engine().describe_block(lba / 8)
+                );
+            }
+        }
+        st.durable = v;
+        st.later.retain(|&w| w & !ZERO >= mark);
+        st.unknown = false;
+        if !st.discarded {
+            st.cur = v;
+            st.wild_since = None;
         }
     }
 }

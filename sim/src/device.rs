@@ -142,6 +142,14 @@ impl SimDevice {
         });
     }
 
+    /// A flush issued at `point` failed: the device dropped the writes it
+    /// covered from its volatile cache without storing them (as Linux drops
+    /// dirty pages after an fsync error). Reads still return them until a
+    /// crash; no later flush makes them durable.
+    pub fn fail_flush(&mut self, point: u64) {
+        self.unflushed.retain(|(g, _, _)| *g > point);
+    }
+
     /// The image after a power loss with per-sector tearing
     /// ([`CrashOutcome::TornSectors`]).
     pub fn crash(self, in_flight: &[(u64, Vec<u8>)], rng: &mut impl Rng) -> Vec<u8> {
@@ -235,6 +243,19 @@ mod tests {
             kept_second |= img[512] == 2;
         }
         assert!(kept_second, "volatile data is sometimes kept");
+    }
+
+    #[test]
+    fn a_failed_flush_loses_what_it_covered_for_good() {
+        let mut d = SimDevice::new(4096);
+        d.write(0, &[1; 512]);
+        d.fail_flush(d.flush_point());
+        d.write(512, &[2; 512]);
+        // A later flush succeeds, yet the first write is not among what it stores.
+        d.flush(d.flush_point());
+        assert_eq!(d.image()[0], 1, "reads still see it");
+        let img = d.crash(&[], &mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
+        assert_eq!((img[0], img[512]), (0, 2));
     }
 
     /// Two unflushed writes, then a crash: which combinations each outcome produces.

@@ -297,6 +297,22 @@ impl Harness {
             || (self.fail_cache_writes
                 && f.cmd.device == Device::Cache
                 && !matches!(f.cmd.kind, CommandKind::Read { .. }));
+        if let Ok(v) = std::env::var("WB_TRACE_BACKING_BYTE") {
+            let at: u64 = v.parse().unwrap_or(0);
+            let hit = match f.cmd.kind {
+                CommandKind::Write { offset, len, .. } => {
+                    (offset..offset + len as u64).contains(&at)
+                }
+                CommandKind::WriteZeroes { offset, len } | CommandKind::Discard { offset, len } => {
+                    (offset..offset + len).contains(&at)
+                }
+                CommandKind::Flush => true,
+                _ => false,
+            };
+            if hit && f.cmd.device == Device::Backing {
+                eprintln!("t={} backing {:?} fail={fail}", self.now, f.cmd.kind);
+            }
+        }
         let dev = match f.cmd.device {
             Device::Cache => &mut self.cache,
             Device::Backing => &mut self.backing,
@@ -316,6 +332,7 @@ impl Harness {
                 dev.write_zeroes(offset, len)
             }
             CommandKind::Flush if !fail => dev.flush(f.flush_point),
+            CommandKind::Flush => dev.fail_flush(f.flush_point),
             CommandKind::Read { offset, .. } if !fail => {
                 let dst = self.driver.read_dst(&f.cmd).expect("read destination");
                 dev.read(offset, dst)

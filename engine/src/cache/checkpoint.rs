@@ -497,16 +497,67 @@ impl<A: BufAlloc> Engine<A> {
         ok
     }
 
-    /// The whole checkpoint matched its CRC: the cache is as it was.
+    /// The whole checkpoint matched its CRC: the cache is as it was, if
+    /// what it says holds together.
     fn checkpoint_loaded(&mut self) {
         let l = self.st().load.take().expect("loading a checkpoint");
+        let clean = match self.check_loaded(&l.header) {
+            Ok(clean) => clean,
+            // What it says does not hold together: replay the logs.
+            Err(_) => return self.checkpoint_rejected(),
+        };
         self.index
             .restore_counts(l.header.index_len, l.header.nr_dirty);
+        // Clean copies are not kept across a restart, as replay keeps none:
+        // the backing device may have changed while the cache was detached.
+        // One whose log still marks it dirty stays indexed (a crash would
+        // bring it back otherwise) but serves no reads.
+        for (block, c) in clean {
+            let e = self.entry_of(c);
+            if self.droppable(&e) {
+                self.drop_entry(block);
+            } else {
+                self.update_copy(block, e.id, e.slot, |e| e.valid = 0);
+            }
+        }
         for id in l.logs {
             self.scrub.add(id);
         }
         self.stats.checkpoints_loaded += 1;
         self.finish_replay(LogId(l.header.next_id));
+    }
+
+    /// Cross-checks a loaded checkpoint: the index table against its words
+    /// and counts, each indexed copy against the position it names, and
+    /// each position's dirty count against the copies. Returns the clean
+    /// copies (block, copy).
+    fn check_loaded(
+        &self,
+        header: &CheckpointHeader,
+    ) -> Result<Vec<(u64, super::index::Cached)>, &'static str> {
+        let db = self.geo.data_blocks;
+        let mut live = vec![0u32; self.geo.nr_segments as usize];
+        let mut clean = Vec::new();
+        let mut misplaced = false;
+        self.index
+            .verify_restored(header.index_len, header.nr_dirty, |block, c| {
+                let (pos, slot) = ((c.at.0 / db) as u64, c.at.0 % db);
+                let seg = self.ring.at(pos);
+                if seg.id == LogId::NONE || slot >= seg.nr_slots {
+                    misplaced = true;
+                } else if c.dirty != 0 {
+                    live[pos as usize] += 1;
+                } else {
+                    clean.push((block, c));
+                }
+            })?;
+        if misplaced {
+            return Err("an index entry in a slot no log holds");
+        }
+        if (0..self.geo.nr_segments).any(|p| self.ring.at(p).live_dirty != live[p as usize]) {
+            return Err("a log's dirty count that does not match the index");
+        }
+        Ok(clean)
     }
 
     /// The checkpoint cannot be used: forget what was loaded and replay

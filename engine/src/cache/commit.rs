@@ -306,8 +306,29 @@ impl<A: BufAlloc> Engine<A> {
 
     pub(super) fn backing_flush_done(&mut self, ok: bool) {
         let (waiters, gen_) = self.backing_flush_inflight.take().unwrap_or_default();
+        if !ok {
+            // It may have dropped writeback writes that completed before it
+            // started, whichever flush the batch waits for.
+            self.writeback.flush_failed();
+        }
         if ok {
             self.backing_flushed_gen = self.backing_flushed_gen.max(gen_);
+        } else if gen_ > self.backing_flushed_gen {
+            // Bypass writes it covered may be gone; writeback's own writes
+            // are rewritten from the cache by its retry. Requests queued
+            // for the next flush were submitted after those writes ended,
+            // so no flush can vouch for what they cover either.
+            self.backing_writes_lost = true;
+            self.stats.backing_flush_failures += 1;
+            let (queued, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.backing_flush_waiting)
+                .into_iter()
+                .partition(|w| matches!(w, BackingWaiter::Req(_)));
+            self.backing_flush_waiting = rest;
+            for w in queued {
+                if let BackingWaiter::Req(req) = w {
+                    self.part_done(req, Err(IoError::BackingWritesLost));
+                }
+            }
         }
         for w in waiters {
             match w {

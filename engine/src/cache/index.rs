@@ -343,6 +343,46 @@ impl Index {
         }
     }
 
+    /// Checks a restored table against the words it names and the counts
+    /// a checkpoint recorded, calling `f` with each entry: every entry must
+    /// be found by its own probe (so none is duplicated, misplaced or out of
+    /// reach), a bucket must stay empty (so a probe for an absent block
+    /// ends, and a placement finds room), and the counts must match. A CRC
+    /// only proves the bytes are those written, not that the writer was right.
+    pub fn verify_restored(
+        &self,
+        len: u64,
+        nr_dirty: u64,
+        mut f: impl FnMut(u64, Cached),
+    ) -> Result<(), &'static str> {
+        // First, as a probe of a full table would never end.
+        let n = self.table.iter().filter(|&&v| v != 0).count() as u64;
+        if n >= self.table.len() as u64 {
+            return Err("a full index table");
+        }
+        let mut dirty = 0u64;
+        for (i, &v) in self.table.iter().enumerate() {
+            if v == 0 {
+                continue;
+            }
+            let at = self.slot_of(v);
+            let block = self.block_at(at);
+            if self.find(block) != Some(i) {
+                return Err("an index entry its own probe does not find");
+            }
+            let c = self.copy_at(at);
+            if c.dirty & !c.valid != 0 {
+                return Err("an index entry with dirty sectors not valid");
+            }
+            dirty += (c.dirty != 0) as u64;
+            f(block, c);
+        }
+        if n != len || dirty != nr_dirty {
+            return Err("index counts that do not match its entries");
+        }
+        Ok(())
+    }
+
     /// The counts a checkpoint recorded with the arrays it restored.
     pub fn restore_counts(&mut self, len: u64, nr_dirty: u64) {
         self.len = len;

@@ -2,7 +2,10 @@
 //! commands waiting to be polled, what each is for, and retries. A command
 //! is tracked from [`InFlight::issue`] until the host's completion ends it;
 //! a failure worth retrying queues the same command again, up to
-//! [`MAX_RETRIES`] times.
+//! [`MAX_RETRIES`] times. A flush is never retried: after a failed flush
+//! the device may have dropped the writes it covered (as Linux drops dirty
+//! pages after an fsync error), so a later success proves nothing about
+//! them. Its waiters see the failure instead.
 
 use std::collections::VecDeque;
 
@@ -84,7 +87,10 @@ impl<P> InFlight<P> {
         let Some(mut t) = self.tracked.remove(&token) else {
             return Ended::Unknown;
         };
-        if result.is_err_and(DeviceError::is_retryable) && t.tries < MAX_RETRIES {
+        let retry = result.is_err_and(DeviceError::is_retryable)
+            && t.tries < MAX_RETRIES
+            && !matches!(t.cmd.kind, CommandKind::Flush);
+        if retry {
             t.tries += 1;
             self.queue.push_back(t.cmd);
             self.tracked.insert(token, t);
@@ -117,16 +123,39 @@ mod tests {
     }
 
     #[test]
-    fn io_errors_are_retried_then_reported_and_refusals_are_not() {
+    fn a_failed_flush_is_reported_at_once() {
         let mut f = InFlight::default();
         let t = issue(&mut f, "flush");
+        f.poll();
+        match f.complete(t, Err(DeviceError::Io)) {
+            Ended::Done { purpose, ok, .. } => assert_eq!((purpose, ok), ("flush", false)),
+            e => panic!("a failed flush was {e:?}: its writes may be gone, a retry proves nothing"),
+        }
+        assert!(f.poll().is_none());
+    }
+
+    #[test]
+    fn io_errors_are_retried_then_reported_and_refusals_are_not() {
+        let mut f = InFlight::default();
+        let t = f.issue(
+            Device::Cache,
+            CommandKind::Read {
+                offset: 0,
+                len: 512,
+                dst: crate::io::DataRef::Engine {
+                    buf: crate::io::BufId(0),
+                    offset: 0,
+                },
+            },
+            "read",
+        );
         assert_eq!(f.poll().map(|c| c.token), Some(t));
         for _ in 0..MAX_RETRIES {
             assert_eq!(f.complete(t, Err(DeviceError::Io)), Ended::Retried);
             assert_eq!(f.poll().map(|c| c.token), Some(t), "the same command again");
         }
         match f.complete(t, Err(DeviceError::Io)) {
-            Ended::Done { purpose, ok, .. } => assert_eq!((purpose, ok), ("flush", false)),
+            Ended::Done { purpose, ok, .. } => assert_eq!((purpose, ok), ("read", false)),
             e => panic!("{e:?}"),
         }
         assert!(f.is_empty());

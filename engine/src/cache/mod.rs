@@ -236,6 +236,9 @@ pub struct Engine<A: BufAlloc> {
     backing_write_gen: u64,
     /// Generation covered by the last completed backing flush.
     backing_flushed_gen: u64,
+    /// A backing flush failed while bypass writes waited for it: they may be
+    /// gone, so no later flush may report success (see [`IoError::BackingWritesLost`]).
+    backing_writes_lost: bool,
     stalled: VecDeque<StalledWrite>,
 
     records: Records,
@@ -331,6 +334,7 @@ impl<A: BufAlloc> Engine<A> {
             backing_flush_inflight: None,
             backing_write_gen: 0,
             backing_flushed_gen: 0,
+            backing_writes_lost: false,
             stalled: VecDeque::new(),
             records: Records::new(now),
             writeback: Writeback::default(),
@@ -377,6 +381,7 @@ impl<A: BufAlloc> Engine<A> {
             self.record_deadline(),
             self.writeback.retry_at(),
             self.writeback_delay_deadline(),
+            self.scrub.retry_at(),
         ]
         .into_iter()
         .flatten()
@@ -417,6 +422,7 @@ impl<A: BufAlloc> Engine<A> {
             self.records.want();
         }
         self.writeback.retry_if_due(now);
+        self.scrub.retry_if_due(now);
         self.pump();
     }
 
@@ -571,6 +577,7 @@ impl<A: BufAlloc> Engine<A> {
             nr_free_buffers: self.free_log_bufs.len() as u32,
             stalled_writes: self.stalled.len() as u32,
             read_only: self.read_only,
+            backing_writes_lost: self.backing_writes_lost,
             drop_caches_active: self.writeback.drop_caches_active(),
             writeback_active: self.writeback.is_active(),
             epoch: self.ring.epoch().get(),
@@ -799,7 +806,9 @@ impl<A: BufAlloc> Engine<A> {
             return;
         }
         if r.error.is_none() {
-            if r.needs_backing_flush {
+            if r.needs_backing_flush && self.backing_writes_lost {
+                r.error = Some(IoError::BackingWritesLost);
+            } else if r.needs_backing_flush {
                 r.needs_backing_flush = false;
                 r.parts += 1;
                 self.backing_flush_waiting

@@ -61,26 +61,35 @@ impl<A: BufAlloc> Engine<A> {
     fn read_common(&mut self, req: ReqId, offset: u64, len: u64) {
         let (first, last) = (offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
         let mut blocked = false;
-        let mut corrupt = false;
+        let mut error = None;
         for b in first..=last {
             let Some(e) = self.entry(b) else {
                 continue;
             };
             let (mask, _, _) = Self::block_span(b, offset, len);
             blocked |= self.pending_fill(&e) & mask != 0;
-            // Data from a log the scrub has not checked waits for it.
+            // Data from a log the scrub has not checked waits for it, or
+            // fails while the log cannot be read.
             if e.valid & mask != 0
                 && self.scrub.is_unchecked(e.id)
                 && self.ring.seg(e.id).buf.is_none()
             {
-                self.scrub.want(e.id);
-                blocked = true;
+                if self.scrub.is_unreadable(e.id) {
+                    error.get_or_insert(IoError::CacheDevice);
+                } else {
+                    self.scrub.want(e.id);
+                    blocked = true;
+                }
             }
-            corrupt |= self.scrub.is_corrupt(b);
+            if self.scrub.is_corrupt(b) {
+                error = Some(IoError::Corrupt);
+            }
         }
-        if corrupt && !blocked {
+        if let Some(err) = error
+            && !blocked
+        {
             self.track(req).parts += 1;
-            self.part_done(req, Err(IoError::Corrupt));
+            self.part_done(req, Err(err));
             return;
         }
         if blocked {

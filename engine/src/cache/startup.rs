@@ -61,6 +61,10 @@ pub(super) enum StartIo {
     TombstoneWrite {
         buf: BufId,
     },
+    /// The superblock again, beside the new incarnation's record.
+    SuperblockWrite {
+        buf: BufId,
+    },
     RecordWrite,
     RecordFlush,
 }
@@ -96,6 +100,10 @@ pub(super) struct Startup {
     claimed: LogId,
     /// Intact logs past the chain's end, by id.
     later: BTreeMap<LogId, Later>,
+    /// The superblock and record writes of the new incarnation in flight.
+    meta_writes: u32,
+    /// Logs whose read failed even after retries.
+    unreadable: std::collections::BTreeSet<LogId>,
     /// Logs a salvage skipped, and tombstone writes in flight for them.
     skipped: Vec<(LogId, Epoch)>,
     tombstones_pending: u32,
@@ -185,15 +193,21 @@ impl<A: BufAlloc> Engine<A> {
                     Purpose::Startup(StartIo::FormatFlush),
                 );
             }
+            StartIo::SuperblockWrite { buf } if !ok => {
+                self.release_buf(buf);
+                self.fail_open(OpenError::Device {
+                    op: "writing the superblock",
+                })
+            }
+            StartIo::SuperblockWrite { buf } => {
+                self.release_buf(buf);
+                self.meta_written();
+            }
             StartIo::RecordWrite => {
                 if let Some(b) = self.records.take_buf() {
                     self.release_buf(b);
                 }
-                self.issue(
-                    Device::Cache,
-                    CommandKind::Flush,
-                    Purpose::Startup(StartIo::RecordFlush),
-                );
+                self.meta_written();
             }
             StartIo::FormatFlush | StartIo::RecordFlush if !ok => {
                 self.fail_open(OpenError::Device {
@@ -202,14 +216,12 @@ impl<A: BufAlloc> Engine<A> {
             }
             StartIo::FormatFlush | StartIo::RecordFlush => self.become_ready(),
             StartIo::Replay { id, buf, full } => {
-                if self.log_read(id, buf, full, ok) {
-                    self.apply_ready();
-                }
+                self.log_read(id, buf, full, ok);
+                self.apply_ready();
             }
             StartIo::Verify { id, buf } => {
-                if self.log_read(id, buf, true, ok) {
-                    self.apply_verified();
-                }
+                self.log_read(id, buf, true, ok);
+                self.apply_verified();
             }
             StartIo::CheckpointHeader { buf } => self.checkpoint_header_read(buf, ok),
             StartIo::CheckpointChunk { off, buf } => self.checkpoint_chunk_read(off, buf, ok),
@@ -217,15 +229,31 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     /// A read of log `id` ended: its buffer waits for the in-order pass.
-    /// False if it failed, which fails the open.
-    fn log_read(&mut self, id: LogId, buf: BufId, full: bool, ok: bool) -> bool {
+    /// One that failed is noted (and its buffer cleared, so it is never
+    /// taken for a log): the pass decides what it means by where it lies.
+    fn log_read(&mut self, id: LogId, buf: BufId, full: bool, ok: bool) {
+        if !ok {
+            self.buf_mut(buf).fill(0);
+            self.st().unreadable.insert(id);
+        }
         let st = self.st();
         st.inflight -= 1;
         st.ready.insert(id, (buf, full));
-        if !ok {
-            self.fail_open(OpenError::Device { op: "reading logs" });
+    }
+
+    /// Log `id` could not be read. Past the chain's end it is one more log
+    /// that claims nothing, as a torn one. In the chain it may hold
+    /// acknowledged data: the open fails, unless a salvage ends the chain
+    /// there (skipping it if a claim covers it). True if the open goes on.
+    fn unreadable_log(&mut self, id: LogId) -> bool {
+        let salvage = self.params.salvage;
+        let st = self.st();
+        if st.broken.is_none() && !salvage {
+            self.fail_open(OpenError::Unreadable { log: id.get() });
+            return false;
         }
-        ok
+        st.broken.get_or_insert(id);
+        true
     }
 
     fn meta_read(&mut self) {
@@ -424,6 +452,14 @@ impl<A: BufAlloc> Engine<A> {
             let Some((buf, full)) = st.ready.remove(&id) else {
                 break;
             };
+            if st.unreadable.contains(&id) {
+                st.spare.push(buf);
+                st.next_apply = st.next_apply.next();
+                if !self.unreadable_log(id) {
+                    return;
+                }
+                continue;
+            }
             let any_epoch = self.mutant.is(Mutant::NoEpochCheck);
             let hl = self.geo.header_len();
             let b = self.buf(buf);
@@ -515,7 +551,11 @@ impl<A: BufAlloc> Engine<A> {
             };
             let (id, epoch, mbs) = st.pending.pop_front().expect("pending log");
             st.spare.push(buf);
-            let data_ok = verify_blocks(&self.buf(buf)[hl..], &mbs).is_ok();
+            let unreadable = st.unreadable.contains(&id);
+            if unreadable && !self.unreadable_log(id) {
+                return;
+            }
+            let data_ok = !unreadable && verify_blocks(&self.buf(buf)[hl..], &mbs).is_ok();
             if !data_ok {
                 let st = self.st();
                 st.broken = Some(st.broken.map_or(id, |b| b.min(id)));
@@ -685,11 +725,42 @@ impl<A: BufAlloc> Engine<A> {
         }
     }
 
-    /// The record of the new incarnation; the cache is ready once it is durable.
+    /// The record of the new incarnation; the cache is ready once it is
+    /// durable. The superblock is written again beside it: had an earlier
+    /// open's flush failed, the device may have dropped the superblock it
+    /// still returned to reads, and a crash would then leave a device that
+    /// looks blank and gets formatted.
     fn write_start_record(&mut self) {
         let rec = self.next_record();
         self.st().record = Some(rec);
+        self.st().meta_writes = 2;
+        let sb = self.sb.expect("superblock read").encode();
+        let buf = self.alloc_buf(BLOCK_SIZE as usize);
+        self.buf_mut(buf).copy_from_slice(&sb);
+        self.issue(
+            Device::Cache,
+            CommandKind::Write {
+                offset: 0,
+                len: BLOCK_SIZE as usize,
+                src: DataRef::Engine { buf, offset: 0 },
+            },
+            Purpose::Startup(StartIo::SuperblockWrite { buf }),
+        );
         self.write_record(rec, Purpose::Startup(StartIo::RecordWrite));
+    }
+
+    /// One of the new incarnation's superblock and record writes ended:
+    /// after both, the flush that makes them durable.
+    fn meta_written(&mut self) {
+        let st = self.st();
+        st.meta_writes -= 1;
+        if st.meta_writes == 0 {
+            self.issue(
+                Device::Cache,
+                CommandKind::Flush,
+                Purpose::Startup(StartIo::RecordFlush),
+            );
+        }
     }
 
     fn become_ready(&mut self) {

@@ -113,6 +113,10 @@ impl<A: BufAlloc> Engine<A> {
             self.complete_now(req, Err(IoError::ReadOnly));
             return Ok(());
         }
+        if self.backing_writes_lost {
+            self.complete_now(req, Err(IoError::BackingWritesLost));
+            return Ok(());
+        }
         // In mode 1 whatever was acknowledged is in pmem already.
         let wait_log = if self.pmem.acks_writes() {
             LogId::NONE
@@ -128,6 +132,34 @@ impl<A: BufAlloc> Engine<A> {
         Ok(())
     }
 
+    /// A write covering only part of a block carries the block's other
+    /// dirty sectors into the new copy. It is refused if those sectors are
+    /// damaged (a new copy under a fresh CRC would hide the damage) or
+    /// their log cannot be read now: only a whole-block rewrite replaces a
+    /// damaged block. Only the range's first and last blocks can be partial.
+    fn check_carry(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        let (first, last) = (offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
+        for block in [first, last] {
+            let (mask, _, _) = Self::block_span(block, offset, len);
+            if mask == FULL_MASK {
+                continue;
+            }
+            let Some(e) = self.entry(block) else {
+                continue;
+            };
+            if e.dirty & !mask == 0 {
+                continue;
+            }
+            if self.scrub.is_corrupt(block) {
+                return Err(IoError::Corrupt);
+            }
+            if self.scrub.is_unreadable(e.id) {
+                return Err(IoError::CacheDevice);
+            }
+        }
+        Ok(())
+    }
+
     /// Highest log id that may hold acknowledged user data.
     fn last_dirty_log(&self) -> LogId {
         match &self.open {
@@ -140,6 +172,10 @@ impl<A: BufAlloc> Engine<A> {
     fn write_common(&mut self, req: ReqId, offset: u64, len: u64, src: Src<'_>, fua: bool) {
         if self.read_only {
             self.complete_now(req, Err(IoError::ReadOnly));
+            return;
+        }
+        if let Err(e) = self.check_carry(offset, len) {
+            self.complete_now(req, Err(e));
             return;
         }
         if self.stalled.is_empty() && self.wants_bypass(len) && self.bypassable(offset, len) {
@@ -348,12 +384,14 @@ impl<A: BufAlloc> Engine<A> {
             self.scrub.want(old.id);
             return None;
         }
-        if full {
-            // A whole new copy: a damaged older one no longer matters.
-            self.scrub.rewritten(block);
-        }
         if !self.ensure_open_slot() {
             return None;
+        }
+        if full {
+            // A whole new copy, indexed below: the damaged older one no
+            // longer matters. (Not before the slot is had: a write that
+            // stalls must leave the block's reads failing.)
+            self.scrub.rewritten(block);
         }
         let o = self.open.as_ref().expect("open log");
         let (id, buf, s) = (o.id, o.buf, o.slots.len() as u32);
@@ -521,6 +559,7 @@ impl<A: BufAlloc> Engine<A> {
         // is still indexed is clean and can go.
         let (id, old_id, old_slots) = self.ring.open_next(buf);
         if old_id != LogId::NONE {
+            self.scrub.forget(old_id);
             for slot in 0..old_slots {
                 let at = self.cache_slot(id, slot);
                 if self.index.is_current(at).is_some() {

@@ -62,6 +62,14 @@ impl Writeback {
         self.drop_caches = on;
     }
 
+    /// A backing flush failed: the batch's writes may be gone, so it must
+    /// not count as written back, even if a later flush succeeds.
+    pub(super) fn flush_failed(&mut self) {
+        if let Some(b) = &mut self.batch {
+            b.failed = true;
+        }
+    }
+
     fn start(&mut self, batch: WbBatch) {
         debug_assert!(self.batch.is_none(), "two writeback batches");
         debug_assert!(batch.reads_pending > 0);
@@ -361,7 +369,7 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     pub(super) fn wb_flushed(&mut self, ok: bool) {
-        if ok {
+        if ok && !self.writeback.batch.as_ref().is_some_and(|b| b.failed) {
             self.wb_finish()
         } else {
             self.wb_abort()

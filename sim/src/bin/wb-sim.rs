@@ -148,6 +148,10 @@ fn main() {
         total.false_corruption
     );
     println!(
+        "undrained_restarts={} open_retries={} cache_failures={} failed_flushes={}",
+        total.undrained_restarts, total.open_retries, total.cache_failures, total.failed_flushes
+    );
+    println!(
         "wb-sim: seeds={} crashes={} acknowledged_lost={} corrupt_reads={} silent_truncations={}",
         a.seeds,
         total.crashes,
