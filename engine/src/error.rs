@@ -176,8 +176,9 @@ pub enum IoError {
     )]
     BackingWritesLost,
     #[error(
-        "the cached copy of this block failed its checksum (damaged at rest): rewrite the \
-         whole block, or reopen the cache with salvage=true to fall back to older contents"
+        "the cached copy of this block failed its checksum (damaged at rest) and is quarantined: \
+         reads of it and writes to part of it fail until the whole block is rewritten \
+         (bdev_writeboost_get_quarantine lists such blocks)"
     )]
     Corrupt,
 }

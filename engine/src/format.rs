@@ -12,10 +12,16 @@ pub const RECORD_MAGIC: [u8; 8] = *b"WBOOSTRC";
 pub const SEGMENT_MAGIC: [u8; 8] = *b"WBOOSTSG";
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"WBOOSTCK";
 /// Format version written by this build. Newer caches are refused ("upgrade"),
-/// older ones too (version 1 logs carry no per-block checksums or durable
-/// frontier; version 2 has no checkpoint region, so its ring is laid out
-/// differently): they must be written back by the release that made them.
-pub const FORMAT_VERSION: u32 = 3;
+/// and so are versions older than [`OLDEST_READABLE_VERSION`] (version 1 logs
+/// carry no per-block checksums or durable frontier; version 2 has no
+/// checkpoint region, so its ring is laid out differently): they must be
+/// written back by the release that made them. Version 4 records carry the
+/// quarantine list; a version 3 cache is read as it is, and its superblock is
+/// rewritten as version 4 when it opens, so a release that cannot read the
+/// list refuses the cache from then on.
+pub const FORMAT_VERSION: u32 = 4;
+/// The oldest version this build reads.
+pub const OLDEST_READABLE_VERSION: u32 = 3;
 
 /// Byte offsets of the fixed structures in region 0.
 pub const SUPERBLOCK_OFFSET: u64 = 0;
@@ -24,7 +30,15 @@ pub const RECORD_OFFSETS: [u64; 2] = [BLOCK_SIZE, 2 * BLOCK_SIZE];
 pub const META_AREA_LEN: usize = 3 * BLOCK_SIZE as usize;
 
 const SB_CRC_AT: usize = 124;
-const RECORD_CRC_AT: usize = 80;
+/// Where a version 3 record's CRC-32C lies (it covers the bytes before it).
+const RECORD_V3_CRC_AT: usize = 80;
+/// A version 4 record: the quarantine list's length, the list, and a
+/// CRC-32C of everything before it in the block's last 4 bytes.
+const RECORD_QUARANTINE_LEN_AT: usize = 80;
+const RECORD_QUARANTINE_AT: usize = 88;
+const RECORD_CRC_AT: usize = BLOCK_SIZE as usize - 4;
+/// Quarantined blocks a record lists at most.
+pub const MAX_QUARANTINE: usize = (RECORD_CRC_AT - RECORD_QUARANTINE_AT) / 8;
 const SEG_CRC_AT: usize = 48;
 const SEG_DURABLE_AT: usize = 52;
 /// Largest backing block number a metablock can hold (48 bits).
@@ -58,11 +72,11 @@ fn put(b: &mut [u8], at: usize, v: &[u8]) {
     b[at..at + v.len()].copy_from_slice(v);
 }
 
-/// Only this build's version opens: a newer one needs a newer build, an
-/// older one the release that wrote it.
+/// Versions from [`OLDEST_READABLE_VERSION`] to this build's open: a newer
+/// one needs a newer build, an older one the release that wrote it.
 fn check_version(found: u32) -> Result<(), FormatError> {
     match found {
-        FORMAT_VERSION => Ok(()),
+        OLDEST_READABLE_VERSION..=FORMAT_VERSION => Ok(()),
         f if f > FORMAT_VERSION => Err(FormatError::NewerVersion {
             found: f,
             supported: FORMAT_VERSION,
@@ -231,7 +245,16 @@ pub const RECORD_FLAG_CHECKPOINT: u32 = 2;
 pub const MAX_COUNTER: u64 = 1 << 62;
 
 impl SbRecord {
+    /// The record with an empty quarantine list.
     pub fn encode(&self) -> [u8; BLOCK_SIZE as usize] {
+        self.encode_with(&[])
+    }
+
+    /// The record listing `quarantine` (ascending backing blocks, at most
+    /// [`MAX_QUARANTINE`]; the caller keeps to both).
+    pub fn encode_with(&self, quarantine: &[u64]) -> [u8; BLOCK_SIZE as usize] {
+        debug_assert!(quarantine.len() <= MAX_QUARANTINE);
+        debug_assert!(quarantine.is_sorted());
         let mut b = [0u8; BLOCK_SIZE as usize];
         put(&mut b, 0, &RECORD_MAGIC);
         put(&mut b, 8, &FORMAT_VERSION.to_le_bytes());
@@ -242,9 +265,26 @@ impl SbRecord {
         put(&mut b, 56, &self.flags.to_le_bytes());
         put(&mut b, 64, &self.last_writeback_epoch.to_le_bytes());
         put(&mut b, 72, &self.durable_id.to_le_bytes());
+        let n = quarantine.len().min(MAX_QUARANTINE);
+        put(&mut b, RECORD_QUARANTINE_LEN_AT, &(n as u32).to_le_bytes());
+        for (i, block) in quarantine[..n].iter().enumerate() {
+            put(&mut b, RECORD_QUARANTINE_AT + 8 * i, &block.to_le_bytes());
+        }
         let crc = crc32c::crc32c(&b[..RECORD_CRC_AT]);
         put(&mut b, RECORD_CRC_AT, &crc.to_le_bytes());
         b
+    }
+
+    /// The quarantine list of a record block [`SbRecord::parse`] accepted
+    /// (empty for version 3, which has none).
+    pub fn parse_quarantine(b: &[u8]) -> Vec<u64> {
+        if get_u32(b, 8) < 4 {
+            return Vec::new();
+        }
+        let n = (get_u32(b, RECORD_QUARANTINE_LEN_AT) as usize).min(MAX_QUARANTINE);
+        (0..n)
+            .map(|i| get_u64(b, RECORD_QUARANTINE_AT + 8 * i))
+            .collect()
     }
 
     pub fn parse(b: &[u8], cache_uuid: &[u8; 16]) -> Result<Self, FormatError> {
@@ -253,14 +293,36 @@ impl SbRecord {
                 what: "superblock record",
             });
         }
-        if b[..8] != RECORD_MAGIC
-            || crc32c::crc32c(&b[..RECORD_CRC_AT]) != get_u32(b, RECORD_CRC_AT)
-        {
+        // The version says where the CRC lies; a damaged version field
+        // fails it wherever it is looked for.
+        let version = get_u32(b, 8);
+        let crc_at = if version <= 3 {
+            RECORD_V3_CRC_AT
+        } else {
+            RECORD_CRC_AT
+        };
+        if b[..8] != RECORD_MAGIC || crc32c::crc32c(&b[..crc_at]) != get_u32(b, crc_at) {
             return Err(FormatError::BadChecksum {
                 what: "superblock record",
             });
         }
-        check_version(get_u32(b, 8))?;
+        check_version(version)?;
+        if version >= 4 {
+            // The list: within bounds, ascending, each a 48-bit block.
+            let n = get_u32(b, RECORD_QUARANTINE_LEN_AT) as usize;
+            let list = (0..n.min(MAX_QUARANTINE)).map(|i| get_u64(b, RECORD_QUARANTINE_AT + 8 * i));
+            let mut prev = None;
+            let ordered = list.into_iter().all(|blk| {
+                let ok = blk < MAX_BACKING_BLOCKS && prev.is_none_or(|p| p < blk);
+                prev = Some(blk);
+                ok
+            });
+            if n > MAX_QUARANTINE || get_u32(b, RECORD_QUARANTINE_LEN_AT + 4) != 0 || !ordered {
+                return Err(FormatError::BadChecksum {
+                    what: "superblock record quarantine list",
+                });
+            }
+        }
         let r = Self {
             seq: get_u64(b, 16),
             last_writeback_id: get_u64(b, 24),
@@ -876,21 +938,81 @@ mod tests {
     fn older_and_newer_versions_are_refused_with_what_to_do() {
         let g = geo();
         let sb = superblock(&g);
-        for (v, older) in [(1u32, true), (2, true), (4, false)] {
+        let with_version = |v: u32| {
             let mut b = sb.encode();
             b[8..12].copy_from_slice(&v.to_le_bytes());
             let crc = crc32c::crc32c(&b[..SB_CRC_AT]);
             b[SB_CRC_AT..SB_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
-            let e = Superblock::parse(&b, 16 << 20).unwrap_err();
+            Superblock::parse(&b, 16 << 20)
+        };
+        for (v, older) in [(1u32, true), (2, true), (5, false)] {
+            let e = with_version(v).unwrap_err();
             assert_eq!(
                 matches!(e, FormatError::OlderVersion { found, .. } if found == v),
                 older
             );
             assert_eq!(
-                matches!(e, FormatError::NewerVersion { found: 4, .. }),
+                matches!(e, FormatError::NewerVersion { found: 5, .. }),
                 !older
             );
         }
+        // Version 3 differs only in its records, which are read as they are.
+        assert!(with_version(3).is_ok());
+    }
+
+    fn record() -> SbRecord {
+        SbRecord {
+            seq: 5,
+            last_writeback_id: 3,
+            last_writeback_epoch: 1,
+            durable_id: 4,
+            epoch: 2,
+            cache_uuid: UUID,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn a_record_carries_its_quarantine_list() {
+        let r = record();
+        let list: Vec<u64> = (0..MAX_QUARANTINE as u64).map(|i| i * 3 + 1).collect();
+        let b = r.encode_with(&list);
+        assert_eq!(SbRecord::parse(&b, &UUID), Ok(r));
+        assert_eq!(SbRecord::parse_quarantine(&b), list);
+        assert!(SbRecord::parse_quarantine(&r.encode()).is_empty());
+        // Out of order, repeated, too long or beyond 48 bits: refused even
+        // with a matching CRC.
+        let resealed = |mut b: [u8; 4096], at: usize, v: u64| {
+            b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            let crc = crc32c::crc32c(&b[..RECORD_CRC_AT]);
+            b[RECORD_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+            b
+        };
+        let two = r.encode_with(&[5, 9]);
+        for (at, v) in [
+            (RECORD_QUARANTINE_AT + 8, 5),
+            (RECORD_QUARANTINE_AT + 8, 4),
+            (RECORD_QUARANTINE_AT + 8, MAX_BACKING_BLOCKS),
+            (RECORD_QUARANTINE_LEN_AT, MAX_QUARANTINE as u64 + 1),
+        ] {
+            assert!(
+                SbRecord::parse(&resealed(two, at, v), &UUID).is_err(),
+                "{at} {v}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_version_3_record_is_read_with_no_quarantine() {
+        // Version 3: the fields as now, and the CRC-32C at byte 80.
+        let r = record();
+        let mut b = r.encode();
+        b[8..12].copy_from_slice(&3u32.to_le_bytes());
+        b[80..].fill(0);
+        let crc = crc32c::crc32c(&b[..80]);
+        b[80..84].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(SbRecord::parse(&b, &UUID), Ok(r));
+        assert!(SbRecord::parse_quarantine(&b).is_empty());
     }
 
     #[test]

@@ -25,17 +25,39 @@ pub enum Mutant {
     /// Start-up loads whatever checkpoint the region holds, without the
     /// newest record naming it (its sequence number and epoch).
     TrustAnyCheckpoint,
+    /// The scrub keeps its list of logs when their ring positions are
+    /// taken over, and reads every log whether anything needs it or not.
+    ScrubIgnoresPositionReuse,
+    /// A write covering part of a damaged block carries the damaged
+    /// sectors into a new copy under a fresh checksum.
+    PartialWriteOverDamage,
+    /// A failed flush is retried, and a later success counts the writes it
+    /// covered durable.
+    FlushRetried,
+    /// A loaded checkpoint's counts and table are taken on trust.
+    TrustCheckpointCounts,
+    /// Superblock records leave their quarantine list empty.
+    QuarantineNotRecorded,
+    /// A whole-block rewrite ends the quarantine at once, before the new
+    /// copy is durable.
+    QuarantineClearedEarly,
 }
 
 impl Mutant {
     /// Every planted bug.
-    pub const ALL: [Mutant; 6] = [
+    pub const ALL: [Mutant; 12] = [
         Mutant::NoEpochCheck,
         Mutant::DurableBeforeFlush,
         Mutant::WritebackWithoutBackingFlush,
         Mutant::CommitBeforeDrain,
         Mutant::NoDurableFrontierCheck,
         Mutant::TrustAnyCheckpoint,
+        Mutant::ScrubIgnoresPositionReuse,
+        Mutant::PartialWriteOverDamage,
+        Mutant::FlushRetried,
+        Mutant::TrustCheckpointCounts,
+        Mutant::QuarantineNotRecorded,
+        Mutant::QuarantineClearedEarly,
     ];
 
     pub fn name(self) -> &'static str {
@@ -47,6 +69,12 @@ impl Mutant {
             Mutant::CommitBeforeDrain => "commit-before-drain",
             Mutant::NoDurableFrontierCheck => "no-durable-frontier-check",
             Mutant::TrustAnyCheckpoint => "trust-any-checkpoint",
+            Mutant::ScrubIgnoresPositionReuse => "scrub-ignores-position-reuse",
+            Mutant::PartialWriteOverDamage => "partial-write-over-damage",
+            Mutant::FlushRetried => "flush-retried",
+            Mutant::TrustCheckpointCounts => "trust-checkpoint-counts",
+            Mutant::QuarantineNotRecorded => "quarantine-not-recorded",
+            Mutant::QuarantineClearedEarly => "quarantine-cleared-early",
         }
     }
 

@@ -44,6 +44,8 @@ pub struct Stats {
     pub backing_flush_failures: u64,
     /// Scrub reads that failed even after retries (the log is read again later).
     pub scrub_read_errors: u64,
+    /// Quarantine markers carried forward into a newer log.
+    pub quarantine_moves: u64,
     /// Superblock records written.
     pub sb_record_writes: u64,
     /// Damaged logs below the durable frontier that a salvage start-up

@@ -152,6 +152,7 @@ fn stats_json(s: &Stats) -> Value {
         "writeback_errors": s.writeback_errors,
         "backing_flush_failures": s.backing_flush_failures,
         "scrub_read_errors": s.scrub_read_errors,
+        "quarantine_moves": s.quarantine_moves,
         "sb_record_writes": s.sb_record_writes,
         "salvaged_logs_skipped": s.salvaged_logs_skipped,
         "checkpoints_loaded": s.checkpoints_loaded,

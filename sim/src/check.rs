@@ -52,6 +52,9 @@ pub struct SimOptions {
     /// Probability that a crash point is a clean restart instead (half of
     /// those lose power part way through the shutdown).
     pub restart_rate: f64,
+    /// The ring's positions (from 2), instead of a cache of the seed's
+    /// choice of 5 to 16 segments.
+    pub segments: Option<u64>,
 }
 
 /// Buffer modes a simulation uses.
@@ -109,6 +112,9 @@ pub struct Outcome {
     pub false_corruption: u64,
     /// Opens that failed on a device error and were tried again.
     pub open_retries: u64,
+    /// Damage found by the scrub that the run carried on with, quarantined,
+    /// instead of salvaging.
+    pub quarantined_runs: u64,
     /// Recoveries after which the workload went on at once, without reading
     /// the device back first (reads and writes meet the scrub).
     pub undrained_restarts: u64,
@@ -116,6 +122,10 @@ pub struct Outcome {
     pub cache_failures: u64,
     /// Flushes that failed (what they covered is not durable).
     pub failed_flushes: u64,
+    /// Checkpoints made to lie (right CRCs, wrong contents) before a
+    /// restart, and those start-up loaded anyway (it must refuse them).
+    pub lying_checkpoints: u64,
+    pub trusted_lies: u64,
 }
 
 impl Outcome {
@@ -143,9 +153,12 @@ impl Outcome {
         self.shutdown_crashes += o.shutdown_crashes;
         self.false_corruption += o.false_corruption;
         self.open_retries += o.open_retries;
+        self.quarantined_runs += o.quarantined_runs;
         self.undrained_restarts += o.undrained_restarts;
         self.cache_failures += o.cache_failures;
         self.failed_flushes += o.failed_flushes;
+        self.lying_checkpoints += o.lying_checkpoints;
+        self.trusted_lies += o.trusted_lies;
     }
 
     pub fn clean(&self) -> bool {
@@ -154,6 +167,7 @@ impl Outcome {
             && self.stuck == 0
             && self.silent_truncations == 0
             && self.false_corruption == 0
+            && self.trusted_lies == 0
     }
 }
 
@@ -248,7 +262,18 @@ struct Run {
 pub fn run_seed(opts: &SimOptions) -> Outcome {
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let seg = [64u64 << 10, 128 << 10][rng.random_range(0..2)];
-    let cache_size = seg * rng.random_range(5..=16);
+    let drawn = rng.random_range(5..=16);
+    let cache_size = match opts.segments {
+        None => seg * drawn,
+        // The smallest cache whose ring has that many positions (beside the
+        // superblock's region and the checkpoint's).
+        Some(n) => (n.max(2) + 1..)
+            .map(|regions| seg * regions)
+            .find(|&size| {
+                Geometry::new(seg, size, 1 << 20).is_ok_and(|g| g.nr_segments >= n.max(2))
+            })
+            .expect("a cache that large exists"),
+    };
     let backing_size: u64 = [1u64 << 20, 2 << 20][rng.random_range(0..2)];
     let mut t = Tunables {
         barrier_deadline_ms: [0, 1, 10][rng.random_range(0..3)],
@@ -278,8 +303,12 @@ pub fn run_seed(opts: &SimOptions) -> Outcome {
     let mut uuid = [0u8; 16];
     rng.fill(&mut uuid);
     params.new_cache_uuid = uuid;
+    // A slow cache device's reads in a third of the seeds: the scrub then
+    // runs alongside the workload for longer. (Drawn from a stream of its
+    // own, so the seeds' other choices stay as they were.)
+    let slow_reads = ChaCha8Rng::seed_from_u64(opts.seed ^ 0x5c0b_5eed).random_bool(1.0 / 3.0);
     let lat = Latency {
-        cache_read: 20_000,
+        cache_read: if slow_reads { 2_000_000 } else { 20_000 },
         cache_write: 20_000,
         cache_flush: 50_000,
         backing_read: 200_000,
@@ -377,9 +406,12 @@ impl Run {
         }
     }
 
-    /// Every sector of `blocks` may read as any older contents.
+    /// Every sector of `blocks` may read as any older contents (a salvage
+    /// dropped their damaged copies).
     fn make_wild(&mut self, blocks: &[u64]) {
         let nsec = self.sectors.len() as u64;
+        // (They stay among the damaged: a quarantine marker written before
+        // the salvage keeps them quarantined.)
         for &b in blocks {
             for s in b * 8..(b * 8 + 8).min(nsec) {
                 self.sectors[s as usize].wild_since = Some(0);
@@ -566,7 +598,8 @@ impl Run {
     /// are replayed unchecked). Checked when the incarnation ends, since
     /// the workload may go on while the scrub runs.
     fn end_incarnation(&mut self, h: &Harness) {
-        if self.undamaged {
+        // (Quarantined blocks carried on with are found again after a crash.)
+        if self.undamaged && self.damaged.is_empty() {
             self.expect_no_damage_found(h);
         }
     }
@@ -575,6 +608,7 @@ impl Run {
     /// (which waits for the scrub); otherwise the workload goes on at once
     /// and each sector's first read says what survived.
     fn after_recovery(&mut self, h: &mut Harness) {
+        self.forget_survivors();
         self.note(|| {
             let st = h.engine().status();
             format!(
@@ -586,9 +620,14 @@ impl Run {
             self.verify_all(h);
         } else {
             self.out.undrained_restarts += 1;
-            for s in &mut self.sectors {
-                s.unknown = true;
-            }
+        }
+    }
+
+    /// After a recovery nothing is known of what survived until a sector is
+    /// read (a read-back may not reach every sector: a damaged block fails).
+    fn forget_survivors(&mut self) {
+        for s in &mut self.sectors {
+            s.unknown = true;
         }
     }
 
@@ -644,7 +683,14 @@ impl Run {
                 st.read_only, st.backing_writes_lost
             )
         });
-        let images = h.crash(&mut self.rng);
+        let mut images = h.crash(&mut self.rng);
+        let lie = (self.opts.corruption_rate > 0.0
+            && self.rng.random_bool(self.opts.corruption_rate))
+        .then(|| {
+            let lie = corrupt::Lie::ALL[self.rng.random_range(0..corrupt::Lie::ALL.len())];
+            corrupt::lie_in_checkpoint(&mut images.0, self.params.cache_size, lie, &mut self.rng)
+        })
+        .flatten();
         // After a cache-device failure nothing more could be made durable,
         // and after a failed backing flush writes that bypassed the cache
         // may be gone, so only durable writes are owed; otherwise every
@@ -667,6 +713,13 @@ impl Run {
         )?;
         self.out.clean_restarts += 1;
         self.out.checkpoints_loaded += h.engine().stats().checkpoints_loaded;
+        if let Some(lie) = lie {
+            self.out.lying_checkpoints += 1;
+            if h.engine().stats().checkpoints_loaded > 0 {
+                self.out.trusted_lies += 1;
+                self.note(|| format!("start-up trusted a checkpoint that lied ({lie:?})"));
+            }
+        }
         self.undamaged = true;
         self.after_recovery(&mut h);
         Some(h)
@@ -711,8 +764,16 @@ impl Run {
             _ => 8 * self.rng.random_range(16..=64),
         }
         .min(nsec);
-        // Hot spots make overwrites and partial-block merges frequent.
-        let first = if self.rng.random_bool(0.5) {
+        // Hot spots make overwrites and partial-block merges frequent, and
+        // a quarantined block draws the application back to it.
+        let first = if !self.damaged.is_empty() && self.rng.random_bool(0.2) {
+            let b = *self
+                .damaged
+                .iter()
+                .nth(self.rng.random_range(0..self.damaged.len()))
+                .expect("a damaged block");
+            (b * 8 + self.rng.random_range(0..8)).min(nsec - count)
+        } else if self.rng.random_bool(0.5) {
             self.rng.random_range(0..=(nsec / 8).saturating_sub(count))
         } else {
             self.rng.random_range(0..=nsec - count)
@@ -946,7 +1007,6 @@ impl Run {
 
     fn crash_and_recover(&mut self, h: Harness) -> Option<Harness> {
         self.end_incarnation(&h);
-        self.damaged.clear();
         self.out.crashes += 1;
         self.out.partial_logs += h.engine().stats().nr_partial_flushed;
         self.out.logs += h.engine().stats().nr_logs;
@@ -980,6 +1040,7 @@ impl Run {
         };
         self.undamaged = !damaged;
         if damaged {
+            self.forget_survivors();
             self.verify_all(&mut h);
         } else {
             self.after_recovery(&mut h);
@@ -1009,7 +1070,7 @@ impl Run {
         pool: Option<SimPmem>,
     ) -> Option<Harness> {
         self.out.corruptions[inj.fault as usize] += 1;
-        self.damaged = inj.blocks.iter().copied().collect();
+        self.damaged.extend(inj.blocks.iter().copied());
         self.note(|| format!("{} in durable log {}", inj.fault.name(), inj.log));
         let pool_image = pool.map(|p| p.crash(&mut self.rng));
         let pool = || pool_image.clone().map(SimPmem::from_image);
@@ -1079,6 +1140,7 @@ impl Run {
         &mut self,
         mut h: Harness,
     ) -> Result<Harness, (Vec<u8>, Vec<u8>, Option<Vec<u8>>)> {
+        self.forget_survivors();
         self.verify_all(&mut h);
         let corrupt = h.engine().status().corrupt_blocks;
         if corrupt == 0 {
@@ -1087,6 +1149,13 @@ impl Run {
         }
         self.out.corruption_detected += 1;
         self.out.found_by_scrub += 1;
+        if self.rng.random_bool(0.5) {
+            // The damaged blocks are quarantined: the workload goes on with
+            // them (their reads fail until they are rewritten whole).
+            self.out.quarantined_runs += 1;
+            self.note(|| format!("the scrub found {corrupt} corrupt blocks: carry on"));
+            return Ok(h);
+        }
         self.note(|| format!("the scrub found {corrupt} corrupt blocks: salvage"));
         let pool = h.pmem.as_ref().map(|p| p.crash(&mut self.rng));
         let outcome = CrashOutcome::pick(&mut self.rng);
@@ -1101,40 +1170,60 @@ impl Run {
     /// against what may have survived; the result becomes the new baseline.
     fn verify_all(&mut self, h: &mut Harness) {
         let nsec = self.sectors.len() as u64;
-        let chunk = 128u64;
-        for first in (0..nsec).step_by(chunk as usize) {
-            let req = ReqId(self.next_req);
-            self.next_req += 1;
-            let count = chunk.min(nsec - first);
-            let buf = vec![0u8; (count * SECTOR as u64) as usize];
-            let op = UserOp::Read {
-                offset: first * SECTOR as u64,
-                len: count * SECTOR as u64,
-            };
-            if h.driver.submit(req, op, buf, h.now).is_err() {
-                self.out.stuck += 1;
+        for first in (0..nsec).step_by(128) {
+            if !self.verify_range(h, first, 128.min(nsec - first)) {
                 return;
             }
-            h.drain();
-            let since = h.now;
-            while h.done.is_empty() {
-                if !h.step() || h.now > since + LIVENESS_NS {
-                    self.note(|| "verification read never completed".into());
-                    self.out.stuck += 1;
-                    return;
-                }
+        }
+    }
+
+    /// Reads sectors `first..first + count` back and settles each; false
+    /// if the engine stopped answering.
+    fn verify_range(&mut self, h: &mut Harness, first: u64, count: u64) -> bool {
+        let req = ReqId(self.next_req);
+        self.next_req += 1;
+        let buf = vec![0u8; (count * SECTOR as u64) as usize];
+        let op = UserOp::Read {
+            offset: first * SECTOR as u64,
+            len: count * SECTOR as u64,
+        };
+        if h.driver.submit(req, op, buf, h.now).is_err() {
+            self.out.stuck += 1;
+            return false;
+        }
+        h.drain();
+        let since = h.now;
+        while h.done.is_empty() {
+            if !h.step() || h.now > since + LIVENESS_NS {
+                self.note(|| "verification read never completed".into());
+                self.out.stuck += 1;
+                return false;
             }
-            let (_, result, buf) = h.done.remove(0);
-            if let Err(e) = result {
+        }
+        let (_, result, buf) = h.done.remove(0);
+        match result {
+            Ok(()) => {
+                for (i, sector) in buf.chunks(SECTOR).enumerate() {
+                    self.settle(h, first + i as u64, sector);
+                }
+                true
+            }
+            Err(e) => {
                 self.out.io_errors += 1;
                 if e == IoError::Corrupt && !self.may_be_damaged(first, count) {
                     self.out.false_corruption += 1;
                     self.note(|| format!("read-back of {first}+{count} failed as damaged"));
                 }
-                continue;
-            }
-            for (i, sector) in buf.chunks(SECTOR).enumerate() {
-                self.settle(h, first + i as u64, sector);
+                if count > 8 && e == IoError::Corrupt {
+                    // A quarantined block fails the whole read: the rest is
+                    // read block by block.
+                    for b in (first..first + count).step_by(8) {
+                        if !self.verify_range(h, b, 8.min(first + count - b)) {
+                            return false;
+                        }
+                    }
+                }
+                true
             }
         }
     }

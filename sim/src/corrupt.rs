@@ -6,7 +6,8 @@
 
 use rand::Rng;
 use writeboost_engine::format::{
-    DURABLE_LOOKAHEAD, Metablock, RECORD_OFFSETS, SbRecord, Superblock, encode_segment_header,
+    CHECKPOINT_POSITION_LEN, CheckpointHeader, DURABLE_LOOKAHEAD, Metablock,
+    RECORD_FLAG_CHECKPOINT, RECORD_OFFSETS, SbRecord, Superblock, encode_segment_header,
     verify_blocks, verify_segment_header,
 };
 use writeboost_engine::geometry::{BLOCK_SIZE, Geometry};
@@ -156,4 +157,91 @@ pub fn inject(img: &mut [u8], cache_size: u64, rng: &mut impl Rng) -> Option<Inj
         blocks: mbs.iter().filter(|m| m.dirty).map(|m| m.block).collect(),
         in_data,
     })
+}
+
+/// A lie a checkpoint can tell that its CRC does not catch: the writer got
+/// it wrong, not the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lie {
+    /// A ring position's dirty count off by one (trusted, writeback would
+    /// skip a dirty block or wait for one that is not there).
+    LiveDirty,
+    /// The header's count of dirty blocks off by one.
+    DirtyCount,
+    /// The header's count of cached blocks off by one.
+    IndexLen,
+    /// An entry of the index's hash table gone (its block forgotten).
+    TableEntry,
+}
+
+impl Lie {
+    pub const ALL: [Lie; 4] = [
+        Lie::LiveDirty,
+        Lie::DirtyCount,
+        Lie::IndexLen,
+        Lie::TableEntry,
+    ];
+}
+
+/// Makes the checkpoint of a cleanly shut down image tell `lie`, then makes
+/// its CRCs match again. `None` if the newest record names no checkpoint,
+/// or there is nothing of that kind to lie about.
+pub fn lie_in_checkpoint(
+    img: &mut [u8],
+    cache_size: u64,
+    lie: Lie,
+    rng: &mut impl Rng,
+) -> Option<Lie> {
+    let bs = BLOCK_SIZE as usize;
+    let sb = Superblock::parse(img.get(..bs)?, cache_size).ok()?;
+    let record = RECORD_OFFSETS
+        .iter()
+        .filter_map(|&off| {
+            SbRecord::parse(&img[off as usize..off as usize + bs], &sb.cache_uuid).ok()
+        })
+        .max_by_key(|r| r.seq)?;
+    if record.flags & RECORD_FLAG_CHECKPOINT == 0 {
+        return None;
+    }
+    let geo = sb.geometry();
+    let (at, layout) = (geo.checkpoint_offset() as usize, geo.checkpoint_layout());
+    let mut header = CheckpointHeader::parse(&img[at..at + bs], &geo, &record).ok()?;
+    let body = at + bs..at + layout.len as usize;
+    match lie {
+        Lie::LiveDirty => {
+            let pos_len = CHECKPOINT_POSITION_LEN as usize;
+            let first = at + layout.positions as usize;
+            let live: Vec<usize> = (0..layout.nr_segments as usize)
+                .map(|p| first + p * pos_len)
+                .filter(|&o| get_u64(img, o) != 0)
+                .collect();
+            let o = *live.get(rng.random_range(0..live.len().max(1)))?;
+            // live_dirty is the u32 at byte 20 of a position.
+            let v = get_u32(img, o + 20);
+            let v = if v > 0 { v - 1 } else { 1 };
+            img[o + 20..o + 24].copy_from_slice(&v.to_le_bytes());
+        }
+        Lie::DirtyCount => header.nr_dirty = header.nr_dirty.checked_sub(1).unwrap_or(1),
+        Lie::IndexLen => header.index_len += 1,
+        Lie::TableEntry => {
+            let first = at + layout.table as usize;
+            let used: Vec<usize> = (0..layout.table_len as usize)
+                .map(|i| first + i * 4)
+                .filter(|&o| get_u32(img, o) != 0)
+                .collect();
+            let o = *used.get(rng.random_range(0..used.len().max(1)))?;
+            img[o..o + 4].fill(0);
+        }
+    }
+    header.body_crc = crc32c::crc32c(&img[body]);
+    img[at..at + bs].copy_from_slice(&header.encode());
+    Some(lie)
+}
+
+fn get_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn get_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }

@@ -114,6 +114,10 @@ pub struct Harness {
     pub error_rate: f64,
     /// Every write and flush on the cache device fails (a dying SSD).
     pub fail_cache_writes: bool,
+    /// Cache reads overlapping these bytes fail (an unreadable spot).
+    pub fail_cache_reads_in: Option<std::ops::Range<u64>>,
+    /// The next flush on this device fails (and loses what it covered).
+    pub fail_next_flush: Option<Device>,
     /// Deadlines handled in a row without time moving (a livelock if large).
     idle_timeouts: u32,
     /// Real time spent in an external pool's stores and persists, charged
@@ -173,6 +177,8 @@ impl Harness {
             shut_down: false,
             error_rate: 0.0,
             fail_cache_writes: false,
+            fail_cache_reads_in: None,
+            fail_next_flush: None,
             idle_timeouts: 0,
             pool_clock: None,
         };
@@ -293,7 +299,22 @@ impl Harness {
             eprintln!("t={} done {:?}", self.now, f.cmd.token);
         }
         let rng = &mut self.target.rng;
+        let targeted = match f.cmd.kind {
+            CommandKind::Read { offset, len, .. } => {
+                f.cmd.device == Device::Cache
+                    && self
+                        .fail_cache_reads_in
+                        .as_ref()
+                        .is_some_and(|r| offset < r.end && r.start < offset + len as u64)
+            }
+            CommandKind::Flush => self
+                .fail_next_flush
+                .take_if(|d| *d == f.cmd.device)
+                .is_some(),
+            _ => false,
+        };
         let fail = (self.error_rate > 0.0 && rng.random_bool(self.error_rate))
+            || targeted
             || (self.fail_cache_writes
                 && f.cmd.device == Device::Cache
                 && !matches!(f.cmd.kind, CommandKind::Read { .. }));

@@ -861,20 +861,36 @@ fn damaged_data_in_a_claimed_log_is_found_by_the_scrub_and_never_read_back() {
     assert_eq!(h.read(6, 8192, 4096).unwrap(), pattern(3, 4096));
     let st = h.engine().status();
     assert_eq!((st.corrupt_blocks, st.unchecked_logs), (1, 0));
-    // Writeback stops before the damaged log, so a restart finds it again.
+    assert_eq!(h.engine().quarantined_blocks(), vec![1]);
+    // The block is quarantined: writeback passes its log, writing the
+    // rest back, and the superblock record lists it, so a restart still
+    // finds it once the damaged copy is no longer replayed.
     let mut t = *h.engine().tunables();
     t.writeback_delay_ms = 0;
+    t.update_sb_record_interval = 1;
     let now = h.now;
     h.driver.engine_mut().set_options(t, now).unwrap();
-    h.settle(1_000_000_000);
-    assert!(h.engine().status().last_writeback_id < middle.get());
+    h.settle(3_000_000_000);
+    let st = h.engine().status();
+    assert!(st.recorded_writeback_id > middle.get(), "{st:?}");
+    assert_eq!(st.nr_dirty_blocks, 1, "only the quarantined block is dirty");
+    // Writing part of it would merge damaged sectors: refused.
+    assert_eq!(
+        h.write(12, 4096 + 512, &pattern(12, 512), false),
+        Err(IoError::Corrupt)
+    );
     let mut h = power_loss(h, p.clone());
     assert_eq!(h.opened, Some(Ok(())));
     assert_eq!(h.read(7, 4096, 4096), Err(IoError::Corrupt));
-    // A whole new copy replaces the damaged one.
+    assert_eq!(h.engine().quarantined_blocks(), vec![1]);
+    assert_eq!(h.read(13, 0, 4096).unwrap(), pattern(1, 4096));
+    // A whole new copy replaces the damaged one, and survives a crash.
     h.write(8, 4096, &pattern(8, 4096), true).unwrap();
     assert_eq!(h.read(9, 4096, 4096).unwrap(), pattern(8, 4096));
     assert_eq!(h.engine().status().corrupt_blocks, 0);
+    let mut h = power_loss(h, p.clone());
+    assert_eq!(h.read(14, 4096, 4096).unwrap(), pattern(8, 4096));
+    assert!(h.engine().quarantined_blocks().is_empty());
     // Or a salvage falls back to the older contents (here the backing
     // device's zeroes), keeping the logs around the damaged one.
     let mut s = p.clone();
@@ -1087,4 +1103,299 @@ fn a_damaged_checkpoint_is_refused_and_the_logs_replayed() {
         assert_eq!((st.checkpoints_loaded, st.checkpoints_rejected), (0, 1));
         expect_several_logs(&mut h);
     }
+}
+
+// ----- faults at the edges ---------------------------------------------------
+
+/// Clean shutdown; the images it leaves.
+fn shut_down(mut h: Harness) -> (Vec<u8>, Vec<u8>) {
+    h.driver.engine_mut().shutdown(h.now);
+    h.drain();
+    while !h.shut_down {
+        assert!(h.step(), "shutdown stuck");
+    }
+    (h.cache.image().to_vec(), h.backing.image().to_vec())
+}
+
+/// Reads that are slow to come back from the cache device (the scrub then
+/// runs alongside what follows an open).
+fn slow_reads() -> Latency {
+    Latency {
+        cache_read: 50_000_000,
+        ..lat()
+    }
+}
+
+#[test]
+fn logs_a_checkpoint_names_are_not_checked_once_new_logs_take_their_places() {
+    // A small ring (13 positions) whose logs are all written back, then a
+    // clean shutdown: the checkpoint names every log.
+    let p = params(2 * MIB);
+    let mut h = fresh(p.clone());
+    for i in 0..200u64 {
+        h.write(10 + i, (i % 50) * 4096, &pattern(i as u8, 4096), false)
+            .unwrap();
+    }
+    let now = h.now;
+    h.driver.engine_mut().drop_caches(now);
+    h.settle(5_000_000_000);
+    assert_eq!(h.engine().status().nr_dirty_blocks, 0);
+    let (c, b) = shut_down(h);
+    let mut h = Harness::new(
+        p,
+        SimDevice::from_image(c),
+        SimDevice::from_image(b),
+        slow_reads(),
+        7,
+    );
+    assert!(h.wait_open());
+    assert_eq!(h.engine().stats().checkpoints_loaded, 1);
+    // A write burst right away wraps the ring while cache reads are slow:
+    // new logs take over the positions of logs the checkpoint named. None
+    // of it may be checked against the old headers, or hold a position.
+    for i in 0..400u64 {
+        h.write(
+            1000 + i,
+            (100 + i) * 4096,
+            &pattern(i as u8 ^ 0x55, 4096),
+            false,
+        )
+        .unwrap();
+    }
+    for i in (0..400u64).step_by(37) {
+        assert_eq!(
+            h.read(2000 + i, (100 + i) * 4096, 4096).unwrap(),
+            pattern(i as u8 ^ 0x55, 4096)
+        );
+    }
+    for i in 150..200u64 {
+        assert_eq!(
+            h.read(3000 + i, (i % 50) * 4096, 4096).unwrap(),
+            pattern(i as u8, 4096)
+        );
+    }
+    h.settle(10_000_000_000);
+    let st = h.engine().stats();
+    assert_eq!(
+        (st.corrupt_blocks_found, h.engine().status().corrupt_blocks),
+        (0, 0)
+    );
+}
+
+#[test]
+fn a_read_only_cache_still_checks_and_serves_what_it_replayed_unchecked() {
+    let p = params(8 * MIB);
+    let mut h = fresh(p.clone());
+    several_logs(&mut h);
+    let (c, b) = shut_down(h);
+    let mut h = Harness::new(
+        p,
+        SimDevice::from_image(c),
+        SimDevice::from_image(b),
+        slow_reads(),
+        7,
+    );
+    assert!(h.wait_open());
+    assert!(h.engine().status().unchecked_logs > 0);
+    // The cache device fails writes before the scrub is through.
+    h.fail_cache_writes = true;
+    assert_eq!(
+        h.write(100, 200 * 4096, &pattern(9, 4096), true),
+        Err(IoError::CacheDevice)
+    );
+    assert!(h.engine().is_read_only());
+    assert!(h.engine().status().unchecked_logs > 0);
+    // Reads that need unchecked logs are served, checked, all the same.
+    expect_several_logs(&mut h);
+    // And the shutdown completes.
+    let _ = shut_down(h);
+}
+
+#[test]
+fn a_scrub_read_that_fails_is_a_device_error_not_damage() {
+    let p = params(8 * MIB);
+    let mut h = fresh(p.clone());
+    several_logs(&mut h);
+    let (c, b) = shut_down(h);
+    let mut h = open(p, SimDevice::from_image(c), SimDevice::from_image(b));
+    assert_eq!(h.engine().stats().checkpoints_loaded, 1);
+    // Every read of the cache device fails for a while, retries included.
+    h.fail_cache_reads_in = Some(0..u64::MAX);
+    assert_eq!(h.read(1, 0, 4096), Err(IoError::CacheDevice));
+    let st = h.engine().status();
+    assert_eq!(
+        st.corrupt_blocks, 0,
+        "a transient error marked data damaged"
+    );
+    assert!(h.engine().stats().scrub_read_errors > 0);
+    // Writes are still taken, and once the device reads again so is everything.
+    h.write(2, 300 * 4096, &pattern(7, 4096), false).unwrap();
+    h.fail_cache_reads_in = None;
+    h.settle(2_000_000_000);
+    expect_several_logs(&mut h);
+    assert_eq!(h.engine().stats().corrupt_blocks_found, 0);
+    assert_eq!(h.read(3, 300 * 4096, 4096).unwrap(), pattern(7, 4096));
+}
+
+#[test]
+fn an_unreadable_log_past_the_chain_is_ignored_and_one_in_it_needs_salvage() {
+    let p = params(8 * MIB);
+    let (c, b, middle) = three_durable_logs(&p);
+    let geo = Geometry::new(128 << 10, 8 * MIB, BACKING).unwrap();
+    let span = |id: u64| {
+        let at = geo.segment_offset(writeboost_engine::LogId(id));
+        at..at + geo.segment_size
+    };
+    // Past the chain's end (which the empty position after the newest log
+    // ends): it cannot hold acknowledged data. (The position right after
+    // the newest log could, so that one counts as in the chain.)
+    let newest = middle.get() + 1;
+    let mut h = Harness::new(
+        p.clone(),
+        SimDevice::from_image(c.clone()),
+        SimDevice::from_image(b.clone()),
+        lat(),
+        7,
+    );
+    h.fail_cache_reads_in = Some(span(newest + 2));
+    assert!(h.wait_open());
+    assert_eq!(h.opened, Some(Ok(())));
+    assert_eq!(h.read(1, 8192, 4096).unwrap(), pattern(3, 4096));
+    // In the chain: the open fails, saying what to do, and writes nothing.
+    let mut h = Harness::new(
+        p.clone(),
+        SimDevice::from_image(c.clone()),
+        SimDevice::from_image(b.clone()),
+        lat(),
+        7,
+    );
+    h.fail_cache_reads_in = Some(span(middle.get()));
+    assert!(h.wait_open());
+    let Some(Err(e @ OpenError::Unreadable { .. })) = &h.opened else {
+        panic!("{:?}", h.opened);
+    };
+    assert!(e.to_string().contains("salvage=true"));
+    assert_eq!(h.cache.image(), &c[..]);
+    // A salvage skips it: its block reads as the backing device's.
+    let mut s = p.clone();
+    s.salvage = true;
+    let mut h = Harness::new(
+        s,
+        SimDevice::from_image(c),
+        SimDevice::from_image(b),
+        lat(),
+        7,
+    );
+    h.fail_cache_reads_in = Some(span(middle.get()));
+    assert!(h.wait_open());
+    assert_eq!(h.opened, Some(Ok(())));
+    h.fail_cache_reads_in = None;
+    assert_eq!(h.read(2, 4096, 4096).unwrap(), vec![0; 4096]);
+    assert_eq!(h.read(3, 8192, 4096).unwrap(), pattern(3, 4096));
+}
+
+#[test]
+fn a_checkpoint_that_lies_with_matching_checksums_is_refused() {
+    use writeboost_sim::corrupt::{Lie, lie_in_checkpoint};
+    let p = params(8 * MIB);
+    let mut h = fresh(p.clone());
+    several_logs(&mut h);
+    let (c, b) = shut_down(h);
+    for lie in Lie::ALL {
+        let mut img = c.clone();
+        let told = lie_in_checkpoint(
+            &mut img,
+            p.cache_size,
+            lie,
+            &mut ChaCha8Rng::seed_from_u64(3),
+        );
+        assert_eq!(told, Some(lie));
+        let mut h = open(
+            p.clone(),
+            SimDevice::from_image(img),
+            SimDevice::from_image(b.clone()),
+        );
+        assert_eq!(h.opened, Some(Ok(())), "{lie:?}");
+        let st = h.engine().stats().clone();
+        assert_eq!(
+            (st.checkpoints_loaded, st.checkpoints_rejected),
+            (0, 1),
+            "{lie:?}"
+        );
+        expect_several_logs(&mut h);
+    }
+}
+
+#[test]
+fn read_cached_copies_do_not_outlive_a_restart() {
+    let mut p = params(8 * MIB);
+    p.tunables.read_cache_threshold = 32;
+    let mut h = fresh(p.clone());
+    // Staged into the cache by a missed read.
+    assert_eq!(h.read(1, 40 * 4096, 4096).unwrap(), vec![0; 4096]);
+    h.settle(1_000_000_000);
+    assert_eq!(h.engine().stats().read_cache_staged, 1);
+    let (c, mut b) = shut_down(h);
+    // The backing device changed while the cache was detached.
+    b[40 * 4096..41 * 4096].copy_from_slice(&pattern(4, 4096));
+    let mut h = open(p, SimDevice::from_image(c), SimDevice::from_image(b));
+    assert_eq!(h.engine().stats().checkpoints_loaded, 1);
+    assert_eq!(h.read(2, 40 * 4096, 4096).unwrap(), pattern(4, 4096));
+}
+
+#[test]
+fn a_failed_backing_flush_fails_every_later_flush() {
+    let mut p = params(8 * MIB);
+    p.tunables.write_around_mode = true;
+    let mut h = fresh(p);
+    h.write(1, 0, &pattern(1, 4096), false).unwrap();
+    h.fail_next_flush = Some(writeboost_engine::Device::Backing);
+    assert_eq!(h.flush(2), Err(IoError::BackingDevice));
+    // The device may have dropped the write: a flush that now succeeds
+    // proves nothing about it, so none reports success.
+    h.write(3, 4096, &pattern(3, 4096), false).unwrap();
+    assert_eq!(h.flush(4), Err(IoError::BackingWritesLost));
+    assert!(IoError::BackingWritesLost.to_string().contains("rewrite"));
+    let st = h.engine().status();
+    assert!(st.backing_writes_lost);
+    assert_eq!(h.engine().stats().backing_flush_failures, 1);
+}
+
+#[test]
+fn an_older_incarnations_log_of_the_same_id_under_a_checkpoint_is_damage() {
+    use writeboost_engine::format::{Metablock, encode_segment_header, verify_segment_header};
+    let p = params(8 * MIB);
+    // A second incarnation: its logs have epoch 2.
+    let h = fresh(p.clone());
+    let mut h = restart(h, p.clone());
+    h.write(1, 0, &pattern(1, 4096), true).unwrap();
+    let id = writeboost_engine::LogId(h.engine().status().last_flushed_id);
+    let (mut c, b) = shut_down(h);
+    let geo = Geometry::new(128 << 10, 8 * MIB, BACKING).unwrap();
+    let at = geo.segment_offset(id) as usize;
+    let hl = geo.header_len();
+    let (hdr, _) = verify_segment_header(&c[at..at + hl], &geo, &UUID).unwrap();
+    assert!(hdr.epoch > 1);
+    // The log's write was lost, and the position holds what an earlier
+    // incarnation wrote there under the same id: intact, older data.
+    let old = pattern(99, 4096);
+    c[at + hl..at + hl + 4096].copy_from_slice(&old);
+    let mbs = [Metablock {
+        block: 0,
+        valid: 0xff,
+        dirty: true,
+        crc: crc32c(&old),
+    }];
+    encode_segment_header(
+        &mut c[at..at + hl],
+        &geo,
+        id.get(),
+        hdr.epoch - 1,
+        0,
+        &UUID,
+        &mbs,
+    );
+    let mut h = open(p, SimDevice::from_image(c), SimDevice::from_image(b));
+    assert_eq!(h.engine().stats().checkpoints_loaded, 1);
+    assert_eq!(h.read(2, 0, 4096), Err(IoError::Corrupt));
 }

@@ -12,97 +12,137 @@ use writeboost_sim::check::{
     DEFAULT_CORRUPTION_RATE, DEFAULT_RESTART_RATE, ModeChoice, SimOptions, run_seed,
 };
 
-/// Runs seeds from `seeds` until one fails; the seed that did.
-fn first_failing(
+/// Where a planted bug is looked for.
+struct Case {
     mutant: Mutant,
     mode: ModeChoice,
     crashes: u32,
     restart_rate: f64,
+    corruption_rate: f64,
+    error_rate: f64,
+    /// Seeds within which it must be caught.
     seeds: std::ops::Range<u64>,
-) -> Option<u64> {
-    seeds.into_iter().find(|&seed| {
-        let opts = SimOptions {
-            seed,
-            ops: 2000,
-            crashes,
-            error_rate: 0.002,
-            verbose: false,
-            force: Vec::new(),
-            mode,
+}
+
+impl Case {
+    /// The defaults of `wb-sim`, for `mutant`.
+    fn new(mutant: Mutant, seeds: std::ops::Range<u64>) -> Self {
+        Self {
             mutant,
+            mode: ModeChoice::Any,
+            crashes: 3,
+            restart_rate: DEFAULT_RESTART_RATE,
             corruption_rate: DEFAULT_CORRUPTION_RATE,
-            restart_rate,
-        };
-        !matches!(
-            std::panic::catch_unwind(|| run_seed(&opts).clean()),
-            Ok(true)
-        )
-    })
+            error_rate: 0.002,
+            seeds,
+        }
+    }
+
+    /// Runs its seeds until one fails; the seed that did.
+    fn first_failing(&self) -> Option<u64> {
+        self.seeds.clone().find(|&seed| {
+            let opts = SimOptions {
+                seed,
+                ops: 2000,
+                crashes: self.crashes,
+                error_rate: self.error_rate,
+                verbose: false,
+                force: Vec::new(),
+                mode: self.mode,
+                mutant: self.mutant,
+                corruption_rate: self.corruption_rate,
+                restart_rate: self.restart_rate,
+                segments: None,
+            };
+            !matches!(
+                std::panic::catch_unwind(|| run_seed(&opts).clean()),
+                Ok(true)
+            )
+        })
+    }
 }
 
 #[test]
 fn every_planted_bug_is_caught() {
-    let r = DEFAULT_RESTART_RATE;
-    // (bug, mode, crashes per seed, share of clean restarts, seeds within
-    // which it must be caught)
     let cases = [
         // Needs a stale log right after the chain's end to survive a crash
         // while the one before it is lost: whole-write crash outcomes, in
         // runs of crashes that no clean restart interrupts.
-        (
-            Mutant::NoEpochCheck,
-            ModeChoice::Volatile,
-            12,
-            0.0,
-            100..300,
-        ),
-        (
-            Mutant::DurableBeforeFlush,
-            ModeChoice::Volatile,
-            3,
-            r,
-            100..120,
-        ),
-        (
-            Mutant::WritebackWithoutBackingFlush,
-            ModeChoice::Volatile,
-            3,
-            r,
-            100..120,
-        ),
-        (
-            Mutant::CommitBeforeDrain,
-            ModeChoice::Pmem,
-            3,
-            r,
-            900_000..900_020,
-        ),
+        Case {
+            mode: ModeChoice::Volatile,
+            crashes: 12,
+            restart_rate: 0.0,
+            ..Case::new(Mutant::NoEpochCheck, 300..400)
+        },
+        Case {
+            mode: ModeChoice::Volatile,
+            ..Case::new(Mutant::DurableBeforeFlush, 100..120)
+        },
+        Case {
+            mode: ModeChoice::Volatile,
+            ..Case::new(Mutant::WritebackWithoutBackingFlush, 100..120)
+        },
+        Case {
+            mode: ModeChoice::Pmem,
+            ..Case::new(Mutant::CommitBeforeDrain, 900_000..900_020)
+        },
         // Seen only when a crash also damages a durable log's header at
         // rest (damaged data is the scrub's to find, whatever the claims).
-        (
-            Mutant::NoDurableFrontierCheck,
-            ModeChoice::Volatile,
-            3,
-            r,
-            100..140,
-        ),
+        Case {
+            mode: ModeChoice::Volatile,
+            ..Case::new(Mutant::NoDurableFrontierCheck, 100..140)
+        },
         // Seen when a clean restart is followed by a crash: the checkpoint
         // of the earlier shutdown is stale by then.
-        (
-            Mutant::TrustAnyCheckpoint,
-            ModeChoice::Volatile,
-            6,
-            r,
-            100..140,
-        ),
+        Case {
+            mode: ModeChoice::Volatile,
+            crashes: 6,
+            ..Case::new(Mutant::TrustAnyCheckpoint, 100..140)
+        },
+        // A checkpoint names logs a write burst takes over before the scrub
+        // reaches them: many clean restarts.
+        Case {
+            crashes: 8,
+            restart_rate: 0.9,
+            ..Case::new(Mutant::ScrubIgnoresPositionReuse, 100..120)
+        },
+        // The damaged sectors a partial write carried come back once a
+        // crash replays the new copy.
+        Case {
+            crashes: 6,
+            corruption_rate: 1.0,
+            ..Case::new(Mutant::PartialWriteOverDamage, 150..160)
+        },
+        // A failed flush lost what it covered; the retry said it was durable.
+        Case {
+            error_rate: 0.02,
+            ..Case::new(Mutant::FlushRetried, 100..110)
+        },
+        // Checkpoints made to lie before clean restarts.
+        Case {
+            corruption_rate: 0.5,
+            ..Case::new(Mutant::TrustCheckpointCounts, 100..110)
+        },
+        // The damaged copy is written back past; a crash forgets the
+        // quarantine and the backing device's older data is served.
+        Case {
+            corruption_rate: 0.5,
+            ..Case::new(Mutant::QuarantineNotRecorded, 150..160)
+        },
+        // A rewrite that a crash loses takes the quarantine with it.
+        Case {
+            crashes: 6,
+            corruption_rate: 1.0,
+            ..Case::new(Mutant::QuarantineClearedEarly, 150..160)
+        },
     ];
-    for (mutant, mode, crashes, restarts, seeds) in cases {
-        let range = format!("{seeds:?}");
+    for case in cases {
         assert!(
-            first_failing(mutant, mode, crashes, restarts, seeds).is_some(),
-            "planted bug {} went unnoticed over seeds {range}: the simulator no longer checks \
+            case.first_failing().is_some(),
+            "planted bug {} went unnoticed over seeds {:?}: the simulator no longer checks \
              the rule it breaks",
-            mutant.name()
+            case.mutant.name(),
+            case.seeds
         );
     }
 }

@@ -198,6 +198,7 @@ impl<A: BufAlloc> Engine<A> {
             lowest = lowest.min(o.id);
         }
         let became = self.durability.advance(lowest);
+        self.scrub.rewrites_durable(self.durability.frontier());
         let now = self.now;
         for id in became.clone() {
             let seg = self.ring.seg_mut(id);
@@ -271,7 +272,12 @@ impl<A: BufAlloc> Engine<A> {
     /// Issues the write of a record into its slot.
     pub(super) fn write_record(&mut self, rec: SbRecord, purpose: Purpose) {
         let buf = self.alloc_buf(BLOCK_SIZE as usize);
-        self.buf_mut(buf).copy_from_slice(&rec.encode());
+        let list = if self.mutant.is(Mutant::QuarantineNotRecorded) {
+            Vec::new()
+        } else {
+            self.scrub.record_list()
+        };
+        self.buf_mut(buf).copy_from_slice(&rec.encode_with(&list));
         self.records.set_buf(buf);
         self.issue(
             Device::Cache,

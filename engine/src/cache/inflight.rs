@@ -41,6 +41,8 @@ pub(super) struct InFlight<P> {
     tracked: FxHashMap<Token, Tracked<P>>,
     /// Issued (or re-issued) and not yet polled by the host.
     queue: VecDeque<Command>,
+    /// The planted bug `Mutant::FlushRetried`.
+    pub(super) retry_flushes: bool,
 }
 
 impl<P> Default for InFlight<P> {
@@ -49,6 +51,7 @@ impl<P> Default for InFlight<P> {
             next_token: 1,
             tracked: FxHashMap::default(),
             queue: VecDeque::new(),
+            retry_flushes: false,
         }
     }
 }
@@ -89,7 +92,7 @@ impl<P> InFlight<P> {
         };
         let retry = result.is_err_and(DeviceError::is_retryable)
             && t.tries < MAX_RETRIES
-            && !matches!(t.cmd.kind, CommandKind::Flush);
+            && (self.retry_flushes || !matches!(t.cmd.kind, CommandKind::Flush));
         if retry {
             t.tries += 1;
             self.queue.push_back(t.cmd);

@@ -36,6 +36,7 @@ mod durability;
 mod index;
 mod inflight;
 mod pmem_buffer;
+mod quarantine;
 mod read;
 mod records;
 mod ring;
@@ -629,8 +630,16 @@ impl<A: BufAlloc> Engine<A> {
         }
         for (pos, seg) in self.ring.iter().enumerate() {
             if seg.live_dirty != live[pos] {
+                let blocks: Vec<(u64, u8, bool)> = self
+                    .index
+                    .iter()
+                    .filter(|(_, c)| {
+                        (c.at.0 / self.geo.data_blocks) as usize == pos && c.dirty != 0
+                    })
+                    .map(|(b, c)| (b, c.dirty, self.scrub.is_corrupt(b)))
+                    .collect();
                 return Err(format!(
-                    "log {} live_dirty {} but {} dirty entries",
+                    "log {} live_dirty {} but {} dirty entries {blocks:?}",
                     seg.id, seg.live_dirty, live[pos]
                 ));
             }
@@ -644,6 +653,7 @@ impl<A: BufAlloc> Engine<A> {
     pub fn plant(&mut self, m: Mutant) {
         self.mutant = m;
         self.pmem.plant(m);
+        self.inflight.retry_flushes = m == Mutant::FlushRetried;
     }
 
     /// Internal queues, for diagnosing a stalled engine.
@@ -953,10 +963,7 @@ impl<A: BufAlloc> Engine<A> {
             self.maybe_writeback();
             self.maybe_checkpoint();
             self.maybe_write_record();
-            if self.writeback.drop_caches_active()
-                && self.index.nr_dirty() == 0
-                && self.open.as_ref().is_none_or(|o| !o.has_dirty)
-            {
+            if self.writeback.drop_caches_active() && self.only_quarantine_dirty() {
                 // Record the clean state so a restart replays nothing.
                 self.writeback.set_drop_caches(false);
                 self.records.want();

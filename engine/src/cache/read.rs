@@ -63,6 +63,10 @@ impl<A: BufAlloc> Engine<A> {
         let mut blocked = false;
         let mut error = None;
         for b in first..=last {
+            // (Quarantined whether or not its damaged copy is still indexed.)
+            if self.scrub.is_corrupt(b) {
+                error = Some(IoError::Corrupt);
+            }
             let Some(e) = self.entry(b) else {
                 continue;
             };
@@ -80,9 +84,6 @@ impl<A: BufAlloc> Engine<A> {
                     self.scrub.want(e.id);
                     blocked = true;
                 }
-            }
-            if self.scrub.is_corrupt(b) {
-                error = Some(IoError::Corrupt);
             }
         }
         if let Some(err) = error

@@ -2,20 +2,29 @@
 //! headers alone, against the per-block CRC-32C in each metablock.
 //!
 //! Resume reads one header per log, so its time does not grow with the dirty
-//! data; the data is checked here instead, one log at a time in id order,
-//! and before anything uses it: a read or a fill that needs an unchecked log
-//! waits for it (and moves it to the front), and writeback takes only
-//! checked logs. A block whose newest copy fails its checksum is corrupt:
-//! reads of it fail, writeback stops before its log (so restart finds the
-//! damage again) and the status says to reopen with `salvage`. A clean copy
-//! that fails is dropped; the backing device has its data.
+//! data; the data is checked here instead, in id order, and before anything
+//! uses it: a read or a fill that needs an unchecked log waits for it (and
+//! moves it to the front), and writeback takes only checked logs. A dirty
+//! block whose newest copy fails its checksum is quarantined (see
+//! `quarantine`): it holds only itself. A clean copy that fails stops
+//! serving reads; the backing device has its data.
+//!
+//! An entry is about a log, not a ring position: when a new log takes the
+//! position over, the old log's entry goes (its blocks left the index with
+//! it), so the scrub never checks one log's data against another's header
+//! nor holds a position for a log that is gone. A log none of whose indexed
+//! copies serves reads needs no check and is not read. The scrub runs in
+//! read-only mode too (reads still need it), keeps a few reads in flight,
+//! and a read that fails even after the retries is a device error, not
+//! damage: the log stays unchecked, reads that need it fail with
+//! `CacheDevice` meanwhile, and it is read again after a delay.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use rustc_hash::FxHashMap;
 
 use super::{Engine, Purpose};
-use crate::format::{Metablock, verify_segment_header};
+use crate::format::{MAX_QUARANTINE, Metablock, verify_segment_header};
 use crate::geometry::BLOCK_SIZE;
 use crate::ids::{Epoch, LogId};
 use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Nanos};
@@ -37,8 +46,13 @@ pub(super) struct Scrub {
     failed: BTreeSet<LogId>,
     retry_at: Option<Nanos>,
     spare: Vec<BufId>,
-    /// Blocks whose newest copy failed its checksum, and the log holding it.
+    /// Quarantined blocks, each with the log holding its damaged copy
+    /// (`NONE` when the record's list named it: that copy is written back).
     corrupt: FxHashMap<u64, LogId>,
+    /// Blocks rewritten whole since they were quarantined, with the log of
+    /// the new copy and of the damaged one: they stay on the record's list
+    /// until the new copy is durable.
+    rewrites: FxHashMap<u64, (LogId, LogId)>,
 }
 
 impl Scrub {
@@ -81,11 +95,19 @@ impl Scrub {
     }
 
     /// Writeback, past log `after`, may take logs up to (not including)
-    /// this one.
+    /// this one. Quarantined blocks stop it only when the record's list
+    /// cannot hold them all: a damaged copy must then stay replayable.
     pub fn first_unusable(&self, after: LogId) -> Option<LogId> {
         let unchecked = self.unchecked.range(after.next()..).next().copied();
-        let corrupt = self.corrupt.values().min().copied();
-        unchecked.into_iter().chain(corrupt).min()
+        let overflow = (self.corrupt.len() + self.rewrites.len() > MAX_QUARANTINE).then(|| {
+            self.corrupt
+                .values()
+                .chain(self.rewrites.values().map(|(_, old)| old))
+                .filter(|&&id| id > after)
+                .min()
+                .copied()
+        });
+        unchecked.into_iter().chain(overflow.flatten()).min()
     }
 
     pub fn is_corrupt(&self, block: u64) -> bool {
@@ -96,10 +118,66 @@ impl Scrub {
         self.corrupt.len() as u64
     }
 
-    /// A whole new copy of `block` replaced the corrupt one.
-    pub fn rewritten(&mut self, block: u64) {
+    /// `block`'s newest copy, in log `id`, is damaged (`NONE`: the record's
+    /// list says so).
+    pub fn quarantine(&mut self, block: u64, id: LogId) {
+        self.corrupt.insert(block, id);
+        self.rewrites.remove(&block);
+    }
+
+    /// Quarantined blocks.
+    pub fn quarantined(&self) -> impl Iterator<Item = u64> + '_ {
+        self.corrupt.keys().copied()
+    }
+
+    /// Replay met a durable copy of `block` newer than the record's list.
+    pub fn replayed(&mut self, block: u64) {
         if !self.corrupt.is_empty() {
             self.corrupt.remove(&block);
+        }
+    }
+
+    /// The quarantine of `block` is dropped on request.
+    pub fn drop_quarantine(&mut self, block: u64) -> bool {
+        self.rewrites.remove(&block);
+        self.corrupt.remove(&block).is_some()
+    }
+
+    /// Every log up to `frontier` is durable: rewrites in them no longer
+    /// need the record's list.
+    pub fn rewrites_durable(&mut self, frontier: LogId) {
+        if !self.rewrites.is_empty() {
+            self.rewrites.retain(|_, (new, _)| *new > frontier);
+        }
+    }
+
+    /// The record's quarantine list: quarantined blocks and rewrites not
+    /// durable yet, ascending, at most what a record holds.
+    pub fn record_list(&self) -> Vec<u64> {
+        if self.corrupt.is_empty() && self.rewrites.is_empty() {
+            return Vec::new();
+        }
+        let mut v: Vec<u64> = self
+            .corrupt
+            .keys()
+            .chain(self.rewrites.keys())
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v.truncate(MAX_QUARANTINE);
+        v
+    }
+
+    /// A whole new copy of `block`, in log `id`, replaced the damaged
+    /// one: reads are served again, and the record keeps listing the block
+    /// until the new copy is durable.
+    pub fn rewritten(&mut self, block: u64, id: LogId) {
+        if self.corrupt.is_empty() {
+            return;
+        }
+        if let Some(old) = self.corrupt.remove(&block) {
+            self.rewrites.insert(block, (id, old));
         }
     }
 
@@ -122,9 +200,6 @@ impl Scrub {
     /// The next log to read: a wanted one first, then in id order; none
     /// being read or waiting for its retry.
     fn next(&self) -> Option<LogId> {
-        if self.reading.len() >= SCRUB_QD {
-            return None;
-        }
         let free = |id: &&LogId| !self.reading.contains_key(id) && !self.failed.contains(id);
         self.wanted
             .iter()
@@ -150,7 +225,18 @@ impl<A: BufAlloc> Engine<A> {
         {
             return;
         }
-        while let Some(id) = self.scrub.next() {
+        // (The planted bug reads one log at a time, as the scrub once did.)
+        let qd = if self
+            .mutant
+            .is(crate::mutant::Mutant::ScrubIgnoresPositionReuse)
+        {
+            1
+        } else {
+            SCRUB_QD
+        };
+        while self.scrub.reading.len() < qd
+            && let Some(id) = self.scrub.next()
+        {
             if !self.needs_scrub(id) {
                 self.scrub.done(id);
                 continue;
@@ -182,6 +268,12 @@ impl<A: BufAlloc> Engine<A> {
     /// Whether log `id` still holds its position and a copy that serves
     /// reads (or waits for writeback).
     fn needs_scrub(&self, id: LogId) -> bool {
+        if self
+            .mutant
+            .is(crate::mutant::Mutant::ScrubIgnoresPositionReuse)
+        {
+            return true;
+        }
         let seg = self.ring.seg(id);
         seg.id == id
             && seg.buf.is_none()
@@ -237,7 +329,7 @@ impl<A: BufAlloc> Engine<A> {
         for (block, e) in bad {
             self.stats.corrupt_blocks_found += 1;
             if e.dirty != 0 {
-                self.scrub.corrupt.insert(block, id);
+                self.scrub.quarantine(block, id);
             } else if self.droppable(&e) {
                 self.drop_entry(block);
             } else {

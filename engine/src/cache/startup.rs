@@ -106,6 +106,9 @@ pub(super) struct Startup {
     unreadable: std::collections::BTreeSet<LogId>,
     /// Logs a salvage skipped, and tombstone writes in flight for them.
     skipped: Vec<(LogId, Epoch)>,
+    /// Tombstones an earlier salvage left in the chain: written again, as
+    /// its own writes may not have survived a flush that failed.
+    found_tombstones: Vec<(LogId, Epoch)>,
     tombstones_pending: u32,
     /// Chain logs whose header was read and that no claim covers yet: they
     /// are replayed in order as claims pass them; those left at the end are
@@ -281,13 +284,18 @@ impl<A: BufAlloc> Engine<A> {
         let best = RECORD_OFFSETS
             .iter()
             .filter_map(|&off| {
-                let at = off as usize;
-                SbRecord::parse(&meta[at..at + BLOCK_SIZE as usize], &sb.cache_uuid).ok()
+                let b = &meta[off as usize..off as usize + BLOCK_SIZE as usize];
+                SbRecord::parse(b, &sb.cache_uuid).ok().map(|r| (r, b))
             })
-            .max_by_key(|r| r.seq);
-        let Some(record) = best else {
+            .max_by_key(|(r, _)| r.seq);
+        let Some((record, record_block)) = best else {
             return self.fail_open(OpenError::NoRecord);
         };
+        // Quarantined blocks whose damaged copies are written back; copies
+        // replayed from the logs after the record end a quarantine.
+        for block in SbRecord::parse_quarantine(record_block) {
+            self.scrub.quarantine(block, LogId::NONE);
+        }
         self.install_geometry(sb);
         self.records.install(record);
         self.ring.set_writeback_frontier(
@@ -629,6 +637,9 @@ impl<A: BufAlloc> Engine<A> {
     /// the scrub checks it before anything reads it.
     fn replay_log(&mut self, id: LogId, epoch: Epoch, mbs: &[Metablock], verified: bool) {
         self.ring.replay(id, epoch, mbs.len() as u32);
+        if mbs.is_empty() {
+            self.st().found_tombstones.push((id, epoch));
+        }
         if !verified && !mbs.is_empty() {
             self.scrub.add(id);
         }
@@ -665,6 +676,10 @@ impl<A: BufAlloc> Engine<A> {
             if mb.valid != 0 {
                 live += 1;
             }
+            // A durable copy newer than the record's quarantine list ends
+            // the block's quarantine (if this copy is damaged too, the
+            // scrub finds it again).
+            self.scrub.replayed(mb.block);
         }
         self.ring.seg_mut(id).live_dirty += live;
     }
@@ -689,13 +704,17 @@ impl<A: BufAlloc> Engine<A> {
         // A new incarnation: logs written from now on carry a higher epoch, so
         // stale logs after the chain end can never be mistaken for its continuation.
         self.ring.set_epoch(self.records.epoch().next());
-        let skipped = std::mem::take(&mut self.st().skipped);
+        let mut skipped = std::mem::take(&mut self.st().skipped);
         self.stats.salvaged_logs_skipped += skipped.len() as u64;
+        // Each skipped position becomes an empty log, so the next start
+        // finds the chain whole instead of the same damage again. Those a
+        // salvage marked before are marked again: the open that wrote them
+        // may have failed at its flush, and a device may drop what a failed
+        // flush covered while still returning it to reads.
+        skipped.append(&mut self.st().found_tombstones);
         if skipped.is_empty() {
             return self.write_start_record();
         }
-        // Each skipped position becomes an empty log, so the next start
-        // finds the chain whole instead of the same damage again.
         self.st().tombstones_pending = skipped.len() as u32;
         let (geo, uuid, hl) = (
             self.geo,
@@ -734,7 +753,12 @@ impl<A: BufAlloc> Engine<A> {
         let rec = self.next_record();
         self.st().record = Some(rec);
         self.st().meta_writes = 2;
-        let sb = self.sb.expect("superblock read").encode();
+        // (A version 3 superblock becomes version 4: logs from now on may
+        // carry quarantine markers, which a version 3 release cannot read.)
+        let mut sb = self.sb.expect("superblock read");
+        sb.version = crate::format::FORMAT_VERSION;
+        self.sb = Some(sb);
+        let sb = sb.encode();
         let buf = self.alloc_buf(BLOCK_SIZE as usize);
         self.buf_mut(buf).copy_from_slice(&sb);
         self.issue(

@@ -144,16 +144,19 @@ impl<A: BufAlloc> Engine<A> {
             if mask == FULL_MASK {
                 continue;
             }
+            // (Whether or not the damaged copy is still indexed: the
+            // backing device's older data must not be merged in either.)
+            if self.scrub.is_corrupt(block)
+                && !self
+                    .mutant
+                    .is(crate::mutant::Mutant::PartialWriteOverDamage)
+            {
+                return Err(IoError::Corrupt);
+            }
             let Some(e) = self.entry(block) else {
                 continue;
             };
-            if e.dirty & !mask == 0 {
-                continue;
-            }
-            if self.scrub.is_corrupt(block) {
-                return Err(IoError::Corrupt);
-            }
-            if self.scrub.is_unreadable(e.id) {
+            if e.dirty & !mask != 0 && self.scrub.is_unreadable(e.id) {
                 return Err(IoError::CacheDevice);
             }
         }
@@ -243,9 +246,12 @@ impl<A: BufAlloc> Engine<A> {
 
     /// No block in the range holds data that only the cache has, or that
     /// recovery could bring back over the new data.
+    /// A quarantined block is not bypassable either: its rewrite goes
+    /// through the log, which is what ends the quarantine.
     fn bypassable(&self, offset: u64, len: u64) -> bool {
         let (first, last) = (offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
-        (first..=last).all(|b| self.entry(b).is_none_or(|e| self.droppable(&e)))
+        (first..=last)
+            .all(|b| self.entry(b).is_none_or(|e| self.droppable(&e)) && !self.scrub.is_corrupt(b))
     }
 
     fn bypass(&mut self, req: ReqId, offset: u64, len: u64, src: Src<'_>, fua: bool) {
@@ -281,6 +287,11 @@ impl<A: BufAlloc> Engine<A> {
         while let Some(mut s) = self.stalled.pop_front() {
             if self.read_only {
                 self.part_done(s.req, Err(IoError::ReadOnly));
+                continue;
+            }
+            // The block may have been found damaged since it stalled.
+            if let Err(e) = self.check_carry(s.offset, s.len) {
+                self.part_done(s.req, Err(e));
                 continue;
             }
             let src = match &s.data {
@@ -387,14 +398,24 @@ impl<A: BufAlloc> Engine<A> {
         if !self.ensure_open_slot() {
             return None;
         }
-        if full {
-            // A whole new copy, indexed below: the damaged older one no
-            // longer matters. (Not before the slot is had: a write that
-            // stalls must leave the block's reads failing.)
-            self.scrub.rewritten(block);
-        }
         let o = self.open.as_ref().expect("open log");
         let (id, buf, s) = (o.id, o.buf, o.slots.len() as u32);
+        // Opening a log reclaims a position, and the damaged copy of a
+        // quarantined block there leaves the index with it.
+        let existing = self.entry(block);
+        if full {
+            // A whole new copy, indexed below: the damaged older one no
+            // longer serves reads. (Not before the slot is had: a write
+            // that stalls must leave the block's reads failing.)
+            if self
+                .mutant
+                .is(crate::mutant::Mutant::QuarantineClearedEarly)
+            {
+                self.scrub.drop_quarantine(block);
+            } else {
+                self.scrub.rewritten(block, id);
+            }
+        }
         let at = hl + s as usize * BLOCK_SIZE as usize;
         src.copy_to(from, &mut self.buf_mut(buf)[at + b0..at + b1]);
         let mut valid = mask;
@@ -555,18 +576,27 @@ impl<A: BufAlloc> Engine<A> {
 
     fn open_log(&mut self) {
         let buf = self.free_log_bufs.pop().expect("free log buffer");
-        // Reclaim the position: the old log is written back, so whatever of it
-        // is still indexed is clean and can go.
-        let (id, old_id, old_slots) = self.ring.open_next(buf);
+        // Reclaim the position: the old log is written back, so whatever of
+        // it is still indexed can go (clean copies, and the damaged copies
+        // of quarantined blocks, which the record lists). Dropped while the
+        // position still names the old log, whose dirty count they leave.
+        let next = self.ring.next_id();
+        let old = self.ring.seg(next);
+        let (old_id, old_slots) = (old.id, old.nr_slots);
         if old_id != LogId::NONE {
-            self.scrub.forget(old_id);
+            if !self
+                .mutant
+                .is(crate::mutant::Mutant::ScrubIgnoresPositionReuse)
+            {
+                self.scrub.forget(old_id);
+            }
             for slot in 0..old_slots {
-                let at = self.cache_slot(id, slot);
-                if self.index.is_current(at).is_some() {
-                    self.drop_entry(self.index.block_at(at));
+                if let Some((block, _)) = self.current_at(old_id, slot) {
+                    self.drop_entry(block);
                 }
             }
         }
+        let (id, _, _) = self.ring.open_next(buf);
         // Mode 1: the buffer's pool slot now holds this log.
         let pslot = self.pmem.open_log(buf, id, self.ring.epoch());
         self.open = Some(OpenLog {

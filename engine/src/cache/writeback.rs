@@ -167,6 +167,7 @@ impl<A: BufAlloc> Engine<A> {
                 for slot in 0..seg.nr_slots {
                     if let Some((block, e)) = self.current_at(id, slot)
                         && e.dirty != 0
+                        && !self.scrub.is_corrupt(block)
                     {
                         batch.written.push((block, id, slot, e.dirty));
                     }

@@ -62,9 +62,15 @@ struct Args {
     /// lose power part way through the shutdown), from 0 to 1.
     #[arg(long, default_value_t = DEFAULT_RESTART_RATE, value_parser = parse_rate)]
     restart_rate: f64,
+    /// The ring's positions (from 2), instead of a cache of each seed's
+    /// choice of 5 to 16 segments.
+    #[arg(long)]
+    segments: Option<u64>,
     /// Plant a bug in the engine (no-epoch-check, durable-before-flush,
     /// writeback-without-backing-flush, commit-before-drain,
-    /// no-durable-frontier-check, trust-any-checkpoint): the run should fail.
+    /// no-durable-frontier-check, trust-any-checkpoint, scrub-ignores-position-reuse,
+    /// partial-write-over-damage, flush-retried, trust-checkpoint-counts,
+    /// quarantine-forgotten): the run should fail.
     #[arg(long, default_value = "none", value_parser = parse_mutant)]
     mutant: Mutant,
 }
@@ -110,6 +116,7 @@ fn main() {
             mutant: a.mutant,
             corruption_rate: a.corruption_rate,
             restart_rate: a.restart_rate,
+            segments: a.segments,
         });
         if !o.clean() {
             bad_seeds.push(seed);
@@ -148,8 +155,15 @@ fn main() {
         total.false_corruption
     );
     println!(
-        "undrained_restarts={} open_retries={} cache_failures={} failed_flushes={}",
-        total.undrained_restarts, total.open_retries, total.cache_failures, total.failed_flushes
+        "undrained_restarts={} open_retries={} cache_failures={} failed_flushes={} \
+         quarantined_runs={} lying_checkpoints={} trusted_lies={}",
+        total.undrained_restarts,
+        total.open_retries,
+        total.cache_failures,
+        total.failed_flushes,
+        total.quarantined_runs,
+        total.lying_checkpoints,
+        total.trusted_lies
     );
     println!(
         "wb-sim: seeds={} crashes={} acknowledged_lost={} corrupt_reads={} silent_truncations={}",
