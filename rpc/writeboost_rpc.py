@@ -105,6 +105,28 @@ def spdk_rpc_plugin_initialize(subparsers):
         p.add_argument("name", help="writeboost bdev name")
         p.set_defaults(func=call)
 
+    def bdev_writeboost_get_quarantine(args):
+        _print(args.client.call("bdev_writeboost_get_quarantine", {"name": args.name}))
+
+    p = subparsers.add_parser(
+        "bdev_writeboost_get_quarantine",
+        help="Blocks whose cached copy was found damaged: they read as errors until rewritten whole",
+    )
+    p.add_argument("name", help="writeboost bdev name")
+    p.set_defaults(func=bdev_writeboost_get_quarantine)
+
+    def bdev_writeboost_drop_quarantine(args):
+        params = {"name": args.name, "block": args.block}
+        _print(args.client.call("bdev_writeboost_drop_quarantine", params))
+
+    p = subparsers.add_parser(
+        "bdev_writeboost_drop_quarantine",
+        help="Forget a quarantined block's damaged copy: it reads as the backing device's (older) data",
+    )
+    p.add_argument("name", help="writeboost bdev name")
+    p.add_argument("block", type=int, help="4 KiB block number, as get_quarantine lists it")
+    p.set_defaults(func=bdev_writeboost_drop_quarantine)
+
     # The standalone host's NBD export (spdk_tgt exports through nvmf or vhost instead).
     def nbd_server_start(args):
         params = {"bdev_name": args.bdev_name}

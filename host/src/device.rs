@@ -566,6 +566,19 @@ impl Dev {
         self.driver.engine_mut().clear_stats();
     }
 
+    /// Blocks quarantined as damaged.
+    pub fn quarantined(&self) -> Vec<u64> {
+        self.driver.engine().quarantined_blocks()
+    }
+
+    /// Ends `block`'s quarantine; false if it was not quarantined.
+    pub fn drop_quarantine(&mut self, block: u64) -> bool {
+        let now = self.now();
+        let dropped = self.driver.engine_mut().drop_quarantine(block, now);
+        self.drain();
+        dropped
+    }
+
     /// The create parameters that recreate the device as it is now.
     pub fn config_params(&self) -> Value {
         self.req.config_params(self.driver.engine().tunables())

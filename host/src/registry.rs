@@ -14,8 +14,9 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use serde_json::{Value, json};
 use writeboost_rpc::{
-    BaseGeometry, CreateRequest, METHODS, Params, RpcError, code, parse_create, parse_name,
-    parse_optional_name, parse_set_options,
+    BaseGeometry, CreateRequest, METHODS, Params, RpcError, code, drop_quarantine_answer,
+    parse_create, parse_drop_quarantine, parse_name, parse_optional_name, parse_set_options,
+    quarantine_json,
 };
 
 use crate::backends::Devices;
@@ -217,6 +218,16 @@ impl App {
                 self.on_device(&name, |d| {
                     d.clear_stats();
                     Ok(Value::Bool(true))
+                })
+            }
+            "bdev_writeboost_get_quarantine" => {
+                let name = parse_name(method, params)?.name;
+                self.on_device(&name, |d| Ok(quarantine_json(&d.quarantined())))
+            }
+            "bdev_writeboost_drop_quarantine" => {
+                let req = parse_drop_quarantine(params)?;
+                self.on_device(&req.name.clone(), move |d| {
+                    drop_quarantine_answer(&req, d.drop_quarantine(req.block))
                 })
             }
             "nbd_server_start" => self.nbd_start(params),

@@ -15,8 +15,9 @@ mod params;
 mod report;
 
 pub use params::{
-    BaseGeometry, CreateRequest, NameRequest, Params, SetOptionsRequest, mode_number, parse_create,
-    parse_name, parse_optional_name, parse_set_options,
+    BaseGeometry, BlockRequest, CreateRequest, NameRequest, Params, SetOptionsRequest,
+    drop_quarantine_answer, mode_number, parse_create, parse_drop_quarantine, parse_name,
+    parse_optional_name, parse_set_options, quarantine_json,
 };
 pub use report::{
     DeviceReport, device_report, io_counters_json, report_json, status_json, tunables_json,
@@ -46,13 +47,15 @@ pub mod code {
 }
 
 /// The methods this crate describes, in the order `rpc_get_methods` lists them.
-pub const METHODS: [&str; 6] = [
+pub const METHODS: [&str; 8] = [
     "bdev_writeboost_create",
     "bdev_writeboost_delete",
     "bdev_writeboost_get_stats",
     "bdev_writeboost_set_options",
     "bdev_writeboost_drop_caches",
     "bdev_writeboost_clear_stats",
+    "bdev_writeboost_get_quarantine",
+    "bdev_writeboost_drop_quarantine",
 ];
 
 /// A JSON-RPC error: code and a message that tells the user what to do.

@@ -387,6 +387,48 @@ pub fn parse_name(method: &str, params: Option<&Value>) -> Result<NameRequest, R
     Ok(NameRequest { name })
 }
 
+/// `{"name": ..., "block": ...}` (drop_quarantine): a 4 KiB block of the
+/// backing device, as `bdev_writeboost_get_quarantine` lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRequest {
+    pub name: String,
+    pub block: u64,
+}
+
+pub fn parse_drop_quarantine(params: Option<&Value>) -> Result<BlockRequest, RpcError> {
+    let method = "bdev_writeboost_drop_quarantine";
+    let mut p = Params::new(method, params, false)?;
+    let name = p.required_string("name")?;
+    let block = p.uint("block", 0, u64::MAX)?.ok_or_else(|| {
+        RpcError::invalid_params(format!(
+            "{method}: missing \"block\" (a 4 KiB block number, as bdev_writeboost_get_quarantine lists them)"
+        ))
+    })?;
+    p.finish()?;
+    Ok(BlockRequest { name, block })
+}
+
+/// What `bdev_writeboost_drop_quarantine` answers: true, or an error saying
+/// the block is not quarantined.
+pub fn drop_quarantine_answer(req: &BlockRequest, dropped: bool) -> Result<Value, RpcError> {
+    if dropped {
+        return Ok(Value::Bool(true));
+    }
+    Err(RpcError::new(
+        crate::code::ENOENT,
+        format!(
+            "bdev_writeboost_drop_quarantine {}: block {} is not quarantined; \
+             bdev_writeboost_get_quarantine lists those that are",
+            req.name, req.block
+        ),
+    ))
+}
+
+/// What `bdev_writeboost_get_quarantine` answers.
+pub fn quarantine_json(blocks: &[u64]) -> Value {
+    json!({"block_size": 4096, "blocks": blocks})
+}
+
 /// Checks an optional `{"name": ...}` (get_stats).
 pub fn parse_optional_name(
     method: &str,

@@ -1399,3 +1399,24 @@ fn an_older_incarnations_log_of_the_same_id_under_a_checkpoint_is_damage() {
     assert_eq!(h.engine().stats().checkpoints_loaded, 1);
     assert_eq!(h.read(2, 0, 4096), Err(IoError::Corrupt));
 }
+
+#[test]
+fn dirty_sectors_a_fill_cannot_read_are_never_served_from_the_backing_device() {
+    let p = params(8 * MIB);
+    let mut h = fresh(p);
+    // Block 3 dirty in a durable log, then a write to part of it: the rest
+    // must be read back from the cache device, which fails that read.
+    h.write(1, 3 * 4096, &pattern(1, 4096), true).unwrap();
+    let id = writeboost_engine::LogId(h.engine().status().last_flushed_id);
+    let geo = *h.engine().geometry();
+    let at = geo.segment_offset(id);
+    h.fail_cache_reads_in = Some(at..at + geo.segment_size);
+    // (Acknowledged from the buffer; its fill read comes after.)
+    h.write(2, 3 * 4096, &pattern(2, 512), false).unwrap();
+    h.settle(1_000_000_000);
+    h.fail_cache_reads_in = None;
+    assert!(h.engine().is_read_only());
+    // The sectors it could not carry read as an error, not as zeroes.
+    assert_eq!(h.read(3, 3 * 4096 + 1024, 512), Err(IoError::Corrupt));
+    assert_eq!(h.engine().quarantined_blocks(), vec![3]);
+}

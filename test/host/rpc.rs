@@ -166,6 +166,23 @@ fn rpc_create_stats_options_delete_save_config_and_restart() {
     );
     let st = &rpc.ok("bdev_writeboost_get_stats", json!({"name": "wb1"}))[0]["stats"];
     assert_eq!(st["user_write_cmds"], 0);
+    // Nothing is damaged, so nothing is quarantined, and nothing can be dropped.
+    assert_eq!(
+        rpc.ok("bdev_writeboost_get_quarantine", json!({"name": "wb1"})),
+        json!({"block_size": 4096, "blocks": []})
+    );
+    let (code, msg) = rpc.err(
+        "bdev_writeboost_drop_quarantine",
+        json!({"name": "wb1", "block": 7}),
+    );
+    assert_eq!(code, -2);
+    assert!(
+        msg.contains("not quarantined") && msg.contains("get_quarantine"),
+        "{msg}"
+    );
+    let (code, msg) = rpc.err("bdev_writeboost_drop_quarantine", json!({"name": "wb1"}));
+    assert_eq!(code, -32602);
+    assert!(msg.contains("block"), "{msg}");
 
     // Deleting wb0 releases its base bdevs.
     assert_eq!(
@@ -378,6 +395,12 @@ fn rpc_bad_inputs_get_errors_and_the_host_keeps_serving() {
         ),
         (
             "bdev_writeboost_clear_stats",
+            json!({"name": "nope"}),
+            -19,
+            "nope",
+        ),
+        (
+            "bdev_writeboost_get_quarantine",
             json!({"name": "nope"}),
             -19,
             "nope",
@@ -677,6 +700,7 @@ fn spdk_rpc_py_drives_the_host() {
     ]);
     r(&["bdev_writeboost_drop_caches", "wb0"]);
     r(&["bdev_writeboost_clear_stats", "wb0"]);
+    assert!(r(&["bdev_writeboost_get_quarantine", "wb0"]).contains("\"blocks\": []"));
     // The plugin also carries the host's NBD export methods.
     let nbd_sock = dir.join("wb0.nbd");
     assert!(r(&["nbd_server_start", "wb0", "--socket", &s(&nbd_sock)]).contains("nbd+unix"));

@@ -132,6 +132,10 @@ assert d["tunables"]["writeback_threshold"] == 0 and d["tunables"]["barrier_dead
 assert d["stats"]["user_write_cmds"] > 0, "no writes reached the device while the writer ran"'
         rpc "$sock" bdev_writeboost_drop_caches wb0 >/dev/null
         rpc "$sock" bdev_writeboost_clear_stats wb0 >/dev/null
+        rpc "$sock" bdev_writeboost_get_quarantine wb0 | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+assert d == {"block_size": 4096, "blocks": []}, d'
         wait "$cpid"
         stop_app "$TGT_PID" "$dir/tgt.sock" || {
             echo "target did not stop cleanly" >&2
@@ -532,6 +536,8 @@ test_badinput() {
     expect_error "$s" "nosuch" bdev_writeboost_get_stats -n nosuch
     expect_error "$s" "nosuch" bdev_writeboost_drop_caches nosuch
     expect_error "$s" "nosuch" bdev_writeboost_clear_stats nosuch
+    expect_error "$s" "nosuch" bdev_writeboost_get_quarantine nosuch
+    expect_error "$s" "not quarantined" bdev_writeboost_drop_quarantine wb0 7
     expect_error "$s" "nosuch" bdev_writeboost_set_options nosuch --barrier-deadline-ms 5
     # A cache that belongs to another backing device is refused and left as it is.
     rpc "$s" bdev_writeboost_delete wb0 >/dev/null
@@ -551,7 +557,7 @@ test_badinput() {
     # And the target still serves.
     rpc "$s" bdev_writeboost_get_stats | python3 -c 'import json,sys; d=json.load(sys.stdin); assert len(d) == 3, d'
     rpc "$s" bdev_get_bdevs -b wb1 >/dev/null
-    echo "  bad input: 14 cases refused with errors, nothing overwritten; a waiting create completed; target still serving"
+    echo "  bad input: 16 cases refused with errors, nothing overwritten; a waiting create completed; target still serving"
     stop_app "$APP_PID" "$s"
 }
 

@@ -25,6 +25,8 @@ void wb_rpc_get_stats(struct spdk_jsonrpc_request *r, const struct spdk_json_val
 void wb_rpc_set_options(struct spdk_jsonrpc_request *r, const struct spdk_json_val *p);
 void wb_rpc_drop_caches(struct spdk_jsonrpc_request *r, const struct spdk_json_val *p);
 void wb_rpc_clear_stats(struct spdk_jsonrpc_request *r, const struct spdk_json_val *p);
+void wb_rpc_get_quarantine(struct spdk_jsonrpc_request *r, const struct spdk_json_val *p);
+void wb_rpc_drop_quarantine(struct spdk_jsonrpc_request *r, const struct spdk_json_val *p);
 
 static struct spdk_bdev_module writeboost_if = {
 	.name = "writeboost",
@@ -91,5 +93,7 @@ SPDK_RPC_REGISTER("bdev_writeboost_get_stats", wb_rpc_get_stats, SPDK_RPC_RUNTIM
 SPDK_RPC_REGISTER("bdev_writeboost_set_options", wb_rpc_set_options, SPDK_RPC_RUNTIME)
 SPDK_RPC_REGISTER("bdev_writeboost_drop_caches", wb_rpc_drop_caches, SPDK_RPC_RUNTIME)
 SPDK_RPC_REGISTER("bdev_writeboost_clear_stats", wb_rpc_clear_stats, SPDK_RPC_RUNTIME)
+SPDK_RPC_REGISTER("bdev_writeboost_get_quarantine", wb_rpc_get_quarantine, SPDK_RPC_RUNTIME)
+SPDK_RPC_REGISTER("bdev_writeboost_drop_quarantine", wb_rpc_drop_quarantine, SPDK_RPC_RUNTIME)
 
 SPDK_LOG_REGISTER_COMPONENT(bdev_writeboost)

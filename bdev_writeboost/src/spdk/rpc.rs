@@ -7,7 +7,8 @@ use std::ffi::CString;
 use serde_json::{Value, json};
 use spdk_sys as sys;
 use writeboost_rpc::{
-    RpcError, code, parse_create, parse_name, parse_optional_name, parse_set_options,
+    RpcError, code, drop_quarantine_answer, parse_create, parse_drop_quarantine, parse_name,
+    parse_optional_name, parse_set_options, quarantine_json,
 };
 
 use super::device::Device;
@@ -184,6 +185,42 @@ pub extern "C" fn wb_rpc_drop_caches(
                 let now = d.now();
                 d.driver.engine_mut().drop_caches(now);
                 Ok(Value::Bool(true))
+            })
+        });
+    resp.answer(r);
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn wb_rpc_get_quarantine(
+    request: *mut sys::spdk_jsonrpc_request,
+    params: *const sys::spdk_json_val,
+) {
+    // SAFETY: SPDK passes a live request and parameter tree.
+    let (resp, p) = unsafe { begin(request, params) };
+    let r = p
+        .and_then(|p| parse_name("bdev_writeboost_get_quarantine", p.as_ref()))
+        .and_then(|req| {
+            with_online(&req.name, |d| {
+                Ok(quarantine_json(&d.driver.engine().quarantined_blocks()))
+            })
+        });
+    resp.answer(r);
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn wb_rpc_drop_quarantine(
+    request: *mut sys::spdk_jsonrpc_request,
+    params: *const sys::spdk_json_val,
+) {
+    // SAFETY: SPDK passes a live request and parameter tree.
+    let (resp, p) = unsafe { begin(request, params) };
+    let r = p
+        .and_then(|p| parse_drop_quarantine(p.as_ref()))
+        .and_then(|req| {
+            with_online(&req.name, |d| {
+                let now = d.now();
+                let dropped = d.driver.engine_mut().drop_quarantine(req.block, now);
+                drop_quarantine_answer(&req, dropped)
             })
         });
     resp.answer(r);

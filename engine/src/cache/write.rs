@@ -637,6 +637,12 @@ impl<A: BufAlloc> Engine<A> {
             if change == Some(Dirty::Cleaned) {
                 self.ring.seg_mut(id).live_dirty -= 1;
             }
+            // Its dirty sectors are gone from this copy: quarantined, so
+            // they read as an error, never as the backing device's older
+            // data, until the block is rewritten whole.
+            if fill != 0 {
+                self.scrub.quarantine(block, src_id);
+            }
         }
         if ok && fill != 0 {
             let mut tmp = [0u8; BLOCK_SIZE as usize];

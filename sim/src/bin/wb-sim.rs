@@ -70,7 +70,7 @@ struct Args {
     /// writeback-without-backing-flush, commit-before-drain,
     /// no-durable-frontier-check, trust-any-checkpoint, scrub-ignores-position-reuse,
     /// partial-write-over-damage, flush-retried, trust-checkpoint-counts,
-    /// quarantine-forgotten): the run should fail.
+    /// quarantine-not-recorded, quarantine-cleared-early): the run should fail.
     #[arg(long, default_value = "none", value_parser = parse_mutant)]
     mutant: Mutant,
 }
