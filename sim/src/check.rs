@@ -565,6 +565,20 @@ impl Run {
             self.collect(&mut h);
         }
         self.out.ops = issued;
+        // drop_caches must finish: everything but quarantined blocks is
+        // written back (unless the cache device failed, which leaves the
+        // open buffer's data where it is).
+        let now = h.now;
+        h.driver.engine_mut().drop_caches(now);
+        h.drain();
+        while h.engine().status().drop_caches_active && !h.engine().is_read_only() {
+            if !h.step() || h.now > now + LIVENESS_NS {
+                let status = format!("{:?} {}", h.engine().status(), h.engine().debug_state());
+                self.note(|| format!("drop_caches never finished: {status}"));
+                self.out.stuck += 1;
+                return;
+            }
+        }
         let st = h.engine().stats().clone();
         self.out.partial_logs += st.nr_partial_flushed;
         self.out.logs += st.nr_logs;

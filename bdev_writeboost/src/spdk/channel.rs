@@ -46,9 +46,13 @@ unsafe fn forward(ch: *mut ChannelCtx, bdev_io: *mut sys::spdk_bdev_io) {
             return;
         };
         let shared = &*(*ch).shared;
-        if shared.thread == (*ch).origin.thread() && !shared.busy.load(Ordering::Acquire) {
+        let dev = shared.dev.load(Ordering::Acquire);
+        if dev.is_null() {
+            // The device is gone; its channels linger until SPDK drops them.
+            io.complete(false);
+        } else if shared.thread == (*ch).origin.thread() && !shared.busy.load(Ordering::Acquire) {
             // Not busy on its own thread: `enter` runs the closure.
-            Device::enter(shared.dev, true, |d| d.start_user(io));
+            Device::enter_or_defer(dev, true, move |d| d.start_user(io));
         } else {
             shared.inbox.push(io);
         }

@@ -11,7 +11,8 @@
 use std::ffi::{CString, c_void};
 use std::ptr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 use spdk_sys as sys;
 use writeboost_engine::config::BufferMode;
@@ -38,8 +39,14 @@ pub struct Shared {
     pub busy: AtomicBool,
     /// The owning thread.
     pub thread: *mut sys::spdk_thread,
-    /// Dereferenced only on `thread`.
-    pub dev: *mut Device,
+    /// Dereferenced only on `thread`; null once the device is torn down
+    /// (channels may outlive it until the io_device is unregistered).
+    pub dev: AtomicPtr<Device>,
+    /// Work that reached the device while it was busy on its own thread
+    /// (SPDK may call back into the module from inside a call the engine
+    /// made, e.g. an io_wait callback from `spdk_bdev_free_io`): run by the
+    /// entry already under way instead of being dropped.
+    pub deferred: Mutex<Vec<OnDeviceThread>>,
     pub supports_unmap: bool,
     pub supports_write_zeroes: bool,
 }
@@ -49,6 +56,14 @@ pub struct Shared {
 unsafe impl Sync for Shared {}
 // SAFETY: as above.
 unsafe impl Send for Shared {}
+
+/// Work for the device, queued and run on its own thread only.
+pub struct OnDeviceThread(Box<dyn FnOnce(&mut Device)>);
+
+// SAFETY: an `OnDeviceThread` is created, queued and run on the device's
+// thread only (`Device::enter` is called there), so the raw pointers its
+// closure holds never cross threads; the Mutex only satisfies `Sync`.
+unsafe impl Send for OnDeviceThread {}
 
 /// A base bdev held open and claimed.
 pub struct Base {
@@ -180,7 +195,8 @@ impl Device {
             inbox: Ring::new(),
             busy: AtomicBool::new(false),
             thread,
-            dev: ptr::null_mut(),
+            dev: AtomicPtr::new(ptr::null_mut()),
+            deferred: Mutex::new(Vec::new()),
             supports_unmap: backing.supports_unmap,
             supports_write_zeroes: true,
         }));
@@ -210,7 +226,7 @@ impl Device {
         // SAFETY: both pointers were just created from Boxes and are live;
         // the poller is unregistered in `teardown` before `dev` is freed.
         unsafe {
-            (*shared).dev = dev;
+            (*shared).dev.store(dev, Ordering::Release);
             let name = CString::new(format!("writeboost_{}", (*dev).req.name)).unwrap_or_default();
             (*dev).poller = sys::spdk_poller_register_named(
                 Some(device_poller),
@@ -247,18 +263,22 @@ impl Device {
     }
 
     /// Runs `f` and then the engine, unless the device is already busy on
-    /// this thread (then `f` must have queued its work on the inbox). With
-    /// `may_finish`, a device that is done is torn down afterwards.
+    /// this thread: then `f` comes back unrun. With `may_finish`, a device
+    /// that is done is torn down afterwards.
     ///
     /// # Safety
     /// `dev` must be a live device and the caller on its thread.
-    pub unsafe fn enter(dev: *mut Device, may_finish: bool, f: impl FnOnce(&mut Device)) {
+    pub unsafe fn enter<F: FnOnce(&mut Device)>(
+        dev: *mut Device,
+        may_finish: bool,
+        f: F,
+    ) -> Result<(), F> {
         // SAFETY: per the contract; the busy flag ensures no other &mut
         // exists (every entry point comes through here).
         unsafe {
             let shared = &*(*dev).shared;
             if shared.busy.swap(true, Ordering::Acquire) {
-                return;
+                return Err(f);
             }
             {
                 let d = &mut *dev;
@@ -271,12 +291,49 @@ impl Device {
                 maybe_finish(dev);
             }
         }
+        Ok(())
+    }
+
+    /// Like [`Device::enter`], but if the device is busy on this thread
+    /// (SPDK called back into the module from inside a call the engine
+    /// made, e.g. an io_wait callback from `spdk_bdev_free_io`), `f` is
+    /// queued for the entry under way, which runs it before it returns:
+    /// a completion or a close is never dropped.
+    ///
+    /// # Safety
+    /// As [`Device::enter`].
+    pub unsafe fn enter_or_defer(
+        dev: *mut Device,
+        may_finish: bool,
+        f: impl FnOnce(&mut Device) + 'static,
+    ) {
+        // SAFETY: per the contract.
+        unsafe {
+            if let Err(f) = Self::enter(dev, may_finish, f) {
+                (*(*dev).shared)
+                    .deferred
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(OnDeviceThread(Box::new(f)));
+            }
+        }
     }
 
     /// Feeds the engine until it has no commands, events or queued work left.
     fn run(&mut self) {
         loop {
             let mut did = false;
+            let deferred = std::mem::take(
+                &mut *self
+                    .shared()
+                    .deferred
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            for work in deferred {
+                (work.0)(self);
+                did = true;
+            }
             while let Some(io) = self.shared().inbox.pop() {
                 self.start_user(io);
                 did = true;
@@ -608,7 +665,7 @@ extern "C" fn device_poller(arg: *mut c_void) -> i32 {
     // on the device's thread.
     unsafe {
         let before = (*(*dev).shared).inbox.len();
-        Device::enter(dev, true, |d| d.tick());
+        Device::enter_or_defer(dev, true, |d| d.tick());
         if before > 0 {
             sys::spdk_thread_poller_rc_SPDK_POLLER_BUSY as i32
         } else {
@@ -627,7 +684,7 @@ extern "C" fn base_io_done(bdev_io: *mut sys::spdk_bdev_io, success: bool, arg: 
         let dev = ctx.dev;
         let token = ctx.cmd.token;
         drop(ctx);
-        Device::enter(dev, true, |d| {
+        Device::enter_or_defer(dev, true, move |d| {
             d.inflight -= 1;
             let now = d.now();
             d.driver.complete(
@@ -651,7 +708,7 @@ extern "C" fn resubmit_cmd(arg: *mut c_void) {
     unsafe {
         let dev = (*ctx).dev;
         let token = (*ctx).cmd.token;
-        Device::enter(dev, true, |d| {
+        Device::enter_or_defer(dev, true, move |d| {
             d.waiting -= 1;
             let (_, mut bases) = d.split();
             if let Submitted::Done(r) = submit_cmd(&mut bases, ctx) {
@@ -713,6 +770,13 @@ pub unsafe fn teardown(dev: *mut Device) {
         }
         let shared = d.shared;
         let registered = d.io_device_registered;
+        // Channels still open find no device from now on.
+        (*shared).dev.store(ptr::null_mut(), Ordering::Release);
+        (*shared)
+            .deferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         drop(Box::from_raw(dev));
         if registered {
             sys::spdk_io_device_unregister(shared.cast(), Some(io_device_gone));

@@ -141,10 +141,11 @@ pub extern "C" fn wb_bdev_destruct(ctx: *mut c_void) -> i32 {
     // SAFETY: ctx is the device's Shared; destruct runs on the app thread,
     // which owns the device.
     unsafe {
-        let dev = (*ctx.cast::<Shared>()).dev;
+        let dev = (*ctx.cast::<Shared>()).dev.load(Ordering::Acquire);
         // Finishing is left to the poller: destruct_done must come after
-        // this returns.
-        Device::enter(dev, false, |d| d.begin_close());
+        // this returns. (SPDK may call this from inside the engine's own
+        // unregister: the close then runs when that call returns.)
+        Device::enter_or_defer(dev, false, |d| d.begin_close());
     }
     1
 }
@@ -157,7 +158,7 @@ pub extern "C" fn wb_bdev_dump_info_json(
     // SAFETY: ctx is the device's Shared; bdev_get_bdevs runs on the app
     // thread, which owns the device.
     unsafe {
-        let dev = (*ctx.cast::<Shared>()).dev;
+        let dev = (*ctx.cast::<Shared>()).dev.load(Ordering::Acquire);
         let v = (*dev).report();
         let key = c"writeboost";
         sys::spdk_json_write_name(w, key.as_ptr());
@@ -240,7 +241,7 @@ fn start(req: CreateRequest, done: Option<Done>, hold: Option<Rc<ExamineHold>>) 
             let dev = Device::new(req, engine, cache, backing, hooks, dax, start_ticks);
             REGISTRY.with(|r| r.borrow_mut().devices.push(dev));
             // SAFETY: dev was just created on this thread.
-            unsafe { Device::enter(dev, true, |_| {}) };
+            unsafe { Device::enter_or_defer(dev, true, |_| {}) };
         }
         Err(e) => {
             log::error(&e.message);
@@ -530,7 +531,7 @@ extern "C" fn base_event(ty: u32, bdev: *mut sys::spdk_bdev, _ctx: *mut c_void) 
                     sys::spdk_bdev_unregister(d.bdev, None, ptr::null_mut());
                 }
                 Lifecycle::Opening => {
-                    Device::enter(dev, true, |d| {
+                    Device::enter_or_defer(dev, true, |d| {
                         if let Some(done) = d.on_created.take() {
                             done(Err(RpcError::new(
                                 code::ENODEV,

@@ -141,7 +141,9 @@ fn with_online(
                 format!("writeboost bdev '{name}' is not online (it is opening or closing); retry"),
             ));
         }
-        Device::enter(dev, true, |d| out = f(d));
+        // (Busy: an RPC runs on the app thread, so only if SPDK called it
+        // from inside the engine; the answer says to retry.)
+        let _ = Device::enter(dev, true, |d| out = f(d));
     }
     out
 }

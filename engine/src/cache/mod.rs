@@ -14,7 +14,8 @@
 //! - [`Writeback`](writeback): the batch in flight and its retry;
 //! - [`PmemBuffer`](pmem_buffer): the pmem pool, so mode 1 is one place;
 //! - [`Scrub`](scrub): checks the data of logs resumed without reading it,
-//!   before anything uses it, and the blocks found damaged.
+//!   before anything uses it, and keeps the blocks found damaged
+//!   (quarantined) and the rewrites of them not durable yet.
 //!
 //! The stages coordinate them, each in its own file as an `impl` block of
 //! [`Engine`]:
@@ -25,7 +26,9 @@
 //! - `write`: user writes into the open buffer, fills, bypass to the backing device;
 //! - `read`: user reads (buffer, cache device, backing), read caching;
 //! - `commit`: sealing buffers into logs, flushes, records;
-//! - `writeback`: migrating dirty blocks to the backing device.
+//! - `writeback`: migrating dirty blocks to the backing device;
+//! - `quarantine`: what a damaged block still allows (nothing of itself,
+//!   everything else).
 //!
 //! Every public input runs [`Engine::pump`] before returning, so the engine is
 //! always at a fixed point: whatever can make progress has been issued.

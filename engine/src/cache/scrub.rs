@@ -32,7 +32,7 @@ use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Nanos};
 /// Logs read at once.
 const SCRUB_QD: usize = 4;
 /// Delay before a log whose read failed is read again.
-pub(super) const SCRUB_RETRY_NS: Nanos = 1_000_000_000;
+const SCRUB_RETRY_NS: Nanos = 1_000_000_000;
 
 #[derive(Debug, Default)]
 pub(super) struct Scrub {
