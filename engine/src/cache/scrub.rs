@@ -72,6 +72,12 @@ impl Scrub {
         !self.failed.is_empty() && self.failed.contains(&id)
     }
 
+    /// Some block is quarantined or some log unreadable: writes covering
+    /// part of a block need a look. (One check on the write path otherwise.)
+    pub fn refuses_anything(&self) -> bool {
+        !self.corrupt.is_empty() || !self.failed.is_empty()
+    }
+
     /// Something waits for log `id`: check it next.
     pub fn want(&mut self, id: LogId) {
         if self.unchecked.contains(&id) {

@@ -138,6 +138,9 @@ impl<A: BufAlloc> Engine<A> {
     /// their log cannot be read now: only a whole-block rewrite replaces a
     /// damaged block. Only the range's first and last blocks can be partial.
     fn check_carry(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        if !self.scrub.refuses_anything() {
+            return Ok(());
+        }
         let (first, last) = (offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
         for block in [first, last] {
             let (mask, _, _) = Self::block_span(block, offset, len);
@@ -400,9 +403,10 @@ impl<A: BufAlloc> Engine<A> {
         }
         let o = self.open.as_ref().expect("open log");
         let (id, buf, s) = (o.id, o.buf, o.slots.len() as u32);
-        // Opening a log reclaims a position, and the damaged copy of a
-        // quarantined block there leaves the index with it.
-        let existing = self.entry(block);
+        // Opening a log may have reclaimed the older copy's position, and
+        // the copy left the index with it (the damaged copy of a
+        // quarantined block can be dirty there): no probe needed to see it.
+        let existing = existing.filter(|e| self.ring.seg(e.id).id == e.id);
         if full {
             // A whole new copy, indexed below: the damaged older one no
             // longer serves reads. (Not before the slot is had: a write
