@@ -225,6 +225,10 @@ impl Scrub {
 impl<A: BufAlloc> Engine<A> {
     /// Reads the next unchecked logs, up to the scrub's window.
     pub(super) fn maybe_scrub(&mut self) {
+        // Every input pumps: once the scrub is through, one check.
+        if self.scrub.unchecked.is_empty() && self.scrub.spare.is_empty() {
+            return;
+        }
         // Past the start of a shutdown only what a request waits for.
         if self.phase == super::Phase::Starting
             || (self.phase == super::Phase::ShuttingDown && self.scrub.wanted.is_empty())

@@ -138,9 +138,6 @@ impl<A: BufAlloc> Engine<A> {
     /// their log cannot be read now: only a whole-block rewrite replaces a
     /// damaged block. Only the range's first and last blocks can be partial.
     fn check_carry(&self, offset: u64, len: u64) -> Result<(), IoError> {
-        if !self.scrub.refuses_anything() {
-            return Ok(());
-        }
         let (first, last) = (offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
         for block in [first, last] {
             let (mask, _, _) = Self::block_span(block, offset, len);
@@ -180,7 +177,10 @@ impl<A: BufAlloc> Engine<A> {
             self.complete_now(req, Err(IoError::ReadOnly));
             return;
         }
-        if let Err(e) = self.check_carry(offset, len) {
+        // (Only while something is quarantined or unreadable.)
+        if self.scrub.refuses_anything()
+            && let Err(e) = self.check_carry(offset, len)
+        {
             self.complete_now(req, Err(e));
             return;
         }
@@ -293,7 +293,9 @@ impl<A: BufAlloc> Engine<A> {
                 continue;
             }
             // The block may have been found damaged since it stalled.
-            if let Err(e) = self.check_carry(s.offset, s.len) {
+            if self.scrub.refuses_anything()
+                && let Err(e) = self.check_carry(s.offset, s.len)
+            {
                 self.part_done(s.req, Err(e));
                 continue;
             }
