@@ -65,7 +65,7 @@ impl<A: BufAlloc> Engine<A> {
         for b in first..=last {
             // (Quarantined whether or not its damaged copy is still indexed.)
             if self.scrub.is_corrupt(b) {
-                error = Some(IoError::Corrupt);
+                error = Some(self.scrub.quarantine_error(b));
             }
             let Some(e) = self.entry(b) else {
                 continue;

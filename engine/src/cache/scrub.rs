@@ -53,6 +53,9 @@ pub(super) struct Scrub {
     /// the new copy and of the damaged one: they stay on the record's list
     /// until the new copy is durable.
     rewrites: FxHashMap<u64, (LogId, LogId)>,
+    /// Quarantined blocks whose older sectors could not be read (a device
+    /// error, not damage at rest): they fail with `CacheDevice`.
+    unreadable_blocks: rustc_hash::FxHashSet<u64>,
 }
 
 impl Scrub {
@@ -129,6 +132,24 @@ impl Scrub {
     pub fn quarantine(&mut self, block: u64, id: LogId) {
         self.corrupt.insert(block, id);
         self.rewrites.remove(&block);
+        self.unreadable_blocks.remove(&block);
+    }
+
+    /// `block`'s older dirty sectors, in log `id`, could not be read into
+    /// its new copy: quarantined as [`quarantine`](Self::quarantine) does,
+    /// failing as a device error.
+    pub fn quarantine_unreadable(&mut self, block: u64, id: LogId) {
+        self.quarantine(block, id);
+        self.unreadable_blocks.insert(block);
+    }
+
+    /// The error a quarantined block's reads and partial writes get.
+    pub fn quarantine_error(&self, block: u64) -> crate::error::IoError {
+        if !self.unreadable_blocks.is_empty() && self.unreadable_blocks.contains(&block) {
+            crate::error::IoError::CacheDevice
+        } else {
+            crate::error::IoError::Corrupt
+        }
     }
 
     /// Quarantined blocks.
@@ -146,6 +167,7 @@ impl Scrub {
     /// The quarantine of `block` is dropped on request.
     pub fn drop_quarantine(&mut self, block: u64) -> bool {
         self.rewrites.remove(&block);
+        self.unreadable_blocks.remove(&block);
         self.corrupt.remove(&block).is_some()
     }
 
@@ -184,6 +206,7 @@ impl Scrub {
         }
         if let Some(old) = self.corrupt.remove(&block) {
             self.rewrites.insert(block, (id, old));
+            self.unreadable_blocks.remove(&block);
         }
     }
 

@@ -151,7 +151,7 @@ impl<A: BufAlloc> Engine<A> {
                     .mutant
                     .is(crate::mutant::Mutant::PartialWriteOverDamage)
             {
-                return Err(IoError::Corrupt);
+                return Err(self.scrub.quarantine_error(block));
             }
             let Some(e) = self.entry(block) else {
                 continue;
@@ -647,7 +647,7 @@ impl<A: BufAlloc> Engine<A> {
             // they read as an error, never as the backing device's older
             // data, until the block is rewritten whole.
             if fill != 0 {
-                self.scrub.quarantine(block, src_id);
+                self.scrub.quarantine_unreadable(block, src_id);
             }
         }
         if ok && fill != 0 {
