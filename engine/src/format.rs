@@ -480,6 +480,19 @@ pub fn verify_blocks(data: &[u8], blocks: &[Metablock]) -> Result<(), FormatErro
     Ok(())
 }
 
+/// The data blocks of a log (`data` starts with the first one) that do not
+/// match their metablock's CRC-32C (all of them past the end of `data`).
+pub fn damaged_blocks(data: &[u8], blocks: &[Metablock]) -> Vec<u32> {
+    (0..blocks.len())
+        .filter(|&i| {
+            let at = i * BLOCK_SIZE as usize;
+            data.get(at..at + BLOCK_SIZE as usize)
+                .is_none_or(|d| crc32c::crc32c(d) != blocks[i].crc)
+        })
+        .map(|i| i as u32)
+        .collect()
+}
+
 /// Verifies a whole log (`seg` starts with the header and holds at least the
 /// valid data blocks) and returns its header and metablocks.
 pub fn verify_segment(

@@ -891,15 +891,20 @@ fn damaged_data_in_a_claimed_log_is_found_by_the_scrub_and_never_read_back() {
     let mut h = power_loss(h, p.clone());
     assert_eq!(h.read(14, 4096, 4096).unwrap(), pattern(8, 4096));
     assert!(h.engine().quarantined_blocks().is_empty());
-    // Or a salvage falls back to the older contents (here the backing
-    // device's zeroes), keeping the logs around the damaged one.
+    // A salvage, which reads every log whole, keeps the damaged log too:
+    // only the damaged block is held back (quarantined), and giving it up
+    // falls back to the older contents (here the backing device's zeroes).
     let mut s = p.clone();
     s.salvage = true;
     let mut h = open(s, SimDevice::from_image(c), SimDevice::from_image(b));
     assert_eq!(h.opened, Some(Ok(())));
-    assert_eq!(h.engine().stats().salvaged_logs_skipped, 1);
-    assert_eq!(h.read(10, 4096, 4096).unwrap(), vec![0; 4096]);
+    assert_eq!(h.engine().stats().salvaged_logs_skipped, 0);
+    assert_eq!(h.read(10, 4096, 4096), Err(IoError::Corrupt));
     assert_eq!(h.read(11, 8192, 4096).unwrap(), pattern(3, 4096));
+    let now = h.now;
+    assert!(h.driver.engine_mut().drop_quarantine(1, now));
+    assert!(!h.driver.engine_mut().drop_quarantine(1, now));
+    assert_eq!(h.read(12, 4096, 4096).unwrap(), vec![0; 4096]);
 }
 
 #[test]

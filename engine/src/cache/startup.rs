@@ -22,7 +22,7 @@ use super::{Engine, OpenLog, Phase, Purpose, Slot};
 use crate::error::{FormatError, OpenError};
 use crate::format::{
     BackingIdentity, DURABLE_LOOKAHEAD, META_AREA_LEN, RECORD_OFFSETS, SbRecord, Superblock,
-    encode_segment_header, verify_blocks, verify_segment_header,
+    damaged_blocks, encode_segment_header, verify_blocks, verify_segment_header,
 };
 use crate::format::{Metablock, RECORD_FLAG_CHECKPOINT, RECORD_FLAG_PMEM};
 use crate::geometry::{BLOCK_SIZE, Geometry};
@@ -76,6 +76,10 @@ struct Later {
     mbs: Vec<Metablock>,
     /// Its data was verified too (salvage reads whole logs).
     full: bool,
+    /// Slots whose data does not match its CRC (a log a salvage reads
+    /// whole, with its header intact): replayed but for those, which are
+    /// quarantined, if a claim says the log was durable.
+    damaged: Vec<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -478,23 +482,34 @@ impl<A: BufAlloc> Engine<A> {
                 .ok()
                 .filter(|(h, _)| LogId(h.id) == id && (Epoch(h.epoch) <= max_epoch || any_epoch));
             let intact = header.map(|(h, mbs)| {
-                let data_ok = !full || verify_blocks(&b[hl..], &mbs).is_ok();
-                (h, mbs, data_ok)
+                let damaged = if full {
+                    damaged_blocks(&b[hl..], &mbs)
+                } else {
+                    Vec::new()
+                };
+                (h, mbs, damaged)
             });
             let st = self.st();
             st.spare.push(buf);
             st.next_apply = st.next_apply.next();
-            let Some((h, mbs, data_ok)) = intact else {
+            let Some((h, mbs, damaged)) = intact else {
                 st.broken.get_or_insert(id);
                 continue;
             };
             st.last_intact = id;
             st.claimed = st.claimed.max(LogId(h.durable_id));
-            if !data_ok {
+            let epoch = Epoch(h.epoch);
+            if !damaged.is_empty() {
                 st.broken.get_or_insert(id);
+                let l = Later {
+                    epoch,
+                    mbs,
+                    full,
+                    damaged,
+                };
+                st.later.insert(id, l);
                 continue;
             }
-            let epoch = Epoch(h.epoch);
             if st.broken.is_none() && (epoch >= st.prev_epoch || any_epoch) {
                 st.prev_epoch = epoch;
                 if full {
@@ -504,7 +519,13 @@ impl<A: BufAlloc> Engine<A> {
                 }
             } else {
                 st.broken.get_or_insert(id);
-                st.later.insert(id, Later { epoch, mbs, full });
+                let l = Later {
+                    epoch,
+                    mbs,
+                    full,
+                    damaged: Vec::new(),
+                };
+                st.later.insert(id, l);
             }
             self.replay_claimed();
         }
@@ -617,9 +638,27 @@ impl<A: BufAlloc> Engine<A> {
         let mut id = bad;
         loop {
             match later.remove(&id) {
-                Some(l) if l.full && l.epoch >= prev_epoch => {
+                // A log with damaged blocks is replayed only if a claim says
+                // it was durable (otherwise it may be a torn tail): one
+                // damaged block holds only itself.
+                Some(l)
+                    if l.full
+                        && l.epoch >= prev_epoch
+                        && (l.damaged.is_empty() || id <= claimed) =>
+                {
                     prev_epoch = l.epoch;
                     self.replay_log(id, l.epoch, &l.mbs, true);
+                    for &slot in &l.damaged {
+                        let mb = l.mbs[slot as usize];
+                        if !mb.dirty {
+                            continue;
+                        }
+                        if self.current_at(id, slot).is_some() {
+                            self.drop_entry(mb.block);
+                        }
+                        self.scrub.quarantine(mb.block, id);
+                        self.stats.corrupt_blocks_found += 1;
+                    }
                 }
                 _ if id <= claimed => {
                     // An empty log of the previous one's epoch keeps the
