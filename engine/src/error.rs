@@ -122,6 +122,13 @@ pub enum OpenError {
     )]
     PoolMismatch,
     #[error(
+        "the pmem pool does not hold the {blocks} acknowledged writes of log {log} that the \
+         cache was shut down with: it is an older copy, or another pool of this cache. Nothing \
+         was replayed or written. Give the pool file this cache last ran with, or reopen with \
+         format=true to discard the cache"
+    )]
+    PoolStale { log: u64, blocks: u32 },
+    #[error(
         "this cache was last run with a pmem buffer (mode 1) that may hold acknowledged \
          writes; open it in mode 1, or give the pmem pool so its contents are drained first"
     )]

@@ -650,6 +650,10 @@ pub struct CheckpointHeader {
     pub data_blocks: u32,
     /// The next log id: every log before it was durable.
     pub next_id: u64,
+    /// Blocks committed in the pmem pool's slot for log `next_id` at the
+    /// shutdown (mode 1's partial buffer; 0: none). A start-up that finds
+    /// fewer there was given a stale pool and refuses to open.
+    pub pool_blocks: u32,
     pub last_writeback_id: u64,
     /// Cached and dirty blocks in the index.
     pub index_len: u64,
@@ -668,6 +672,7 @@ impl CheckpointHeader {
         put(&mut b, 32, &self.cache_uuid);
         put(&mut b, 48, &self.nr_segments.to_le_bytes());
         put(&mut b, 56, &self.data_blocks.to_le_bytes());
+        put(&mut b, 60, &self.pool_blocks.to_le_bytes());
         put(&mut b, 64, &self.next_id.to_le_bytes());
         put(&mut b, 72, &self.last_writeback_id.to_le_bytes());
         put(&mut b, 80, &self.index_len.to_le_bytes());
@@ -698,6 +703,7 @@ impl CheckpointHeader {
             cache_uuid: get_uuid(b, 32),
             nr_segments: get_u64(b, 48),
             data_blocks: get_u32(b, 56),
+            pool_blocks: get_u32(b, 60),
             next_id: get_u64(b, 64),
             last_writeback_id: get_u64(b, 72),
             index_len: get_u64(b, 80),
@@ -716,6 +722,7 @@ impl CheckpointHeader {
             || h.next_id - 1 - h.last_writeback_id > geo.nr_segments
             || h.index_len > nr_slots
             || h.nr_dirty > h.index_len
+            || h.pool_blocks > geo.data_blocks
         {
             return Err(FormatError::BadChecksum {
                 what: "checkpoint header (another record or geometry)",
@@ -1057,6 +1064,7 @@ mod tests {
             cache_uuid: UUID,
             nr_segments: g.nr_segments,
             data_blocks: g.data_blocks,
+            pool_blocks: 2,
             next_id: 6,
             last_writeback_id: 3,
             index_len: 10,

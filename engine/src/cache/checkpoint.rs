@@ -286,6 +286,10 @@ impl<A: BufAlloc> Engine<A> {
             cache_uuid: rec.cache_uuid,
             nr_segments: self.geo.nr_segments,
             data_blocks: self.geo.data_blocks,
+            pool_blocks: self
+                .open
+                .as_ref()
+                .map_or(0, |o| self.ring.seg(o.id).pool_committed),
             // A partial pmem buffer's log is not in it: recovery takes it
             // from the pool as the next log.
             next_id: self
@@ -529,6 +533,9 @@ impl<A: BufAlloc> Engine<A> {
             self.scrub.add(id);
         }
         self.stats.checkpoints_loaded += 1;
+        if l.header.pool_blocks > 0 {
+            self.st().expect_pool = Some((LogId(l.header.next_id), l.header.pool_blocks));
+        }
         self.finish_replay(LogId(l.header.next_id));
     }
 

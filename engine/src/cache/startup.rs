@@ -106,6 +106,9 @@ pub(super) struct Startup {
     later: BTreeMap<LogId, Later>,
     /// The superblock and record writes of the new incarnation in flight.
     meta_writes: u32,
+    /// The pool's slot for this log must hold at least this many blocks
+    /// (what a mode 1 shutdown left there, as its checkpoint says).
+    pub(super) expect_pool: Option<(LogId, u32)>,
     /// Logs whose read failed even after retries.
     unreadable: std::collections::BTreeSet<LogId>,
     /// Logs a salvage skipped, and tombstone writes in flight for them.
@@ -739,6 +742,17 @@ impl<A: BufAlloc> Engine<A> {
         self.durability.reset(next - 1);
         if let Err(e) = self.pmem_attach(false) {
             return self.fail_open(e);
+        }
+        if let Some((log, blocks)) = self.st().expect_pool
+            && !self
+                .recovered
+                .iter()
+                .any(|o| o.id == log && o.slots.len() as u32 >= blocks)
+        {
+            return self.fail_open(OpenError::PoolStale {
+                log: log.get(),
+                blocks,
+            });
         }
         // A new incarnation: logs written from now on carry a higher epoch, so
         // stale logs after the chain end can never be mistaken for its continuation.
