@@ -843,13 +843,8 @@ mod tests {
     #[test]
     fn record_round_trips_and_rejects_other_caches() {
         let r = SbRecord {
-            seq: 5,
-            last_writeback_id: 3,
-            last_writeback_epoch: 1,
-            durable_id: 4,
-            epoch: 2,
-            cache_uuid: UUID,
             flags: RECORD_FLAG_PMEM,
+            ..record()
         };
         let b = r.encode();
         assert_eq!(SbRecord::parse(&b, &UUID).unwrap(), r);
@@ -860,15 +855,7 @@ mod tests {
     #[test]
     fn a_record_near_the_end_of_the_counters_is_refused() {
         // Its CRC is valid, yet the next log id or epoch would wrap.
-        let ok = SbRecord {
-            seq: 5,
-            last_writeback_id: 3,
-            last_writeback_epoch: 1,
-            durable_id: 4,
-            epoch: 2,
-            cache_uuid: UUID,
-            flags: 0,
-        };
+        let ok = record();
         for r in [
             SbRecord {
                 last_writeback_id: u64::MAX - 1,

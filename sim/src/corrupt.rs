@@ -60,7 +60,8 @@ struct Chain {
     claimed: u64,
 }
 
-fn read_chain(img: &[u8], cache_size: u64) -> Option<Chain> {
+/// The superblock of `img` and its newest valid record, as start-up picks it.
+fn superblock_and_record(img: &[u8], cache_size: u64) -> Option<(Superblock, SbRecord)> {
     let bs = BLOCK_SIZE as usize;
     let sb = Superblock::parse(img.get(..bs)?, cache_size).ok()?;
     let record = RECORD_OFFSETS
@@ -69,6 +70,11 @@ fn read_chain(img: &[u8], cache_size: u64) -> Option<Chain> {
             SbRecord::parse(&img[off as usize..off as usize + bs], &sb.cache_uuid).ok()
         })
         .max_by_key(|r| r.seq)?;
+    Some((sb, record))
+}
+
+fn read_chain(img: &[u8], cache_size: u64) -> Option<Chain> {
+    let (sb, record) = superblock_and_record(img, cache_size)?;
     let geo = sb.geometry();
     let seg = geo.segment_size as usize;
     let mut chain = Chain {
@@ -193,13 +199,7 @@ pub fn lie_in_checkpoint(
     rng: &mut impl Rng,
 ) -> Option<Lie> {
     let bs = BLOCK_SIZE as usize;
-    let sb = Superblock::parse(img.get(..bs)?, cache_size).ok()?;
-    let record = RECORD_OFFSETS
-        .iter()
-        .filter_map(|&off| {
-            SbRecord::parse(&img[off as usize..off as usize + bs], &sb.cache_uuid).ok()
-        })
-        .max_by_key(|r| r.seq)?;
+    let (sb, record) = superblock_and_record(img, cache_size)?;
     if record.flags & RECORD_FLAG_CHECKPOINT == 0 {
         return None;
     }

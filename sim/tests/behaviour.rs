@@ -66,13 +66,8 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 }
 
 /// Clean shutdown, then a new engine over the resulting device images.
-fn restart(mut h: Harness, p: OpenParams) -> Harness {
-    h.driver.engine_mut().shutdown(h.now);
-    h.drain();
-    while !h.shut_down {
-        assert!(h.step(), "shutdown stuck");
-    }
-    let (c, b) = (h.cache.image().to_vec(), h.backing.image().to_vec());
+fn restart(h: Harness, p: OpenParams) -> Harness {
+    let (c, b) = shut_down(h);
     open(p, SimDevice::from_image(c), SimDevice::from_image(b))
 }
 
@@ -1122,13 +1117,22 @@ fn shut_down(mut h: Harness) -> (Vec<u8>, Vec<u8>) {
     (h.cache.image().to_vec(), h.backing.image().to_vec())
 }
 
-/// Reads that are slow to come back from the cache device (the scrub then
-/// runs alongside what follows an open).
-fn slow_reads() -> Latency {
-    Latency {
+/// An engine over these images whose cache device is slow to return reads
+/// (the scrub then runs alongside what follows the open).
+fn open_with_slow_reads(p: OpenParams, (c, b): (Vec<u8>, Vec<u8>)) -> Harness {
+    let slow = Latency {
         cache_read: 50_000_000,
         ..lat()
-    }
+    };
+    let mut h = Harness::new(
+        p,
+        SimDevice::from_image(c),
+        SimDevice::from_image(b),
+        slow,
+        7,
+    );
+    assert!(h.wait_open());
+    h
 }
 
 #[test]
@@ -1145,15 +1149,7 @@ fn logs_a_checkpoint_names_are_not_checked_once_new_logs_take_their_places() {
     h.driver.engine_mut().drop_caches(now);
     h.settle(5_000_000_000);
     assert_eq!(h.engine().status().nr_dirty_blocks, 0);
-    let (c, b) = shut_down(h);
-    let mut h = Harness::new(
-        p,
-        SimDevice::from_image(c),
-        SimDevice::from_image(b),
-        slow_reads(),
-        7,
-    );
-    assert!(h.wait_open());
+    let mut h = open_with_slow_reads(p, shut_down(h));
     assert_eq!(h.engine().stats().checkpoints_loaded, 1);
     // A write burst right away wraps the ring while cache reads are slow:
     // new logs take over the positions of logs the checkpoint named. None
@@ -1192,15 +1188,7 @@ fn a_read_only_cache_still_checks_and_serves_what_it_replayed_unchecked() {
     let p = params(8 * MIB);
     let mut h = fresh(p.clone());
     several_logs(&mut h);
-    let (c, b) = shut_down(h);
-    let mut h = Harness::new(
-        p,
-        SimDevice::from_image(c),
-        SimDevice::from_image(b),
-        slow_reads(),
-        7,
-    );
-    assert!(h.wait_open());
+    let mut h = open_with_slow_reads(p, shut_down(h));
     assert!(h.engine().status().unchecked_logs > 0);
     // The cache device fails writes before the scrub is through.
     h.fail_cache_writes = true;
