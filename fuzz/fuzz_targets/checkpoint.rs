@@ -40,6 +40,7 @@ fuzz_target!(|data: &[u8]| {
         cache_uuid: record.cache_uuid,
         nr_segments: geo.nr_segments,
         data_blocks: geo.data_blocks,
+        pool_blocks: data[2] as u32 % (geo.data_blocks + 1),
         next_id: record.last_writeback_id + 1 + data[1] as u64 % geo.nr_segments,
         last_writeback_id: record.last_writeback_id,
         index_len: 0,
