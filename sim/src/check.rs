@@ -1088,7 +1088,6 @@ impl Run {
         self.note(|| format!("{} in durable log {}", inj.fault.name(), inj.log));
         let pool_image = pool.map(|p| p.crash(&mut self.rng));
         let pool = || pool_image.clone().map(SimPmem::from_image);
-        let unused_before = self.out.damage_unused;
         let first = self.open(
             SimDevice::from_image(cache.clone()),
             SimDevice::from_image(backing.clone()),
@@ -1105,9 +1104,10 @@ impl Run {
                 // damaged copy fails instead of reading back.
                 match self.scrub_after_open(h) {
                     Ok(h) => {
-                        if self.out.damage_unused > unused_before {
-                            self.latent = Some((inj.log, inj.blocks));
-                        }
+                        // Damage nothing needed, or damage carried on with
+                        // (quarantined), stays on the device: a recovery
+                        // that replays the log's header may report it.
+                        self.latent = Some((inj.log, inj.blocks));
                         return Some(h);
                     }
                     Err(images) => images,

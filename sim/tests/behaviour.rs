@@ -1460,3 +1460,123 @@ fn a_stale_pool_after_a_mode_1_clean_shutdown_is_refused_untouched() {
     assert_eq!(h.engine().stats().checkpoints_loaded, 1);
     assert_eq!(h.read(2, 0, 8192).unwrap(), pattern(1, 8192));
 }
+
+#[test]
+fn a_log_left_unwritten_by_a_failed_fill_is_never_counted_durable() {
+    use writeboost_engine::driver::UserOp;
+    let mut p = params(8 * MIB);
+    p.tunables.barrier_deadline_ms = 49;
+    // Cache reads take 50 ms and flushes 5 ms.
+    let slow = Latency {
+        cache_read: 50_000_000,
+        cache_flush: 5_000_000,
+        ..lat()
+    };
+    let mut h = Harness::new(p, SimDevice::new(8 * MIB), SimDevice::new(BACKING), slow, 7);
+    assert!(h.wait_open());
+    // Block 3 dirty in a durable log.
+    h.write(1, 3 * 4096, &pattern(1, 4096), true).unwrap();
+    let old = writeboost_engine::LogId(h.engine().status().last_flushed_id);
+    let geo = *h.engine().geometry();
+    let at = geo.segment_offset(old);
+    // Reading the older copy back fails: four tries of 50 ms.
+    h.fail_cache_reads_in = Some(at..at + geo.segment_size);
+    let submit = |h: &mut Harness, req: u64, block: u64, len: usize, fua: bool| {
+        let now = h.now;
+        h.driver
+            .submit(
+                ReqId(req),
+                UserOp::Write {
+                    offset: block * 4096,
+                    fua,
+                },
+                pattern(req as u8, len),
+                now,
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+        h.drain();
+    };
+    // Part of block 3: its other sectors must be filled in from the old log.
+    let start = h.now;
+    submit(&mut h, 2, 3, 512, false);
+    // A FUA write in the same log: sealed after 49 ms, it waits for the fill.
+    submit(&mut h, 3, 10, 4096, true);
+    // After the third failed try (150 ms), a FUA write in the next log:
+    // sealed at 199 ms, its flush is in flight when the fill fails at 200.
+    while h.now < start + 150_000_000 {
+        assert!(h.step());
+    }
+    submit(&mut h, 4, 20, 4096, true);
+    // The fill fails: the cache goes read-only, and the log waiting for it
+    // is never written, so the write in it is not durable and must say so,
+    // even after the later log's flush completes.
+    assert_eq!(h.wait(ReqId(3)).0, Err(IoError::CacheDevice));
+    assert!(h.engine().is_read_only());
+    let _ = h.wait(ReqId(4));
+    h.settle(1_000_000_000);
+    assert!(
+        h.engine().status().last_flushed_id <= old.get(),
+        "the frontier passed the log that was never written: {:?}",
+        h.engine().status()
+    );
+    assert_eq!(h.read(5, 10 * 4096, 4096).unwrap(), pattern(3, 4096));
+}
+
+/// A quarantined block, whose damaged copy writeback has passed (the
+/// record lists it), is rewritten whole; background writeback then passes
+/// later logs and a record is written, and power fails before the rewrite
+/// is durable.
+/// What block 1 reads afterwards.
+fn read_after_a_lost_rewrite(
+    mutant: writeboost_engine::mutant::Mutant,
+) -> Result<Vec<u8>, IoError> {
+    let mut p = params(8 * MIB);
+    p.tunables.sync_data_interval = 0;
+    p.tunables.writeback_delay_ms = 0;
+    p.tunables.writeback_threshold = 100;
+    p.tunables.update_sb_record_interval = 1;
+    // (Written with the defaults: nothing reaches the backing device.)
+    let (mut c, b, middle) = three_durable_logs(&params(8 * MIB));
+    let geo = Geometry::new(128 << 10, 8 * MIB, BACKING).unwrap();
+    c[geo.segment_offset(middle) as usize + geo.header_len() + 100] ^= 4;
+    let mut h = open(
+        p.clone(),
+        SimDevice::from_image(c),
+        SimDevice::from_image(b),
+    );
+    h.driver.engine_mut().plant(mutant);
+    assert_eq!(h.read(1, 4096, 4096), Err(IoError::Corrupt));
+    // Background writeback passes the damaged copy's log.
+    h.settle(3_000_000_000);
+    assert!(h.engine().status().recorded_writeback_id > middle.get());
+    // Two more durable logs, then the rewrite, left in the buffer.
+    h.write(2, 50 * 4096, &pattern(5, 4096), true).unwrap();
+    h.write(3, 51 * 4096, &pattern(6, 4096), true).unwrap();
+    let later = h.engine().status().last_flushed_id;
+    h.write(4, 4096, &pattern(9, 4096), false).unwrap();
+    // Writeback passes the two logs, and a record says so.
+    h.settle(3_000_000_000);
+    assert!(h.engine().status().recorded_writeback_id >= later);
+    let mut h = power_loss(h, p);
+    h.read(5, 4096, 4096)
+}
+
+#[test]
+fn a_rewrite_ends_a_quarantine_only_once_it_is_durable() {
+    use writeboost_engine::mutant::Mutant;
+    // The rewrite is lost: the block is quarantined again, never read as
+    // the backing device's older data.
+    assert_eq!(
+        read_after_a_lost_rewrite(Mutant::None),
+        Err(IoError::Corrupt)
+    );
+    // The planted bug that ends the quarantine at the rewrite is caught:
+    // the block reads as the backing device's zeroes, older than the
+    // acknowledged, durable write the damaged copy held.
+    assert_eq!(
+        read_after_a_lost_rewrite(Mutant::QuarantineClearedEarly),
+        Ok(vec![0; 4096]),
+        "quarantine-cleared-early no longer shows"
+    );
+}

@@ -129,13 +129,10 @@ fn every_planted_bug_is_caught() {
             corruption_rate: 0.5,
             ..Case::new(Mutant::QuarantineNotRecorded, 150..160)
         },
-        // A rewrite that a crash loses takes the quarantine with it (rare:
-        // the rewrite must be lost and the damaged copy written back past).
-        Case {
-            crashes: 6,
-            corruption_rate: 1.0,
-            ..Case::new(Mutant::QuarantineClearedEarly, 385..395)
-        },
+        // (quarantine-cleared-early needs a rewrite lost after the damaged
+        // copy was written back past: too rare for a bounded seed range, so
+        // `a_rewrite_ends_a_quarantine_only_once_it_is_durable` in
+        // sim/tests/behaviour.rs shows it caught, deterministically.)
     ];
     for case in cases {
         assert!(

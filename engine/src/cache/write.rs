@@ -673,16 +673,18 @@ impl<A: BufAlloc> Engine<A> {
         if !ok {
             self.fail_cache();
         }
+        // Read-only, the log is never written: it stays among the sealing
+        // ones, so the durable frontier never passes it (that would count
+        // its writes durable and let its buffer go).
         if !in_open
+            && !self.read_only
             && let Some(i) = self
                 .sealing
                 .iter()
                 .position(|o| o.id == id && o.fills_pending == 0)
         {
             let o = self.sealing.swap_remove(i);
-            if !self.read_only {
-                self.seal_log(o);
-            }
+            self.seal_log(o);
         }
         self.retry_deferred_reads();
     }
