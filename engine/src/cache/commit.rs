@@ -326,14 +326,16 @@ impl<A: BufAlloc> Engine<A> {
             // so no flush can vouch for what they cover either.
             self.backing_writes_lost = true;
             self.stats.backing_flush_failures += 1;
-            let (queued, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.backing_flush_waiting)
-                .into_iter()
-                .partition(|w| matches!(w, BackingWaiter::Req(_)));
-            self.backing_flush_waiting = rest;
-            for w in queued {
-                if let BackingWaiter::Req(req) = w {
-                    self.part_done(req, Err(IoError::BackingWritesLost));
+            let mut queued = Vec::new();
+            self.backing_flush_waiting.retain(|w| match *w {
+                BackingWaiter::Req(req) => {
+                    queued.push(req);
+                    false
                 }
+                _ => true,
+            });
+            for req in queued {
+                self.part_done(req, Err(IoError::BackingWritesLost));
             }
         }
         for w in waiters {

@@ -36,9 +36,7 @@ impl<A: BufAlloc> Engine<A> {
             return false;
         }
         // The damaged copy must never reach the backing device.
-        if self.entry(block).is_some() {
-            self.drop_entry(block);
-        }
+        self.drop_entry(block);
         self.records.want();
         self.pump();
         true

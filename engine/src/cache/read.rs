@@ -64,8 +64,8 @@ impl<A: BufAlloc> Engine<A> {
         let mut error = None;
         for b in first..=last {
             // (Quarantined whether or not its damaged copy is still indexed.)
-            if self.scrub.is_corrupt(b) {
-                error = Some(self.scrub.quarantine_error(b));
+            if let Some(e) = self.scrub.quarantine_error(b) {
+                error = Some(e);
             }
             let Some(e) = self.entry(b) else {
                 continue;

@@ -143,13 +143,17 @@ impl Scrub {
         self.unreadable_blocks.insert(block);
     }
 
-    /// The error a quarantined block's reads and partial writes get.
-    pub fn quarantine_error(&self, block: u64) -> crate::error::IoError {
-        if !self.unreadable_blocks.is_empty() && self.unreadable_blocks.contains(&block) {
+    /// The error reads of `block`, and writes to part of it, get while it
+    /// is quarantined; None if it is not.
+    pub fn quarantine_error(&self, block: u64) -> Option<crate::error::IoError> {
+        if !self.is_corrupt(block) {
+            return None;
+        }
+        Some(if self.unreadable_blocks.contains(&block) {
             crate::error::IoError::CacheDevice
         } else {
             crate::error::IoError::Corrupt
-        }
+        })
     }
 
     /// Quarantined blocks.

@@ -146,12 +146,12 @@ impl<A: BufAlloc> Engine<A> {
             }
             // (Whether or not the damaged copy is still indexed: the
             // backing device's older data must not be merged in either.)
-            if self.scrub.is_corrupt(block)
+            if let Some(e) = self.scrub.quarantine_error(block)
                 && !self
                     .mutant
                     .is(crate::mutant::Mutant::PartialWriteOverDamage)
             {
-                return Err(self.scrub.quarantine_error(block));
+                return Err(e);
             }
             let Some(e) = self.entry(block) else {
                 continue;
