@@ -20,6 +20,9 @@ TUNABLES = [
     ("barrier_deadline_ms", "how long FUA/FLUSH waits for the buffer to fill (0-10000)"),
     ("write_around_mode", "1: writes go straight to the backing device"),
     ("bypass_write_kib", "writes of at least this many KiB bypass the log (0 = never)"),
+    ("clean_max_live_pct", "copy a log's live dirty blocks forward when they fill at most this %% (0 = never, 0-90)"),
+    ("max_relocations", "times a block is copied forward before it is written back instead (0-255)"),
+    ("writeback_max_inflight", "writeback writes in flight on the backing device (1-1024)"),
 ]
 
 

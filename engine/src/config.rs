@@ -36,6 +36,17 @@ pub struct Tunables {
     /// Writes of at least this many KiB go straight to the backing device for
     /// blocks the cache does not hold dirty (0 = never bypass).
     pub bypass_write_kib: u32,
+    /// When the ring needs room, a log whose live dirty blocks fill at most
+    /// this share (%) of it is cleaned in the cache: those blocks are copied
+    /// forward into the open buffer instead of being written back to the
+    /// backing device (0 = never; every position is freed by writeback).
+    pub clean_max_live_pct: u32,
+    /// A block copied forward this many times is cold: it is written back
+    /// to the backing device instead of being copied again.
+    pub max_relocations: u32,
+    /// Writeback writes in flight on the backing device at most, so user
+    /// I/O to the backing device never queues behind a whole batch.
+    pub writeback_max_inflight: u32,
 }
 
 impl Default for Tunables {
@@ -50,12 +61,15 @@ impl Default for Tunables {
             barrier_deadline_ms: 10,
             write_around_mode: false,
             bypass_write_kib: 1024,
+            clean_max_live_pct: 50,
+            max_relocations: 4,
+            writeback_max_inflight: 16,
         }
     }
 }
 
 /// (name, min, max) of each numeric tunable.
-pub const TUNABLE_RANGES: [(&str, u64, u64); 9] = [
+pub const TUNABLE_RANGES: [(&str, u64, u64); 12] = [
     ("writeback_threshold", 0, 100),
     ("writeback_delay_ms", 0, 3_600_000),
     ("nr_max_batched_writeback", 1, 32),
@@ -65,6 +79,9 @@ pub const TUNABLE_RANGES: [(&str, u64, u64); 9] = [
     ("barrier_deadline_ms", 0, 10_000),
     ("write_around_mode", 0, 1),
     ("bypass_write_kib", 0, 1 << 20),
+    ("clean_max_live_pct", 0, 90),
+    ("max_relocations", 0, 255),
+    ("writeback_max_inflight", 1, 1024),
 ];
 
 impl Tunables {
@@ -92,13 +109,16 @@ impl Tunables {
             "read_cache_threshold" => self.read_cache_threshold = v,
             "barrier_deadline_ms" => self.barrier_deadline_ms = v,
             "write_around_mode" => self.write_around_mode = v == 1,
-            _ => self.bypass_write_kib = v,
+            "bypass_write_kib" => self.bypass_write_kib = v,
+            "clean_max_live_pct" => self.clean_max_live_pct = v,
+            "max_relocations" => self.max_relocations = v,
+            _ => self.writeback_max_inflight = v,
         }
         Ok(())
     }
 
     /// Current value of every tunable, in [`TUNABLE_RANGES`] order.
-    pub fn values(&self) -> [(&'static str, u64); 9] {
+    pub fn values(&self) -> [(&'static str, u64); 12] {
         [
             ("writeback_threshold", self.writeback_threshold as u64),
             ("writeback_delay_ms", self.writeback_delay_ms as u64),
@@ -115,6 +135,9 @@ impl Tunables {
             ("barrier_deadline_ms", self.barrier_deadline_ms as u64),
             ("write_around_mode", self.write_around_mode as u64),
             ("bypass_write_kib", self.bypass_write_kib as u64),
+            ("clean_max_live_pct", self.clean_max_live_pct as u64),
+            ("max_relocations", self.max_relocations as u64),
+            ("writeback_max_inflight", self.writeback_max_inflight as u64),
         ]
     }
 

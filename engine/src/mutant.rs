@@ -41,11 +41,14 @@ pub enum Mutant {
     /// A whole-block rewrite ends the quarantine at once, before the new
     /// copy is durable.
     QuarantineClearedEarly,
+    /// The cleaner's copy of a block is logged clean, so once the old log's
+    /// position is reused a crash loses the block.
+    RelocatedLoggedClean,
 }
 
 impl Mutant {
     /// Every planted bug.
-    pub const ALL: [Mutant; 12] = [
+    pub const ALL: [Mutant; 13] = [
         Mutant::NoEpochCheck,
         Mutant::DurableBeforeFlush,
         Mutant::WritebackWithoutBackingFlush,
@@ -58,6 +61,7 @@ impl Mutant {
         Mutant::TrustCheckpointCounts,
         Mutant::QuarantineNotRecorded,
         Mutant::QuarantineClearedEarly,
+        Mutant::RelocatedLoggedClean,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +79,7 @@ impl Mutant {
             Mutant::TrustCheckpointCounts => "trust-checkpoint-counts",
             Mutant::QuarantineNotRecorded => "quarantine-not-recorded",
             Mutant::QuarantineClearedEarly => "quarantine-cleared-early",
+            Mutant::RelocatedLoggedClean => "relocated-logged-clean",
         }
     }
 

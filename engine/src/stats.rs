@@ -46,6 +46,19 @@ pub struct Stats {
     pub scrub_read_errors: u64,
     /// Quarantine markers carried forward into a newer log.
     pub quarantine_moves: u64,
+    /// Blocks the cleaner copied forward in the cache instead of writing
+    /// them back (each a cache read and a cache write).
+    pub relocated_blocks: u64,
+    /// Blocks and backing-device writes writeback issued (their ratio is
+    /// the blocks per I/O that sorting and merging reach).
+    pub writeback_blocks: u64,
+    pub writeback_ios: u64,
+    /// Writes that went around the cache to keep room for writes that must
+    /// use it (see `admission`).
+    pub admission_bypass_writes: u64,
+    /// Writes that waited for room, and the time they waited in all.
+    pub throttled_writes: u64,
+    pub throttled_ns: u64,
     /// Superblock records written.
     pub sb_record_writes: u64,
     /// Damaged logs below the durable frontier that a salvage start-up
@@ -59,9 +72,44 @@ impl Stats {
         self.io[write as usize][hit as usize][on_buffer as usize][full as usize] += 1;
     }
 
+    /// Cache-device bytes written per user byte written (SSD wear): logs,
+    /// copies the cleaner made, records and their headers.
+    pub fn cache_write_amplification(&self) -> f64 {
+        self.cache_write_bytes as f64 / self.user_write_bytes.max(1) as f64
+    }
+
     /// Cache-device write commands per user write command (SSD wear per I/O).
     pub fn cache_writes_per_user_write(&self) -> f64 {
         self.cache_write_cmds as f64 / self.user_write_cmds.max(1) as f64
+    }
+}
+
+/// The writeback rate over the last whole second or more.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct WritebackRate {
+    since: crate::io::Nanos,
+    /// (blocks, I/Os) counted when the window opened.
+    at_start: (u64, u64),
+    /// Blocks and I/Os per second in the last window.
+    pub(crate) per_s: (u64, u64),
+}
+
+impl WritebackRate {
+    /// Closes the window once a second has passed.
+    pub(crate) fn tick(&mut self, now: crate::io::Nanos, stats: &Stats) {
+        let elapsed = now.saturating_sub(self.since);
+        if elapsed < 1_000_000_000 {
+            return;
+        }
+        let now_counts = (stats.writeback_blocks, stats.writeback_ios);
+        let rate =
+            |a: u64, b: u64| (a.saturating_sub(b) as u128 * 1_000_000_000 / elapsed as u128) as u64;
+        self.per_s = (
+            rate(now_counts.0, self.at_start.0),
+            rate(now_counts.1, self.at_start.1),
+        );
+        self.since = now;
+        self.at_start = now_counts;
     }
 }
 
@@ -83,7 +131,12 @@ pub struct Status {
     /// Same, as recorded durably in the superblock record.
     pub recorded_writeback_id: u64,
     pub nr_dirty_blocks: u64,
+    /// Dirty blocks as a share of the cache's data blocks (%).
+    pub dirty_pct: u32,
     pub nr_cached_blocks: u64,
+    /// Writeback over the last second: blocks and backing-device writes per second.
+    pub writeback_blocks_per_s: u64,
+    pub writeback_ios_per_s: u64,
     /// Bytes the block index allocates (sized by the cache; pages become
     /// resident as slots are used).
     pub index_bytes: u64,

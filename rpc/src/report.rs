@@ -93,6 +93,9 @@ pub fn status_json(s: &Status) -> Value {
         "last_writeback_id": s.last_writeback_id,
         "recorded_writeback_id": s.recorded_writeback_id,
         "nr_dirty_blocks": s.nr_dirty_blocks,
+        "dirty_pct": s.dirty_pct,
+        "writeback_blocks_per_s": s.writeback_blocks_per_s,
+        "writeback_ios_per_s": s.writeback_ios_per_s,
         "nr_cached_blocks": s.nr_cached_blocks,
         "index_bytes": s.index_bytes,
         "unchecked_logs": s.unchecked_logs,
@@ -159,6 +162,14 @@ fn stats_json(s: &Stats) -> Value {
         "checkpoints_rejected": s.checkpoints_rejected,
         "corrupt_blocks_found": s.corrupt_blocks_found,
         "cache_writes_per_user_write": s.cache_writes_per_user_write(),
+        "cache_write_amplification": s.cache_write_amplification(),
+        "relocated_blocks": s.relocated_blocks,
+        "writeback_blocks": s.writeback_blocks,
+        "writeback_ios": s.writeback_ios,
+        "writeback_blocks_per_io": s.writeback_blocks as f64 / s.writeback_ios.max(1) as f64,
+        "admission_bypass_writes": s.admission_bypass_writes,
+        "throttled_writes": s.throttled_writes,
+        "throttled_ns": s.throttled_ns,
     })
 }
 

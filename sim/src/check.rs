@@ -285,7 +285,14 @@ pub fn run_seed(opts: &SimOptions) -> Outcome {
         nr_max_batched_writeback: rng.random_range(1..=4),
         update_sb_record_interval: [0, 1][rng.random_range(0..2)],
         sync_data_interval: [0, 1][rng.random_range(0..2)],
+        ..Tunables::default()
     };
+    // Cleaning, cold blocks and the writeback window, from a stream of
+    // their own (the other choices stay as each seed had them).
+    let mut space = ChaCha8Rng::seed_from_u64(opts.seed ^ 0xc1ea_2017);
+    t.clean_max_live_pct = [0, 30, 50, 90][space.random_range(0..4)];
+    t.max_relocations = [0, 1, 4][space.random_range(0..3)];
+    t.writeback_max_inflight = [1, 4, 16][space.random_range(0..3)];
     for (name, value) in &opts.force {
         t.set(name, *value).expect("valid forced tunable");
     }

@@ -1,7 +1,7 @@
 //! Behaviour of the engine on simulated devices: bad input, device failures,
 //! writeback, recovery cost, bypass, read caching and backpressure.
 
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use writeboost_engine::config::BufferMode;
 use writeboost_engine::format::{FORMAT_VERSION, Superblock};
@@ -1579,4 +1579,96 @@ fn a_rewrite_ends_a_quarantine_only_once_it_is_durable() {
         Ok(vec![0; 4096]),
         "quarantine-cleared-early no longer shows"
     );
+}
+
+/// Random rewrites of `hot` blocks (a share of the cache), `n` of them, at
+/// queue depth 1, then a FLUSH; returns the last pattern seed of each block.
+fn rewrite_hot_set(h: &mut Harness, hot: u64, n: u64, first_req: u64) -> Vec<u8> {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut last = vec![0u8; hot as usize];
+    for i in 0..n {
+        let block = rng.random_range(0..hot);
+        let seed = (i % 251) as u8 + 1;
+        h.write(first_req + i, block * 4096, &pattern(seed, 4096), false)
+            .unwrap();
+        last[block as usize] = seed;
+    }
+    h.flush(first_req + n).unwrap();
+    last
+}
+
+fn expect_hot_set(h: &mut Harness, last: &[u8], first_req: u64) {
+    for (block, &seed) in last.iter().enumerate() {
+        if seed == 0 {
+            continue;
+        }
+        assert_eq!(
+            h.read(first_req + block as u64, block as u64 * 4096, 4096)
+                .unwrap(),
+            pattern(seed, 4096),
+            "block {block}"
+        );
+    }
+}
+
+#[test]
+fn a_hot_set_is_cleaned_in_the_cache_and_survives_power_loss() {
+    // 31 segments of 31 blocks; a hot set of a third of the cache,
+    // rewritten ten times over, with no background writeback.
+    let run = |clean_pct: u32| {
+        let mut p = params(4 * MIB);
+        p.tunables.writeback_threshold = 0;
+        p.tunables.bypass_write_kib = 0;
+        p.tunables.clean_max_live_pct = clean_pct;
+        let mut h = fresh(p.clone());
+        let last = rewrite_hot_set(&mut h, 320, 3200, 100);
+        let s = h.engine().stats().clone();
+        let mut h = power_loss(h, p);
+        expect_hot_set(&mut h, &last, 5000);
+        s
+    };
+    let cleaned = run(50);
+    let written_back = run(0);
+    assert!(cleaned.relocated_blocks > 0, "the cleaner ran: {cleaned:?}");
+    assert_eq!(written_back.relocated_blocks, 0);
+    assert!(
+        cleaned.backing_write_cmds * 4 < written_back.backing_write_cmds,
+        "cleaning spares the backing device: {} writes against {}",
+        cleaned.backing_write_cmds,
+        written_back.backing_write_cmds
+    );
+    assert!(
+        cleaned.cache_write_amplification() < 2.0,
+        "copies cost less than a second write each: {}",
+        cleaned.cache_write_amplification()
+    );
+}
+
+#[test]
+fn cold_blocks_go_home_after_max_relocations() {
+    let mut p = params(MIB);
+    p.tunables.writeback_threshold = 0;
+    p.tunables.bypass_write_kib = 0;
+    p.tunables.max_relocations = 1;
+    let mut h = fresh(p.clone());
+    // Twenty cold blocks, written once, far from the hot set.
+    for b in 0..20u64 {
+        h.write(10 + b, (1000 + b) * 4096, &pattern(200, 4096), false)
+            .unwrap();
+    }
+    let last = rewrite_hot_set(&mut h, 60, 900, 100);
+    let s = h.engine().stats().clone();
+    assert!(s.relocated_blocks > 0);
+    assert!(
+        s.writeback_blocks >= 20,
+        "cold blocks were written back: {s:?}"
+    );
+    let mut h = power_loss(h, p);
+    expect_hot_set(&mut h, &last, 5000);
+    for b in 0..20u64 {
+        assert_eq!(
+            h.read(6000 + b, (1000 + b) * 4096, 4096).unwrap(),
+            pattern(200, 4096)
+        );
+    }
 }

@@ -230,9 +230,12 @@ impl<A: BufAlloc> Engine<A> {
         if !self.records.is_idle() || self.read_only || self.save.in_progress() {
             return;
         }
+        // Under pressure the record goes out as soon as the frontier moves,
+        // so the next position is free by the time the open buffer fills.
         let urgent = self
             .next_position_blocked_on()
-            .is_some_and(|occ| occ <= self.ring.last_wb());
+            .is_some_and(|occ| occ <= self.ring.last_wb())
+            || (self.ring_pressure() && self.ring.last_wb() > self.records.written_back());
         // At shutdown the record goes last (in mode 1 a partial buffer stays open in pmem).
         let at_shutdown = self.phase == Phase::ShuttingDown
             && !self.writeback.is_active()

@@ -27,13 +27,18 @@
 //! - `read`: user reads (buffer, cache device, backing), read caching;
 //! - `commit`: sealing buffers into logs, flushes, records;
 //! - `writeback`: migrating dirty blocks to the backing device;
+//! - `admission`: which writes go around the cache when room is short;
+//! - `clean`: freeing ring positions by copying a log's few live dirty
+//!   blocks forward in the cache, when that is cheaper than writeback;
 //! - `quarantine`: what a damaged block still allows (nothing of itself,
 //!   everything else).
 //!
 //! Every public input runs [`Engine::pump`] before returning, so the engine is
 //! always at a fixed point: whatever can make progress has been issued.
 
+mod admission;
 mod checkpoint;
+mod clean;
 mod commit;
 mod durability;
 mod index;
@@ -64,6 +69,8 @@ use crate::mutant::Mutant;
 use crate::pmem::Pmem;
 use crate::stats::{Stats, Status};
 
+use self::admission::Admission;
+use self::clean::Cleaner;
 use self::durability::Durability;
 use self::index::{CacheSlot, Cached, Dirty, Index};
 use self::inflight::{Ended, InFlight};
@@ -122,6 +129,8 @@ struct OpenLog {
     opened_at: Nanos,
     /// The pmem slot mirroring this buffer (mode 1).
     pslot: Option<u32>,
+    /// Slots the cleaner copied in (no user waits for those).
+    relocated: u32,
 }
 
 /// Log ids a read holds, kept inline for the common case.
@@ -192,6 +201,8 @@ struct StalledWrite {
     data: Option<Vec<u8>>,
     len: u64,
     fua: bool,
+    /// When it stalled (for `throttled_ns`).
+    since: Nanos,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,6 +258,8 @@ pub struct Engine<A: BufAlloc> {
 
     records: Records,
     writeback: Writeback,
+    cleaner: Cleaner,
+    admission: Admission,
     scrub: Scrub,
     /// The checkpoint a clean shutdown writes.
     save: checkpoint::Save,
@@ -270,6 +283,7 @@ pub struct Engine<A: BufAlloc> {
     recovered: Vec<OpenLog>,
 
     stats: Stats,
+    wb_rate: crate::stats::WritebackRate,
     /// A planted bug (feature `mutants`), or none.
     mutant: Mutant,
 }
@@ -342,6 +356,8 @@ impl<A: BufAlloc> Engine<A> {
             stalled: VecDeque::new(),
             records: Records::new(now),
             writeback: Writeback::default(),
+            cleaner: Cleaner::default(),
+            admission: Admission::default(),
             scrub: Scrub::default(),
             save: checkpoint::Save::default(),
             backing_load: 0,
@@ -354,6 +370,7 @@ impl<A: BufAlloc> Engine<A> {
             pmem: PmemBuffer::new(pmem, persistent),
             recovered: Vec::new(),
             stats: Stats::default(),
+            wb_rate: Default::default(),
             mutant: Mutant::None,
         };
         e.start();
@@ -574,6 +591,11 @@ impl<A: BufAlloc> Engine<A> {
             last_writeback_id: self.ring.last_wb().get(),
             recorded_writeback_id: self.records.current().last_writeback_id,
             nr_dirty_blocks: self.index.nr_dirty(),
+            dirty_pct: (self.index.nr_dirty() * 100
+                / (self.geo.nr_segments * self.geo.data_blocks as u64).max(1))
+                as u32,
+            writeback_blocks_per_s: self.wb_rate.per_s.0,
+            writeback_ios_per_s: self.wb_rate.per_s.1,
             nr_cached_blocks: self.index.len(),
             index_bytes: self.index.bytes(),
             unchecked_logs: self.scrub.nr_unchecked(),
@@ -704,6 +726,7 @@ impl<A: BufAlloc> Engine<A> {
     /// Common prologue of every input: time, and buffers the host is done with.
     fn enter(&mut self, now: Nanos) {
         self.now = self.now.max(now);
+        self.wb_rate.tick(self.now, &self.stats);
         for id in std::mem::take(&mut self.deferred_free) {
             self.release_buf(id);
         }
@@ -958,6 +981,9 @@ impl<A: BufAlloc> Engine<A> {
     /// Moves the engine forward as far as it can without new input.
     fn pump(&mut self) {
         if matches!(self.phase, Phase::Running | Phase::ShuttingDown) {
+            // Cleaning first: it frees more room than it takes, so stalled
+            // writes find some sooner.
+            self.maybe_clean();
             self.retry_stalled();
             self.seal_if_due();
             self.issue_cache_flush();

@@ -198,6 +198,11 @@ impl PmemBuffer {
         self.new_fills.push((id, slot));
     }
 
+    /// The fills the placement in progress started are nobody's to wait for.
+    pub(super) fn forget_new_fills(&mut self) {
+        self.new_fills.clear();
+    }
+
     /// Whether the placement in progress started fills.
     pub(super) fn has_new_fills(&self) -> bool {
         !self.new_fills.is_empty()

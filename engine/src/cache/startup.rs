@@ -349,6 +349,9 @@ impl<A: BufAlloc> Engine<A> {
         self.ring.install(self.geo);
         self.index
             .install(self.geo.nr_segments * self.geo.data_blocks as u64);
+        let cache_blocks = self.geo.nr_segments * self.geo.data_blocks as u64;
+        self.cleaner.install(cache_blocks as usize);
+        self.admission.install(cache_blocks);
     }
 
     fn format(&mut self) {
@@ -967,6 +970,7 @@ impl<A: BufAlloc> Engine<A> {
                 seal_requested: true,
                 opened_at: self.now,
                 pslot: Some(i),
+                relocated: 0,
             });
             self.ring.set_next_id(id + 1);
         }

@@ -13,6 +13,8 @@ use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Nanos, ReqId};
 pub(super) enum Src<'a> {
     Data(&'a [u8]),
     Zeros,
+    /// No new bytes: the cleaner moves a block's dirty sectors forward.
+    Relocation,
 }
 
 impl Src<'_> {
@@ -20,7 +22,12 @@ impl Src<'_> {
         match self {
             Src::Data(d) => dst.copy_from_slice(&d[from..from + dst.len()]),
             Src::Zeros => dst.fill(0),
+            Src::Relocation => debug_assert!(dst.is_empty(), "a relocation writes no bytes"),
         }
+    }
+
+    fn is_user(&self) -> bool {
+        !matches!(self, Src::Relocation)
     }
 }
 
@@ -184,9 +191,16 @@ impl<A: BufAlloc> Engine<A> {
             self.complete_now(req, Err(e));
             return;
         }
-        if self.stalled.is_empty() && self.wants_bypass(len) && self.bypassable(offset, len) {
-            self.bypass(req, offset, len, src, fua);
-            return;
+        if !self.overlaps_stalled(offset, len) && self.bypassable(offset, len) {
+            if self.wants_bypass(len) {
+                self.bypass(req, offset, len, src, fua);
+                return;
+            }
+            if self.writeback_bound() && self.cold_miss(offset, len) {
+                self.stats.admission_bypass_writes += 1;
+                self.bypass(req, offset, len, src, fua);
+                return;
+            }
         }
         let (placed, max_id) = self.place(offset, len, src, LogId::NONE);
         // Mode 0: FUA waits for the log. Mode 1: every write is durable once
@@ -207,7 +221,7 @@ impl<A: BufAlloc> Engine<A> {
             r.parts += 1;
             let data = match src {
                 Src::Data(d) => Some(d[placed as usize..].to_vec()),
-                Src::Zeros => None,
+                Src::Zeros | Src::Relocation => None,
             };
             self.stalled.push_back(StalledWrite {
                 req,
@@ -215,6 +229,7 @@ impl<A: BufAlloc> Engine<A> {
                 data,
                 len: len - placed,
                 fua,
+                since: self.now,
             });
         }
         self.try_finish(req);
@@ -226,6 +241,16 @@ impl<A: BufAlloc> Engine<A> {
         if n > 0 {
             self.track(req).parts += n as u32;
         }
+    }
+
+    /// Whether a stalled write overlaps the range: a write to the same
+    /// blocks must not pass it (it would land first and be overwritten).
+    fn overlaps_stalled(&self, offset: u64, len: u64) -> bool {
+        let (first, last) = (offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
+        self.stalled.iter().any(|s| {
+            let (f, l) = (s.offset / BLOCK_SIZE, (s.offset + s.len - 1) / BLOCK_SIZE);
+            f <= last && first <= l
+        })
     }
 
     fn wants_bypass(&self, len: u64) -> bool {
@@ -267,6 +292,7 @@ impl<A: BufAlloc> Engine<A> {
         self.bypass_seq += 1;
         self.backing_bypass_inflight += 1;
         self.stats.bypass_write_bytes += len;
+        self.remember_bypass(offset, len);
         // In mode 1 every acknowledged write is durable, bypass writes too.
         let durable = fua || self.pmem.acks_writes();
         let r = self.track(req);
@@ -280,7 +306,7 @@ impl<A: BufAlloc> Engine<A> {
                 len: len as usize,
                 src: data_ref_user(req, 0),
             },
-            Src::Zeros => CommandKind::WriteZeroes { offset, len },
+            Src::Zeros | Src::Relocation => CommandKind::WriteZeroes { offset, len },
         };
         self.issue(Device::Backing, kind, Purpose::User { req, backing: true });
     }
@@ -312,6 +338,8 @@ impl<A: BufAlloc> Engine<A> {
                 r.wait_log = r.wait_log.max(max_id);
             }
             if placed == s.len {
+                self.stats.throttled_writes += 1;
+                self.stats.throttled_ns += self.now - s.since;
                 self.part_done(s.req, Ok(()));
                 continue;
             }
@@ -380,7 +408,9 @@ impl<A: BufAlloc> Engine<A> {
             if change == Some(Dirty::Became) {
                 self.ring.seg_mut(id).live_dirty += 1;
             }
-            self.stats.count(true, true, true, full);
+            if src.is_user() {
+                self.stats.count(true, true, true, full);
+            }
             return Some(id);
         }
         // Sectors to carry over that are themselves still being filled in
@@ -453,8 +483,10 @@ impl<A: BufAlloc> Engine<A> {
             // The insert below replaces the entry where it is: one probe of
             // the index, and no tombstone for it to rehash away later.
             self.unlink_dirty(&old);
-            self.stats.count(true, true, false, full);
-        } else {
+            if src.is_user() {
+                self.stats.count(true, true, false, full);
+            }
+        } else if src.is_user() {
             self.stats.count(true, false, false, full);
         }
         let o = self.open.as_mut().expect("open log");
@@ -516,6 +548,22 @@ impl<A: BufAlloc> Engine<A> {
             self.request_seal();
         }
         Some(id)
+    }
+
+    /// Copies `block`'s dirty sectors from its current copy into a new slot
+    /// of the open buffer (a fill read when that copy is on the cache
+    /// device). Returns the log it went to, or None without room. No user
+    /// request waits for the fill.
+    pub(super) fn relocate_block(&mut self, block: u64) -> Option<LogId> {
+        let id = self.place_block(block, 0, 0, 0, Src::Relocation, 0);
+        self.pmem.forget_new_fills();
+        if self.mutant.is(crate::mutant::Mutant::RelocatedLoggedClean)
+            && let Some(o) = self.open.as_mut()
+            && let Some(s) = o.slots.last_mut()
+        {
+            s.dirty = false;
+        }
+        id
     }
 
     /// Whether a new block could be placed right now.
@@ -603,6 +651,8 @@ impl<A: BufAlloc> Engine<A> {
             }
         }
         let (id, _, _) = self.ring.open_next(buf);
+        let first = self.cache_slot(id, 0).0;
+        self.cleaner.reset(first, self.geo.data_blocks);
         // Mode 1: the buffer's pool slot now holds this log.
         let pslot = self.pmem.open_log(buf, id, self.ring.epoch());
         self.open = Some(OpenLog {
@@ -614,6 +664,7 @@ impl<A: BufAlloc> Engine<A> {
             seal_requested: false,
             opened_at: self.now,
             pslot,
+            relocated: 0,
         });
     }
 

@@ -3,6 +3,11 @@
 //! sectors only), and made durable there. Only then does the writeback
 //! frontier `last_wb` move, and a ring position is reused only once a durable
 //! superblock record covers it, so recovery never misses a dirty log.
+//!
+//! At most `writeback_max_inflight` writes are on the backing device at a
+//! time, the next issued as one ends: user I/O to the backing device queues
+//! behind a few writeback writes, never behind a whole batch. Logs the
+//! cleaner will free in the cache are left to it.
 
 use super::{Dirty, Engine, Phase, Purpose, WRITEBACK_RETRY_NS, for_each_run};
 use crate::geometry::{BLOCK_SIZE, FULL_MASK, SECTOR_SIZE};
@@ -25,6 +30,11 @@ pub(super) struct WbBatch {
     failed: bool,
     /// (block, log id, slot, sectors written) for marking clean at the end.
     written: Vec<(u64, LogId, u32, u8)>,
+    /// Writes not issued yet (backing offset, length, buffer, offset in
+    /// it), in the order they go out.
+    queued: std::collections::VecDeque<(u64, usize, BufId, usize)>,
+    /// Writes issued and not ended.
+    writes_inflight: u32,
 }
 
 /// Writeback's own state: the batch in flight, buffers kept for the next
@@ -41,6 +51,11 @@ pub(super) struct Writeback {
 impl Writeback {
     pub(super) fn is_active(&self) -> bool {
         self.batch.is_some()
+    }
+
+    /// The last log of the batch in flight.
+    pub(super) fn batch_last(&self) -> Option<LogId> {
+        self.batch.as_ref().map(|b| b.last)
     }
 
     pub(super) fn retry_at(&self) -> Option<Nanos> {
@@ -90,9 +105,7 @@ impl<A: BufAlloc> Engine<A> {
     /// Whether the cache is close enough to full that writeback must run
     /// whatever the backing device's load.
     fn writeback_urgent(&self) -> bool {
-        let used = self.ring.in_use();
-        let reserve = (self.params.nr_buffers as u64).max(self.geo.nr_segments / 16);
-        used + reserve >= self.geo.nr_segments
+        self.ring_pressure()
             || (!self.stalled.is_empty() && self.next_position_blocked_on().is_some())
     }
 
@@ -111,6 +124,21 @@ impl<A: BufAlloc> Engine<A> {
             // Only logs whose data the scrub has checked and found whole.
             if let Some(first) = self.scrub.first_unusable(self.ring.last_wb()) {
                 limit = limit.min(first.prev()).max(self.ring.last_wb());
+            }
+            // Logs the cleaner can free in the cache stay with it: the one at
+            // the frontier if it claims it now, later ones if they are cheap
+            // (it gets to them as the frontier does).
+            if needed && !self.writeback.drop_caches {
+                let front = self.ring.last_wb().next();
+                if let Some(first) = front.through(limit).find(|&id| {
+                    if id == front {
+                        self.cleaner_claims(id)
+                    } else {
+                        self.cleaning_enabled() && self.cheap_to_clean(id)
+                    }
+                }) {
+                    limit = first.prev();
+                }
             }
             if limit == self.ring.last_wb() {
                 return;
@@ -134,9 +162,17 @@ impl<A: BufAlloc> Engine<A> {
                 .through(limit)
                 .find_map(|id| self.superseded_by_volatile(id).map(|b| (id, b)));
             let last = blocked.map_or(limit, |(id, _)| id.prev());
+            // (Not when the copies are the cleaner's and no write waits for
+            // room: the buffer fills soon, and a partial log costs a random
+            // write on the cache device.)
             if let Some((_, blocker)) = blocked
                 && last == self.ring.last_wb()
-                && self.open.as_ref().is_some_and(|o| o.id == blocker)
+                && self.open.as_ref().is_some_and(|o| {
+                    o.id == blocker
+                        && (o.relocated == 0
+                            || !self.stalled.is_empty()
+                            || self.writeback.drop_caches)
+                })
             {
                 // Make the blocking buffer durable (mode 0); in mode 1 the
                 // block is waiting for a fill and will be published.
@@ -153,6 +189,8 @@ impl<A: BufAlloc> Engine<A> {
                 writes_pending: 0,
                 failed: false,
                 written: Vec::new(),
+                queued: Default::default(),
+                writes_inflight: 0,
             };
             // The copies to write are fixed now: each block's newest copy, if
             // it lies in the batch. A write arriving during the batch may
@@ -329,18 +367,11 @@ impl<A: BufAlloc> Engine<A> {
             }
         }
         b.writes_pending = cmds.len() as u32;
+        self.stats.writeback_blocks += b.written.len() as u64;
+        self.stats.writeback_ios += cmds.len() as u64;
+        b.queued = cmds.into();
         self.writeback.batch = Some(b);
-        for (offset, len, buf, boff) in cmds {
-            self.issue(
-                Device::Backing,
-                CommandKind::Write {
-                    offset,
-                    len,
-                    src: DataRef::Engine { buf, offset: boff },
-                },
-                Purpose::WbWrite,
-            );
-        }
+        self.issue_wb_writes();
         if self
             .writeback
             .batch
@@ -351,12 +382,43 @@ impl<A: BufAlloc> Engine<A> {
         }
     }
 
+    /// Issues queued writeback writes up to the window.
+    fn issue_wb_writes(&mut self) {
+        let window = self.tunables.writeback_max_inflight.max(1);
+        while let Some(b) = self.writeback.batch.as_mut()
+            && b.writes_inflight < window
+            && let Some((offset, len, buf, boff)) = b.queued.pop_front()
+        {
+            b.writes_inflight += 1;
+            self.issue(
+                Device::Backing,
+                CommandKind::Write {
+                    offset,
+                    len,
+                    src: DataRef::Engine { buf, offset: boff },
+                },
+                Purpose::WbWrite,
+            );
+        }
+    }
+
     pub(super) fn wb_write_done(&mut self, ok: bool) {
         let Some(b) = self.writeback.batch.as_mut() else {
             return;
         };
         b.writes_pending -= 1;
+        b.writes_inflight -= 1;
         b.failed |= !ok;
+        if b.failed {
+            // The batch is retried whole: what is queued need not go out.
+            b.writes_pending -= b.queued.len() as u32;
+            b.queued.clear();
+        } else {
+            self.issue_wb_writes();
+        }
+        let Some(b) = self.writeback.batch.as_mut() else {
+            return;
+        };
         if b.writes_pending == 0 {
             if b.failed {
                 self.wb_abort();
@@ -412,6 +474,8 @@ mod tests {
             writes_pending: 0,
             failed: false,
             written: Vec::new(),
+            queued: Default::default(),
+            writes_inflight: 0,
         });
         assert!(w.is_active());
         let b = w.end(Some(100));
