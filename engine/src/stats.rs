@@ -59,6 +59,8 @@ pub struct Stats {
     /// Writes that waited for room, and the time they waited in all.
     pub throttled_writes: u64,
     pub throttled_ns: u64,
+    /// Time from submission to completion inside the engine, per [`Op`].
+    pub latency: [LatencyHistogram; 3],
     /// Superblock records written.
     pub sb_record_writes: u64,
     /// Damaged logs below the durable frontier that a salvage start-up
@@ -81,6 +83,82 @@ impl Stats {
     /// Cache-device write commands per user write command (SSD wear per I/O).
     pub fn cache_writes_per_user_write(&self) -> f64 {
         self.cache_write_cmds as f64 / self.user_write_cmds.max(1) as f64
+    }
+}
+
+/// What a user request does, for its latency histogram.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Op {
+    #[default]
+    Read = 0,
+    /// Writes, write-zeroes and discards.
+    Write = 1,
+    Flush = 2,
+}
+
+/// Sub-buckets per power of two: a bucket is at most 1/4 wider than its floor.
+const SUB_BUCKETS: usize = 4;
+const BUCKETS: usize = 64 * SUB_BUCKETS;
+
+/// Latencies in log-linear buckets of nanoseconds (a quarter of a power of
+/// two wide), so percentiles cost a fixed 2 KiB whatever the count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    counts: Vec<u64>,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self {
+            counts: vec![0; BUCKETS],
+        }
+    }
+}
+
+impl LatencyHistogram {
+    fn bucket(ns: u64) -> usize {
+        if ns < SUB_BUCKETS as u64 {
+            return ns as usize;
+        }
+        let log = 63 - ns.leading_zeros() as usize; // ≥ 2
+        let sub = ((ns >> (log - 2)) & 3) as usize;
+        ((log - 1) * SUB_BUCKETS + sub).min(BUCKETS - 1)
+    }
+
+    /// The largest latency bucket `b` holds.
+    fn ceiling(b: usize) -> u64 {
+        if b < SUB_BUCKETS {
+            return b as u64;
+        }
+        let (log, sub) = (b / SUB_BUCKETS + 1, (b % SUB_BUCKETS) as u64);
+        let top = ((4 + sub + 1) as u128) << (log - 2);
+        (top - 1).min(u64::MAX as u128) as u64
+    }
+
+    pub(crate) fn record(&mut self, ns: u64) {
+        self.counts[Self::bucket(ns)] += 1;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// The latency `q` (0..=1) of the requests completed at or under, as
+    /// its bucket's ceiling (0 with none recorded).
+    pub fn percentile(&self, q: f64) -> u64 {
+        let n = self.count();
+        if n == 0 {
+            return 0;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * n as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (b, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Self::ceiling(b);
+            }
+        }
+        Self::ceiling(BUCKETS - 1)
     }
 }
 
@@ -157,4 +235,40 @@ pub struct Status {
     pub writeback_active: bool,
     pub epoch: u64,
     pub cache_uuid: [u8; 16],
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_ordered_and_a_quarter_wide() {
+        let mut last = 0;
+        for ns in (0..100_000u64).chain([1 << 40, u64::MAX]) {
+            let b = LatencyHistogram::bucket(ns);
+            assert!(b >= last, "bucket of {ns} went back");
+            assert!(LatencyHistogram::ceiling(b) >= ns, "{ns} above its ceiling");
+            if ns >= 4 {
+                assert!(
+                    LatencyHistogram::ceiling(b) <= ns.saturating_add(ns / 4),
+                    "{ns} in a wide bucket"
+                );
+            }
+            last = b;
+        }
+    }
+
+    #[test]
+    fn percentiles_pick_the_rank() {
+        let mut h = LatencyHistogram::default();
+        assert_eq!(h.percentile(0.99), 0);
+        for _ in 0..99 {
+            h.record(1_000);
+        }
+        h.record(1_000_000);
+        assert!((1_000..1_250).contains(&h.percentile(0.5)));
+        assert!((1_000..1_250).contains(&h.percentile(0.99)));
+        assert!((1_000_000..1_250_000).contains(&h.percentile(0.999)));
+        assert_eq!(h.count(), 100);
+    }
 }

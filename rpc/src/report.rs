@@ -170,7 +170,27 @@ fn stats_json(s: &Stats) -> Value {
         "admission_bypass_writes": s.admission_bypass_writes,
         "throttled_writes": s.throttled_writes,
         "throttled_ns": s.throttled_ns,
+        "latency_us": latency_json(s),
     })
+}
+
+/// Per operation: requests completed and latency percentiles in µs, as the
+/// engine saw them (submission to completion, host queueing not included).
+fn latency_json(s: &Stats) -> Value {
+    let mut m = Map::new();
+    for (name, h) in ["read", "write", "flush"].into_iter().zip(&s.latency) {
+        let us = |q: f64| h.percentile(q) as f64 / 1000.0;
+        m.insert(
+            name.into(),
+            json!({
+                "count": h.count(),
+                "p50": us(0.50),
+                "p99": us(0.99),
+                "p999": us(0.999),
+            }),
+        );
+    }
+    Value::Object(m)
 }
 
 /// A UUID in its canonical text form (8-4-4-4-12 lowercase hex).

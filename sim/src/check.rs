@@ -86,6 +86,10 @@ pub struct Outcome {
     pub io_errors: u64,
     pub partial_logs: u64,
     pub logs: u64,
+    /// Blocks the cleaner copied forward, and writes that went around the
+    /// cache to keep room (so a sweep shows it exercised both).
+    pub relocated: u64,
+    pub admission_bypasses: u64,
     /// Crashes by outcome: torn sectors, whole writes, newest first.
     pub crash_outcomes: [u64; 3],
     /// Durable logs damaged at rest, by fault (bit rot, misdirected, lost write).
@@ -138,6 +142,8 @@ impl Outcome {
         self.io_errors += o.io_errors;
         self.partial_logs += o.partial_logs;
         self.logs += o.logs;
+        self.relocated += o.relocated;
+        self.admission_bypasses += o.admission_bypasses;
         for (a, b) in self.crash_outcomes.iter_mut().zip(o.crash_outcomes) {
             *a += b;
         }
@@ -589,6 +595,8 @@ impl Run {
         let st = h.engine().stats().clone();
         self.out.partial_logs += st.nr_partial_flushed;
         self.out.logs += st.nr_logs;
+        self.out.relocated += st.relocated_blocks;
+        self.out.admission_bypasses += st.admission_bypass_writes;
         // Clean shutdown: everything acknowledged must come back exactly.
         if let Some(mut h) = self.shutdown_and_reopen(h, None) {
             self.verify_all(&mut h);
@@ -1029,8 +1037,11 @@ impl Run {
     fn crash_and_recover(&mut self, h: Harness) -> Option<Harness> {
         self.end_incarnation(&h);
         self.out.crashes += 1;
-        self.out.partial_logs += h.engine().stats().nr_partial_flushed;
-        self.out.logs += h.engine().stats().nr_logs;
+        let st = h.engine().stats();
+        self.out.partial_logs += st.nr_partial_flushed;
+        self.out.logs += st.nr_logs;
+        self.out.relocated += st.relocated_blocks;
+        self.out.admission_bypasses += st.admission_bypass_writes;
         let pool = h
             .pmem
             .as_ref()

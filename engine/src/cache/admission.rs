@@ -24,10 +24,10 @@ pub(super) struct Admission {
 }
 
 impl Admission {
-    /// One entry per cached block: enough to remember the last cache-full
-    /// of writes around it.
+    /// Half an entry per cache slot (2 to 4 bytes of memory per slot):
+    /// enough to remember the last half-cache of writes around it.
     pub(super) fn install(&mut self, cache_blocks: u64) {
-        let n = cache_blocks.clamp(1024, 1 << 26).next_power_of_two();
+        let n = (cache_blocks / 2).clamp(1024, 1 << 26).next_power_of_two();
         self.ghosts = vec![0; n as usize];
     }
 

@@ -153,6 +153,7 @@ impl<A: BufAlloc> Engine<A> {
         self.phase == Phase::ShuttingDown
             && !self.read_only
             && (self.open.is_none() || self.pmem.acks_writes())
+            && !self.open_fills_pending()
             && self.sealing.is_empty()
             && self.durability.is_settled()
             && !self.writeback.is_active()

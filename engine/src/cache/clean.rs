@@ -54,13 +54,26 @@ impl<A: BufAlloc> Engine<A> {
     /// Whether the ring is close enough to full that positions must be
     /// freed now (by cleaning or writeback) rather than in the background.
     pub(super) fn ring_pressure(&self) -> bool {
-        let reserve = (self.params.nr_buffers as u64).max(self.geo.nr_segments / 16);
-        self.ring.in_use() + reserve >= self.geo.nr_segments
+        self.ring.in_use() + self.ring_reserve() >= self.geo.nr_segments
+    }
+
+    /// Free positions below which the ring is under pressure.
+    fn ring_reserve(&self) -> u64 {
+        (self.params.nr_buffers as u64).max(self.geo.nr_segments / 16)
+    }
+
+    /// Whether the cleaner should work: it starts a reserve before the ring
+    /// is under pressure, so the positions it frees are there by the time
+    /// writes need them and it rarely finds the ring without room to copy
+    /// into (then writeback would have to free the log at the backing
+    /// device's speed).
+    fn clean_pressure(&self) -> bool {
+        self.ring.in_use() + 2 * self.ring_reserve() >= self.geo.nr_segments
     }
 
     /// How many logs past the writeback frontier the cleaner works ahead.
     fn clean_window(&self) -> u64 {
-        (self.params.nr_buffers as u64).max(self.geo.nr_segments / 16)
+        2 * self.ring_reserve()
     }
 
     /// Cleaning is allowed at all (it runs only under pressure).
@@ -72,7 +85,7 @@ impl<A: BufAlloc> Engine<A> {
         self.cleaning_enabled()
             && self.phase == Phase::Running
             && !self.read_only
-            && self.ring_pressure()
+            && self.clean_pressure()
     }
 
     /// Whether log `id`'s live dirty share is small enough to copy forward.

@@ -67,7 +67,7 @@ use crate::io::{
 };
 use crate::mutant::Mutant;
 use crate::pmem::Pmem;
-use crate::stats::{Stats, Status};
+use crate::stats::{Op, Stats, Status};
 
 use self::admission::Admission;
 use self::clean::Cleaner;
@@ -151,6 +151,9 @@ struct UserReq {
     holds: Holds,
     /// Counts toward the backing device's observed load.
     backing_load: u32,
+    /// For the latency histograms.
+    op: Op,
+    started: Nanos,
 }
 
 /// What an issued device command is for.
@@ -283,6 +286,8 @@ pub struct Engine<A: BufAlloc> {
     recovered: Vec<OpenLog>,
 
     stats: Stats,
+    /// What the request being submitted does (for its latency histogram).
+    op: Op,
     wb_rate: crate::stats::WritebackRate,
     /// A planted bug (feature `mutants`), or none.
     mutant: Mutant,
@@ -370,6 +375,7 @@ impl<A: BufAlloc> Engine<A> {
             pmem: PmemBuffer::new(pmem, persistent),
             recovered: Vec::new(),
             stats: Stats::default(),
+            op: Op::Read,
             wb_rate: Default::default(),
             mutant: Mutant::None,
         };
@@ -818,7 +824,12 @@ impl<A: BufAlloc> Engine<A> {
 
     /// Registers a user request that will complete asynchronously.
     fn track(&mut self, req: ReqId) -> &mut UserReq {
-        self.reqs.entry(req).or_default()
+        let (op, started) = (self.op, self.now);
+        self.reqs.entry(req).or_insert_with(|| UserReq {
+            op,
+            started,
+            ..UserReq::default()
+        })
     }
 
     /// One part of a user request ended.
@@ -863,6 +874,7 @@ impl<A: BufAlloc> Engine<A> {
             }
         }
         let r = self.reqs.remove(&req).expect("request present");
+        self.stats.latency[r.op as usize].record(self.now - r.started);
         for id in r.holds {
             self.ring.unhold(id);
         }
@@ -874,6 +886,7 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     fn complete_now(&mut self, req: ReqId, result: Result<(), IoError>) {
+        self.stats.latency[self.op as usize].record(0);
         self.events.push_back(Event::Completed { req, result });
     }
 
@@ -1026,6 +1039,7 @@ impl<A: BufAlloc> Engine<A> {
             return;
         }
         if (self.open.is_some() && !self.pmem.acks_writes())
+            || self.open_fills_pending()
             || !self.sealing.is_empty()
             || !self.durability.is_settled()
             || self.writeback.is_active()
@@ -1041,6 +1055,13 @@ impl<A: BufAlloc> Engine<A> {
         }
         self.phase = Phase::Stopped;
         self.events.push_back(Event::ShutdownComplete);
+    }
+
+    /// The open buffer waits for fill reads. In mode 1 it stays open over a
+    /// shutdown, in the pool, so those must land (and be published) first:
+    /// the cleaner's copies have no request waiting for them.
+    fn open_fills_pending(&self) -> bool {
+        self.open.as_ref().is_some_and(|o| o.fills_pending > 0)
     }
 
     fn fail_stalled(&mut self, err: IoError) {

@@ -40,6 +40,7 @@ impl<A: BufAlloc> Engine<A> {
         now: Nanos,
     ) -> Result<(), SubmitError> {
         self.enter(now);
+        self.op = crate::stats::Op::Read;
         self.check_submit(req, offset, len)?;
         self.stats.user_read_cmds += 1;
         self.stats.user_read_bytes += len;

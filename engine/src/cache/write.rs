@@ -7,6 +7,7 @@ use crate::error::{IoError, SubmitError};
 use crate::geometry::{BLOCK_SIZE, FULL_MASK, SECTOR_SIZE};
 use crate::ids::LogId;
 use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Nanos, ReqId};
+use crate::stats::Op;
 
 /// Where the bytes of a write come from.
 #[derive(Clone, Copy)]
@@ -43,6 +44,7 @@ impl<A: BufAlloc> Engine<A> {
         now: Nanos,
     ) -> Result<(), SubmitError> {
         self.enter(now);
+        self.op = Op::Write;
         self.check_submit(req, offset, data.len() as u64)?;
         self.stats.user_write_cmds += 1;
         self.stats.user_write_bytes += data.len() as u64;
@@ -60,6 +62,7 @@ impl<A: BufAlloc> Engine<A> {
         now: Nanos,
     ) -> Result<(), SubmitError> {
         self.enter(now);
+        self.op = Op::Write;
         self.check_submit(req, offset, len)?;
         self.stats.user_write_cmds += 1;
         self.stats.user_write_bytes += len;
@@ -80,6 +83,7 @@ impl<A: BufAlloc> Engine<A> {
         now: Nanos,
     ) -> Result<(), SubmitError> {
         self.enter(now);
+        self.op = Op::Write;
         self.check_submit(req, offset, len)?;
         let first = offset.div_ceil(BLOCK_SIZE);
         let last = (offset + len) / BLOCK_SIZE;
@@ -114,6 +118,7 @@ impl<A: BufAlloc> Engine<A> {
     /// Completes once every write acknowledged before it is durable.
     pub fn submit_flush(&mut self, req: ReqId, now: Nanos) -> Result<(), SubmitError> {
         self.enter(now);
+        self.op = Op::Flush;
         self.check_submit(req, 0, self.params.backing_block_size as u64)?;
         self.stats.user_flush_cmds += 1;
         if self.read_only {

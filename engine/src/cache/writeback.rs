@@ -4,44 +4,105 @@
 //! frontier `last_wb` move, and a ring position is reused only once a durable
 //! superblock record covers it, so recovery never misses a dirty log.
 //!
-//! At most `writeback_max_inflight` writes are on the backing device at a
-//! time, the next issued as one ends: user I/O to the backing device queues
-//! behind a few writeback writes, never behind a whole batch. Logs the
-//! cleaner will free in the cache are left to it.
+//! Batches stream: while one writes, the next reads its logs (see
+//! [`Writeback`]). At most `writeback_max_inflight` writes are on the
+//! backing device at a time, the next issued as one ends, so user I/O to
+//! the backing device queues behind a few writeback writes, never behind a
+//! whole batch. Full blocks adjacent on the backing device merge into one
+//! write, across logs too. Logs the cleaner will free in the cache are left
+//! to it.
 
 use super::{Dirty, Engine, Phase, Purpose, WRITEBACK_RETRY_NS, for_each_run};
 use crate::geometry::{BLOCK_SIZE, FULL_MASK, SECTOR_SIZE};
 use crate::ids::LogId;
+use std::collections::VecDeque;
+
 use crate::io::{BufAlloc, BufId, CommandKind, DataRef, Device, Nanos};
 use crate::mutant::Mutant;
 
 /// Dead slots between two live ones that a writeback read reads through.
 const WB_READ_GAP_SLOTS: u32 = 1;
 
+/// Batches in flight at most: one writing (or waiting for its flush) while
+/// the next reads its logs, so the backing device never waits for the cache.
+const MAX_BATCHES: usize = 2;
+
+/// Full blocks merged into one backing write at most.
+const MAX_MERGED_BLOCKS: usize = 64;
+
+/// Where a batch is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Its logs' live blocks are being read from the cache device.
+    Reading,
+    /// Read; its writes wait for the batches before it to finish writing.
+    Ready,
+    Writing,
+    /// Written; a backing flush is queued or in flight for it.
+    Flushing,
+    /// Durable on the backing device (or nothing to write): it finishes
+    /// once every batch before it has.
+    Flushed,
+}
+
 /// One batch of logs being written back.
 #[derive(Debug)]
 pub(super) struct WbBatch {
-    /// Last log id of the batch (the batch covers `last_wb + 1 ..= last`).
+    /// The logs it covers.
+    first: LogId,
     last: LogId,
+    stage: Stage,
     /// Buffers holding the logs that had live dirty blocks.
     bufs: Vec<(LogId, BufId)>,
+    /// Buffers gathering blocks from several logs into one write.
+    staging: Vec<BufId>,
     reads_pending: u32,
+    /// Writes not ended (queued or in flight).
     writes_pending: u32,
+    /// Writes issued and not ended.
+    writes_inflight: u32,
     failed: bool,
     /// (block, log id, slot, sectors written) for marking clean at the end.
     written: Vec<(u64, LogId, u32, u8)>,
     /// Writes not issued yet (backing offset, length, buffer, offset in
     /// it), in the order they go out.
-    queued: std::collections::VecDeque<(u64, usize, BufId, usize)>,
-    /// Writes issued and not ended.
-    writes_inflight: u32,
+    queued: VecDeque<(u64, usize, BufId, usize)>,
 }
 
-/// Writeback's own state: the batch in flight, buffers kept for the next
-/// one, the retry after a failed batch, and a `drop_caches` request.
+impl WbBatch {
+    fn new(first: LogId, last: LogId) -> Self {
+        Self {
+            first,
+            last,
+            stage: Stage::Reading,
+            bufs: Vec::new(),
+            staging: Vec::new(),
+            reads_pending: 0,
+            writes_pending: 0,
+            writes_inflight: 0,
+            failed: false,
+            written: Vec::new(),
+            queued: VecDeque::new(),
+        }
+    }
+
+    /// No I/O of it is outstanding (a failed batch may be dropped).
+    fn drained(&self) -> bool {
+        self.reads_pending == 0 && self.writes_inflight == 0 && self.stage != Stage::Flushing
+    }
+}
+
+/// Writeback's own state: the batches in flight (oldest first), buffers
+/// kept for the next ones, the retry after a failure, and a `drop_caches`
+/// request.
+///
+/// Batches overlap as a stream: while one writes, the next reads its logs;
+/// it starts writing only once every write of the one before has ended, so
+/// two copies of a block never race on the backing device. The frontier
+/// moves batch by batch, in order.
 #[derive(Debug, Default)]
 pub(super) struct Writeback {
-    batch: Option<WbBatch>,
+    batches: VecDeque<WbBatch>,
     spare_bufs: Vec<BufId>,
     retry_at: Option<Nanos>,
     /// Write back everything dirty, whatever the load.
@@ -50,12 +111,12 @@ pub(super) struct Writeback {
 
 impl Writeback {
     pub(super) fn is_active(&self) -> bool {
-        self.batch.is_some()
+        !self.batches.is_empty()
     }
 
-    /// The last log of the batch in flight.
+    /// The last log of the newest batch in flight.
     pub(super) fn batch_last(&self) -> Option<LogId> {
-        self.batch.as_ref().map(|b| b.last)
+        self.batches.back().map(|b| b.last)
     }
 
     pub(super) fn retry_at(&self) -> Option<Nanos> {
@@ -77,26 +138,49 @@ impl Writeback {
         self.drop_caches = on;
     }
 
-    /// A backing flush failed: the batch's writes may be gone, so it must
-    /// not count as written back, even if a later flush succeeds.
+    /// A backing flush failed: writes of every batch may be gone, so none
+    /// may count as written back, even if a later flush succeeds.
     pub(super) fn flush_failed(&mut self) {
-        if let Some(b) = &mut self.batch {
+        for b in &mut self.batches {
             b.failed = true;
         }
     }
 
-    fn start(&mut self, batch: WbBatch) {
-        debug_assert!(self.batch.is_none(), "two writeback batches");
-        debug_assert!(batch.reads_pending > 0);
-        self.batch = Some(batch);
+    fn failing(&self) -> bool {
+        self.batches.iter().any(|b| b.failed)
     }
 
-    /// The batch ended; its buffers are kept for the next one. A failed
-    /// batch is retried after `retry_at`.
-    fn end(&mut self, retry_at: Option<Nanos>) -> WbBatch {
-        let b = self.batch.take().expect("writeback batch");
+    /// The batch covering log `id`.
+    fn batch_of(&mut self, id: LogId) -> Option<&mut WbBatch> {
+        self.batches
+            .iter_mut()
+            .find(|b| b.first <= id && id <= b.last)
+    }
+
+    /// The batch whose writes are out (at most one).
+    fn writing(&mut self) -> Option<&mut WbBatch> {
+        self.batches.iter_mut().find(|b| b.stage == Stage::Writing)
+    }
+
+    fn push(&mut self, batch: WbBatch) {
+        debug_assert!(
+            self.batches.len() < MAX_BATCHES,
+            "too many writeback batches"
+        );
+        debug_assert!(
+            self.batches
+                .back()
+                .is_none_or(|b| b.last.next() == batch.first),
+            "writeback batches leave a gap"
+        );
+        self.batches.push_back(batch);
+    }
+
+    /// The oldest batch finished: its buffers are kept for the next one.
+    /// Returns it with its staging buffers, which the caller frees.
+    fn pop_finished(&mut self) -> WbBatch {
+        let b = self.batches.pop_front().expect("writeback batch");
         self.spare_bufs.extend(b.bufs.iter().map(|&(_, buf)| buf));
-        self.retry_at = retry_at;
         b
     }
 }
@@ -110,27 +194,33 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     pub(super) fn maybe_writeback(&mut self) {
-        while self.writeback.batch.is_none()
-            && self.phase == Phase::Running
-            && self.writeback.retry_at.is_none()
-            && self.durability.frontier() > self.ring.last_wb()
-        {
+        loop {
+            // Where the next batch starts: after the newest in flight.
+            let base = self.writeback.batch_last().unwrap_or(self.ring.last_wb());
+            if self.writeback.batches.len() >= MAX_BATCHES
+                || self.phase != Phase::Running
+                || self.writeback.retry_at.is_some()
+                || self.writeback.failing()
+                || self.durability.frontier() <= base
+            {
+                return;
+            }
             let needed = self.writeback.drop_caches || self.writeback_urgent();
             if !needed && !self.background_writeback_allowed() {
                 return;
             }
-            let mut limit = (self.ring.last_wb() + self.tunables.nr_max_batched_writeback as u64)
+            let mut limit = (base + self.tunables.nr_max_batched_writeback as u64)
                 .min(self.durability.frontier());
             // Only logs whose data the scrub has checked and found whole.
-            if let Some(first) = self.scrub.first_unusable(self.ring.last_wb()) {
-                limit = limit.min(first.prev()).max(self.ring.last_wb());
+            if let Some(first) = self.scrub.first_unusable(base) {
+                limit = limit.min(first.prev()).max(base);
             }
             // Logs the cleaner can free in the cache stay with it: the one at
             // the frontier if it claims it now, later ones if they are cheap
             // (it gets to them as the frontier does).
             if needed && !self.writeback.drop_caches {
                 let front = self.ring.last_wb().next();
-                if let Some(first) = front.through(limit).find(|&id| {
+                if let Some(first) = base.next().through(limit).find(|&id| {
                     if id == front {
                         self.cleaner_claims(id)
                     } else {
@@ -140,24 +230,22 @@ impl<A: BufAlloc> Engine<A> {
                     limit = first.prev();
                 }
             }
-            if limit == self.ring.last_wb() {
+            if limit == base {
                 return;
             }
             if !needed {
                 // Background writeback takes only logs past their delay.
-                while limit > self.ring.last_wb() && !self.past_writeback_delay(limit) {
+                while limit > base && !self.past_writeback_delay(limit) {
                     limit = limit.prev();
                 }
-                if limit == self.ring.last_wb() {
+                if limit == base {
                     return;
                 }
             }
             // The batch stops before a log holding a block whose newest copy
             // is not durable yet: if that copy were lost in a crash, this log
             // would be the durable copy, so it must stay replayable.
-            let blocked = self
-                .ring
-                .last_wb()
+            let blocked = base
                 .next()
                 .through(limit)
                 .find_map(|id| self.superseded_by_volatile(id).map(|b| (id, b)));
@@ -166,7 +254,7 @@ impl<A: BufAlloc> Engine<A> {
             // room: the buffer fills soon, and a partial log costs a random
             // write on the cache device.)
             if let Some((_, blocker)) = blocked
-                && last == self.ring.last_wb()
+                && last == base
                 && self.open.as_ref().is_some_and(|o| {
                     o.id == blocker
                         && (o.relocated == 0
@@ -179,81 +267,83 @@ impl<A: BufAlloc> Engine<A> {
                 self.request_seal();
                 self.seal_if_due();
             }
-            if last == self.ring.last_wb() {
+            if last == base {
                 return;
             }
-            let mut batch = WbBatch {
-                last,
-                bufs: Vec::new(),
-                reads_pending: 0,
-                writes_pending: 0,
-                failed: false,
-                written: Vec::new(),
-                queued: Default::default(),
-                writes_inflight: 0,
-            };
-            // The copies to write are fixed now: each block's newest copy, if
-            // it lies in the batch. A write arriving during the batch may
-            // supersede one with a copy that is not durable yet; the batch's
-            // copy is then the durable one and must still reach the backing device.
-            for id in self.ring.last_wb().next().through(last) {
-                let seg = self.ring.seg(id);
-                if seg.id != id || seg.live_dirty == 0 {
-                    continue;
-                }
-                let before = batch.written.len();
-                for slot in 0..seg.nr_slots {
-                    if let Some((block, e)) = self.current_at(id, slot)
-                        && e.dirty != 0
-                        && !self.scrub.is_corrupt(block)
-                    {
-                        batch.written.push((block, id, slot, e.dirty));
-                    }
-                }
-                if batch.written.len() == before {
-                    continue;
-                }
-                // Only the live slots are read, in runs (a gap of one dead
-                // slot is read through: cheaper than another command). A log
-                // whose blocks were mostly rewritten costs little to drain.
-                let mut runs: Vec<(u32, u32)> = Vec::new(); // first slot, count
-                for &(_, _, slot, _) in &batch.written[before..] {
-                    match runs.last_mut() {
-                        Some((first, n)) if slot <= *first + *n + WB_READ_GAP_SLOTS => {
-                            *n = slot - *first + 1;
-                        }
-                        _ => runs.push((slot, 1)),
-                    }
-                }
-                let buf = match self.writeback.spare_bufs.pop() {
-                    Some(b) => b,
-                    None => self.alloc_buf(self.geo.segment_size as usize),
-                };
-                for (first, n) in runs {
-                    self.ring.hold(id);
-                    self.issue(
-                        Device::Cache,
-                        CommandKind::Read {
-                            offset: self.geo.slot_offset(id, first),
-                            len: n as usize * BLOCK_SIZE as usize,
-                            dst: DataRef::Engine {
-                                buf,
-                                offset: first as usize * BLOCK_SIZE as usize,
-                            },
-                        },
-                        Purpose::WbRead { id },
-                    );
-                    batch.reads_pending += 1;
-                }
-                batch.bufs.push((id, buf));
-            }
-            if batch.reads_pending == 0 {
+            let batch = self.read_batch(base.next(), last);
+            if batch.reads_pending == 0 && self.writeback.batches.is_empty() {
                 // Nothing live was dirty: the logs are superseded or clean.
                 self.ring.written_back(last);
                 continue;
             }
-            self.writeback.start(batch);
+            self.writeback.push(batch);
+            self.wb_progress();
         }
+    }
+
+    /// Fixes the copies batch `first..=last` writes and issues their reads.
+    /// The copies are each block's newest, if it lies in the batch. A write
+    /// arriving during the batch may supersede one with a copy that is not
+    /// durable yet; the batch's copy is then the durable one and must still
+    /// reach the backing device.
+    fn read_batch(&mut self, first: LogId, last: LogId) -> WbBatch {
+        let mut batch = WbBatch::new(first, last);
+        for id in first.through(last) {
+            let seg = self.ring.seg(id);
+            if seg.id != id || seg.live_dirty == 0 {
+                continue;
+            }
+            let before = batch.written.len();
+            for slot in 0..seg.nr_slots {
+                if let Some((block, e)) = self.current_at(id, slot)
+                    && e.dirty != 0
+                    && !self.scrub.is_corrupt(block)
+                {
+                    batch.written.push((block, id, slot, e.dirty));
+                }
+            }
+            if batch.written.len() == before {
+                continue;
+            }
+            // Only the live slots are read, in runs (a gap of one dead
+            // slot is read through: cheaper than another command). A log
+            // whose blocks were mostly rewritten costs little to drain.
+            let mut runs: Vec<(u32, u32)> = Vec::new(); // first slot, count
+            for &(_, _, slot, _) in &batch.written[before..] {
+                match runs.last_mut() {
+                    Some((first, n)) if slot <= *first + *n + WB_READ_GAP_SLOTS => {
+                        *n = slot - *first + 1;
+                    }
+                    _ => runs.push((slot, 1)),
+                }
+            }
+            let buf = match self.writeback.spare_bufs.pop() {
+                Some(b) => b,
+                None => self.alloc_buf(self.geo.segment_size as usize),
+            };
+            for (first, n) in runs {
+                self.ring.hold(id);
+                self.issue(
+                    Device::Cache,
+                    CommandKind::Read {
+                        offset: self.geo.slot_offset(id, first),
+                        len: n as usize * BLOCK_SIZE as usize,
+                        dst: DataRef::Engine {
+                            buf,
+                            offset: first as usize * BLOCK_SIZE as usize,
+                        },
+                    },
+                    Purpose::WbRead { id },
+                );
+                batch.reads_pending += 1;
+            }
+            batch.bufs.push((id, buf));
+        }
+        if batch.reads_pending == 0 {
+            // Nothing to write: it finishes when its turn comes.
+            batch.stage = Stage::Flushed;
+        }
+        batch
     }
 
     /// Whether the backing device is idle enough for background writeback
@@ -277,7 +367,7 @@ impl<A: BufAlloc> Engine<A> {
     /// if that is still ahead (the host wakes the engine then).
     pub(super) fn writeback_delay_deadline(&self) -> Option<Nanos> {
         if self.phase != Phase::Running
-            || self.writeback.batch.is_some()
+            || self.writeback.is_active()
             || self.durability.frontier() <= self.ring.last_wb()
             || self.tunables.writeback_threshold == 0
         {
@@ -308,23 +398,103 @@ impl<A: BufAlloc> Engine<A> {
 
     pub(super) fn wb_read_done(&mut self, id: LogId, ok: bool) {
         self.ring.unhold(id);
-        let Some(b) = self.writeback.batch.as_mut() else {
+        let Some(b) = self.writeback.batch_of(id) else {
             return;
         };
         b.reads_pending -= 1;
         b.failed |= !ok;
-        if b.reads_pending == 0 {
-            self.wb_write_phase();
+        if b.reads_pending == 0 && b.stage == Stage::Reading {
+            b.stage = Stage::Ready;
+        }
+        self.wb_progress();
+    }
+
+    pub(super) fn wb_write_done(&mut self, ok: bool) {
+        let Some(b) = self.writeback.writing() else {
+            return;
+        };
+        b.writes_pending -= 1;
+        b.writes_inflight -= 1;
+        b.failed |= !ok;
+        self.wb_progress();
+    }
+
+    /// The backing flush a batch waited for ended (batches enter
+    /// `Flushing` in order and their flushes end in order).
+    pub(super) fn wb_flushed(&mut self, ok: bool) {
+        if let Some(b) = self
+            .writeback
+            .batches
+            .iter_mut()
+            .find(|b| b.stage == Stage::Flushing)
+        {
+            b.stage = Stage::Flushed;
+            b.failed |= !ok;
+        }
+        self.wb_progress();
+    }
+
+    /// Moves the stream on: drains and drops everything after a failure,
+    /// finishes durable batches in order, and lets the first batch not yet
+    /// written write (once the one before it has no write out).
+    fn wb_progress(&mut self) {
+        if self.writeback.failing() {
+            // The batches are retried whole: nothing more goes out.
+            for b in &mut self.writeback.batches {
+                b.writes_pending -= b.queued.len() as u32;
+                b.queued.clear();
+                if b.stage == Stage::Writing && b.writes_pending == 0 {
+                    b.stage = Stage::Flushed;
+                }
+            }
+            if self.writeback.batches.iter().all(WbBatch::drained) {
+                self.wb_abort();
+            }
+            return;
+        }
+        loop {
+            while self
+                .writeback
+                .batches
+                .front()
+                .is_some_and(|b| b.stage == Stage::Flushed)
+            {
+                self.wb_finish();
+            }
+            let Some(i) = self
+                .writeback
+                .batches
+                .iter()
+                .position(|b| !matches!(b.stage, Stage::Flushing | Stage::Flushed))
+            else {
+                return;
+            };
+            match self.writeback.batches[i].stage {
+                Stage::Ready => self.wb_start_writes(i),
+                Stage::Writing => self.issue_wb_writes(i),
+                _ => return,
+            }
+            let b = &mut self.writeback.batches[i];
+            if b.stage != Stage::Writing || b.writes_pending > 0 {
+                return;
+            }
+            // Every write ended: make them durable, then the next may write.
+            if self.mutant.is(Mutant::WritebackWithoutBackingFlush) {
+                b.stage = Stage::Flushed;
+            } else {
+                b.stage = Stage::Flushing;
+                self.backing_flush_waiting
+                    .push(super::commit::BackingWaiter::Writeback);
+            }
         }
     }
 
-    fn wb_write_phase(&mut self) {
-        let mut b = self.writeback.batch.take().expect("writeback batch");
-        if b.failed {
-            self.writeback.batch = Some(b);
-            self.wb_abort();
-            return;
-        }
+    /// Sorts batch `i`'s blocks by backing address and queues its writes:
+    /// dirty sectors only, full blocks contiguous on the backing device
+    /// merged into one write (gathered into a staging buffer when they come
+    /// from different logs).
+    fn wb_start_writes(&mut self, i: usize) {
+        let b = &self.writeback.batches[i];
         let mut items: Vec<(u64, u8, BufId, u32)> = b
             .written
             .iter()
@@ -332,63 +502,98 @@ impl<A: BufAlloc> Engine<A> {
                 let buf = b
                     .bufs
                     .iter()
-                    .find(|(i, _)| *i == id)
+                    .find(|(l, _)| *l == id)
                     .expect("log read for the batch")
                     .1;
                 (block, mask, buf, slot)
             })
             .collect();
         items.sort_unstable_by_key(|i| i.0);
-        // Merge full blocks that are contiguous on the backing device and in memory.
-        let mut cmds: Vec<(u64, usize, BufId, usize)> = Vec::new(); // backing offset, len, buf, buf offset
-        for &(block, mask, buf, slot) in &items {
+        let nr_blocks = items.len() as u64;
+        let mut cmds: VecDeque<(u64, usize, BufId, usize)> = VecDeque::new();
+        let mut staging = Vec::new();
+        let mut at = 0;
+        while at < items.len() {
+            let (block, mask, buf, slot) = items[at];
             let boff = slot as usize * BLOCK_SIZE as usize;
-            if mask == FULL_MASK {
-                if let Some(last) = cmds.last_mut()
-                    && last.2 == buf
-                    && last.0 + last.1 as u64 == block * BLOCK_SIZE
-                    && last.3 + last.1 == boff
-                    && last.1.is_multiple_of(BLOCK_SIZE as usize)
-                {
-                    last.1 += BLOCK_SIZE as usize;
-                    continue;
-                }
-                cmds.push((block * BLOCK_SIZE, BLOCK_SIZE as usize, buf, boff));
-            } else {
+            if mask != FULL_MASK {
                 for_each_run(mask, |s0, n| {
                     let a = s0 as usize * SECTOR_SIZE as usize;
-                    cmds.push((
+                    cmds.push_back((
                         block * BLOCK_SIZE + a as u64,
                         n as usize * SECTOR_SIZE as usize,
                         buf,
                         boff + a,
                     ));
                 });
+                at += 1;
+                continue;
             }
+            // The run of full blocks contiguous on the backing device.
+            let mut end = at + 1;
+            while end < items.len()
+                && end - at < MAX_MERGED_BLOCKS
+                && items[end].1 == FULL_MASK
+                && items[end].0 == block + (end - at) as u64
+            {
+                end += 1;
+            }
+            let run = &items[at..end];
+            let len = run.len() * BLOCK_SIZE as usize;
+            let in_place = run
+                .iter()
+                .enumerate()
+                .all(|(k, it)| it.2 == buf && it.3 == slot + k as u32);
+            if in_place {
+                cmds.push_back((block * BLOCK_SIZE, len, buf, boff));
+            } else {
+                let sbuf = self.alloc_buf(len);
+                for (k, &(_, _, src, s)) in run.iter().enumerate() {
+                    let from = s as usize * BLOCK_SIZE as usize;
+                    let mut tmp = [0u8; BLOCK_SIZE as usize];
+                    tmp.copy_from_slice(&self.buf(src)[from..from + BLOCK_SIZE as usize]);
+                    let to = k * BLOCK_SIZE as usize;
+                    self.buf_mut(sbuf)[to..to + BLOCK_SIZE as usize].copy_from_slice(&tmp);
+                }
+                staging.push(sbuf);
+                cmds.push_back((block * BLOCK_SIZE, len, sbuf, 0));
+            }
+            at = end;
         }
-        b.writes_pending = cmds.len() as u32;
-        self.stats.writeback_blocks += b.written.len() as u64;
+        self.stats.writeback_blocks += nr_blocks;
         self.stats.writeback_ios += cmds.len() as u64;
-        b.queued = cmds.into();
-        self.writeback.batch = Some(b);
-        self.issue_wb_writes();
-        if self
-            .writeback
-            .batch
-            .as_ref()
-            .is_some_and(|b| b.writes_pending == 0)
-        {
-            self.wb_finish();
-        }
+        let b = &mut self.writeback.batches[i];
+        b.writes_pending = cmds.len() as u32;
+        b.queued = cmds;
+        b.staging = staging;
+        b.stage = Stage::Writing;
+        self.issue_wb_writes(i);
     }
 
-    /// Issues queued writeback writes up to the window.
-    fn issue_wb_writes(&mut self) {
-        let window = self.tunables.writeback_max_inflight.max(1);
-        while let Some(b) = self.writeback.batch.as_mut()
-            && b.writes_inflight < window
-            && let Some((offset, len, buf, boff)) = b.queued.pop_front()
-        {
+    /// How many writeback writes may be in flight now: the full window while
+    /// writes wait for room (or `drop_caches` runs), else what user I/O on
+    /// the backing device leaves of it, down to a quarter, so foreground
+    /// reads always find the device's queue short.
+    fn wb_window(&self) -> u32 {
+        let max = self.tunables.writeback_max_inflight.max(1);
+        if !self.stalled.is_empty() || self.writeback.drop_caches {
+            return max;
+        }
+        let user = self.backing_load.min(u32::MAX as u64) as u32;
+        max.saturating_sub(user).max(max.div_ceil(4))
+    }
+
+    /// Issues batch `i`'s queued writes up to the window.
+    fn issue_wb_writes(&mut self, i: usize) {
+        let window = self.wb_window();
+        loop {
+            let b = &mut self.writeback.batches[i];
+            if b.writes_inflight >= window {
+                return;
+            }
+            let Some((offset, len, buf, boff)) = b.queued.pop_front() else {
+                return;
+            };
             b.writes_inflight += 1;
             self.issue(
                 Device::Backing,
@@ -402,46 +607,13 @@ impl<A: BufAlloc> Engine<A> {
         }
     }
 
-    pub(super) fn wb_write_done(&mut self, ok: bool) {
-        let Some(b) = self.writeback.batch.as_mut() else {
-            return;
-        };
-        b.writes_pending -= 1;
-        b.writes_inflight -= 1;
-        b.failed |= !ok;
-        if b.failed {
-            // The batch is retried whole: what is queued need not go out.
-            b.writes_pending -= b.queued.len() as u32;
-            b.queued.clear();
-        } else {
-            self.issue_wb_writes();
-        }
-        let Some(b) = self.writeback.batch.as_mut() else {
-            return;
-        };
-        if b.writes_pending == 0 {
-            if b.failed {
-                self.wb_abort();
-            } else if self.mutant.is(Mutant::WritebackWithoutBackingFlush) {
-                self.wb_finish();
-            } else {
-                self.backing_flush_waiting
-                    .push(super::commit::BackingWaiter::Writeback);
-            }
-        }
-    }
-
-    pub(super) fn wb_flushed(&mut self, ok: bool) {
-        if ok && !self.writeback.batch.as_ref().is_some_and(|b| b.failed) {
-            self.wb_finish()
-        } else {
-            self.wb_abort()
-        }
-    }
-
-    /// The batch is durable on the backing device: its blocks are clean.
+    /// The oldest batch is durable on the backing device: its blocks are
+    /// clean and the frontier passes it.
     fn wb_finish(&mut self) {
-        let b = self.writeback.end(None);
+        let b = self.writeback.pop_finished();
+        for buf in b.staging {
+            self.release_buf(buf);
+        }
         for &(block, id, slot, mask) in &b.written {
             let change = self.update_copy(block, id, slot, |e| e.dirty &= !mask);
             if change == Some(Dirty::Cleaned) {
@@ -453,9 +625,16 @@ impl<A: BufAlloc> Engine<A> {
         }
     }
 
-    /// The batch failed after retries: leave everything dirty and try later.
+    /// A batch failed after retries: every batch is dropped with nothing
+    /// marked clean, and writeback tries again later.
     fn wb_abort(&mut self) {
-        self.writeback.end(Some(self.now + WRITEBACK_RETRY_NS));
+        while self.writeback.is_active() {
+            let b = self.writeback.pop_finished();
+            for buf in b.staging {
+                self.release_buf(buf);
+            }
+        }
+        self.writeback.retry_at = Some(self.now + WRITEBACK_RETRY_NS);
         self.stats.writeback_errors += 1;
     }
 }
@@ -465,26 +644,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_ended_batch_keeps_its_buffers_and_a_failed_one_waits() {
+    fn batches_stream_in_order_and_keep_their_buffers() {
         let mut w = Writeback::default();
-        w.start(WbBatch {
-            last: LogId(3),
-            bufs: vec![(LogId(2), BufId(5)), (LogId(3), BufId(6))],
-            reads_pending: 2,
-            writes_pending: 0,
-            failed: false,
-            written: Vec::new(),
-            queued: Default::default(),
-            writes_inflight: 0,
-        });
+        let mut b = WbBatch::new(LogId(1), LogId(3));
+        b.bufs = vec![(LogId(2), BufId(5)), (LogId(3), BufId(6))];
+        w.push(b);
+        w.push(WbBatch::new(LogId(4), LogId(4)));
         assert!(w.is_active());
-        let b = w.end(Some(100));
-        assert_eq!(b.last, LogId(3));
-        assert!(!w.is_active());
+        assert_eq!(w.batch_last(), Some(LogId(4)));
+        assert_eq!(w.batch_of(LogId(2)).map(|b| b.first), Some(LogId(1)));
+        assert_eq!(w.batch_of(LogId(4)).map(|b| b.first), Some(LogId(4)));
+        assert!(w.batch_of(LogId(5)).is_none());
+        w.flush_failed();
+        assert!(w.failing());
+        let done = w.pop_finished();
+        assert_eq!(done.last, LogId(3));
         assert_eq!(w.spare_bufs, vec![BufId(5), BufId(6)]);
+        w.retry_at = Some(100);
         w.retry_if_due(99);
         assert_eq!(w.retry_at(), Some(100));
         w.retry_if_due(100);
         assert_eq!(w.retry_at(), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "gap")]
+    #[cfg(debug_assertions)]
+    fn a_batch_that_skips_logs_is_caught() {
+        let mut w = Writeback::default();
+        w.push(WbBatch::new(LogId(1), LogId(3)));
+        w.push(WbBatch::new(LogId(5), LogId(6)));
     }
 }

@@ -127,10 +127,12 @@ fn main() {
         eprintln!("failing seeds: {bad_seeds:?} (rerun one with --first-seed S --seeds 1 -v)");
     }
     println!(
-        "ops={} logs={} partial_logs={} io_errors={} stuck={} crash_outcomes=torn:{},whole:{},newest_first:{}",
+        "ops={} logs={} partial_logs={} relocated={} admission_bypasses={} io_errors={} stuck={} crash_outcomes=torn:{},whole:{},newest_first:{}",
         total.ops,
         total.logs,
         total.partial_logs,
+        total.relocated,
+        total.admission_bypasses,
         total.io_errors,
         total.stuck,
         total.crash_outcomes[0],
