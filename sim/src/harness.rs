@@ -47,6 +47,11 @@ struct SimTarget {
     inflight: BTreeMap<Token, InFlight>,
     rng: ChaCha8Rng,
     seq: u64,
+    /// A QoS limit on the backing device's reads and writes: each waits for
+    /// its turn, one every this many ns, in arrival order (0 = no limit).
+    backing_gap: Nanos,
+    /// When the next backing read or write may start under that limit.
+    backing_next: Nanos,
 }
 
 impl SimTarget {
@@ -82,7 +87,15 @@ impl Target for SimTarget {
             Device::Cache => self.cache_flush_point,
             Device::Backing => self.backing_flush_point,
         };
-        let at = self.now + self.latency(base);
+        let mut start = self.now;
+        if cmd.device == Device::Backing
+            && self.backing_gap > 0
+            && !matches!(cmd.kind, CommandKind::Flush)
+        {
+            start = start.max(self.backing_next);
+            self.backing_next = start + self.backing_gap;
+        }
+        let at = start + self.latency(base);
         self.seq += 1;
         self.queue.push(Reverse((at, self.seq, cmd.token)));
         self.inflight.insert(
@@ -167,6 +180,8 @@ impl Harness {
                 inflight: BTreeMap::new(),
                 rng,
                 seq: 0,
+                backing_gap: 0,
+                backing_next: 0,
             },
             cache,
             backing,
@@ -258,6 +273,12 @@ impl Harness {
 
     pub fn engine(&self) -> &Engine<HeapAlloc> {
         self.driver.engine()
+    }
+
+    /// Limits the backing device's reads and writes to `iops` per second,
+    /// served in arrival order, as SPDK's `bdev_set_qos_limit` does.
+    pub fn limit_backing_iops(&mut self, iops: u64) {
+        self.target.backing_gap = 1_000_000_000 / iops.max(1);
     }
 
     /// Advances to the next completion or engine deadline. False if nothing is pending.

@@ -189,8 +189,13 @@ impl<A: BufAlloc> Engine<A> {
     /// Whether the cache is close enough to full that writeback must run
     /// whatever the backing device's load.
     fn writeback_urgent(&self) -> bool {
+        // (A position written back and waiting only for its record is the
+        // record's to free, not writeback's.)
         self.ring_pressure()
-            || (!self.stalled.is_empty() && self.next_position_blocked_on().is_some())
+            || (!self.stalled.is_empty()
+                && self
+                    .next_position_blocked_on()
+                    .is_some_and(|occ| occ > self.ring.last_wb()))
     }
 
     pub(super) fn maybe_writeback(&mut self) {
@@ -217,8 +222,10 @@ impl<A: BufAlloc> Engine<A> {
             }
             // Logs the cleaner can free in the cache stay with it: the one at
             // the frontier if it claims it now, later ones if they are cheap
-            // (it gets to them as the frontier does).
-            if needed && !self.writeback.drop_caches {
+            // (it gets to them as the frontier does). Background writeback
+            // too: a batch holds the frontier for as long as the backing
+            // device takes, and the cleaner would free those logs sooner.
+            if self.cleaning_on() {
                 let front = self.ring.last_wb().next();
                 if let Some(first) = base.next().through(limit).find(|&id| {
                     if id == front {

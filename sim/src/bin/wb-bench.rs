@@ -3,6 +3,11 @@
 //! `wb-bench engine`: the engine alone on devices that complete every command
 //! at once and store nothing, so the figures are the engine's own CPU cost
 //! (including copying user data into the log buffer). One thread = one core.
+//!
+//! `wb-bench pressure`: random writes at a queue depth over a working set,
+//! on simulated devices with a slow, IOPS-limited backing device, timed in
+//! simulated time: how the engine frees ring space (cleaning, writeback,
+//! writes around the cache), not its CPU cost.
 
 use std::time::Instant;
 
@@ -53,6 +58,140 @@ enum What {
         #[arg(long)]
         pmem_file: Option<std::path::PathBuf>,
     },
+    /// Random 4 KiB writes at a queue depth over a working set, with a slow
+    /// backing device (latency and an IOPS limit), in simulated time.
+    Pressure {
+        #[arg(long, default_value_t = 256)]
+        cache_mib: u64,
+        #[arg(long, default_value_t = 128)]
+        working_set_mib: u64,
+        #[arg(long, default_value_t = 2048)]
+        backing_mib: u64,
+        #[arg(long, default_value_t = 32)]
+        qd: u64,
+        #[arg(long, default_value_t = 2_000_000)]
+        writes: u64,
+        #[arg(long, default_value_t = 2000)]
+        backing_write_us: u64,
+        #[arg(long, default_value_t = 2000)]
+        backing_iops: u64,
+        #[arg(long, default_value_t = 20)]
+        cache_write_us: u64,
+        /// Mode 1 (a simulated pmem pool) instead of mode 0.
+        #[arg(long)]
+        pmem: bool,
+        /// Tunables as NAME=VALUE.
+        #[arg(long = "set", value_parser = parse_kv)]
+        set: Vec<(String, u64)>,
+    },
+}
+
+fn parse_kv(s: &str) -> Result<(String, u64), String> {
+    let (k, v) = s.split_once('=').ok_or("expected NAME=VALUE")?;
+    Ok((k.to_string(), v.parse().map_err(|e| format!("{e}"))?))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pressure(
+    cache_mib: u64,
+    working_set_mib: u64,
+    backing_mib: u64,
+    qd: u64,
+    writes: u64,
+    lat: Latency,
+    backing_iops: u64,
+    pmem: bool,
+    set: &[(String, u64)],
+) {
+    use writeboost_engine::driver::UserOp;
+    let mut p = OpenParams::new(
+        cache_mib << 20,
+        BackingIdentity {
+            uuid: [1; 16],
+            size: backing_mib << 20,
+        },
+        [2; 16],
+    );
+    for (k, v) in set {
+        p.tunables.set(k, *v).expect("valid tunable");
+    }
+    let (cache, backing) = (
+        SimDevice::new(cache_mib << 20),
+        SimDevice::new(backing_mib << 20),
+    );
+    let mut h = if pmem {
+        p.mode = BufferMode::Persistent;
+        let geo = writeboost_engine::geometry::Geometry::new(
+            p.segment_size,
+            p.cache_size,
+            p.backing.size,
+        )
+        .expect("geometry");
+        let slot = writeboost_engine::pmem::PoolLayout::new(u64::MAX / 2, &geo)
+            .expect("layout")
+            .slot_size;
+        let pool = SimPmem::new(4096 + slot * (p.nr_buffers as u64 + 1));
+        Harness::with_pool(p, cache, backing, Some(pool), lat, 1)
+    } else {
+        Harness::new(p, cache, backing, lat, 1)
+    };
+    assert!(h.wait_open(), "open");
+    h.limit_backing_iops(backing_iops);
+    h.driver.engine_mut().clear_stats();
+    let blocks = (working_set_mib << 20) / 4096;
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let start = h.now;
+    let mut started = std::collections::HashMap::new();
+    let mut lats = Vec::with_capacity(writes as usize);
+    let (mut next, mut done) = (0u64, 0u64);
+    while done < writes {
+        while next < writes && next - done < qd {
+            let off = rng.random_range(0..blocks) * 4096;
+            h.driver
+                .submit(
+                    ReqId(next),
+                    UserOp::Write {
+                        offset: off,
+                        fua: false,
+                    },
+                    vec![0x5a; 4096],
+                    h.now,
+                )
+                .map_err(|(e, _)| e)
+                .expect("submit");
+            started.insert(next, h.now);
+            next += 1;
+        }
+        h.drain();
+        for (req, r, _) in std::mem::take(&mut h.done) {
+            r.expect("write");
+            lats.push(h.now - started.remove(&req.0).expect("started"));
+            done += 1;
+        }
+        if next - done >= qd || next == writes {
+            assert!(h.step(), "engine stuck");
+        }
+    }
+    let secs = (h.now - start) as f64 / 1e9;
+    lats.sort_unstable();
+    let pct = |q: f64| lats[((q * lats.len() as f64) as usize).min(lats.len() - 1)] as f64 / 1e6;
+    let s = h.engine().stats();
+    println!(
+        "pressure {}: writes={writes} sim_secs={secs:.2} iops={:.0} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} cache_wa={:.3} relocated={} writeback_blocks={} writeback_ios={} admission_bypasses={} throttled={} partial_logs={}/{}",
+        if pmem { "mode1" } else { "mode0" },
+        writes as f64 / secs,
+        pct(0.5),
+        pct(0.99),
+        pct(0.999),
+        s.cache_write_amplification(),
+        s.relocated_blocks,
+        s.writeback_blocks,
+        s.writeback_ios,
+        s.admission_bypass_writes,
+        s.throttled_writes,
+        s.nr_partial_flushed,
+        s.nr_logs,
+    );
 }
 
 struct FuaResult {
@@ -374,6 +513,37 @@ fn main() {
             ssd_flush_us,
             pmem_persist_us,
             pmem_file.as_deref(),
+        ),
+        What::Pressure {
+            cache_mib,
+            working_set_mib,
+            backing_mib,
+            qd,
+            writes,
+            backing_write_us,
+            backing_iops,
+            cache_write_us,
+            pmem,
+            set,
+        } => pressure(
+            cache_mib,
+            working_set_mib,
+            backing_mib,
+            qd,
+            writes,
+            Latency {
+                cache_read: 10_000,
+                cache_write: cache_write_us * 1000,
+                cache_flush: 20_000,
+                backing_read: 2 * backing_write_us * 1000,
+                backing_write: backing_write_us * 1000,
+                backing_flush: 1_000,
+                pmem_persist_4k: 1_000,
+                jitter: false,
+            },
+            backing_iops,
+            pmem,
+            &set,
         ),
     }
 }
