@@ -127,7 +127,7 @@ fn every_planted_bug_is_caught() {
         // quarantine and the backing device's older data is served.
         Case {
             corruption_rate: 0.5,
-            ..Case::new(Mutant::QuarantineNotRecorded, 150..450)
+            ..Case::new(Mutant::QuarantineNotRecorded, 800..1010)
         },
         // A relocated copy logged clean: a crash after the old log's
         // position was reused loses the block.

@@ -314,7 +314,9 @@ impl<A: BufAlloc> Engine<A> {
             let hl = self.geo.header_len();
             for i in 0..s.nblocks {
                 let block = s.first_block + i;
-                if self.index.contains(block) || !self.can_take_block() || !self.ensure_open_slot()
+                if self.index.contains(block)
+                    || !self.can_take_block()
+                    || !self.ensure_open_slot(false)
                 {
                     continue;
                 }

@@ -435,7 +435,7 @@ impl<A: BufAlloc> Engine<A> {
             self.scrub.want(old.id);
             return None;
         }
-        if !self.ensure_open_slot() {
+        if !self.ensure_open_slot(!src.is_user()) {
             return None;
         }
         let o = self.open.as_ref().expect("open log");
@@ -579,7 +579,9 @@ impl<A: BufAlloc> Engine<A> {
             || self.can_open_log()
     }
 
-    pub(super) fn ensure_open_slot(&mut self) -> bool {
+    /// Makes sure the open buffer has a free slot, opening a log if need
+    /// be. Only the cleaner may take the ring's last free position.
+    pub(super) fn ensure_open_slot(&mut self, cleaner: bool) -> bool {
         if let Some(o) = &self.open {
             if (o.slots.len() as u32) < self.geo.data_blocks {
                 return true;
@@ -587,7 +589,7 @@ impl<A: BufAlloc> Engine<A> {
             self.request_seal();
             self.seal_if_due();
         }
-        if !self.can_open_log() {
+        if !self.can_open_log() || (!cleaner && self.last_position_kept_for_cleaner()) {
             return false;
         }
         self.open_log();
@@ -624,6 +626,25 @@ impl<A: BufAlloc> Engine<A> {
         let prev = self.ring.next_id() - 1;
         let seg = self.ring.seg(prev);
         !self.durability.is_durable(prev) && seg.id == prev && seg.pool_committed == 0
+    }
+
+    /// The next position is the last free one and the cleaner may need it:
+    /// when the ring is full, the log at the frontier can only be freed by
+    /// copying its few live blocks forward, which needs a log to copy into.
+    /// Without this, user writes take that position and the log waits for
+    /// writeback at the backing device's speed. (Writes wait for the
+    /// cleaner instead: a few cache writes.)
+    fn last_position_kept_for_cleaner(&self) -> bool {
+        if !self.ring_pressure() || !self.cleaner_claims(self.ring.last_wb().next()) {
+            return false;
+        }
+        let after = self.ring.next_id().next();
+        let nr = self.ring.nr_segments();
+        if after.get() <= nr {
+            return false;
+        }
+        let occupant = after - nr;
+        self.ring.seg(after).id == occupant && occupant > self.records.written_back()
     }
 
     /// Whether the position the next log needs waits for writeback or a record.

@@ -214,8 +214,16 @@ impl<A: BufAlloc> Engine<A> {
             if !needed && !self.background_writeback_allowed() {
                 return;
             }
-            let mut limit = (base + self.tunables.nr_max_batched_writeback as u64)
-                .min(self.durability.frontier());
+            // While the ring is under pressure, one log per batch: a position
+            // frees after one log's writes, not a whole batch's, so room
+            // comes steadily (sorting across logs matters little to a
+            // device that is not a disk).
+            let logs = if self.stalled.is_empty() && !self.ring_pressure() {
+                self.tunables.nr_max_batched_writeback as u64
+            } else {
+                1
+            };
+            let mut limit = (base + logs).min(self.durability.frontier());
             // Only logs whose data the scrub has checked and found whole.
             if let Some(first) = self.scrub.first_unusable(base) {
                 limit = limit.min(first.prev()).max(base);

@@ -80,6 +80,12 @@ enum What {
         /// Mode 1 (a simulated pmem pool) instead of mode 0.
         #[arg(long)]
         pmem: bool,
+        /// Writes first over this many MiB (not measured), as a burst
+        /// over a hot set leaves the cache before a larger working set.
+        #[arg(long, default_value_t = 0)]
+        warmup_mib: u64,
+        #[arg(long, default_value_t = 0)]
+        warmup_writes: u64,
         /// Tunables as NAME=VALUE.
         #[arg(long = "set", value_parser = parse_kv)]
         set: Vec<(String, u64)>,
@@ -101,9 +107,9 @@ fn pressure(
     lat: Latency,
     backing_iops: u64,
     pmem: bool,
+    warmup: (u64, u64),
     set: &[(String, u64)],
 ) {
-    use writeboost_engine::driver::UserOp;
     let mut p = OpenParams::new(
         cache_mib << 20,
         BackingIdentity {
@@ -137,10 +143,61 @@ fn pressure(
     };
     assert!(h.wait_open(), "open");
     h.limit_backing_iops(backing_iops);
-    h.driver.engine_mut().clear_stats();
-    let blocks = (working_set_mib << 20) / 4096;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
+    if warmup.1 > 0 {
+        qd_writes(
+            &mut h,
+            &mut rng,
+            (warmup.0 << 20) / 4096,
+            warmup.1,
+            qd,
+            1 << 40,
+        );
+    }
+    h.driver.engine_mut().clear_stats();
     let start = h.now;
+    let mut lats = qd_writes(
+        &mut h,
+        &mut rng,
+        (working_set_mib << 20) / 4096,
+        writes,
+        qd,
+        0,
+    );
+    let secs = (h.now - start) as f64 / 1e9;
+    lats.sort_unstable();
+    let pct = |q: f64| lats[((q * lats.len() as f64) as usize).min(lats.len() - 1)] as f64 / 1e6;
+    let s = h.engine().stats();
+    println!(
+        "pressure {}: writes={writes} sim_secs={secs:.2} iops={:.0} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} max_ms={:.2} cache_wa={:.3} relocated={} writeback_blocks={} writeback_ios={} admission_bypasses={} throttled={} partial_logs={}/{}",
+        if pmem { "mode1" } else { "mode0" },
+        writes as f64 / secs,
+        pct(0.5),
+        pct(0.99),
+        pct(0.999),
+        pct(1.0),
+        s.cache_write_amplification(),
+        s.relocated_blocks,
+        s.writeback_blocks,
+        s.writeback_ios,
+        s.admission_bypass_writes,
+        s.throttled_writes,
+        s.nr_partial_flushed,
+        s.nr_logs,
+    );
+}
+
+/// `writes` random 4 KiB writes over `blocks` blocks at queue depth `qd`,
+/// request ids from `first_req`; their latencies in simulated ns.
+fn qd_writes(
+    h: &mut Harness,
+    rng: &mut ChaCha8Rng,
+    blocks: u64,
+    writes: u64,
+    qd: u64,
+    first_req: u64,
+) -> Vec<u64> {
+    use writeboost_engine::driver::UserOp;
     let mut started = std::collections::HashMap::new();
     let mut lats = Vec::with_capacity(writes as usize);
     let (mut next, mut done) = (0u64, 0u64);
@@ -149,7 +206,7 @@ fn pressure(
             let off = rng.random_range(0..blocks) * 4096;
             h.driver
                 .submit(
-                    ReqId(next),
+                    ReqId(first_req + next),
                     UserOp::Write {
                         offset: off,
                         fua: false,
@@ -159,7 +216,7 @@ fn pressure(
                 )
                 .map_err(|(e, _)| e)
                 .expect("submit");
-            started.insert(next, h.now);
+            started.insert(first_req + next, h.now);
             next += 1;
         }
         h.drain();
@@ -172,26 +229,7 @@ fn pressure(
             assert!(h.step(), "engine stuck");
         }
     }
-    let secs = (h.now - start) as f64 / 1e9;
-    lats.sort_unstable();
-    let pct = |q: f64| lats[((q * lats.len() as f64) as usize).min(lats.len() - 1)] as f64 / 1e6;
-    let s = h.engine().stats();
-    println!(
-        "pressure {}: writes={writes} sim_secs={secs:.2} iops={:.0} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} cache_wa={:.3} relocated={} writeback_blocks={} writeback_ios={} admission_bypasses={} throttled={} partial_logs={}/{}",
-        if pmem { "mode1" } else { "mode0" },
-        writes as f64 / secs,
-        pct(0.5),
-        pct(0.99),
-        pct(0.999),
-        s.cache_write_amplification(),
-        s.relocated_blocks,
-        s.writeback_blocks,
-        s.writeback_ios,
-        s.admission_bypass_writes,
-        s.throttled_writes,
-        s.nr_partial_flushed,
-        s.nr_logs,
-    );
+    lats
 }
 
 struct FuaResult {
@@ -524,6 +562,8 @@ fn main() {
             backing_iops,
             cache_write_us,
             pmem,
+            warmup_mib,
+            warmup_writes,
             set,
         } => pressure(
             cache_mib,
@@ -543,6 +583,7 @@ fn main() {
             },
             backing_iops,
             pmem,
+            (warmup_mib, warmup_writes),
             &set,
         ),
     }
