@@ -25,7 +25,8 @@
 # Knobs (defaults): CACHE_MIB (256), BACKING_MIB (2048), WRITE_LAT_US (2000),
 # READ_LAT_US (4000), QOS_IOPS (2000; 0 = none, else a multiple of 1000),
 # QOS_MBPS (200; 0 = none), QD_BURST (32), BURST_MIB (128), BURST_S (10),
-# SUSTAINED_S (60), ZIPF_S (10), ZIPF_THETA (1.2), SPDK_MEM (MiB of SPDK
+# SUSTAINED_S (60), ZIPF_S (10), ZIPF_THETA (1.2), WB_PARAMS (extra
+# bdev_writeboost_create parameters for both modes, e.g. '"clean_max_live_pct":30'), SPDK_MEM (MiB of SPDK
 # memory, default CACHE_MIB + BACKING_MIB + 1280), KEEP_WORK (1 keeps the work
 # directory). The default run takes about 7 minutes.
 set -euo pipefail
@@ -276,12 +277,12 @@ fio_run backing pt0 "$BACK" "$DELAY" "$QOS" \
     '{"method":"bdev_passthru_create","params":{"base_bdev_name":"Delay0","name":"pt0"}}'
 fio_run ocf-wb ocf0 "$CACHE" "$BACK" "$DELAY" "$QOS" \
     '{"method":"bdev_ocf_create","params":{"name":"ocf0","mode":"wb","cache_bdev_name":"Cache0","core_bdev_name":"Delay0"}}'
-fio_run wb-mode0 wb0 "$CACHE" "$BACK" "$DELAY" "$QOS" "$(wb_entry wb0 Cache0 Delay0 0)"
+fio_run wb-mode0 wb0 "$CACHE" "$BACK" "$DELAY" "$QOS" "$(wb_entry wb0 Cache0 Delay0 0 "" "${WB_PARAMS:-}")"
 # Mode 1 as on DAX pmem: the pool is on tmpfs and libpmem2 is told to persist
 # by CPU cache flushes, as it does on DAX (see bench.sh).
 make_pool "$POOLS/pool" 64M
 FIO_ENV=PMEM2_FORCE_GRANULARITY=CACHE_LINE fio_run wb-mode1 wb0 "$CACHE" "$BACK" "$DELAY" "$QOS" \
-    "$(wb_entry wb0 Cache0 Delay0 1 "$POOLS/pool")"
+    "$(wb_entry wb0 Cache0 Delay0 1 "$POOLS/pool" "${WB_PARAMS:-}")"
 echo "fio runs took $((SECONDS - run_start)) s"
 
 python3 - "$WORK" "$HOOK_PAUSE" backing:pt0 ocf-wb:ocf0 wb-mode0:wb0 wb-mode1:wb0 <<'PY'
