@@ -23,6 +23,7 @@ TUNABLES = [
     ("clean_max_live_pct", "copy a log's live dirty blocks forward when they fill at most this %% (0 = never, 0-90)"),
     ("max_relocations", "times a block is copied forward before it is written back instead (0-255)"),
     ("writeback_max_inflight", "writeback writes in flight on the backing device (1-1024)"),
+    ("clean_min_writeback_us", "clean in the cache only while writeback costs at least this many us per block (0 = always)"),
 ]
 
 

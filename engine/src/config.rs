@@ -47,6 +47,10 @@ pub struct Tunables {
     /// Writeback writes in flight on the backing device at most, so user
     /// I/O to the backing device never queues behind a whole batch.
     pub writeback_max_inflight: u32,
+    /// The cleaner runs only while writeback costs at least this many µs
+    /// per block (measured; a fast backing device is cheaper to write back
+    /// to than copying in the cache and wearing it). 0 = whatever it costs.
+    pub clean_min_writeback_us: u32,
 }
 
 impl Default for Tunables {
@@ -64,12 +68,13 @@ impl Default for Tunables {
             clean_max_live_pct: 50,
             max_relocations: 4,
             writeback_max_inflight: 16,
+            clean_min_writeback_us: 20,
         }
     }
 }
 
 /// (name, min, max) of each numeric tunable.
-pub const TUNABLE_RANGES: [(&str, u64, u64); 12] = [
+pub const TUNABLE_RANGES: [(&str, u64, u64); 13] = [
     ("writeback_threshold", 0, 100),
     ("writeback_delay_ms", 0, 3_600_000),
     ("nr_max_batched_writeback", 1, 32),
@@ -82,6 +87,7 @@ pub const TUNABLE_RANGES: [(&str, u64, u64); 12] = [
     ("clean_max_live_pct", 0, 90),
     ("max_relocations", 0, 255),
     ("writeback_max_inflight", 1, 1024),
+    ("clean_min_writeback_us", 0, 1_000_000),
 ];
 
 impl Tunables {
@@ -112,13 +118,14 @@ impl Tunables {
             "bypass_write_kib" => self.bypass_write_kib = v,
             "clean_max_live_pct" => self.clean_max_live_pct = v,
             "max_relocations" => self.max_relocations = v,
-            _ => self.writeback_max_inflight = v,
+            "writeback_max_inflight" => self.writeback_max_inflight = v,
+            _ => self.clean_min_writeback_us = v,
         }
         Ok(())
     }
 
     /// Current value of every tunable, in [`TUNABLE_RANGES`] order.
-    pub fn values(&self) -> [(&'static str, u64); 12] {
+    pub fn values(&self) -> [(&'static str, u64); 13] {
         [
             ("writeback_threshold", self.writeback_threshold as u64),
             ("writeback_delay_ms", self.writeback_delay_ms as u64),
@@ -138,6 +145,7 @@ impl Tunables {
             ("clean_max_live_pct", self.clean_max_live_pct as u64),
             ("max_relocations", self.max_relocations as u64),
             ("writeback_max_inflight", self.writeback_max_inflight as u64),
+            ("clean_min_writeback_us", self.clean_min_writeback_us as u64),
         ]
     }
 

@@ -299,6 +299,7 @@ pub fn run_seed(opts: &SimOptions) -> Outcome {
     t.clean_max_live_pct = [0, 30, 50, 90][space.random_range(0..4)];
     t.max_relocations = [0, 1, 4][space.random_range(0..3)];
     t.writeback_max_inflight = [1, 4, 16][space.random_range(0..3)];
+    t.clean_min_writeback_us = [0, 0, 20][space.random_range(0..3)];
     for (name, value) in &opts.force {
         t.set(name, *value).expect("valid forced tunable");
     }

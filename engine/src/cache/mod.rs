@@ -183,7 +183,10 @@ enum Purpose {
     WbRead {
         id: LogId,
     },
-    WbWrite,
+    /// A writeback write, and when it was issued (for its cost).
+    WbWrite {
+        issued: Nanos,
+    },
     /// A log read whole for the scrub.
     Scrub {
         id: LogId,
@@ -479,7 +482,7 @@ impl<A: BufAlloc> Engine<A> {
             } => self.fill_done(id, slot, src_id, buf, ok),
             Purpose::Stage(s) => self.stage_done(s, ok),
             Purpose::WbRead { id } => self.wb_read_done(id, ok),
-            Purpose::WbWrite => self.wb_write_done(ok),
+            Purpose::WbWrite { issued } => self.wb_write_done(issued, ok),
             Purpose::Scrub { id } => self.scrub_done(id, ok),
             Purpose::CheckpointWrite { buf } => self.checkpoint_written(buf, ok),
             Purpose::CheckpointFlush => self.checkpoint_flushed(ok),

@@ -107,9 +107,27 @@ pub(super) struct Writeback {
     retry_at: Option<Nanos>,
     /// Write back everything dirty, whatever the load.
     drop_caches: bool,
+    /// How long a writeback write takes, issue to completion (a moving
+    /// average; None until one ended).
+    write_ns: Option<u64>,
 }
 
 impl Writeback {
+    /// What writing a block back costs with a full window of writes in
+    /// flight: a write's latency shared by the window (under a QoS limit
+    /// the latency grows with the queue, so this is the device's rate).
+    pub(super) fn ns_per_block(&self, window: u32) -> Option<u64> {
+        self.write_ns.map(|ns| ns / window.max(1) as u64)
+    }
+
+    /// A writeback write took `ns`.
+    fn note_write(&mut self, ns: u64) {
+        self.write_ns = Some(match self.write_ns {
+            None => ns,
+            Some(avg) => avg - avg / 8 + ns / 8,
+        });
+    }
+
     pub(super) fn is_active(&self) -> bool {
         !self.batches.is_empty()
     }
@@ -424,7 +442,10 @@ impl<A: BufAlloc> Engine<A> {
         self.wb_progress();
     }
 
-    pub(super) fn wb_write_done(&mut self, ok: bool) {
+    pub(super) fn wb_write_done(&mut self, issued: Nanos, ok: bool) {
+        if ok {
+            self.writeback.note_write(self.now.saturating_sub(issued));
+        }
         let Some(b) = self.writeback.writing() else {
             return;
         };
@@ -617,7 +638,7 @@ impl<A: BufAlloc> Engine<A> {
                     len,
                     src: DataRef::Engine { buf, offset: boff },
                 },
-                Purpose::WbWrite,
+                Purpose::WbWrite { issued: self.now },
             );
         }
     }
