@@ -85,14 +85,20 @@ impl<A: BufAlloc> Engine<A> {
     /// `clean_min_writeback_us` per block. Until a batch has been measured
     /// writeback frees the ring, which measures it.
     pub(super) fn cleaning_enabled(&self) -> bool {
-        let min_ns = self.tunables.clean_min_writeback_us as u64 * 1000;
         self.tunables.clean_max_live_pct > 0
             && !self.writeback.drop_caches_active()
-            && (min_ns == 0
-                || self
-                    .writeback
-                    .ns_per_block(self.tunables.writeback_max_inflight)
-                    .is_some_and(|ns| ns >= min_ns))
+            && self.writeback_slow()
+    }
+
+    /// Writeback has been measured to cost at least
+    /// `clean_min_writeback_us` per block (or that is 0).
+    pub(super) fn writeback_slow(&self) -> bool {
+        let min_ns = self.tunables.clean_min_writeback_us as u64 * 1000;
+        min_ns == 0
+            || self
+                .writeback
+                .ns_per_block(self.tunables.writeback_max_inflight)
+                .is_some_and(|ns| ns >= min_ns)
     }
 
     pub(super) fn cleaning_on(&self) -> bool {

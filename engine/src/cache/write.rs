@@ -196,16 +196,17 @@ impl<A: BufAlloc> Engine<A> {
             self.complete_now(req, Err(e));
             return;
         }
-        if !self.overlaps_stalled(offset, len) && self.bypassable(offset, len) {
-            if self.wants_bypass(len) {
-                self.bypass(req, offset, len, src, fua);
-                return;
-            }
-            if self.writeback_bound() && self.cold_miss(offset, len) {
+        // (The cheap conditions first: most writes go to the log.)
+        let wanted = self.wants_bypass(len);
+        if (wanted || (self.writeback_bound() && self.cold_miss(offset, len)))
+            && !self.overlaps_stalled(offset, len)
+            && self.bypassable(offset, len)
+        {
+            if !wanted {
                 self.stats.admission_bypass_writes += 1;
-                self.bypass(req, offset, len, src, fua);
-                return;
             }
+            self.bypass(req, offset, len, src, fua);
+            return;
         }
         let (placed, max_id) = self.place(offset, len, src, LogId::NONE);
         // Mode 0: FUA waits for the log. Mode 1: every write is durable once

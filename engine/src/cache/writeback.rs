@@ -110,7 +110,19 @@ pub(super) struct Writeback {
     /// How long a writeback write takes, issue to completion (a moving
     /// average; None until one ended).
     write_ns: Option<u64>,
+    /// The state in which the last look for a batch found its first log
+    /// blocked: looking again costs a probe per slot of every log in
+    /// range, so it waits until something it depends on moved.
+    blocked_at: Option<ScanStamp>,
 }
+
+/// What a blocked batch waits for: the durable frontier, the writeback
+/// frontier, the batches in flight, whether writes stall, and time (in
+/// steps of [`RESCAN_NS`], for copies published to the pmem pool).
+type ScanStamp = (LogId, LogId, usize, bool, Nanos);
+
+/// How long a blocked batch waits before it looks again with nothing else moved.
+const RESCAN_NS: Nanos = 50_000;
 
 impl Writeback {
     /// What writing a block back costs with a full window of writes in
@@ -232,11 +244,22 @@ impl<A: BufAlloc> Engine<A> {
             if !needed && !self.background_writeback_allowed() {
                 return;
             }
-            // While the ring is under pressure, one log per batch: a position
-            // frees after one log's writes, not a whole batch's, so room
-            // comes steadily (sorting across logs matters little to a
-            // device that is not a disk).
-            let logs = if self.stalled.is_empty() && !self.ring_pressure() {
+            let stamp = (
+                self.durability.frontier(),
+                self.ring.last_wb(),
+                self.writeback.batches.len(),
+                self.stalled.is_empty(),
+                self.now / RESCAN_NS,
+            );
+            if self.writeback.blocked_at == Some(stamp) {
+                return;
+            }
+            // While the ring is under pressure over a slow backing device, one
+            // log per batch: a position frees after one log's writes, not a
+            // whole batch's, so room comes steadily (sorting across logs
+            // matters little to a device that is not a disk).
+            let slow = self.ring_pressure() && self.writeback_slow();
+            let logs = if self.stalled.is_empty() && !slow {
                 self.tunables.nr_max_batched_writeback as u64
             } else {
                 1
@@ -301,8 +324,10 @@ impl<A: BufAlloc> Engine<A> {
                 self.seal_if_due();
             }
             if last == base {
+                self.writeback.blocked_at = Some(stamp);
                 return;
             }
+            self.writeback.blocked_at = None;
             let batch = self.read_batch(base.next(), last);
             if batch.reads_pending == 0 && self.writeback.batches.is_empty() {
                 // Nothing live was dirty: the logs are superseded or clean.
