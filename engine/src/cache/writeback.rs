@@ -117,9 +117,10 @@ pub(super) struct Writeback {
 }
 
 /// What a blocked batch waits for: the durable frontier, the writeback
-/// frontier, the batches in flight, whether writes stall, and time (in
-/// steps of [`RESCAN_NS`], for copies published to the pmem pool).
-type ScanStamp = (LogId, LogId, usize, bool, Nanos);
+/// frontier, the batches in flight, whether writes stall or `drop_caches`
+/// runs (either may seal the blocking buffer), and time (in steps of
+/// [`RESCAN_NS`], for copies published to the pmem pool).
+type ScanStamp = (LogId, LogId, usize, bool, bool, Nanos);
 
 /// How long a blocked batch waits before it looks again with nothing else moved.
 const RESCAN_NS: Nanos = 50_000;
@@ -249,6 +250,7 @@ impl<A: BufAlloc> Engine<A> {
                 self.ring.last_wb(),
                 self.writeback.batches.len(),
                 self.stalled.is_empty(),
+                self.writeback.drop_caches,
                 self.now / RESCAN_NS,
             );
             if self.writeback.blocked_at == Some(stamp) {
