@@ -16,23 +16,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-if ! spdk_locate; then
-    echo "SKIPPED: fio SPDK plugin benchmark: SPDK not found (set SPDK_DIR to a built SPDK, or install it for pkg-config)"
-    exit 0
-fi
-PLUGIN=""
-for c in "$SPDK_ROOT/build/fio/spdk_bdev" "$SPDK_ROOT/lib/spdk_bdev" "$SPDK_ROOT/bin/spdk_bdev"; do
-    [ -f "$c" ] && PLUGIN=$c && break
-done
-if [ -z "$PLUGIN" ]; then
-    echo "SKIPPED: fio SPDK plugin benchmark: SPDK at $SPDK_ROOT was built without fio's plugin (configure --with-fio=<fio source tree>)"
-    exit 0
-fi
-FIO=${FIO:-$(command -v fio || true)}
-if [ -z "$FIO" ] || [ ! -x "$FIO" ]; then
-    echo "SKIPPED: fio SPDK plugin benchmark: no fio binary (set FIO to the fio built from the tree SPDK's plugin was built against)"
-    exit 0
-fi
+fio_plugin_locate "fio SPDK plugin benchmark" || exit 0
 bench_setup fio
 
 # fio_run NAME TARGET_BDEV ENTRY... — the four jobs against TARGET_BDEV;

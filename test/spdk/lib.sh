@@ -197,3 +197,27 @@ bdevperf_run() {
 bdevperf_iops() {
     awk -v b="$2" '$1 == b && $2 == ":" { v = $4 } END { if (v != "") print v }' "$1"
 }
+
+# fio_plugin_locate WHAT — finds SPDK, its fio bdev plugin and the fio binary
+# (FIO, else fio on PATH), setting SPDK_ROOT, PLUGIN and FIO; otherwise says
+# why WHAT is SKIPPED and returns 1.
+fio_plugin_locate() {
+    local what=$1 c
+    if ! spdk_locate; then
+        echo "SKIPPED: $what: SPDK not found (set SPDK_DIR to a built SPDK, or install it for pkg-config)"
+        return 1
+    fi
+    PLUGIN=""
+    for c in "$SPDK_ROOT/build/fio/spdk_bdev" "$SPDK_ROOT/lib/spdk_bdev" "$SPDK_ROOT/bin/spdk_bdev"; do
+        [ -f "$c" ] && PLUGIN=$c && break
+    done
+    if [ -z "$PLUGIN" ]; then
+        echo "SKIPPED: $what: SPDK at $SPDK_ROOT was built without fio's plugin (configure --with-fio=<fio source tree>)"
+        return 1
+    fi
+    FIO=${FIO:-$(command -v fio || true)}
+    if [ -z "$FIO" ] || [ ! -x "$FIO" ]; then
+        echo "SKIPPED: $what: no fio binary (set FIO to the fio built from the tree SPDK's plugin was built against)"
+        return 1
+    fi
+}

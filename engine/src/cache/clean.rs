@@ -119,10 +119,12 @@ impl<A: BufAlloc> Engine<A> {
 
     /// Whether the cleaner will free log `id`'s position, so writeback
     /// should leave it alone: it is under pressure, will have room to copy
-    /// into, and the log is in its window and cheap.
+    /// into, and the log is in its window, cheap, and not in a writeback
+    /// batch already.
     pub(super) fn cleaner_claims(&self, id: LogId) -> bool {
         self.cleaning_on()
             && id >= self.cleaner.cursor
+            && self.writeback.batch_last().is_none_or(|last| id > last)
             && id.get() <= self.ring.last_wb().get() + self.clean_window()
             && self.cheap_to_clean(id)
             && self.room_coming()
