@@ -11,7 +11,11 @@
 //!   waiters and the barrier deadline;
 //! - [`Records`](records): superblock records;
 //! - [`InFlight`](inflight): device commands, tokens and retries;
-//! - [`Writeback`](writeback): the batch in flight and its retry;
+//! - [`Writeback`](writeback): the batches in flight, their window of
+//!   backing writes, the measured cost per block, and the retry;
+//! - [`Cleaner`](clean): where in the ring the cleaner is, and how often
+//!   each cached copy was moved;
+//! - [`Admission`](admission): the blocks lately written around the cache;
 //! - [`PmemBuffer`](pmem_buffer): the pmem pool, so mode 1 is one place;
 //! - [`Scrub`](scrub): checks the data of logs resumed without reading it,
 //!   before anything uses it, and keeps the blocks found damaged
