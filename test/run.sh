@@ -4,15 +4,9 @@
 # standalone host's end-to-end tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# PMDK's libpmem2 maps mode 1's pmem pools (loaded at run time, so only the
-# mode 1 tests need it); install it on Debian if it is missing.
-if ! ldconfig -p | grep -c 'libpmem2\.so' >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && apt-get install -y -qq --no-install-recommends libpmem2 >/dev/null
-fi
-if ! ldconfig -p | grep -c 'libpmem2\.so' >/dev/null; then
-    echo "test/run.sh: the mode 1 tests need PMDK's libpmem2: apt-get install libpmem2 (as root)" >&2
-    exit 1
-fi
+# Mode 1's tests need PMDK's libpmem2: installed on Debian if missing.
+source test/libpmem2.sh
+ensure_libpmem2 test/run.sh || exit 1
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The SPDK glue, type-checked and linted without SPDK against the SPDK

@@ -16,6 +16,9 @@ if ! spdk_locate; then
     exit 0
 fi
 echo "SPDK module tests against $SPDK_ROOT"
+# Mode 1's tests need PMDK's libpmem2: installed on Debian if missing.
+source "$(dirname "$0")/../libpmem2.sh"
+ensure_libpmem2 test/spdk/run.sh || exit 1
 spdk_build_module
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/wb-spdk-test.XXXXXX")
