@@ -59,13 +59,12 @@ impl<A: BufAlloc> Engine<A> {
     /// ring is under pressure and the log at the frontier is not one the
     /// cleaner will free.
     pub(super) fn writeback_bound(&self) -> bool {
+        if !self.ring_pressure() {
+            return false;
+        }
         let id = self.ring.last_wb().next();
         let seg = self.ring.seg(id);
-        self.ring_pressure()
-            && id < self.ring.next_id()
-            && seg.id == id
-            && seg.live_dirty > 0
-            && !self.cheap_to_clean(id)
+        id < self.ring.next_id() && seg.id == id && seg.live_dirty > 0 && !self.cheap_to_clean(id)
     }
 
     /// A write to `[offset, offset+len)` that goes around the cache to keep

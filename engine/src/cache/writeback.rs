@@ -57,8 +57,6 @@ pub(super) struct WbBatch {
     /// Buffers gathering blocks from several logs into one write.
     staging: Vec<BufId>,
     reads_pending: u32,
-    /// Writes not ended (queued or in flight).
-    writes_pending: u32,
     /// Writes issued and not ended.
     writes_inflight: u32,
     failed: bool,
@@ -78,12 +76,16 @@ impl WbBatch {
             bufs: Vec::new(),
             staging: Vec::new(),
             reads_pending: 0,
-            writes_pending: 0,
             writes_inflight: 0,
             failed: false,
             written: Vec::new(),
             queued: VecDeque::new(),
         }
+    }
+
+    /// Writes not ended: queued or in flight.
+    fn writes_pending(&self) -> usize {
+        self.queued.len() + self.writes_inflight as usize
     }
 
     /// No I/O of it is outstanding (a failed batch may be dropped).
@@ -476,7 +478,6 @@ impl<A: BufAlloc> Engine<A> {
         let Some(b) = self.writeback.writing() else {
             return;
         };
-        b.writes_pending -= 1;
         b.writes_inflight -= 1;
         b.failed |= !ok;
         self.wb_progress();
@@ -504,9 +505,8 @@ impl<A: BufAlloc> Engine<A> {
         if self.writeback.failing() {
             // The batches are retried whole: nothing more goes out.
             for b in &mut self.writeback.batches {
-                b.writes_pending -= b.queued.len() as u32;
                 b.queued.clear();
-                if b.stage == Stage::Writing && b.writes_pending == 0 {
+                if b.stage == Stage::Writing && b.writes_pending() == 0 {
                     b.stage = Stage::Flushed;
                 }
             }
@@ -538,7 +538,7 @@ impl<A: BufAlloc> Engine<A> {
                 _ => return,
             }
             let b = &mut self.writeback.batches[i];
-            if b.stage != Stage::Writing || b.writes_pending > 0 {
+            if b.stage != Stage::Writing || b.writes_pending() > 0 {
                 return;
             }
             // Every write ended: make them durable, then the next may write.
@@ -626,7 +626,6 @@ impl<A: BufAlloc> Engine<A> {
         self.stats.writeback_blocks += nr_blocks;
         self.stats.writeback_ios += cmds.len() as u64;
         let b = &mut self.writeback.batches[i];
-        b.writes_pending = cmds.len() as u32;
         b.queued = cmds;
         b.staging = staging;
         b.stage = Stage::Writing;
