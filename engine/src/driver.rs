@@ -219,6 +219,29 @@ impl<A: BufAlloc, U: UserBuf> Driver<A, U> {
         self.hold(accepted, req, user)
     }
 
+    /// Submits a write of whole blocks whose data the submitter already
+    /// copied into granted slots `first_slot..` of log `log` (see
+    /// [`Engine::grant`]), with `crcs` their checksums; `user` is held until
+    /// it completes, as for [`submit`](Self::submit). On refusal the slots
+    /// are still reserved: hand them back with [`Engine::return_grant`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit_granted(
+        &mut self,
+        req: ReqId,
+        offset: u64,
+        log: crate::LogId,
+        first_slot: u32,
+        crcs: &[u32],
+        fua: bool,
+        user: U,
+        now: Nanos,
+    ) -> Result<(), (SubmitError, U)> {
+        let accepted = self
+            .engine
+            .submit_granted_write(req, offset, log, first_slot, crcs, fua, now);
+        self.hold(accepted, req, user)
+    }
+
     /// Keeps `user` for an accepted request; gives it back with the refusal.
     fn hold(
         &mut self,

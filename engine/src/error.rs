@@ -165,6 +165,11 @@ pub enum SubmitError {
     ShuttingDown,
     #[error("request id {0} is already in flight")]
     DuplicateRequest(u64),
+    #[error(
+        "slot {slot} of log {log} is not reserved for a submitter (never granted, already \
+         published or returned); send the write without a grant"
+    )]
+    NotGranted { log: u64, slot: u32 },
 }
 
 /// Why a user request completed unsuccessfully.

@@ -17,9 +17,12 @@ pub const CHECKPOINT_MAGIC: [u8; 8] = *b"WBOOSTCK";
 /// checkpoint region, so its ring is laid out differently): they must be
 /// written back by the release that made them. Version 4 records carry the
 /// quarantine list; a version 3 cache is read as it is, and its superblock is
-/// rewritten as version 4 when it opens, so a release that cannot read the
-/// list refuses the cache from then on.
-pub const FORMAT_VERSION: u32 = 4;
+/// rewritten as the current version when it opens, so a release that cannot
+/// read the list refuses the cache from then on. Version 5 logs may hold
+/// padding metablocks (slots a submitter reserved and handed back unused),
+/// which version 4 releases would take for damage: a version 4 superblock
+/// is rewritten as 5 at the open, and version 4 releases refuse it.
+pub const FORMAT_VERSION: u32 = 5;
 /// The oldest version this build reads.
 pub const OLDEST_READABLE_VERSION: u32 = 3;
 
@@ -365,6 +368,23 @@ pub struct Metablock {
     pub crc: u32,
 }
 
+impl Metablock {
+    /// A slot reserved for a submitter and handed back unused: block 0, no
+    /// sectors, no flags. Its data is part of nothing.
+    pub fn padding(crc: u32) -> Self {
+        Self {
+            block: 0,
+            valid: 0,
+            dirty: false,
+            crc,
+        }
+    }
+
+    pub fn is_padding(&self) -> bool {
+        self.valid == 0
+    }
+}
+
 /// Parsed fixed part of a segment header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SegmentHeader {
@@ -524,7 +544,10 @@ pub fn parse_metablocks(
         b[..6].copy_from_slice(&seg[at..at + 6]);
         let block = u64::from_le_bytes(b);
         let (valid, flags) = (seg[at + 6], seg[at + 7]);
-        if block >= geo.backing_blocks() || valid == 0 || flags & !MB_FLAG_DIRTY != 0 {
+        // (Padding is block 0 with no sectors and no flags.)
+        let padding = valid == 0 && block == 0 && flags == 0;
+        if block >= geo.backing_blocks() || (valid == 0 && !padding) || flags & !MB_FLAG_DIRTY != 0
+        {
             return Err(FormatError::BadMetablock { index: i as u32 });
         }
         blocks.push(Metablock {
@@ -952,19 +975,21 @@ mod tests {
             b[SB_CRC_AT..SB_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
             Superblock::parse(&b, 16 << 20)
         };
-        for (v, older) in [(1u32, true), (2, true), (5, false)] {
+        for (v, older) in [(1u32, true), (2, true), (6, false)] {
             let e = with_version(v).unwrap_err();
             assert_eq!(
                 matches!(e, FormatError::OlderVersion { found, .. } if found == v),
                 older
             );
             assert_eq!(
-                matches!(e, FormatError::NewerVersion { found: 5, .. }),
+                matches!(e, FormatError::NewerVersion { found: 6, .. }),
                 !older
             );
         }
-        // Version 3 differs only in its records, which are read as they are.
+        // Version 3 differs only in its records, which are read as they
+        // are; version 4 only in having no padding.
         assert!(with_version(3).is_ok());
+        assert!(with_version(4).is_ok());
     }
 
     fn record() -> SbRecord {

@@ -32,7 +32,7 @@ pub mod mutant;
 pub mod pmem;
 pub mod stats;
 
-pub use cache::Engine;
+pub use cache::{Engine, Grant};
 pub use config::{OpenParams, Tunables};
 pub use error::{ConfigError, DeviceError, FormatError, IoError, OpenError, SubmitError};
 pub use format::BackingIdentity;

@@ -44,11 +44,14 @@ pub enum Mutant {
     /// The cleaner's copy of a block is logged clean, so once the old log's
     /// position is reused a crash loses the block.
     RelocatedLoggedClean,
+    /// A publication into a granted slot older than the block's current
+    /// copy is indexed there, so replay prefers the older data.
+    GrantedPublishedInPlace,
 }
 
 impl Mutant {
     /// Every planted bug.
-    pub const ALL: [Mutant; 13] = [
+    pub const ALL: [Mutant; 14] = [
         Mutant::NoEpochCheck,
         Mutant::DurableBeforeFlush,
         Mutant::WritebackWithoutBackingFlush,
@@ -62,6 +65,7 @@ impl Mutant {
         Mutant::QuarantineNotRecorded,
         Mutant::QuarantineClearedEarly,
         Mutant::RelocatedLoggedClean,
+        Mutant::GrantedPublishedInPlace,
     ];
 
     pub fn name(self) -> &'static str {
@@ -80,6 +84,7 @@ impl Mutant {
             Mutant::QuarantineNotRecorded => "quarantine-not-recorded",
             Mutant::QuarantineClearedEarly => "quarantine-cleared-early",
             Mutant::RelocatedLoggedClean => "relocated-logged-clean",
+            Mutant::GrantedPublishedInPlace => "granted-published-in-place",
         }
     }
 

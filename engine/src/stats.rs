@@ -49,6 +49,14 @@ pub struct Stats {
     /// Blocks the cleaner copied forward in the cache instead of writing
     /// them back (each a cache read and a cache write).
     pub relocated_blocks: u64,
+    /// Write grants: slots reserved for submitters that copy a write in on
+    /// their own core, those handed back unused (logged as padding), the
+    /// writes published into them, and those placed again because a newer
+    /// copy of a block was already at a later position.
+    pub granted_slots: u64,
+    pub returned_slots: u64,
+    pub granted_writes: u64,
+    pub granted_replaced: u64,
     /// Blocks and backing-device writes writeback issued (their ratio is
     /// the blocks per I/O that sorting and merging reach).
     pub writeback_blocks: u64,

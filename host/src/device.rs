@@ -402,7 +402,9 @@ fn device_error(e: &std::io::Error) -> DeviceError {
 
 fn submit_errno(e: &SubmitError) -> u32 {
     match e {
-        SubmitError::BadRange { .. } | SubmitError::DuplicateRequest(_) => proto::EINVAL,
+        SubmitError::BadRange { .. }
+        | SubmitError::DuplicateRequest(_)
+        | SubmitError::NotGranted { .. } => proto::EINVAL,
         SubmitError::NotReady | SubmitError::ShuttingDown => proto::ESHUTDOWN,
     }
 }

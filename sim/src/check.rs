@@ -17,6 +17,7 @@ use crate::corrupt::{self, Injected};
 use crate::device::{CrashOutcome, SimDevice};
 use crate::harness::{Harness, Latency};
 use crate::pmem::SimPmem;
+use crate::submitters::Submitters;
 use writeboost_engine::mutant::Mutant;
 
 /// Share of crashes that also damage a durable log, unless told otherwise.
@@ -55,6 +56,9 @@ pub struct SimOptions {
     /// The ring's positions (from 2), instead of a cache of the seed's
     /// choice of 5 to 16 segments.
     pub segments: Option<u64>,
+    /// Submitting cores that copy writes into granted slots (0: none, every
+    /// write goes to the engine whole); None draws 0 to 4 per seed.
+    pub cores: Option<usize>,
 }
 
 /// Buffer modes a simulation uses.
@@ -90,6 +94,13 @@ pub struct Outcome {
     /// cache to keep room (so a sweep shows it exercised both).
     pub relocated: u64,
     pub admission_bypasses: u64,
+    /// Writes cores copied into granted slots, those placed again because
+    /// a newer copy was at a later position, and the slots handed back.
+    pub granted_writes: u64,
+    pub granted_replaced: u64,
+    pub returned_slots: u64,
+    /// Publications of granted writes the engine refused (a bug).
+    pub refused_publications: u64,
     /// Crashes by outcome: torn sectors, whole writes, newest first.
     pub crash_outcomes: [u64; 3],
     /// Durable logs damaged at rest, by fault (bit rot, misdirected, lost write).
@@ -144,6 +155,10 @@ impl Outcome {
         self.logs += o.logs;
         self.relocated += o.relocated;
         self.admission_bypasses += o.admission_bypasses;
+        self.granted_writes += o.granted_writes;
+        self.granted_replaced += o.granted_replaced;
+        self.returned_slots += o.returned_slots;
+        self.refused_publications += o.refused_publications;
         for (a, b) in self.crash_outcomes.iter_mut().zip(o.crash_outcomes) {
             *a += b;
         }
@@ -174,6 +189,7 @@ impl Outcome {
             && self.silent_truncations == 0
             && self.false_corruption == 0
             && self.trusted_lies == 0
+            && self.refused_publications == 0
     }
 }
 
@@ -262,6 +278,9 @@ struct Run {
     /// (the log and its blocks): a later recovery that replays the log's
     /// header may still report it.
     latent: Option<(u64, Vec<u64>)>,
+    /// Submitting cores of the model, and the stream their choices come from.
+    cores: usize,
+    cores_rng: ChaCha8Rng,
 }
 
 /// Runs one seed: workload, crashes, recoveries, clean shutdown, checks.
@@ -343,6 +362,12 @@ pub fn run_seed(opts: &SimOptions) -> Outcome {
         .slot_size;
     let pool_len = 4096 + slot * rng.random_range(2..=5);
     let nsec = backing_size / SECTOR as u64;
+    // Submitting cores, from a stream of their own: none in a third of the
+    // seeds, so the engine's own write path stays exercised alone too.
+    let mut cores_rng = ChaCha8Rng::seed_from_u64(opts.seed ^ 0xc0e5_0b11);
+    let cores = opts
+        .cores
+        .unwrap_or_else(|| [0, 0, 1, 2, 3, 4][cores_rng.random_range(0..6)]);
     let mut run = Run {
         opts: opts.clone(),
         rng,
@@ -362,6 +387,8 @@ pub fn run_seed(opts: &SimOptions) -> Outcome {
         undamaged: true,
         recovery_mark: 0,
         latent: None,
+        cores,
+        cores_rng,
     };
     if opts.verbose {
         eprintln!(
@@ -488,6 +515,12 @@ impl Run {
         };
         let mut h = Harness::with_pool(params, cache, backing, pool, self.lat, self.rng.random());
         h.driver.engine_mut().plant(self.opts.mutant);
+        if self.cores > 0 {
+            // A core's copy takes up to a cache write's time: publications
+            // overtake each other and the engine's own work.
+            let rng = ChaCha8Rng::seed_from_u64(self.cores_rng.random());
+            h.cores = Some(Submitters::new(self.cores, 40_000, rng));
+        }
         let persistent = self.persistent;
         self.note(|| format!("(re)open in mode {} salvage {salvage}", persistent as u8));
         h.error_rate = self.opts.error_rate;
@@ -598,6 +631,9 @@ impl Run {
         self.out.logs += st.nr_logs;
         self.out.relocated += st.relocated_blocks;
         self.out.admission_bypasses += st.admission_bypass_writes;
+        self.out.granted_writes += st.granted_writes;
+        self.out.granted_replaced += st.granted_replaced;
+        self.out.returned_slots += st.returned_slots;
         // Clean shutdown: everything acknowledged must come back exactly.
         if let Some(mut h) = self.shutdown_and_reopen(h, None) {
             self.verify_all(&mut h);
@@ -843,8 +879,7 @@ impl Run {
                 for s in first..first + count {
                     self.sectors[s as usize].later.push(write_id);
                 }
-                h.driver
-                    .submit(req, UserOp::Write { offset: off, fua }, data, now)
+                h.submit_write(req, off, data, fua)
             }
             Op::Zeroes => {
                 write_id = self.next_write;
@@ -901,6 +936,7 @@ impl Run {
     }
 
     fn collect(&mut self, h: &mut Harness) {
+        self.out.refused_publications += std::mem::take(&mut h.refused_publications);
         if let Err(e) = h.engine().check_invariants() {
             self.out.corrupt_reads += 1;
             if self.opts.verbose {
@@ -1043,6 +1079,9 @@ impl Run {
         self.out.logs += st.nr_logs;
         self.out.relocated += st.relocated_blocks;
         self.out.admission_bypasses += st.admission_bypass_writes;
+        self.out.granted_writes += st.granted_writes;
+        self.out.granted_replaced += st.granted_replaced;
+        self.out.returned_slots += st.returned_slots;
         let pool = h
             .pmem
             .as_ref()

@@ -13,6 +13,7 @@ use writeboost_engine::{
 
 use crate::device::{CrashOutcome, SimDevice};
 use crate::pmem::SimPmem;
+use crate::submitters::{GRANT_SLOTS, MAX_GRANTED_BLOCKS, Publication, Submitters};
 
 /// Command latencies in nanoseconds.
 #[derive(Clone, Copy, Debug, Default)]
@@ -136,6 +137,14 @@ pub struct Harness {
     /// Real time spent in an external pool's stores and persists, charged
     /// to simulated time.
     pool_clock: Option<std::rc::Rc<std::cell::Cell<u64>>>,
+    /// Cores that copy writes into granted slots themselves (None: every
+    /// write goes to the engine whole).
+    pub cores: Option<Submitters>,
+    /// Publications the engine refused (each a bug: a granted slot is
+    /// always the engine's to take).
+    pub refused_publications: u64,
+    /// Users' buffers of the writes waiting for their core to publish them.
+    copied: BTreeMap<ReqId, Vec<u8>>,
 }
 
 impl Harness {
@@ -196,6 +205,9 @@ impl Harness {
             fail_next_flush: None,
             idle_timeouts: 0,
             pool_clock: None,
+            cores: None,
+            refused_publications: 0,
+            copied: BTreeMap::new(),
         };
         h.drain();
         h
@@ -260,15 +272,130 @@ impl Harness {
         self.target.now = self.now;
         self.target.cache_flush_point = self.cache.flush_point();
         self.target.backing_flush_point = self.backing.flush_point();
-        self.driver.pump(&mut self.target, self.now);
-        while let Some(o) = self.driver.poll_outcome() {
-            match o {
-                Outcome::Ready => self.opened = Some(Ok(())),
-                Outcome::OpenFailed(e) => self.opened = Some(Err(e)),
-                Outcome::Completed { req, user, result } => self.done.push((req, result, user)),
-                Outcome::ShutdownComplete => self.shut_down = true,
+        loop {
+            self.driver.pump(&mut self.target, self.now);
+            while let Some(o) = self.driver.poll_outcome() {
+                match o {
+                    Outcome::Ready => self.opened = Some(Ok(())),
+                    Outcome::OpenFailed(e) => self.opened = Some(Err(e)),
+                    Outcome::Completed { req, user, result } => self.done.push((req, result, user)),
+                    Outcome::ShutdownComplete => self.shut_down = true,
+                }
+            }
+            if !self.hand_back(false) {
+                break;
             }
         }
+    }
+
+    /// Cores hand back the slots the engine waits for (some of them, or
+    /// with `all` every one). Whether any did.
+    fn hand_back(&mut self, all: bool) -> bool {
+        let Some(cores) = self.cores.as_mut() else {
+            return false;
+        };
+        let wanted = self.driver.engine().grants_wanted_back();
+        if wanted == writeboost_engine::LogId::NONE {
+            return false;
+        }
+        let mut any = false;
+        for core in cores.revoked(wanted, all) {
+            if let Some((log, first, count)) = cores.release(core) {
+                self.driver
+                    .engine_mut()
+                    .return_grant(log, first, count, self.now);
+            }
+            any = true;
+        }
+        any
+    }
+
+    /// Submits a write: a write of whole blocks goes through a core's grant
+    /// when the model has cores and one can be had (copied now, published
+    /// by its core later); any other goes to the engine whole.
+    pub fn submit_write(
+        &mut self,
+        req: ReqId,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> Result<(), (writeboost_engine::SubmitError, Vec<u8>)> {
+        let blocks = data.len() as u32 / 4096;
+        let whole = offset.is_multiple_of(4096)
+            && data.len().is_multiple_of(4096)
+            && (1..=MAX_GRANTED_BLOCKS).contains(&blocks);
+        let now = self.now;
+        let taken = match self.cores.as_mut() {
+            Some(cores) if whole => {
+                let core = cores.pick();
+                let mut taken = cores.take(core, blocks);
+                if taken.is_none() {
+                    let engine = self.driver.engine_mut();
+                    if let Some((log, first, count)) = cores.release(core) {
+                        engine.return_grant(log, first, count, now);
+                    }
+                    if let Some(g) = engine.grant(GRANT_SLOTS, now) {
+                        cores.hold(core, g);
+                        taken = cores.take(core, blocks);
+                    }
+                }
+                taken
+            }
+            _ => None,
+        };
+        let Some((g, first_slot)) = taken else {
+            return self
+                .driver
+                .submit(req, UserOp::Write { offset, fua }, data, now);
+        };
+        // The core's copy and checksums, into slots nobody else touches.
+        let at = g.offset + (first_slot - g.first_slot) as usize * 4096;
+        self.driver.engine_mut().buffer_mut(g.buf)[at..at + data.len()].copy_from_slice(&data);
+        let crcs = data.chunks(4096).map(crc32c::crc32c).collect();
+        let cores = self.cores.as_mut().expect("cores");
+        cores.queue(
+            now,
+            Publication {
+                req,
+                offset,
+                log: g.log,
+                first_slot,
+                crcs,
+                fua,
+            },
+        );
+        self.copied.insert(req, data);
+        self.drain();
+        Ok(())
+    }
+
+    /// The next core's publication reaches the engine.
+    fn publish_next(&mut self) {
+        let Some((at, p)) = self.cores.as_mut().and_then(Submitters::pop) else {
+            return;
+        };
+        self.now = self.now.max(at);
+        let user = self.copied.remove(&p.req).expect("copied write");
+        let n = p.crcs.len() as u32;
+        if let Err((e, user)) = self.driver.submit_granted(
+            p.req,
+            p.offset,
+            p.log,
+            p.first_slot,
+            &p.crcs,
+            p.fua,
+            user,
+            self.now,
+        ) {
+            if !matches!(e, writeboost_engine::SubmitError::ShuttingDown) {
+                self.refused_publications += 1;
+            }
+            self.driver
+                .engine_mut()
+                .return_grant(p.log, p.first_slot, n, self.now);
+            self.done.push((p.req, Err(IoError::ReadOnly), user));
+        }
+        self.drain();
     }
 
     pub fn engine(&self) -> &Engine<HeapAlloc> {
@@ -286,6 +413,18 @@ impl Harness {
     pub fn step(&mut self) -> bool {
         let next_io = self.target.queue.peek().map(|Reverse((t, _, _))| *t);
         let timeout = self.driver.engine().poll_timeout();
+        if let Some(p) = self.cores.as_ref().and_then(Submitters::next_due)
+            && next_io.is_none_or(|t| p <= t)
+            && timeout.is_none_or(|d| p <= d)
+        {
+            self.publish_next();
+            return true;
+        }
+        if next_io.is_none() && timeout.is_none() && self.hand_back(true) {
+            // Idle cores hand their slots back once nothing else is going on.
+            self.drain();
+            return true;
+        }
         match (next_io, timeout) {
             (None, None) => false,
             (Some(t), Some(d)) if d < t => self.timeout(d),

@@ -8,3 +8,4 @@ pub mod corrupt;
 pub mod device;
 pub mod harness;
 pub mod pmem;
+pub mod submitters;

@@ -23,6 +23,7 @@ fn run(seeds: std::ops::Range<u64>, error_rate: f64) -> (Outcome, Vec<u64>) {
             corruption_rate: DEFAULT_CORRUPTION_RATE,
             restart_rate: DEFAULT_RESTART_RATE,
             segments: None,
+            cores: None,
         });
         if !o.clean() {
             bad.push(seed);
@@ -106,6 +107,7 @@ fn stress_sweep_loses_nothing_and_never_stalls() {
                         corruption_rate: 0.5,
                         restart_rate: DEFAULT_RESTART_RATE,
                         segments,
+                        cores: None,
                     });
                     if !o.clean() {
                         bad.push(format!(
@@ -168,6 +170,7 @@ fn pool_slots_without_committed_blocks_hide_nothing() {
             corruption_rate: DEFAULT_CORRUPTION_RATE,
             restart_rate: DEFAULT_RESTART_RATE,
             segments: None,
+            cores: None,
         });
         assert!(
             o.clean(),

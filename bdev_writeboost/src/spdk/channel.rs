@@ -4,7 +4,9 @@
 //!
 //! A request on the device's own thread goes straight to the engine (or to
 //! the inbox if the engine is busy); a request on another thread goes to the
-//! inbox and the device's poller picks it up. Its completion comes back over
+//! inbox and the device's poller picks it up. A write of whole blocks from
+//! another thread is first copied into slots granted to its channel
+//! (`grants`), on the submitting core. Its completion comes back over
 //! the submitting channel's `done` ring (or, on the same thread, its `local`
 //! list), drained by that channel's poller: SPDK requires a bdev_io to be
 //! completed on the thread that submitted it.
@@ -16,13 +18,16 @@ use std::sync::atomic::Ordering;
 use spdk_sys as sys;
 
 use super::device::{ChannelFns, Device, Shared};
-use super::user_io::{Origin, complete_now, from_bdev_io};
+use super::grants::ChannelGrants;
+use super::user_io::{Origin, UserKind, complete_now, from_bdev_io};
 
 /// Per-thread channel context, placed in the memory SPDK allocates.
 pub struct ChannelCtx {
     shared: *const Shared,
     origin: Origin,
     poller: *mut sys::spdk_poller,
+    /// Slots this channel copies whole-block writes into.
+    grants: ChannelGrants,
 }
 
 /// How the device registers its io_device: these callbacks make and
@@ -41,7 +46,7 @@ pub const CHANNEL_FNS: ChannelFns = ChannelFns {
 unsafe fn forward(ch: *mut ChannelCtx, bdev_io: *mut sys::spdk_bdev_io) {
     // SAFETY: per the contract; the device outlives its channels.
     unsafe {
-        let Some(io) = from_bdev_io(&(*ch).origin, bdev_io) else {
+        let Some(mut io) = from_bdev_io(&(*ch).origin, bdev_io) else {
             complete_now(bdev_io, false);
             return;
         };
@@ -54,6 +59,13 @@ unsafe fn forward(ch: *mut ChannelCtx, bdev_io: *mut sys::spdk_bdev_io) {
             // Not busy on its own thread: `enter` runs the closure.
             Device::enter_or_defer(dev, true, move |d| d.start_user(io));
         } else {
+            // The copy and its checksums on this core, when slots are at
+            // hand: the device's thread then only indexes the write.
+            if io.kind == UserKind::Write && !io.data.is_null() {
+                io.published = (*ch)
+                    .grants
+                    .copy_in(&shared.grants, io.offset, io.data, io.len);
+            }
             shared.inbox.push(io);
         }
     }
@@ -132,6 +144,7 @@ extern "C" fn channel_create(io_device: *mut c_void, ctx_buf: *mut c_void) -> i3
                 shared: io_device.cast::<Shared>(),
                 origin: Origin::here(),
                 poller: ptr::null_mut(),
+                grants: ChannelGrants::new(),
             },
         );
         (*ctx).poller = sys::spdk_poller_register(Some(channel_poller), ctx.cast(), 0);
@@ -146,14 +159,21 @@ extern "C" fn channel_destroy(_io_device: *mut c_void, ctx_buf: *mut c_void) {
     unsafe {
         sys::spdk_poller_unregister(&mut (*ctx).poller);
         (*ctx).origin.drain();
+        // The io_device (and so `shared`) outlives its channels.
+        (*ctx).grants.close(&(*(*ctx).shared).grants);
         ptr::drop_in_place(ctx);
     }
 }
 
 /// Completes, on this thread, what the device's thread finished.
 extern "C" fn channel_poller(arg: *mut c_void) -> i32 {
-    // SAFETY: the poller lives no longer than the channel context.
-    let ctx = unsafe { &*arg.cast::<ChannelCtx>() };
+    // SAFETY: the poller lives no longer than the channel context, and the
+    // io_device's shared part outlives the channel.
+    let (ctx, shared) = unsafe {
+        let ctx = &*arg.cast::<ChannelCtx>();
+        (ctx, &*ctx.shared)
+    };
+    ctx.grants.poll(&shared.grants);
     if ctx.origin.drain() > 0 {
         sys::spdk_thread_poller_rc_SPDK_POLLER_BUSY as i32
     } else {

@@ -17,12 +17,13 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use spdk_sys as sys;
 use writeboost_engine::config::BufferMode;
 use writeboost_engine::driver::{CmdMem, Driver, Lifecycle, Outcome, Started, Target, UserOp};
-use writeboost_engine::{Command, CommandKind, DeviceError, Engine, Nanos, ReqId};
+use writeboost_engine::{Command, CommandKind, DeviceError, Engine, LogId, Nanos, ReqId};
 use writeboost_rpc::{CreateRequest, RpcError, code, device_report};
 
 use super::completion::Done;
 use super::dma::DmaAlloc;
 use super::examine::ExamineHold;
+use super::grants::{DeviceGrants, GRANT_SLOTS, SlotGrant};
 use super::log;
 use super::ring::Ring;
 use super::user_io::{UserIo, UserKind};
@@ -35,6 +36,8 @@ const REMOVED_SHUTDOWN_GRACE_NS: u64 = 5_000_000_000;
 pub struct Shared {
     /// User I/O handed over by other threads (or while the device is busy).
     pub inbox: Ring<UserIo>,
+    /// Slots granted to channels, asked for and handed back.
+    pub grants: DeviceGrants,
     /// Set while the owning thread is inside the engine.
     pub busy: AtomicBool,
     /// The owning thread.
@@ -193,6 +196,7 @@ impl Device {
         let (thread, hz) = unsafe { (sys::spdk_get_thread(), sys::spdk_get_ticks_hz()) };
         let shared = Box::into_raw(Box::new(Shared {
             inbox: Ring::new(),
+            grants: DeviceGrants::new(),
             busy: AtomicBool::new(false),
             thread,
             dev: AtomicPtr::new(ptr::null_mut()),
@@ -338,6 +342,7 @@ impl Device {
                 self.start_user(io);
                 did = true;
             }
+            did |= self.serve_grants();
             let now = self.now();
             let (driver, mut bases) = self.split();
             driver.pump(&mut bases, now);
@@ -357,6 +362,63 @@ impl Device {
         }
     }
 
+    /// Takes the slots channels hand back, grants slots to channels that
+    /// asked, and tells them which logs the engine waits for. Whether
+    /// anything was done.
+    fn serve_grants(&mut self) -> bool {
+        // SAFETY: shared outlives the device; only its Sync parts are used.
+        let grants = unsafe { &(*self.shared).grants };
+        let now = self.now();
+        let mut did = false;
+        while let Some((log, first, count)) = grants.returns.pop() {
+            self.driver
+                .engine_mut()
+                .return_grant(LogId(log), first, count, now);
+            did = true;
+        }
+        let online = self.driver.lifecycle() == Lifecycle::Online;
+        while let Some(asker) = grants.requests.pop() {
+            let g = if online && asker.has_room() {
+                self.grant(now)
+            } else {
+                None
+            };
+            if let Some(back) = asker.give(g) {
+                self.driver.engine_mut().return_grant(
+                    LogId(back.log),
+                    back.first_slot,
+                    back.count,
+                    now,
+                );
+            }
+            did = true;
+        }
+        grants.wanted_back.store(
+            self.driver.engine().grants_wanted_back().get(),
+            Ordering::Release,
+        );
+        did
+    }
+
+    /// Slots of the open log for a channel, with where their data goes.
+    fn grant(&mut self, now: Nanos) -> Option<SlotGrant> {
+        let engine = self.driver.engine_mut();
+        let g = engine.grant(GRANT_SLOTS, now)?;
+        let Some(buf) = engine.buffer_handle(g.buf) else {
+            engine.return_grant(g.log, g.first_slot, g.count, now);
+            return None;
+        };
+        // SAFETY: g.offset and the granted slots lie within the buffer
+        // (the engine's geometry); no slice is formed over it here.
+        let base = unsafe { buf.as_mut_ptr().add(g.offset) };
+        Some(SlotGrant {
+            log: g.log.get(),
+            base,
+            first_slot: g.first_slot,
+            count: g.count,
+        })
+    }
+
     /// The driver, and the base bdevs as its target, borrowed side by side.
     fn split(&mut self) -> (&mut Driver<DmaAlloc, UserIo>, Bases<'_>) {
         let dev: *mut Device = self;
@@ -374,6 +436,12 @@ impl Device {
     /// Takes a user request: checks it and hands it to the engine.
     pub fn start_user(&mut self, io: UserIo) {
         if self.driver.lifecycle() != Lifecycle::Online {
+            if let Some(p) = io.published {
+                let now = self.now();
+                self.driver
+                    .engine_mut()
+                    .return_grant(LogId(p.log), p.first_slot, p.nr, now);
+            }
             io.complete(false);
             return;
         }
@@ -393,7 +461,29 @@ impl Device {
             UserKind::WriteZeroes => UserOp::WriteZeroes { offset, len },
             UserKind::Reset => unreachable!("handled above"),
         };
-        if let Err((e, io)) = self.driver.submit(req, op, io, now) {
+        let refused = match io.published {
+            Some(p) => self
+                .driver
+                .submit_granted(
+                    req,
+                    offset,
+                    LogId(p.log),
+                    p.first_slot,
+                    &p.crcs[..p.nr as usize],
+                    false,
+                    io,
+                    now,
+                )
+                .err()
+                .inspect(|_| {
+                    // The slots are still reserved: they come back.
+                    self.driver
+                        .engine_mut()
+                        .return_grant(LogId(p.log), p.first_slot, p.nr, now);
+                }),
+            None => self.driver.submit(req, op, io, now).err(),
+        };
+        if let Some((e, io)) = refused {
             log::error(&format!("{}: request refused: {e}", self.req.name));
             io.complete(false);
         }

@@ -8,7 +8,8 @@
 //! - `module`: the bdev module's callbacks and the registry that owns the
 //!   devices; it gives each device its channel callbacks and teardown hook;
 //! - `channel` (per-thread I/O channels, submit_request) over `device` (the
-//!   engine's driver, base bdevs, registration);
+//!   engine's driver, base bdevs, registration); `grants`: the slots a
+//!   channel copies whole-block writes into on its own core;
 //! - leaves: `user_io` (a user I/O and where it completes), `examine`,
 //!   `completion`, `dma`, `ring`, `json`, `log`.
 
@@ -17,6 +18,7 @@ mod completion;
 mod device;
 mod dma;
 mod examine;
+mod grants;
 mod json;
 mod log;
 mod module;

@@ -8,6 +8,7 @@ use std::ptr;
 use spdk_sys as sys;
 
 use super::dma::DmaBuf;
+use super::grants::Published;
 use super::ring::Ring;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +31,8 @@ pub struct UserIo {
     pub data: *mut u8,
     /// A contiguous copy for requests with several iovecs.
     bounce: Option<DmaBuf>,
+    /// A write its channel copied into granted slots already.
+    pub published: Option<Published>,
     /// Where it completes: the channel it was submitted on.
     origin: *const Origin,
 }
@@ -213,6 +216,7 @@ pub unsafe fn from_bdev_io(
             len,
             data: ptr::null_mut(),
             bounce: None,
+            published: None,
             origin,
         };
         if matches!(kind, UserKind::Read | UserKind::Write) {

@@ -60,7 +60,7 @@ impl<A: BufAlloc> Engine<A> {
         }
         let o = self.open.take().expect("open log");
         self.durability.clear_barrier();
-        if o.fills_pending > 0 {
+        if o.fills_pending > 0 || o.reserved > 0 {
             self.sealing.push(o);
         } else {
             self.seal_log(o);
@@ -85,11 +85,18 @@ impl<A: BufAlloc> Engine<A> {
             .slots
             .iter()
             .zip(data.chunks(BLOCK_SIZE as usize))
-            .map(|(s, d)| Metablock {
-                block: s.block,
-                valid: s.valid,
-                dirty: s.dirty,
-                crc: s.crc.unwrap_or_else(|| crc32c::crc32c(d)),
+            .map(|(s, d)| {
+                let crc = s.crc.unwrap_or_else(|| crc32c::crc32c(d));
+                if s.block == super::grant::PADDING {
+                    Metablock::padding(crc)
+                } else {
+                    Metablock {
+                        block: s.block,
+                        valid: s.valid,
+                        dirty: s.dirty,
+                        crc,
+                    }
+                }
             })
             .collect();
         encode_segment_header(

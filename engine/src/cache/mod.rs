@@ -28,6 +28,7 @@
 //! - `checkpoint`: the index and ring written at a clean shutdown, and loaded
 //!   instead of the logs at the next start;
 //! - `write`: user writes into the open buffer, fills, bypass to the backing device;
+//! - `grant`: slots reserved for submitters that copy a write in themselves;
 //! - `read`: user reads (buffer, cache device, backing), read caching;
 //! - `commit`: sealing buffers into logs, flushes, records;
 //! - `writeback`: migrating dirty blocks to the backing device;
@@ -45,6 +46,7 @@ mod checkpoint;
 mod clean;
 mod commit;
 mod durability;
+mod grant;
 mod index;
 mod inflight;
 mod pmem_buffer;
@@ -76,6 +78,7 @@ use crate::stats::{Op, Stats, Status};
 use self::admission::Admission;
 use self::clean::Cleaner;
 use self::durability::Durability;
+pub use self::grant::Grant;
 use self::index::{CacheSlot, Cached, Dirty, Index};
 use self::inflight::{Ended, InFlight};
 use self::pmem_buffer::PmemBuffer;
@@ -127,6 +130,8 @@ struct OpenLog {
     slots: Vec<Slot>,
     /// Slots waiting for a fill read.
     fills_pending: u32,
+    /// Slots granted to a submitter and not yet published or returned.
+    reserved: u32,
     /// Holds data a user write put there (a clean-only log needs no barrier).
     has_dirty: bool,
     seal_requested: bool,
@@ -1047,6 +1052,7 @@ impl<A: BufAlloc> Engine<A> {
         }
         if (self.open.is_some() && !self.pmem.acks_writes())
             || self.open_fills_pending()
+            || self.reserved_slots() > 0
             || !self.sealing.is_empty()
             || !self.durability.is_settled()
             || self.writeback.is_active()

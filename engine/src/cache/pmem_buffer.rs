@@ -166,7 +166,7 @@ impl PmemBuffer {
     /// Publishes a block into data slot `slot` of pool slot `pslot`, holding
     /// log `id`: data and entry persisted, then the commit word. Only a valid
     /// commit word makes a block count, so data and entry need no order
-    /// between themselves. Returns the data's CRC-32C.
+    /// between themselves. Returns the data's CRC-32C (`crc`, when known).
     pub(super) fn publish(
         &mut self,
         pslot: u32,
@@ -174,9 +174,11 @@ impl PmemBuffer {
         id: LogId,
         entry: SlotEntry,
         data: &[u8],
+        crc: Option<u32>,
     ) -> Option<u32> {
         let (pool, pm) = (self.layout?, self.pm.as_mut()?);
-        let crc = crc32c::crc32c(data);
+        // A submitter that copied the data took its checksum already.
+        let crc = crc.unwrap_or_else(|| crc32c::crc32c(data));
         let entry = encode_entry(&entry, crc);
         let (d, e) = (pool.data(pslot, slot), pool.entry(pslot, slot));
         pm.write_nodrain(d, data);
@@ -358,7 +360,9 @@ mod tests {
             block: 42,
             valid: 0xff,
         };
-        let crc = p.publish(i, 0, LogId(5), entry, &data).expect("published");
+        let crc = p
+            .publish(i, 0, LogId(5), entry, &data, None)
+            .expect("published");
         assert_eq!(crc, crc32c::crc32c(&data));
         assert_eq!(p.slots_after(LogId(4)), vec![(LogId(5), 1)]);
         assert!(p.slots_after(LogId(5)).is_empty());

@@ -966,6 +966,7 @@ impl<A: BufAlloc> Engine<A> {
                 buf,
                 slots,
                 fills_pending: 0,
+                reserved: 0,
                 has_dirty: true,
                 seal_requested: true,
                 opened_at: self.now,

@@ -242,7 +242,7 @@ impl<A: BufAlloc> Engine<A> {
     }
 
     /// Makes `req` wait for the fills its placement started (mode 1).
-    fn wait_for_fills(&mut self, req: ReqId) {
+    pub(super) fn wait_for_fills(&mut self, req: ReqId) {
         let n = self.pmem.wait_new_fills(req);
         if n > 0 {
             self.track(req).parts += n as u32;
@@ -361,7 +361,13 @@ impl<A: BufAlloc> Engine<A> {
 
     /// Copies as much of the write as fits into buffers. Returns the bytes
     /// placed (a prefix) and the highest log id used.
-    fn place(&mut self, offset: u64, len: u64, src: Src<'_>, mut max_id: LogId) -> (u64, LogId) {
+    pub(super) fn place(
+        &mut self,
+        offset: u64,
+        len: u64,
+        src: Src<'_>,
+        mut max_id: LogId,
+    ) -> (u64, LogId) {
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
@@ -687,6 +693,7 @@ impl<A: BufAlloc> Engine<A> {
             buf,
             slots: Vec::with_capacity(self.geo.data_blocks as usize),
             fills_pending: 0,
+            reserved: 0,
             has_dirty: false,
             seal_requested: false,
             opened_at: self.now,
@@ -759,7 +766,7 @@ impl<A: BufAlloc> Engine<A> {
             && let Some(i) = self
                 .sealing
                 .iter()
-                .position(|o| o.id == id && o.fills_pending == 0)
+                .position(|o| o.id == id && o.fills_pending == 0 && o.reserved == 0)
         {
             let o = self.sealing.swap_remove(i);
             self.seal_log(o);
@@ -792,7 +799,7 @@ impl<A: BufAlloc> Engine<A> {
             block: s.block,
             valid: s.valid,
         };
-        let Some(crc) = self.pmem.publish(i, slot, id, entry, data) else {
+        let Some(crc) = self.pmem.publish(i, slot, id, entry, data, s.crc) else {
             return;
         };
         // The data is final once published: the seal reuses its checksum.

@@ -3,6 +3,9 @@
 //! `wb-bench engine`: the engine alone on devices that complete every command
 //! at once and store nothing, so the figures are the engine's own CPU cost
 //! (including copying user data into the log buffer). One thread = one core.
+//! Its `granted-randwrite` workload is the engine thread's share when the
+//! submitting cores copy the data and take its checksum themselves (write
+//! grants): the metadata work alone.
 //!
 //! `wb-bench pressure`: random writes at a queue depth over a working set,
 //! on simulated devices with a slow, IOPS-limited backing device, timed in
@@ -29,12 +32,14 @@ struct Args {
 
 #[derive(Subcommand)]
 enum What {
-    /// Engine-only throughput: 4 KiB random writes, 4 KiB read hits, FUA writes at QD1.
+    /// Engine-only throughput: 4 KiB random writes (copied by the engine,
+    /// and through write grants, copied elsewhere), 4 KiB read hits, FUA
+    /// writes at QD1.
     Engine {
         /// Operations per workload.
         #[arg(long, default_value_t = 2_000_000)]
         ops: u64,
-        /// Run only this workload (randwrite, read-hit, fua-qd1).
+        /// Run only this workload (randwrite, granted-randwrite, read-hit, fua-qd1).
         #[arg(long)]
         only: Option<String>,
     },
@@ -478,12 +483,45 @@ fn engine(ops: u64, only: Option<&str>) {
     if run("randwrite") {
         report("4k-randwrite", ops, t.elapsed().as_secs_f64(), &b);
     }
+    if run("granted-randwrite") {
+        granted_randwrite(&offsets, &data);
+    }
     if run("read-hit") {
         read_hit(&mut b, &offsets, ops, &mut rng);
     }
     if run("fua-qd1") {
         engine_fua_qd1(ops / 10, &data, &mut rng);
     }
+}
+
+/// The same writes through write grants: the submitting cores' copies and
+/// checksums are not done here (one checksum, taken once, stands for all),
+/// so this is the engine thread's own work per write.
+fn granted_randwrite(offsets: &[u64], data: &[u8]) {
+    let mut b = Bench::new(8 << 30, 64 << 30);
+    let crc = crc32c::crc32c(data);
+    b.e.clear_stats();
+    let t = Instant::now();
+    let mut held: Option<(writeboost_engine::Grant, u32)> = None;
+    for (i, &off) in offsets.iter().enumerate() {
+        let (g, slot) = match held {
+            Some((g, next)) if next < g.first_slot + g.count => (g, next),
+            _ => {
+                let g = b.e.grant(32, b.now).expect("a grant");
+                (g, g.first_slot)
+            }
+        };
+        held = Some((g, slot + 1));
+        b.e.submit_granted_write(ReqId(i as u64), off, g.log, slot, &[crc], false, b.now)
+            .expect("submit");
+        b.run_ready();
+    }
+    report(
+        "granted-randwrite",
+        offsets.len() as u64,
+        t.elapsed().as_secs_f64(),
+        &b,
+    );
 }
 
 fn read_hit(b: &mut Bench, offsets: &[u64], ops: u64, rng: &mut ChaCha8Rng) {

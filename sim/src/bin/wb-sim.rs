@@ -70,9 +70,14 @@ struct Args {
     /// writeback-without-backing-flush, commit-before-drain,
     /// no-durable-frontier-check, trust-any-checkpoint, scrub-ignores-position-reuse,
     /// partial-write-over-damage, flush-retried, trust-checkpoint-counts,
-    /// quarantine-not-recorded, quarantine-cleared-early): the run should fail.
+    /// quarantine-not-recorded, quarantine-cleared-early, relocated-logged-clean,
+    /// granted-published-in-place): the run should fail.
     #[arg(long, default_value = "none", value_parser = parse_mutant)]
     mutant: Mutant,
+    /// Submitting cores that copy writes into granted slots and publish
+    /// them out of order (0: none); by default each seed draws 0 to 4.
+    #[arg(long)]
+    cores: Option<usize>,
 }
 
 fn parse_mutant(s: &str) -> Result<Mutant, String> {
@@ -117,6 +122,7 @@ fn main() {
             corruption_rate: a.corruption_rate,
             restart_rate: a.restart_rate,
             segments: a.segments,
+            cores: a.cores,
         });
         if !o.clean() {
             bad_seeds.push(seed);
@@ -127,12 +133,15 @@ fn main() {
         eprintln!("failing seeds: {bad_seeds:?} (rerun one with --first-seed S --seeds 1 -v)");
     }
     println!(
-        "ops={} logs={} partial_logs={} relocated={} admission_bypasses={} io_errors={} stuck={} crash_outcomes=torn:{},whole:{},newest_first:{}",
+        "ops={} logs={} partial_logs={} relocated={} admission_bypasses={} granted_writes={} granted_replaced={} returned_slots={} io_errors={} stuck={} crash_outcomes=torn:{},whole:{},newest_first:{}",
         total.ops,
         total.logs,
         total.partial_logs,
         total.relocated,
         total.admission_bypasses,
+        total.granted_writes,
+        total.granted_replaced,
+        total.returned_slots,
         total.io_errors,
         total.stuck,
         total.crash_outcomes[0],
