@@ -55,6 +55,8 @@ def spdk_rpc_plugin_initialize(subparsers):
             params["wait_for_bdevs"] = True
         if args.segment_size_kib is not None:
             params["segment_size_kib"] = args.segment_size_kib
+        if args.core is not None:
+            params["core"] = args.core
         params.update(_tunables(args))
         _print(args.client.call("bdev_writeboost_create", params))
 
@@ -68,6 +70,7 @@ def spdk_rpc_plugin_initialize(subparsers):
     p.add_argument("--salvage", action="store_true",
                    help="open a cache whose device damaged logs it had made durable, keeping every intact log")
     p.add_argument("--segment-size-kib", dest="segment_size_kib", type=int, help="segment size when formatting (64-4096)")
+    p.add_argument("--core", type=int, help="core whose thread runs the device's engine (default: round robin over the target's cores)")
     p.add_argument("-w", "--wait-for-bdevs", dest="wait_for_bdevs", action="store_true",
                    help="if a base bdev does not exist yet, create the device when it appears")
     _add_tunables(p)

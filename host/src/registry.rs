@@ -479,6 +479,36 @@ impl App {
         self.wb_start(req)
     }
 
+    /// The reactor that runs a new device: the one on `core`, or the next
+    /// one round robin.
+    fn reactor_for(&self, name: &str, core: Option<u32>) -> Result<usize, RpcError> {
+        let Some(core) = core else {
+            return Ok(self.next_reactor.fetch_add(1, Ordering::Relaxed) % self.reactors.len());
+        };
+        self.reactors
+            .iter()
+            .position(|r| r.core == Some(core as usize))
+            .ok_or_else(|| {
+                let cores: Vec<String> = self
+                    .reactors
+                    .iter()
+                    .filter_map(|r| r.core.map(|c| c.to_string()))
+                    .collect();
+                RpcError::invalid_params(if cores.is_empty() {
+                    format!(
+                        "bdev_writeboost_create {name}: core={core}, but no reactor is pinned to a \
+                         core; start the host with -m or --cores, or leave core out"
+                    )
+                } else {
+                    format!(
+                        "bdev_writeboost_create {name}: core={core} runs no reactor (the host's \
+                         cores are {}); pick one of them, or leave core out",
+                        cores.join(", ")
+                    )
+                })
+            })
+    }
+
     /// Claims the base bdevs and opens the cache on a reactor.
     fn wb_start(&self, req: CreateRequest) -> Result<Value, RpcError> {
         let name = req.name.clone();
@@ -557,7 +587,7 @@ impl App {
                     b.claimed_by = Some(name.clone());
                 }
             }
-            let reactor = self.next_reactor.fetch_add(1, Ordering::Relaxed) % self.reactors.len();
+            let reactor = self.reactor_for(&name, req.core)?;
             let shared = Arc::new(Shared::default());
             st.wbs.push(WbDev {
                 req: req.clone(),

@@ -190,6 +190,9 @@ pub struct CreateRequest {
     /// created when they appear) instead of being an error. A saved
     /// configuration sets it, since its entries may come in any order.
     pub wait_for_bdevs: bool,
+    /// The core whose thread (SPDK) or reactor (standalone host) runs the
+    /// device's engine; None places devices round robin over the cores.
+    pub core: Option<u32>,
 }
 
 /// What the engine is told of a base bdev.
@@ -246,6 +249,9 @@ impl CreateRequest {
         if let Some(kib) = self.segment_size_kib {
             m.insert("segment_size_kib".into(), json!(kib));
         }
+        if let Some(core) = self.core {
+            m.insert("core".into(), json!(core));
+        }
         for (name, value) in tunables.values() {
             m.insert(name.into(), json!(value));
         }
@@ -260,6 +266,9 @@ pub fn mode_number(mode: BufferMode) -> u8 {
         BufferMode::Persistent => 1,
     }
 }
+
+/// The highest core number `core` may name (SPDK's own limit on cores).
+pub const MAX_CORE: u64 = 1023;
 
 /// Checks `bdev_writeboost_create` parameters.
 pub fn parse_create(params: Option<&Value>) -> Result<CreateRequest, RpcError> {
@@ -283,6 +292,7 @@ pub fn parse_create(params: Option<&Value>) -> Result<CreateRequest, RpcError> {
             MAX_SEGMENT_SIZE / 1024,
         )?
         .map(|k| k as u32);
+    let core = p.uint("core", 0, MAX_CORE)?.map(|c| c as u32);
     let given = p.tunables()?;
     p.finish()?;
 
@@ -332,6 +342,7 @@ pub fn parse_create(params: Option<&Value>) -> Result<CreateRequest, RpcError> {
         segment_size_kib,
         tunables,
         wait_for_bdevs,
+        core,
     })
 }
 

@@ -130,7 +130,7 @@ pub fn io_counters_json(stats: &Stats) -> Value {
 }
 
 fn stats_json(s: &Stats) -> Value {
-    json!({
+    let mut v = json!({
         "io": io_counters_json(s),
         "nr_logs": s.nr_logs,
         "nr_partial_flushed": s.nr_partial_flushed,
@@ -171,7 +171,14 @@ fn stats_json(s: &Stats) -> Value {
         "throttled_writes": s.throttled_writes,
         "throttled_ns": s.throttled_ns,
         "latency_us": latency_json(s),
-    })
+    });
+    // (One json! literal that long would pass the macro's recursion limit.)
+    let m = v.as_object_mut().expect("object literal");
+    m.insert("granted_slots".into(), json!(s.granted_slots));
+    m.insert("granted_writes".into(), json!(s.granted_writes));
+    m.insert("granted_returned_slots".into(), json!(s.returned_slots));
+    m.insert("granted_replaced".into(), json!(s.granted_replaced));
+    v
 }
 
 /// Per operation: requests completed and latency percentiles in µs, as the

@@ -970,6 +970,37 @@ pub const spdk_log_level_SPDK_LOG_INFO: spdk_log_level = 3;
 #[doc = " All messages will be suppressed."]
 pub const spdk_log_level_SPDK_LOG_DEBUG: spdk_log_level = 4;
 pub type spdk_log_level = ::std::os::raw::c_int;
+#[doc = " List of CPUs."]
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct spdk_cpuset {
+    pub str_: [::std::os::raw::c_char; 257usize],
+    pub cpus: [u8; 128usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of spdk_cpuset"][::std::mem::size_of::<spdk_cpuset>() - 385usize];
+    ["Alignment of spdk_cpuset"][::std::mem::align_of::<spdk_cpuset>() - 1usize];
+    ["Offset of field: spdk_cpuset::str_"][::std::mem::offset_of!(spdk_cpuset, str_) - 0usize];
+    ["Offset of field: spdk_cpuset::cpus"][::std::mem::offset_of!(spdk_cpuset, cpus) - 257usize];
+};
+impl Default for spdk_cpuset {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    #[doc = " Clear all CPUs in CPU set.\n\n \\param set CPU set to be cleared."]
+    pub fn spdk_cpuset_zero(set: *mut spdk_cpuset);
+}
+unsafe extern "C" {
+    #[doc = " Set or clear CPU state in CPU set.\n\n \\param set CPU set object.\n \\param cpu CPU index to be set or cleared.\n \\param state *true* to set cpu, *false* to clear."]
+    pub fn spdk_cpuset_set_cpu(set: *mut spdk_cpuset, cpu: u32, state: bool);
+}
 unsafe extern "C" {
     #[doc = " Allocate a pinned memory buffer with the given size and alignment. The buffer\n will be zeroed.\n\n \\param size Size in bytes.\n \\param align If non-zero, the allocated buffer is aligned to a multiple of\n align. In this case, it must be a power of two. The returned buffer is always\n aligned to at least cache line size.\n \\param unused **Invalid**. If not a NULL, the function will fail and return NULL.\n\n \\return a pointer to the allocated memory buffer."]
     pub fn spdk_dma_zmalloc(
@@ -981,6 +1012,14 @@ unsafe extern "C" {
 unsafe extern "C" {
     #[doc = " Free a memory buffer previously allocated, for example from spdk_dma_zmalloc().\n This call is never made from the performance path.\n\n \\param buf Buffer to free."]
     pub fn spdk_dma_free(buf: *mut ::std::os::raw::c_void);
+}
+unsafe extern "C" {
+    #[doc = " Get the index of the first dedicated CPU core for this application.\n\n \\return the index of the first dedicated CPU core."]
+    pub fn spdk_env_get_first_core() -> u32;
+}
+unsafe extern "C" {
+    #[doc = " Get the index of the next dedicated CPU core for this application.\n\n If there is no next core, return UINT32_MAX.\n\n \\param prev_core Index of previous core.\n\n \\return the index of the next dedicated CPU core."]
+    pub fn spdk_env_get_next_core(prev_core: u32) -> u32;
 }
 unsafe extern "C" {
     #[doc = " Get a monotonic timestamp counter.\n\n \\return the monotonic timestamp counter."]
@@ -1048,6 +1087,21 @@ pub type spdk_io_channel_destroy_cb = ::std::option::Option<
 #[doc = " I/O device unregister callback.\n\n \\param io_device Unregistered I/O device."]
 pub type spdk_io_device_unregister_cb =
     ::std::option::Option<unsafe extern "C" fn(io_device: *mut ::std::os::raw::c_void)>;
+unsafe extern "C" {
+    #[doc = " Creates a new SPDK thread object.\n\n Note that the first thread created via spdk_thread_create() will be designated as\n the app thread.  Other SPDK libraries may place restrictions on certain APIs to\n only be called in the context of this app thread.\n\n \\param name Human-readable name for the thread; can be retrieved with spdk_thread_get_name().\n The string is copied, so the pointed-to data only needs to be valid during the\n spdk_thread_create() call. May be NULL to specify no name.\n \\param cpumask Optional mask of CPU cores on which to schedule this thread. This is only\n a suggestion to the scheduler. The value is copied, so cpumask may be released when\n this function returns. May be NULL if no mask is required.\n\n \\return a pointer to the allocated thread on success or NULL on failure.."]
+    pub fn spdk_thread_create(
+        name: *const ::std::os::raw::c_char,
+        cpumask: *const spdk_cpuset,
+    ) -> *mut spdk_thread;
+}
+unsafe extern "C" {
+    #[doc = " Return the app thread.\n\n The app thread is the first thread created using spdk_thread_create().\n\n \\return a pointer to the app thread, or NULL if no thread has been created yet."]
+    pub fn spdk_thread_get_app_thread() -> *mut spdk_thread;
+}
+unsafe extern "C" {
+    #[doc = " Mark the thread as exited, failing all future spdk_thread_send_msg(),\n spdk_poller_register(), and spdk_get_io_channel() calls. May only be called\n within an spdk poller or message.\n\n All I/O channel references associated with the thread must be released\n using spdk_put_io_channel(), and all active pollers associated with the thread\n should be unregistered using spdk_poller_unregister(), prior to calling\n this function. This function will complete these processing. The completion can\n be queried by spdk_thread_is_exited().\n\n Note that this function must not be called on the app thread until after it\n has been called for all other threads.\n\n \\param thread The thread to exit.\n\n \\return always 0. (return value was deprecated but keep it for ABI compatibility.)"]
+    pub fn spdk_thread_exit(thread: *mut spdk_thread) -> ::std::os::raw::c_int;
+}
 unsafe extern "C" {
     #[doc = " Get a handle to the current thread.\n\n This handle may be passed to other threads and used as the target of\n spdk_thread_send_msg().\n\n \\sa spdk_io_channel_get_thread()\n\n \\return a pointer to the current thread on success or NULL on failure."]
     pub fn spdk_get_thread() -> *mut spdk_thread;

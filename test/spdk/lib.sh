@@ -181,21 +181,22 @@ make_pool() {
     truncate -s "$2" "$1"
 }
 
-# bdevperf_run LOG ARGS... — runs bdevperf on one core with the module
-# preloaded; prints the log on failure.
+# bdevperf_run LOG ARGS... — runs bdevperf with the module preloaded, on
+# the cores of BDEVPERF_MASK (default one core, 0x1); prints the log on failure.
 bdevperf_run() {
     local log=$1
     shift
-    if ! env LD_PRELOAD="$WB_LIB" "$BDEVPERF" "${SPDK_APP_ARGS[@]}" -s 4096 -m 0x1 "$@" >"$log" 2>&1; then
+    if ! env LD_PRELOAD="$WB_LIB" "$BDEVPERF" "${SPDK_APP_ARGS[@]}" -s 4096 -m "${BDEVPERF_MASK:-0x1}" "$@" >"$log" 2>&1; then
         echo "bdevperf failed; its log ($log):" >&2
         tail -n 40 "$log" >&2
         return 1
     fi
 }
 
-# IOPS of bdev $2 in bdevperf log $1 (its "NAME : runtime IOPS ..." result row).
+# IOPS of bdev $2 in bdevperf log $1 (its "NAME : runtime IOPS ..." result
+# rows, summed: with -C each core has one).
 bdevperf_iops() {
-    awk -v b="$2" '$1 == b && $2 == ":" { v = $4 } END { if (v != "") print v }' "$1"
+    awk -v b="$2" '$1 == b && $2 == ":" { v += $4; n++ } END { if (n) printf "%.0f\n", v }' "$1"
 }
 
 # fio_plugin_locate WHAT — finds SPDK, its fio bdev plugin and the fio binary

@@ -27,25 +27,30 @@ POOLS=$(pool_dir)
 PORT_BASE=$((4420 + RANDOM % 2000))
 NQN=nqn.2016-06.io.spdk:writeboost-test
 
-# 1. bdevperf -w verify over malloc base bdevs, mode 0 and mode 1.
+# 1. bdevperf -w verify over malloc base bdevs, mode 0 and mode 1, on one
+# core and on two with -C (both cores submit, through write grants, while
+# the device's thread runs on the first).
 test_verify() {
-    make_pool "$POOLS/verify" 64M
-    local mode
-    for mode in 0 1; do
-        local pool=""
-        [ "$mode" = 1 ] && pool="$POOLS/verify"
-        bdev_config "$(malloc_entry Cache0 131072 512)" "$(malloc_entry Back0 524288 512)" \
-            "$(wb_entry wb0 Cache0 Back0 "$mode" "$pool")" >"$WORK/verify$mode.json"
-        bdevperf_run "$WORK/verify$mode.log" -c "$WORK/verify$mode.json" -T wb0 \
-            -q 32 -o 4096 -w verify -t 4
-        local iops
-        iops=$(bdevperf_iops "$WORK/verify$mode.log" wb0)
-        if [ -z "$iops" ] || grep -qiE "miscompare|io error|failed" "$WORK/verify$mode.log"; then
-            echo "verify mode $mode: errors or no result" >&2
-            tail -n 30 "$WORK/verify$mode.log" >&2
-            return 1
-        fi
-        echo "  mode $mode: bdevperf verify ${iops} IOPS, no errors"
+    local mode cores
+    for cores in 1 2; do
+        for mode in 0 1; do
+            local pool="" mask=0x1 every=()
+            [ "$mode" = 1 ] && pool="$POOLS/verify" && make_pool "$POOLS/verify" 64M
+            [ "$cores" = 2 ] && mask=0x3 && every=(-C)
+            local name=verify$mode-$cores
+            bdev_config "$(malloc_entry Cache0 131072 512)" "$(malloc_entry Back0 524288 512)" \
+                "$(wb_entry wb0 Cache0 Back0 "$mode" "$pool")" >"$WORK/$name.json"
+            BDEVPERF_MASK=$mask bdevperf_run "$WORK/$name.log" -c "$WORK/$name.json" -T wb0 \
+                "${every[@]}" -q 32 -o 4096 -w verify -t 4
+            local iops
+            iops=$(bdevperf_iops "$WORK/$name.log" wb0)
+            if [ -z "$iops" ] || grep -qiE "miscompare|io error|failed" "$WORK/$name.log"; then
+                echo "verify mode $mode on $cores cores: errors or no result" >&2
+                tail -n 30 "$WORK/$name.log" >&2
+                return 1
+            fi
+            echo "  mode $mode, $cores core(s): bdevperf verify ${iops} IOPS, no errors"
+        done
     done
 }
 

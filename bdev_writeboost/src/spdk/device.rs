@@ -1,5 +1,9 @@
-//! One writeboost device: the engine, its two base bdevs and the user I/O in
-//! flight, all owned by the SPDK thread the device was created on.
+//! One writeboost device: the engine, its two base bdevs' channels and the
+//! user I/O in flight, all owned by the device's own SPDK thread, placed on
+//! one core (`placement`). The app thread opened the base bdevs and
+//! registers the bdev; it reaches the device only through messages and the
+//! `Shared` part, and the device tells it of its open and its end the same
+//! way (`Hooks`).
 //!
 //! Every entry point (user I/O on that thread, base-bdev completions, the
 //! poller, RPCs, destruct) takes the `busy` flag and then runs [`Device::run`]
@@ -10,9 +14,8 @@
 
 use std::ffi::{CString, c_void};
 use std::ptr;
-use std::rc::Rc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 use spdk_sys as sys;
 use writeboost_engine::config::BufferMode;
@@ -20,17 +23,30 @@ use writeboost_engine::driver::{CmdMem, Driver, Lifecycle, Outcome, Started, Tar
 use writeboost_engine::{Command, CommandKind, DeviceError, Engine, LogId, Nanos, ReqId};
 use writeboost_rpc::{CreateRequest, RpcError, code, device_report};
 
-use super::completion::Done;
 use super::dma::DmaAlloc;
-use super::examine::ExamineHold;
 use super::grants::{DeviceGrants, GRANT_SLOTS, SlotGrant};
 use super::log;
+use super::placement::{exit_this_thread, run_on, run_on_app};
 use super::ring::Ring;
 use super::user_io::{UserIo, UserKind};
 
 /// How long a device whose base bdev went away waits for a clean shutdown
 /// before it lets go anyway (the logs on the cache survive for a re-create).
 const REMOVED_SHUTDOWN_GRACE_NS: u64 = 5_000_000_000;
+/// Requests one turn of the device's thread takes from its inbox; the rest
+/// wait for the next turn (the poller runs on every turn of the reactor).
+const INBOX_PER_TURN: usize = 128;
+/// How often the report `bdev_get_bdevs` shows is refreshed.
+const REPORT_EVERY_NS: u64 = 250_000_000;
+
+/// What the app thread may read of a device without asking its thread.
+#[derive(Default)]
+pub struct Snapshot {
+    /// The `bdev_writeboost_create` entry `save_config` writes (online only).
+    pub config: Option<serde_json::Value>,
+    /// What `bdev_get_bdevs` shows under `driver_specific`.
+    pub report: serde_json::Value,
+}
 
 /// The part of a device other threads may touch.
 pub struct Shared {
@@ -52,6 +68,41 @@ pub struct Shared {
     pub deferred: Mutex<Vec<OnDeviceThread>>,
     pub supports_unmap: bool,
     pub supports_write_zeroes: bool,
+    /// The device's lifecycle (`lifecycle_code`), for the app thread.
+    pub state: AtomicU8,
+    pub snapshot: Mutex<Snapshot>,
+    /// The core the device's thread runs on.
+    pub core: u32,
+}
+
+impl Shared {
+    pub fn lifecycle(&self) -> Lifecycle {
+        match self.state.load(Ordering::Acquire) {
+            0 => Lifecycle::Opening,
+            1 => Lifecycle::Online,
+            2 => Lifecycle::Draining,
+            3 => Lifecycle::Closing,
+            4 => Lifecycle::Closed,
+            _ => Lifecycle::Failed,
+        }
+    }
+
+    /// The device, if it still exists: for messages run on its thread.
+    pub fn device(&self) -> Option<*mut Device> {
+        let d = self.dev.load(Ordering::Acquire);
+        (!d.is_null()).then_some(d)
+    }
+}
+
+fn lifecycle_code(l: Lifecycle) -> u8 {
+    match l {
+        Lifecycle::Opening => 0,
+        Lifecycle::Online => 1,
+        Lifecycle::Draining => 2,
+        Lifecycle::Closing => 3,
+        Lifecycle::Closed => 4,
+        Lifecycle::Failed => 5,
+    }
 }
 
 // SAFETY: `thread` is only compared and passed to SPDK; `dev` is dereferenced
@@ -111,16 +162,32 @@ pub struct ChannelFns {
 }
 
 /// What the layer that creates a device gives it: how to make channels,
-/// whom to tell of the create's outcome and of the device's end.
+/// and whom to tell, on the app thread, of the open's outcome (the bdev to
+/// register, or why not) and of the device's end.
 pub struct Hooks {
     pub channel_fns: ChannelFns,
-    pub on_created: Option<Done>,
-    pub on_teardown: fn(*mut Device),
-    pub examine_hold: Option<Rc<ExamineHold>>,
+    pub on_open: fn(Arc<Shared>, Result<*mut sys::spdk_bdev, RpcError>),
+    /// The device is gone (the registry lets go of it); nothing more
+    /// reaches its thread after this.
+    pub on_gone: fn(&Arc<Shared>),
+}
+
+/// What a device leaves for the app thread once its own thread let go of
+/// everything: the base bdevs to release and close (opened there), the
+/// io_device to unregister, the bdev whose destruct is done, and the
+/// thread to end.
+struct Gone {
+    shared: Arc<Shared>,
+    bases: [(*mut sys::spdk_bdev_desc, *mut sys::spdk_bdev); 2],
+    io_device: bool,
+    destructed: Option<*mut sys::spdk_bdev>,
+    on_gone: fn(&Arc<Shared>),
 }
 
 pub struct Device {
     pub shared: *mut Shared,
+    /// Keeps `shared` alive while the device is.
+    shared_ref: Arc<Shared>,
     pub req: CreateRequest,
     pub driver: Driver<DmaAlloc, UserIo>,
     pub cache: Base,
@@ -136,15 +203,12 @@ pub struct Device {
     waiting: usize,
     /// Commands on the base bdevs.
     inflight: usize,
-    /// Told the outcome of the create once the engine is ready (or failed).
-    pub on_created: Option<Done>,
     /// Makes the io_device's channels.
     channel_fns: ChannelFns,
-    /// Told when the device is torn down (the registry lets go of it).
-    on_teardown: fn(*mut Device),
-    /// Held while a create that examine started is opening, so that
-    /// `bdev_wait_for_examine` (and a JSON config's later entries) see the bdev.
-    pub examine_hold: Option<Rc<ExamineHold>>,
+    on_open: fn(Arc<Shared>, Result<*mut sys::spdk_bdev, RpcError>),
+    on_gone: fn(&Arc<Shared>),
+    /// The open's outcome went to the app thread.
+    told_open: bool,
     pub pmem_is_dax: Option<bool>,
     /// A base bdev was hot-removed.
     pub removed_at: Option<Nanos>,
@@ -154,6 +218,7 @@ pub struct Device {
     /// The time of the current turn (read once per entry: reading the tick
     /// counter, and converting it, for every request is measurable).
     now_at: Nanos,
+    report_at: Nanos,
 }
 
 unsafe extern "C" {
@@ -166,6 +231,29 @@ unsafe extern "C" {
         ctxt: *mut c_void,
     ) -> *mut sys::spdk_bdev;
     fn wb_bdev_free(bdev: *mut sys::spdk_bdev);
+}
+
+/// Registers a bdev `Device::on_ready` made, on the app thread (where SPDK
+/// registers bdevs); frees it if SPDK refuses, with SPDK's code.
+pub fn register_bdev(bdev: *mut sys::spdk_bdev) -> Result<*mut sys::spdk_bdev, i32> {
+    // SAFETY: bdev was made by wb_bdev_new and is not registered yet; this
+    // is the app thread.
+    let rc = unsafe { sys::spdk_bdev_register(bdev) };
+    if rc != 0 {
+        // SAFETY: SPDK refused it, so nothing refers to it.
+        unsafe { wb_bdev_free(bdev) };
+        return Err(rc);
+    }
+    Ok(bdev)
+}
+
+/// Frees a bdev `Device::on_ready` made and nobody registered.
+///
+/// # Safety
+/// `bdev` came from `on_ready` and was never registered.
+pub unsafe fn free_bdev(bdev: *mut sys::spdk_bdev) {
+    // SAFETY: per the contract.
+    unsafe { wb_bdev_free(bdev) }
 }
 
 /// Nanoseconds on SPDK's tick counter.
@@ -181,8 +269,10 @@ fn ns_per_tick(hz: u64) -> u128 {
 }
 
 impl Device {
-    /// Wraps an engine that has started opening; registers the poller. The
-    /// caller adds the device to the registry and calls `enter`.
+    /// Wraps an engine that has started opening, for `thread` (on `core`).
+    /// Called on the app thread; the device starts on its own thread with
+    /// [`Device::start`]. Returns the device and its shared part.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         req: CreateRequest,
         engine: Engine<DmaAlloc>,
@@ -191,10 +281,12 @@ impl Device {
         hooks: Hooks,
         pmem_is_dax: Option<bool>,
         start_ticks: u64,
-    ) -> *mut Device {
-        // SAFETY: plain getters without preconditions.
-        let (thread, hz) = unsafe { (sys::spdk_get_thread(), sys::spdk_get_ticks_hz()) };
-        let shared = Box::into_raw(Box::new(Shared {
+        thread: *mut sys::spdk_thread,
+        core: u32,
+    ) -> (*mut Device, Arc<Shared>) {
+        // SAFETY: a plain getter without preconditions.
+        let hz = unsafe { sys::spdk_get_ticks_hz() };
+        let shared = Arc::new(Shared {
             inbox: Ring::new(),
             grants: DeviceGrants::new(),
             busy: AtomicBool::new(false),
@@ -203,9 +295,13 @@ impl Device {
             deferred: Mutex::new(Vec::new()),
             supports_unmap: backing.supports_unmap,
             supports_write_zeroes: true,
-        }));
+            state: AtomicU8::new(lifecycle_code(Lifecycle::Opening)),
+            snapshot: Mutex::new(Snapshot::default()),
+            core,
+        });
         let dev = Box::into_raw(Box::new(Device {
-            shared,
+            shared: Arc::as_ptr(&shared).cast_mut(),
+            shared_ref: Arc::clone(&shared),
             req,
             driver: Driver::new(engine),
             cache,
@@ -217,29 +313,51 @@ impl Device {
             resets: Vec::new(),
             waiting: 0,
             inflight: 0,
-            on_created: hooks.on_created,
             channel_fns: hooks.channel_fns,
-            on_teardown: hooks.on_teardown,
-            examine_hold: hooks.examine_hold,
+            on_open: hooks.on_open,
+            on_gone: hooks.on_gone,
+            told_open: false,
             pmem_is_dax,
             removed_at: None,
             ns_per_tick: ns_per_tick(hz),
             start_ticks,
             now_at: 0,
+            report_at: 0,
         }));
-        // SAFETY: both pointers were just created from Boxes and are live;
-        // the poller is unregistered in `teardown` before `dev` is freed.
+        shared.dev.store(dev, Ordering::Release);
+        (dev, shared)
+    }
+
+    /// On the device's thread: takes channels to both base bdevs, registers
+    /// the poller and runs the engine's open.
+    ///
+    /// # Safety
+    /// `dev` is a live device and the caller is on its thread.
+    pub unsafe fn start(dev: *mut Device) {
+        // SAFETY: per the contract; the poller is unregistered in `teardown`
+        // before `dev` is freed.
         unsafe {
-            (*shared).dev.store(dev, Ordering::Release);
-            let name = CString::new(format!("writeboost_{}", (*dev).req.name)).unwrap_or_default();
-            (*dev).poller = sys::spdk_poller_register_named(
+            let d = &mut *dev;
+            for base in [&mut d.cache, &mut d.backing] {
+                base.ch = sys::spdk_bdev_get_io_channel(base.desc);
+            }
+            let name = CString::new(format!("writeboost_{}", d.req.name)).unwrap_or_default();
+            d.poller = sys::spdk_poller_register_named(
                 Some(device_poller),
                 dev.cast::<c_void>(),
                 0,
                 name.as_ptr(),
             );
+            let no_channel = [&d.cache, &d.backing]
+                .into_iter()
+                .find(|b| b.ch.is_null())
+                .map(|b| b.name.clone());
+            Device::enter_or_defer(dev, true, move |d| {
+                if let Some(b) = no_channel {
+                    d.fail_open(&format!("no I/O channel for bdev '{b}'"));
+                }
+            });
         }
-        dev
     }
 
     /// The time of this turn.
@@ -261,9 +379,7 @@ impl Device {
     }
 
     fn shared(&self) -> &Shared {
-        // SAFETY: shared outlives the device (freed after it, in teardown or
-        // the io_device unregister callback).
-        unsafe { &*self.shared }
+        &self.shared_ref
     }
 
     /// Runs `f` and then the engine, unless the device is already busy on
@@ -289,6 +405,9 @@ impl Device {
                 d.refresh_now();
                 f(d);
                 d.run();
+                shared
+                    .state
+                    .store(lifecycle_code(d.driver.lifecycle()), Ordering::Release);
             }
             shared.busy.store(false, Ordering::Release);
             if may_finish {
@@ -325,6 +444,11 @@ impl Device {
 
     /// Feeds the engine until it has no commands, events or queued work left.
     fn run(&mut self) {
+        // Requests taken from the inbox in this turn: at most
+        // INBOX_PER_TURN, so that a core that keeps the inbox full cannot
+        // hold the device's thread, and whatever else runs on its core
+        // (another core's submitter, say), for as long as it keeps going.
+        let mut taken = 0;
         loop {
             let mut did = false;
             let deferred = std::mem::take(
@@ -338,8 +462,11 @@ impl Device {
                 (work.0)(self);
                 did = true;
             }
-            while let Some(io) = self.shared().inbox.pop() {
+            while taken < INBOX_PER_TURN
+                && let Some(io) = self.shared().inbox.pop()
+            {
                 self.start_user(io);
+                taken += 1;
                 did = true;
             }
             did |= self.serve_grants();
@@ -366,8 +493,8 @@ impl Device {
     /// asked, and tells them which logs the engine waits for. Whether
     /// anything was done.
     fn serve_grants(&mut self) -> bool {
-        // SAFETY: shared outlives the device; only its Sync parts are used.
-        let grants = unsafe { &(*self.shared).grants };
+        let shared = Arc::clone(&self.shared_ref);
+        let grants = &shared.grants;
         let now = self.now();
         let mut did = false;
         while let Some((log, first, count)) = grants.returns.pop() {
@@ -504,10 +631,7 @@ impl Device {
                     self.req.name, self.req.cache_bdev, self.req.backing_bdev
                 );
                 log::error(&msg);
-                if let Some(done) = self.on_created.take() {
-                    done(Err(RpcError::new(code::EINVAL, msg)));
-                }
-                self.examine_hold = None;
+                self.tell_open(Err(RpcError::new(code::EINVAL, msg)));
             }
             Outcome::ShutdownComplete => {
                 log::notice(&format!(
@@ -518,7 +642,8 @@ impl Device {
         }
     }
 
-    /// The engine recovered the cache: register the bdev.
+    /// The engine recovered the cache: register the io_device and make the
+    /// bdev, which the app thread registers (SPDK registers bdevs there).
     fn on_ready(&mut self) {
         let status = self.driver.engine().status();
         let uuid = sys::spdk_uuid {
@@ -527,43 +652,38 @@ impl Device {
             },
         };
         let name = CString::new(self.req.name.clone()).unwrap_or_default();
-        let shared = self.shared;
+        // The io_device holds a reference to the shared part, given back
+        // in `io_device_gone`.
+        let io_device = Arc::into_raw(Arc::clone(&self.shared_ref)).cast_mut();
         // SAFETY: name and uuid are valid for the call; the bdev keeps its
-        // own copy of the name; shared lives until the io_device is
-        // unregistered, after the bdev.
-        unsafe {
+        // own copy of the name; io_device lives until it is unregistered,
+        // after the bdev.
+        let bdev = unsafe {
             let ioname = CString::new(format!("writeboost_{}", self.req.name)).unwrap_or_default();
             sys::spdk_io_device_register(
-                shared.cast(),
+                io_device.cast(),
                 Some(self.channel_fns.create),
                 Some(self.channel_fns.destroy),
                 self.channel_fns.ctx_size,
                 ioname.as_ptr(),
             );
             self.io_device_registered = true;
-            let bdev = wb_bdev_new(
+            wb_bdev_new(
                 name.as_ptr(),
                 self.backing.block_size,
                 self.backing.size / self.backing.block_size as u64,
                 self.req.mode == BufferMode::Volatile,
                 &uuid,
-                shared.cast(),
-            );
-            if bdev.is_null() {
-                self.fail_open("out of memory");
-                return;
-            }
-            self.bdev = bdev;
-            let rc = sys::spdk_bdev_register(bdev);
-            if rc != 0 {
-                self.bdev = ptr::null_mut();
-                wb_bdev_free(bdev);
-                self.fail_open(&format!("spdk_bdev_register failed (rc {rc})"));
-                return;
-            }
+                io_device.cast(),
+            )
+        };
+        if bdev.is_null() {
+            self.fail_open("out of memory");
+            return;
         }
         log::notice(&format!(
-            "{}: online over cache {} and backing {} (mode {}, {} dirty blocks recovered)",
+            "{}: online over cache {} and backing {} (mode {}, {} dirty blocks recovered), \
+             on core {}",
             self.req.name,
             self.req.cache_bdev,
             self.req.backing_bdev,
@@ -572,29 +692,95 @@ impl Device {
             } else {
                 0
             },
-            status.nr_dirty_blocks
+            status.nr_dirty_blocks,
+            self.shared().core
         ));
-        if let Some(done) = self.on_created.take() {
-            done(Ok(serde_json::Value::String(self.req.name.clone())));
+        self.refresh_snapshot(true);
+        self.tell_open(Ok(bdev));
+    }
+
+    /// The app thread registered the bdev (or could not: then it is freed).
+    pub fn registered(&mut self, bdev: Option<*mut sys::spdk_bdev>, why: Option<String>) {
+        match bdev {
+            Some(b) => self.bdev = b,
+            None => {
+                let msg = format!(
+                    "bdev_writeboost_create {}: {}",
+                    self.req.name,
+                    why.unwrap_or_default()
+                );
+                log::error(&msg);
+                let now = self.now();
+                self.driver.close(now);
+                self.driver.abandon();
+            }
         }
-        self.examine_hold = None;
+    }
+
+    /// Tells the app thread the open's outcome, once.
+    fn tell_open(&mut self, r: Result<*mut sys::spdk_bdev, RpcError>) {
+        if std::mem::replace(&mut self.told_open, true) {
+            return;
+        }
+        let (hook, shared) = (self.on_open, Arc::clone(&self.shared_ref));
+        run_on_app(move || hook(shared, r));
     }
 
     fn fail_open(&mut self, why: &str) {
         let msg = format!("bdev_writeboost_create {}: {why}", self.req.name);
         log::error(&msg);
-        if let Some(done) = self.on_created.take() {
-            done(Err(RpcError::new(code::ENOMEM, msg)));
-        }
-        self.examine_hold = None;
+        self.tell_open(Err(RpcError::new(code::ENOMEM, msg)));
         let now = self.now();
         self.driver.close(now);
         self.driver.abandon();
     }
 
-    /// Poller turn: engine deadlines and a stuck shutdown after hot remove.
+    /// A base bdev is going away (the app thread unregisters the bdev if
+    /// it is online): a shutdown that cannot finish is given up on after
+    /// a grace period; an open is given up on at once.
+    pub fn base_removed(&mut self) {
+        self.removed_at = Some(self.now());
+        if self.driver.lifecycle() == Lifecycle::Opening {
+            self.tell_open(Err(RpcError::new(
+                code::ENODEV,
+                "a base bdev was removed while the cache was opening",
+            )));
+            self.driver.abandon();
+        }
+    }
+
+    /// Refreshes what the app thread reads without asking: the save_config
+    /// entry and, with `report` (or when it is due), the report.
+    pub fn refresh_snapshot(&mut self, report: bool) {
+        let now = self.now();
+        let report = report || now.saturating_sub(self.report_at) >= REPORT_EVERY_NS;
+        let online = matches!(
+            self.driver.lifecycle(),
+            Lifecycle::Online | Lifecycle::Opening
+        );
+        let config = online.then(|| self.req.config_params(self.driver.engine().tunables()));
+        let value = report.then(|| self.report());
+        if report {
+            self.report_at = now;
+        }
+        let mut snap = self
+            .shared()
+            .snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        snap.config = config;
+        if let Some(v) = value {
+            snap.report = v;
+        }
+    }
+
+    /// Poller turn: engine deadlines, a stuck shutdown after hot remove, and
+    /// the report the app thread shows.
     fn tick(&mut self) {
         let now = self.now();
+        if now.saturating_sub(self.report_at) >= REPORT_EVERY_NS {
+            self.refresh_snapshot(true);
+        }
         if let Some(t) = self.driver.engine().poll_timeout()
             && t <= now
         {
@@ -820,22 +1006,19 @@ unsafe fn maybe_finish(dev: *mut Device) {
         if !d.driver.lifecycle().is_over() || d.inflight > 0 || d.waiting > 0 {
             return;
         }
-        if d.bdev.is_null() {
-            teardown(dev);
-        } else {
-            finish_destruct(dev);
-        }
+        teardown(dev);
     }
 }
 
-/// Releases everything a device holds except the registered bdev.
+/// On the device's thread: fails what still waits, lets go of the poller
+/// and the base channels, frees the device, and hands the rest to the app
+/// thread (`release`).
 ///
 /// # Safety
 /// `dev` is live, on its thread, not busy, and not used afterwards.
-pub unsafe fn teardown(dev: *mut Device) {
+unsafe fn teardown(dev: *mut Device) {
     // SAFETY: per the contract.
     unsafe {
-        ((*dev).on_teardown)(dev);
         let d = &mut *dev;
         // Anything still waiting fails: the device is going away.
         for (_, io) in d.driver.take_held() {
@@ -844,7 +1027,7 @@ pub unsafe fn teardown(dev: *mut Device) {
         for io in d.resets.drain(..) {
             io.complete(false);
         }
-        while let Some(io) = (*d.shared).inbox.pop() {
+        while let Some(io) = d.shared().inbox.pop() {
             io.complete(false);
         }
         if !d.poller.is_null() {
@@ -855,49 +1038,71 @@ pub unsafe fn teardown(dev: *mut Device) {
                 sys::spdk_put_io_channel(base.ch);
                 base.ch = ptr::null_mut();
             }
-            sys::spdk_bdev_module_release_bdev(base.bdev);
-            sys::spdk_bdev_close(base.desc);
         }
-        let shared = d.shared;
-        let registered = d.io_device_registered;
-        // Channels still open find no device from now on.
-        (*shared).dev.store(ptr::null_mut(), Ordering::Release);
-        (*shared)
+        let lifecycle = d.driver.lifecycle();
+        let gone = Gone {
+            shared: Arc::clone(&d.shared_ref),
+            bases: [
+                (d.cache.desc, d.cache.bdev),
+                (d.backing.desc, d.backing.bdev),
+            ],
+            io_device: d.io_device_registered,
+            destructed: (!d.bdev.is_null()).then_some(d.bdev),
+            on_gone: d.on_gone,
+        };
+        let shared = &gone.shared;
+        // Channels still open, and messages still on their way, find no
+        // device from now on.
+        shared.dev.store(ptr::null_mut(), Ordering::Release);
+        shared
             .deferred
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+        shared
+            .state
+            .store(lifecycle_code(lifecycle), Ordering::Release);
         drop(Box::from_raw(dev));
-        if registered {
-            sys::spdk_io_device_unregister(shared.cast(), Some(io_device_gone));
-        } else {
-            drop(Box::from_raw(shared));
+        run_on_app(move || release(gone));
+    }
+}
+
+/// On the app thread: the registry forgets the device; its base bdevs are
+/// released and closed (they were opened here), its io_device unregistered,
+/// SPDK told its destruct is done; then its thread ends.
+fn release(g: Gone) {
+    (g.on_gone)(&g.shared);
+    // SAFETY: the descriptors were opened and the bdevs claimed on this
+    // thread; the io_device pointer is the reference `on_ready` gave SPDK;
+    // the bdev (if any) is registered and being destructed. The bdev struct
+    // is freed after SPDK is told destruct is done; SPDK does not touch it
+    // past its unregister callback, which runs from within
+    // spdk_bdev_destruct_done.
+    unsafe {
+        for (desc, bdev) in g.bases {
+            sys::spdk_bdev_module_release_bdev(bdev);
+            sys::spdk_bdev_close(desc);
+        }
+        if g.io_device {
+            sys::spdk_io_device_unregister(
+                Arc::as_ptr(&g.shared).cast_mut().cast(),
+                Some(io_device_gone),
+            );
+        }
+        if let Some(bdev) = g.destructed {
+            sys::spdk_bdev_destruct_done(bdev, 0);
+            defer_free(BdevToFree(bdev));
         }
     }
+    // The registry let go, so nothing more is sent to the thread.
+    run_on(g.shared.thread, exit_this_thread);
 }
 
-/// The last channel is gone: free the shared part.
+/// The last channel is gone: drop the io_device's reference to the shared part.
 extern "C" fn io_device_gone(io_device: *mut c_void) {
-    // SAFETY: io_device is the Shared Box registered in on_ready; SPDK calls
-    // this once, after every channel was destroyed.
-    unsafe { drop(Box::from_raw(io_device.cast::<Shared>())) }
-}
-
-/// Destruct's second half, once the engine shut down.
-///
-/// # Safety
-/// As for [`teardown`]; `dev.bdev` is registered and being destructed.
-pub unsafe fn finish_destruct(dev: *mut Device) {
-    // SAFETY: per the contract. The bdev struct is freed after SPDK is told
-    // destruct is done; SPDK does not touch it past its unregister callback,
-    // which runs from within spdk_bdev_destruct_done.
-    unsafe {
-        let bdev = (*dev).bdev;
-        teardown(dev);
-        sys::spdk_bdev_destruct_done(bdev, 0);
-        let b = BdevToFree(bdev);
-        defer_free(b);
-    }
+    // SAFETY: io_device is the reference `on_ready` made with Arc::into_raw;
+    // SPDK calls this once, after every channel was destroyed.
+    unsafe { drop(Arc::from_raw(io_device.cast::<Shared>().cast_const())) }
 }
 
 struct BdevToFree(*mut sys::spdk_bdev);

@@ -6,12 +6,14 @@
 //! - `rpc`: the `bdev_writeboost_*` handlers; they call `module`'s
 //!   create/delete with a completion callback and answer from it;
 //! - `module`: the bdev module's callbacks and the registry that owns the
-//!   devices; it gives each device its channel callbacks and teardown hook;
+//!   devices; it gives each device its channel callbacks and the hooks that
+//!   tell it of the device's open and end;
 //! - `channel` (per-thread I/O channels, submit_request) over `device` (the
 //!   engine's driver, base bdevs, registration); `grants`: the slots a
 //!   channel copies whole-block writes into on its own core;
-//! - leaves: `user_io` (a user I/O and where it completes), `examine`,
-//!   `completion`, `dma`, `ring`, `json`, `log`.
+//! - leaves: `user_io` (a user I/O and where it completes), `placement`
+//!   (each device's thread and core, and the messages between threads),
+//!   `examine`, `completion`, `dma`, `ring`, `json`, `log`.
 
 mod channel;
 mod completion;
@@ -22,6 +24,7 @@ mod grants;
 mod json;
 mod log;
 mod module;
+mod placement;
 mod ring;
 mod rpc;
 mod user_io;

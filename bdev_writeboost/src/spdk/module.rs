@@ -7,11 +7,16 @@
 //! bdevs are claimed exclusively; destruct shuts the engine down, then
 //! releases the claims, closes the descriptors and unregisters the
 //! io_device, in that order.
+//!
+//! All of this runs on the app thread, which owns the registry. Each
+//! device runs on a thread of its own (`placement`); the registry keeps
+//! its shared part, and reaches the device itself only by messages.
 
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_void};
 use std::ptr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde_json::json;
@@ -23,50 +28,154 @@ use writeboost_rpc::{BaseGeometry, CreateRequest, RpcError, code};
 
 use super::channel::CHANNEL_FNS;
 use super::completion::Done;
-use super::device::{Base, Device, Hooks, Shared, now_ns};
+use super::device::{Base, Device, Hooks, Shared, now_ns, register_bdev};
 use super::dma::DmaAlloc;
 use super::examine::{ExamineHold, wb_module};
 use super::json::write_value;
 use super::log;
+use super::placement::{device_thread, pick_core, run_on};
 
 /// Ticks at module init: the engines' time origin.
 static START_TICKS: AtomicU64 = AtomicU64::new(0);
 /// "The pmem pool is not DAX" is said once per process.
 static WARNED_NOT_DAX: AtomicBool = AtomicBool::new(false);
 
+/// A device, as the app thread knows it.
+struct Entry {
+    shared: Arc<Shared>,
+    req: CreateRequest,
+    cache: *mut sys::spdk_bdev,
+    backing: *mut sys::spdk_bdev,
+    /// The registered writeboost bdev (null until registered).
+    bdev: *mut sys::spdk_bdev,
+    /// Told the outcome of the create once the engine is ready (or failed).
+    on_created: Option<Done>,
+    /// Held while a create that examine started is opening, so that
+    /// `bdev_wait_for_examine` (and a JSON config's later entries) see the bdev.
+    hold: Option<Rc<ExamineHold>>,
+    /// A base bdev is being removed.
+    removed: bool,
+}
+
 #[derive(Default)]
 struct Registry {
-    devices: Vec<*mut Device>,
+    devices: Vec<Entry>,
     pending: Vec<CreateRequest>,
 }
 
 thread_local! {
-    // Devices, RPCs, examine and bdev events all live on the app thread.
+    // The registry, RPCs, examine and bdev events live on the app thread.
     static REGISTRY: RefCell<Registry> = RefCell::new(Registry::default());
 }
 
-pub fn find(name: &str) -> Option<*mut Device> {
+/// The shared part of the device named `name`.
+pub fn find(name: &str) -> Option<Arc<Shared>> {
     REGISTRY.with(|r| {
         r.borrow()
             .devices
             .iter()
-            .copied()
-            // SAFETY: registry devices are live and owned by this thread.
-            .find(|&d| unsafe { (*d).req.name == name })
+            .find(|e| e.req.name == name)
+            .map(|e| Arc::clone(&e.shared))
     })
 }
 
-pub fn all() -> Vec<*mut Device> {
-    REGISTRY.with(|r| r.borrow().devices.clone())
+pub fn all() -> Vec<Arc<Shared>> {
+    REGISTRY.with(|r| {
+        r.borrow()
+            .devices
+            .iter()
+            .map(|e| Arc::clone(&e.shared))
+            .collect()
+    })
 }
 
 pub fn pending() -> Vec<CreateRequest> {
     REGISTRY.with(|r| r.borrow().pending.clone())
 }
 
-/// Drops a device from the registry (it is being torn down).
-fn forget(dev: *mut Device) {
-    REGISTRY.with(|r| r.borrow_mut().devices.retain(|&d| d != dev));
+/// Runs `f` on the registry entry of the device whose shared part is `shared`.
+fn with_entry<T>(shared: &Arc<Shared>, f: impl FnOnce(&mut Entry) -> T) -> Option<T> {
+    REGISTRY.with(|r| {
+        r.borrow_mut()
+            .devices
+            .iter_mut()
+            .find(|e| Arc::ptr_eq(&e.shared, shared))
+            .map(f)
+    })
+}
+
+/// On the app thread: the device's open ended. With a bdev, register it.
+fn opened(shared: Arc<Shared>, r: Result<*mut sys::spdk_bdev, RpcError>) {
+    let Some((name, removed)) = with_entry(&shared, |e| (e.req.name.clone(), e.removed)) else {
+        return;
+    };
+    let r = r.and_then(|bdev| {
+        if removed {
+            // SAFETY: the bdev is ours and was never registered.
+            unsafe { super::device::free_bdev(bdev) };
+            return Err(RpcError::new(
+                code::ENODEV,
+                format!("bdev_writeboost_create {name}: a base bdev was removed while the cache was opening"),
+            ));
+        }
+        register_bdev(bdev).map_err(|rc| {
+            RpcError::new(
+                code::ENOMEM,
+                format!("bdev_writeboost_create {name}: spdk_bdev_register failed (rc {rc})"),
+            )
+        })
+    });
+    let (done, hold) = with_entry(&shared, |e| {
+        if let Ok(bdev) = r {
+            e.bdev = bdev;
+        }
+        (e.on_created.take(), e.hold.take())
+    })
+    .unwrap_or((None, None));
+    // Registered or not, the device's thread hears of it.
+    let tell = match &r {
+        Ok(bdev) => Ok(*bdev),
+        Err(e) => Err(e.message.clone()),
+    };
+    let s = Arc::clone(&shared);
+    run_on(shared.thread, move || {
+        if let Some(dev) = s.device() {
+            // SAFETY: a message on the device's thread; dev is live.
+            unsafe {
+                Device::enter_or_defer(dev, true, move |d| match tell {
+                    Ok(bdev) => d.registered(Some(bdev), None),
+                    Err(m) => d.registered(None, Some(m)),
+                });
+            }
+        }
+    });
+    if let Some(done) = done {
+        done(r.map(|_| serde_json::Value::String(name)));
+    }
+    drop(hold);
+}
+
+/// On the app thread: the device is gone; nothing more reaches its thread.
+fn forget(shared: &Arc<Shared>) {
+    let entry = REGISTRY.with(|r| {
+        let mut r = r.borrow_mut();
+        let i = r
+            .devices
+            .iter()
+            .position(|e| Arc::ptr_eq(&e.shared, shared))?;
+        Some(r.devices.swap_remove(i))
+    });
+    if let Some(mut e) = entry
+        && let Some(done) = e.on_created.take()
+    {
+        done(Err(RpcError::new(
+            code::EIO,
+            format!(
+                "bdev_writeboost_create {}: the device stopped while opening",
+                e.req.name
+            ),
+        )));
+    }
 }
 
 #[unsafe(no_mangle)]
@@ -118,11 +227,10 @@ pub extern "C" fn wb_examine_disk(_bdev: *mut sys::spdk_bdev) {
 #[unsafe(no_mangle)]
 pub extern "C" fn wb_config_json(w: *mut sys::spdk_json_write_ctx) -> i32 {
     let mut entries = Vec::new();
-    for d in all() {
-        // SAFETY: registry devices are live and owned by this thread.
-        let d = unsafe { &*d };
-        if d.driver.lifecycle() == Lifecycle::Online {
-            entries.push(d.req.config_params(d.driver.engine().tunables()));
+    for shared in all() {
+        if shared.lifecycle() == Lifecycle::Online {
+            let snap = shared.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+            entries.extend(snap.config.clone());
         }
     }
     for p in pending() {
@@ -138,16 +246,29 @@ pub extern "C" fn wb_config_json(w: *mut sys::spdk_json_write_ctx) -> i32 {
 
 #[unsafe(no_mangle)]
 pub extern "C" fn wb_bdev_destruct(ctx: *mut c_void) -> i32 {
-    // SAFETY: ctx is the device's Shared; destruct runs on the app thread,
-    // which owns the device.
-    unsafe {
-        let dev = (*ctx.cast::<Shared>()).dev.load(Ordering::Acquire);
-        // Finishing is left to the poller: destruct_done must come after
-        // this returns. (SPDK may call this from inside the engine's own
-        // unregister: the close then runs when that call returns.)
-        Device::enter_or_defer(dev, false, |d| d.begin_close());
-    }
+    let shared = shared_of(ctx);
+    let s = Arc::clone(&shared);
+    // The device's thread shuts the engine down; destruct_done comes once
+    // it let go of everything (`device::release`), after this returns.
+    run_on(shared.thread, move || {
+        if let Some(dev) = s.device() {
+            // SAFETY: a message on the device's thread; dev is live.
+            unsafe { Device::enter_or_defer(dev, false, |d| d.begin_close()) };
+        }
+    });
     1
+}
+
+/// The device's shared part from the io_device pointer SPDK hands back (a
+/// reference `Device::on_ready` made), as a reference of our own.
+fn shared_of(ctx: *mut c_void) -> Arc<Shared> {
+    let p = ctx.cast::<Shared>().cast_const();
+    // SAFETY: ctx is the io_device reference, alive while the bdev is
+    // registered; the count is raised before a reference is made from it.
+    unsafe {
+        Arc::increment_strong_count(p);
+        Arc::from_raw(p)
+    }
 }
 
 #[unsafe(no_mangle)]
@@ -155,11 +276,17 @@ pub extern "C" fn wb_bdev_dump_info_json(
     ctx: *mut c_void,
     w: *mut sys::spdk_json_write_ctx,
 ) -> i32 {
-    // SAFETY: ctx is the device's Shared; bdev_get_bdevs runs on the app
-    // thread, which owns the device.
+    let shared = shared_of(ctx);
+    // (As of the device's last refresh, at most a quarter of a second ago:
+    // bdev_writeboost_get_stats asks the device itself.)
+    let v = shared
+        .snapshot
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .report
+        .clone();
+    // SAFETY: SPDK positions w inside the bdev's driver_specific object.
     unsafe {
-        let dev = (*ctx.cast::<Shared>()).dev.load(Ordering::Acquire);
-        let v = (*dev).report();
         let key = c"writeboost";
         sys::spdk_json_write_name(w, key.as_ptr());
         write_value(w, &v)
@@ -227,21 +354,54 @@ pub fn create(req: CreateRequest, done: Option<Done>) {
     start(req, done, None);
 }
 
-/// Opens and claims both base bdevs and starts the engine.
+/// Opens and claims both base bdevs, opens the engine and starts the
+/// device on a thread of its own.
 fn start(req: CreateRequest, done: Option<Done>, hold: Option<Rc<ExamineHold>>) {
-    match try_start(&req) {
-        Ok((engine, cache, backing, dax)) => {
+    let placed = pick_core(&req.name, req.core)
+        .and_then(|core| Ok((core, try_start(&req)?)))
+        .and_then(|(core, started)| match device_thread(&req.name, core) {
+            Ok(t) => Ok((core, t, started)),
+            Err(e) => {
+                let (_, cache, backing, _) = started;
+                close_base(cache);
+                close_base(backing);
+                Err(e)
+            }
+        });
+    match placed {
+        Ok((core, thread, (engine, cache, backing, dax))) => {
             let start_ticks = START_TICKS.load(Ordering::Relaxed);
             let hooks = Hooks {
                 channel_fns: CHANNEL_FNS,
-                on_created: done,
-                on_teardown: forget,
-                examine_hold: hold,
+                on_open: opened,
+                on_gone: forget,
             };
-            let dev = Device::new(req, engine, cache, backing, hooks, dax, start_ticks);
-            REGISTRY.with(|r| r.borrow_mut().devices.push(dev));
-            // SAFETY: dev was just created on this thread.
-            unsafe { Device::enter_or_defer(dev, true, |_| {}) };
+            let (cache_bdev, backing_bdev) = (cache.bdev, backing.bdev);
+            let (dev, shared) = Device::new(
+                req.clone(),
+                engine,
+                cache,
+                backing,
+                hooks,
+                dax,
+                start_ticks,
+                thread,
+                core,
+            );
+            REGISTRY.with(|r| {
+                r.borrow_mut().devices.push(Entry {
+                    shared,
+                    req,
+                    cache: cache_bdev,
+                    backing: backing_bdev,
+                    bdev: ptr::null_mut(),
+                    on_created: done,
+                    hold,
+                    removed: false,
+                })
+            });
+            // SAFETY: dev is live; the message runs on its thread.
+            run_on(thread, move || unsafe { Device::start(dev) });
         }
         Err(e) => {
             log::error(&e.message);
@@ -338,10 +498,10 @@ fn build_engine(
 
 /// "In use", naming the writeboost device that uses it when it is one of ours.
 fn claimed_error(role: &str, name: &str, holder: &str) -> RpcError {
-    let user = all().into_iter().find_map(|d| {
-        // SAFETY: registry devices are live and owned by this thread.
-        let d = unsafe { &*d };
-        (d.req.cache_bdev == name || d.req.backing_bdev == name).then(|| d.req.name.clone())
+    let user = REGISTRY.with(|r| {
+        r.borrow().devices.iter().find_map(|e| {
+            (e.req.cache_bdev == name || e.req.backing_bdev == name).then(|| e.req.name.clone())
+        })
     });
     let by = match user {
         Some(dev) => format!("writeboost device '{dev}'"),
@@ -353,7 +513,8 @@ fn claimed_error(role: &str, name: &str, holder: &str) -> RpcError {
     )
 }
 
-/// Opens a base bdev for writing, claims it and gets a channel on this thread.
+/// Opens a base bdev for writing and claims it, on this (the app) thread;
+/// the device takes its channel on its own thread.
 fn open_base(name: &str, role: &str) -> Result<Base, RpcError> {
     let cname = CString::new(name)
         .map_err(|_| RpcError::invalid_params(format!("{role} bdev name contains a NUL byte")))?;
@@ -407,21 +568,12 @@ fn open_base(name: &str, role: &str) -> Result<Base, RpcError> {
                 format!("cannot claim {role} bdev '{name}' (rc {rc}); another module uses it"),
             ));
         }
-        let ch = sys::spdk_bdev_get_io_channel(desc);
-        if ch.is_null() {
-            sys::spdk_bdev_module_release_bdev(bdev);
-            sys::spdk_bdev_close(desc);
-            return Err(RpcError::new(
-                code::ENOMEM,
-                format!("no I/O channel for {role} bdev '{name}'"),
-            ));
-        }
         let block_size = sys::spdk_bdev_get_block_size(bdev);
         Ok(Base {
             name: name.to_string(),
             desc,
             bdev,
-            ch,
+            ch: ptr::null_mut(),
             size: sys::spdk_bdev_get_num_blocks(bdev) * block_size as u64,
             block_size,
             supports_flush: sys::spdk_bdev_io_type_supported(
@@ -437,9 +589,8 @@ fn open_base(name: &str, role: &str) -> Result<Base, RpcError> {
 }
 
 fn close_base(b: Base) {
-    // SAFETY: b was opened, claimed and given a channel by open_base on this thread.
+    // SAFETY: b was opened and claimed by open_base on this thread.
     unsafe {
-        sys::spdk_put_io_channel(b.ch);
         sys::spdk_bdev_module_release_bdev(b.bdev);
         sys::spdk_bdev_close(b.desc);
     }
@@ -457,12 +608,11 @@ pub fn delete(name: &str, done: Done) {
     if was_pending {
         return done(Ok(serde_json::Value::Bool(true)));
     }
-    let Some(dev) = find(name) else {
+    let Some(shared) = find(name) else {
         return done(Err(RpcError::no_such_device(name)));
     };
-    // SAFETY: registry devices are live and owned by this thread.
-    let state = unsafe { (*dev).driver.lifecycle() };
-    if state != Lifecycle::Online {
+    let registered = with_entry(&shared, |e| !e.bdev.is_null()).unwrap_or(false);
+    if shared.lifecycle() != Lifecycle::Online || !registered {
         return done(Err(RpcError::new(
             code::EBUSY,
             format!("writeboost bdev '{name}' is still opening or already closing; retry"),
@@ -508,45 +658,37 @@ extern "C" fn base_event(ty: u32, bdev: *mut sys::spdk_bdev, _ctx: *mut c_void) 
     if ty != sys::spdk_bdev_event_type_SPDK_BDEV_EVENT_REMOVE {
         return;
     }
-    for dev in all() {
-        // SAFETY: registry devices are live and owned by this (the app) thread.
-        unsafe {
-            let d = &mut *dev;
-            if d.cache.bdev != bdev && d.backing.bdev != bdev {
-                continue;
-            }
-            log::warn(&format!(
-                "{}: base bdev {} is being removed; detaching",
-                d.req.name,
-                if d.cache.bdev == bdev {
-                    &d.req.cache_bdev
-                } else {
-                    &d.req.backing_bdev
-                }
-            ));
-            d.refresh_now();
-            d.removed_at = Some(d.now());
-            match d.driver.lifecycle() {
-                Lifecycle::Online => {
-                    sys::spdk_bdev_unregister(d.bdev, None, ptr::null_mut());
-                }
-                Lifecycle::Opening => {
-                    Device::enter_or_defer(dev, true, |d| {
-                        if let Some(done) = d.on_created.take() {
-                            done(Err(RpcError::new(
-                                code::ENODEV,
-                                "a base bdev was removed while the cache was opening",
-                            )));
-                        }
-                        d.examine_hold = None;
-                        d.driver.abandon();
-                    });
-                }
-                Lifecycle::Draining
-                | Lifecycle::Closing
-                | Lifecycle::Closed
-                | Lifecycle::Failed => {}
-            }
+    let hit: Vec<(Arc<Shared>, *mut sys::spdk_bdev)> = REGISTRY.with(|r| {
+        let mut r = r.borrow_mut();
+        r.devices
+            .iter_mut()
+            .filter(|e| e.cache == bdev || e.backing == bdev)
+            .map(|e| {
+                log::warn(&format!(
+                    "{}: base bdev {} is being removed; detaching",
+                    e.req.name,
+                    if e.cache == bdev {
+                        &e.req.cache_bdev
+                    } else {
+                        &e.req.backing_bdev
+                    }
+                ));
+                e.removed = true;
+                (Arc::clone(&e.shared), e.bdev)
+            })
+            .collect()
+    });
+    for (shared, wb) in hit {
+        if !wb.is_null() && shared.lifecycle() == Lifecycle::Online {
+            // SAFETY: wb is registered; this is the app thread.
+            unsafe { sys::spdk_bdev_unregister(wb, None, ptr::null_mut()) };
         }
+        let s = Arc::clone(&shared);
+        run_on(shared.thread, move || {
+            if let Some(dev) = s.device() {
+                // SAFETY: a message on the device's thread; dev is live.
+                unsafe { Device::enter_or_defer(dev, true, |d| d.base_removed()) };
+            }
+        });
     }
 }
