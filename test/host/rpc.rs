@@ -514,7 +514,7 @@ fn yaml_config_two_devices_on_two_reactors() {
              \x20 - {{name: C0, num_blocks: 4096, block_size: 4096}}\n\
              \x20 - {{name: C1, num_blocks: 32768, block_size: 512}}\n\
              writeboost:\n\
-             \x20 - {{name: wb0, backing_bdev: B0, cache_bdev: C0, writeback_threshold: 0}}\n\
+             \x20 - {{name: wb0, backing_bdev: B0, cache_bdev: C0, writeback_threshold: 0, core: 1}}\n\
              \x20 - {{name: wb1, backing_bdev: B1, cache_bdev: C1, segment_size_kib: 256}}\n\
              nbd:\n\
              \x20 - {{bdev_name: wb0, listen: \"127.0.0.1:0\"}}\n\
@@ -541,6 +541,22 @@ fn yaml_config_two_devices_on_two_reactors() {
     let stats = rpc.ok("bdev_writeboost_get_stats", Value::Null);
     assert_eq!(stats[0]["tunables"]["writeback_threshold"], 0);
     assert_eq!(stats[1]["status"]["segment_size"], 256 << 10);
+    // A core no reactor runs on is refused, saying which cores there are;
+    // save_config keeps the core a device was given.
+    let (_, msg) = rpc.err(
+        "bdev_writeboost_create",
+        json!({"name": "wb9", "backing_bdev": "B1", "cache_bdev": "C1", "core": 7}),
+    );
+    assert!(msg.contains("core=7") && msg.contains("0, 1"), "{msg}");
+    let saved = rpc.ok("save_config", Value::Null);
+    let creates: Vec<&Value> = saved["subsystems"][0]["config"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["method"] == "bdev_writeboost_create")
+        .collect();
+    assert_eq!(creates[0]["params"]["core"], 1, "{creates:?}");
+    assert!(creates[1]["params"].get("core").is_none(), "{creates:?}");
 
     // nbd_server_stop: no new clients; the device itself stays.
     let port0 = h.port("wb0");
@@ -584,14 +600,15 @@ fn yaml_config_two_devices_on_two_reactors() {
     );
     let log: Vec<String> = h.server.stderr.try_iter().collect();
     let log = log.join("\n");
-    assert!(
-        log.contains("wb0: mode 0") && log.contains("reactor 0"),
-        "{log}"
-    );
-    assert!(
-        log.contains("wb1: mode 0") && log.contains("reactor 1"),
-        "{log}"
-    );
+    // wb0 on the core it was given; wb1 round robin, from the first.
+    let line = |name: &str| {
+        log.lines()
+            .find(|l| l.contains(&format!("{name}: mode 0")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(line("wb0").contains("reactor 1 (core 1)"), "{log}");
+    assert!(line("wb1").contains("reactor 0 (core 0)"), "{log}");
 
     // Idle: two reactors, two devices, nothing to do.
     std::thread::sleep(Duration::from_millis(500));

@@ -7,7 +7,9 @@
 #   SPDK_DIR=/path/to/spdk bash test/spdk/run.sh [TEST...]
 #
 # TEST is any of: verify restart crash hotremove nvmf vhost remote badinput
-# (default: all).
+# (default: all). The targets run on two cores (TGT_MASK, default 0x3), so
+# NVMe-oF and vhost submit from both while the device has a thread of its
+# own; verify runs bdevperf on one core and on two.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -25,6 +27,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/wb-spdk-test.XXXXXX")
 POOLS=$(pool_dir)
 [ -n "${WB_KEEP:-}" ] && echo "keeping $WORK and $POOLS" || trap 'rm -rf "$WORK" "$POOLS"' EXIT
 PORT_BASE=$((4420 + RANDOM % 2000))
+TGT_MASK=${TGT_MASK:-0x3}
 NQN=nqn.2016-06.io.spdk:writeboost-test
 
 # 1. bdevperf -w verify over malloc base bdevs, mode 0 and mode 1, on one
@@ -63,7 +66,7 @@ tgt_setup() {
     [ -f "$dir/backing.img" ] || truncate -s 1G "$dir/backing.img"
     local pool=$POOLS/${dir##*/}
     [ -f "$pool" ] || make_pool "$pool" 64M
-    start_app "$dir/tgt.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m 0x1
+    start_app "$dir/tgt.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m "$TGT_MASK"
     TGT_PID=$APP_PID
     local s=$dir/tgt.sock
     rpc "$s" bdev_aio_create "$dir/cache.img" Cache0 4096 >/dev/null
@@ -150,7 +153,7 @@ assert d == {"block_size": 4096, "blocks": []}, d'
             tail -n 20 "$dir/tgt.log" >&2
             return 1
         }
-        start_app "$dir/tgt2.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m 0x1 \
+        start_app "$dir/tgt2.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m "$TGT_MASK" \
             --json "$dir/saved.json"
         TGT_PID=$APP_PID
         local out
@@ -192,7 +195,7 @@ test_crash() {
         kill -9 "$TGT_PID"
         wait "$TGT_PID" 2>/dev/null || true
         wait "$cpid" || true
-        start_app "$dir/tgt2.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m 0x1 \
+        start_app "$dir/tgt2.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m "$TGT_MASK" \
             --json "$dir/saved.json"
         TGT_PID=$APP_PID
         local which=flushed
@@ -251,7 +254,7 @@ test_nvmf() {
     local dir=$WORK/nvmf port=$((PORT_BASE + 30))
     mkdir -p "$dir"
     start_app "$dir/tgt.log" "$dir/tgt.sock" env LD_PRELOAD="$WB_LIB" "$SPDK_TGT" \
-        "${SPDK_APP_ARGS[@]}" -s 2048 -m 0x1
+        "${SPDK_APP_ARGS[@]}" -s 2048 -m "$TGT_MASK"
     local s=$dir/tgt.sock
     rpc "$s" bdev_malloc_create -b Cache0 64 4096 >/dev/null
     rpc "$s" bdev_malloc_create -b Back0 256 4096 >/dev/null
@@ -289,7 +292,7 @@ test_vhost() {
     truncate -s 256M "$dir/cache.img"
     truncate -s 1G "$dir/backing.img"
     # vhost-user sockets go in -S DIR.
-    start_app "$dir/tgt.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m 0x1 -S "$dir"
+    start_app "$dir/tgt.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m "$TGT_MASK" -S "$dir"
     local s=$dir/tgt.sock
     rpc "$s" bdev_aio_create "$dir/cache.img" Cache0 4096 >/dev/null
     rpc "$s" bdev_aio_create "$dir/backing.img" Back0 4096 >/dev/null
@@ -379,7 +382,7 @@ test_remote() {
         local pool=$POOLS/remote$mode
         make_pool "$pool" 64M
         storage_start "$dir" "$sport"
-        start_app "$dir/tgt.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m 0x1
+        start_app "$dir/tgt.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m "$TGT_MASK"
         TGT_PID=$APP_PID
         local s=$dir/tgt.sock
         # FLUSH must reach the storage target (enable_flush); a lost
@@ -398,7 +401,7 @@ test_remote() {
         kill -9 "$TGT_PID"
         wait "$TGT_PID" 2>/dev/null || true
         wait "$cpid" || true
-        start_app "$dir/tgt2.log" "$s" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m 0x1 --json "$dir/saved.json"
+        start_app "$dir/tgt2.log" "$s" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m "$TGT_MASK" --json "$dir/saved.json"
         TGT_PID=$APP_PID
         local which=flushed
         [ "$mode" = 1 ] && which=all
@@ -517,7 +520,7 @@ test_badinput() {
     local dir=$WORK/bad
     mkdir -p "$dir"
     make_pool "$POOLS/bad" 64M
-    start_app "$dir/tgt.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m 0x1
+    start_app "$dir/tgt.log" "$dir/tgt.sock" "$WB_TGT" "${SPDK_APP_ARGS[@]}" -s 2048 -m "$TGT_MASK"
     local s=$dir/tgt.sock
     local b
     for b in Cache0 Cache1 Back0 Back1; do
