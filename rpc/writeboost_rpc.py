@@ -57,6 +57,8 @@ def spdk_rpc_plugin_initialize(subparsers):
             params["segment_size_kib"] = args.segment_size_kib
         if args.core is not None:
             params["core"] = args.core
+        if args.io_core is not None:
+            params["io_core"] = args.io_core
         params.update(_tunables(args))
         _print(args.client.call("bdev_writeboost_create", params))
 
@@ -71,6 +73,7 @@ def spdk_rpc_plugin_initialize(subparsers):
                    help="open a cache whose device damaged logs it had made durable, keeping every intact log")
     p.add_argument("--segment-size-kib", dest="segment_size_kib", type=int, help="segment size when formatting (64-4096)")
     p.add_argument("--core", type=int, help="core whose thread runs the device's engine (default: round robin over the target's cores)")
+    p.add_argument("--io-core", dest="io_core", type=int, help="core of a thread that starts and completes the device's base-bdev I/O (default: the device's own thread)")
     p.add_argument("-w", "--wait-for-bdevs", dest="wait_for_bdevs", action="store_true",
                    help="if a base bdev does not exist yet, create the device when it appears")
     _add_tunables(p)

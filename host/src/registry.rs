@@ -587,6 +587,13 @@ impl App {
                     b.claimed_by = Some(name.clone());
                 }
             }
+            if req.io_core.is_some() {
+                return Err(RpcError::invalid_params(format!(
+                    "{m} {name}: io_core places an SPDK device's base-bdev I/O on a thread of \
+                     its own; this host's I/O runs on io_uring or its I/O threads already: leave \
+                     io_core out"
+                )));
+            }
             let reactor = self.reactor_for(&name, req.core)?;
             let shared = Arc::new(Shared::default());
             st.wbs.push(WbDev {

@@ -193,6 +193,9 @@ pub struct CreateRequest {
     /// The core whose thread (SPDK) or reactor (standalone host) runs the
     /// device's engine; None places devices round robin over the cores.
     pub core: Option<u32>,
+    /// SPDK only: the core of a thread of the device's own that starts and
+    /// completes its base-bdev I/O (None, or `core`: the device's thread does).
+    pub io_core: Option<u32>,
 }
 
 /// What the engine is told of a base bdev.
@@ -252,6 +255,9 @@ impl CreateRequest {
         if let Some(core) = self.core {
             m.insert("core".into(), json!(core));
         }
+        if let Some(core) = self.io_core {
+            m.insert("io_core".into(), json!(core));
+        }
         for (name, value) in tunables.values() {
             m.insert(name.into(), json!(value));
         }
@@ -293,6 +299,7 @@ pub fn parse_create(params: Option<&Value>) -> Result<CreateRequest, RpcError> {
         )?
         .map(|k| k as u32);
     let core = p.uint("core", 0, MAX_CORE)?.map(|c| c as u32);
+    let io_core = p.uint("io_core", 0, MAX_CORE)?.map(|c| c as u32);
     let given = p.tunables()?;
     p.finish()?;
 
@@ -343,6 +350,7 @@ pub fn parse_create(params: Option<&Value>) -> Result<CreateRequest, RpcError> {
         tunables,
         wait_for_bdevs,
         core,
+        io_core,
     })
 }
 

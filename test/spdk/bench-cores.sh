@@ -4,6 +4,8 @@
 # core, with -C so every core submits to the bdev, at 1 core and at 2 cores,
 # all in one run so the ratios compare like with like:
 #   passthru | OCF write-back | writeboost mode 0 | writeboost mode 1
+# and, at 2 cores, writeboost with its base-bdev I/O on the other core
+# (io_core: the -io rows).
 # Workloads:
 #   over: randwrite over a working set 4x the cache (256 MiB cache, 1 GiB
 #         backing, malloc), so writeback and the full cache are in the run;
@@ -15,8 +17,9 @@
 #   SPDK_DIR=/path/to/spdk bash test/spdk/bench-cores.sh
 #
 # Knobs: SECONDS_PER_RUN (default 8), ONLY (a space-separated subset of
-# passthru ocf-wb writeboost-mode0 writeboost-mode1), WB_PARAMS (extra
-# bdev_writeboost_create parameters, e.g. '"writeback_delay_ms":0').
+# passthru ocf-wb writeboost-mode0 writeboost-mode1 writeboost-mode0-io
+# writeboost-mode1-io), WB_PARAMS (extra bdev_writeboost_create parameters,
+# e.g. '"writeback_delay_ms":0').
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -31,18 +34,25 @@ if [ "$(nproc)" -lt 2 ]; then
 fi
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-8}
 bench_setup cores
-ONLY=${ONLY:-passthru ocf-wb writeboost-mode0 writeboost-mode1}
+ONLY=${ONLY:-passthru ocf-wb writeboost-mode0 writeboost-mode1 writeboost-mode0-io writeboost-mode1-io}
 EXTRA=${WB_PARAMS:-}
 
 # Base bdevs of each workload: CACHE_<w> and BACK_<w> (4 KiB blocks).
 cache_of() { case $1 in over) echo 65536 ;; fits) echo 131072 ;; esac; }
 back_of() { case $1 in over) echo 262144 ;; fits) echo 65536 ;; esac; }
 
-# entries TARGET WORKLOAD SUFFIX — the config entries of one bdev under test,
-# named <kind>SUFFIX over CacheSUFFIX and BackSUFFIX.
+# entries TARGET WORKLOAD SUFFIX NDEV — the config entries of one bdev
+# under test, named <kind>SUFFIX over CacheSUFFIX and BackSUFFIX. An -io
+# target puts device n on core n and its base I/O on the other core.
 entries() {
-    local t=$1 w=$2 n=$3
-    local c b
+    local t=$1 w=$2 n=$3 ndev=$4
+    local c b extra=$EXTRA
+    case $t in
+        *-io)
+            extra="${extra:+$extra,}\"core\":$n,\"io_core\":$((1 - n))"
+            t=${t%-io}
+            ;;
+    esac
     c=$(malloc_entry "Cache$n" "$(cache_of "$w")" 4096)
     b=$(malloc_entry "Back$n" "$(back_of "$w")" 4096)
     case $t in
@@ -50,10 +60,10 @@ entries() {
             "{\"method\":\"bdev_passthru_create\",\"params\":{\"base_bdev_name\":\"Back$n\",\"name\":\"dut$n\"}}" ;;
         ocf-wb) printf '%s\n%s\n%s\n' "$c" "$b" \
             "{\"method\":\"bdev_ocf_create\",\"params\":{\"name\":\"dut$n\",\"mode\":\"wb\",\"cache_bdev_name\":\"Cache$n\",\"core_bdev_name\":\"Back$n\"}}" ;;
-        writeboost-mode0) printf '%s\n%s\n%s\n' "$c" "$b" "$(wb_entry "dut$n" "Cache$n" "Back$n" 0 "" "$EXTRA")" ;;
+        writeboost-mode0) printf '%s\n%s\n%s\n' "$c" "$b" "$(wb_entry "dut$n" "Cache$n" "Back$n" 0 "" "$extra")" ;;
         writeboost-mode1)
             make_pool "$POOLS/pool$n" 64M
-            printf '%s\n%s\n%s\n' "$c" "$b" "$(wb_entry "dut$n" "Cache$n" "Back$n" 1 "$POOLS/pool$n" "$EXTRA")" ;;
+            printf '%s\n%s\n%s\n' "$c" "$b" "$(wb_entry "dut$n" "Cache$n" "Back$n" 1 "$POOLS/pool$n" "$extra")" ;;
     esac
 }
 
@@ -76,7 +86,7 @@ bench() {
     local name=$1 mask=$2 every=$3 w=$4 ndev=$5 t=$6
     local list=() i
     for i in $(seq 0 $((ndev - 1))); do
-        while IFS= read -r e; do list+=("$e"); done < <(entries "$t" "$w" "$i")
+        while IFS= read -r e; do list+=("$e"); done < <(entries "$t" "$w" "$i" "$ndev")
     done
     bdev_config "${list[@]}" >"$WORK/$name.json"
     local sock=$WORK/$name.sock log=$WORK/$name.log flags=()
@@ -138,6 +148,8 @@ for w in over fits; do
     esac
     for t in $ONLY; do
         for cores in 1 2; do
+            # (At 1 core an -io target is its plain one.)
+            case $t in *-io) [ "$cores" = 1 ] && continue ;; esac
             mask=$([ "$cores" = 1 ] && echo 0x1 || echo 0x3)
             bench "$w-$t-$cores" "$mask" 1 "$w" 1 "$t"
             for phase in randwrite randread; do
@@ -165,7 +177,7 @@ echo "ratios"
 for w in over fits; do
     for phase in randwrite randread; do
         for t in $ONLY; do
-            one=${R[$w-$phase-$t-1]:-}
+            one=${R[$w-$phase-${t%-io}-1]:-}
             two=${R[$w-$phase-$t-2]:-}
             [ -n "$one" ] && [ -n "$two" ] || continue
             line="$w $phase $t: 2 cores / 1 core $(ratio "$two" "$one")"
@@ -178,7 +190,7 @@ for w in over fits; do
 done
 for t in $ONLY; do
     for phase in randwrite randread; do
-        [ -n "${R[two-$phase-$t]:-}" ] && [ -n "${R[fits-$phase-$t-1]:-}" ] || continue
-        echo "two $t devices on 2 cores / one on 1 core, $phase: $(ratio "${R[two-$phase-$t]}" "${R[fits-$phase-$t-1]}")"
+        [ -n "${R[two-$phase-$t]:-}" ] && [ -n "${R[fits-$phase-${t%-io}-1]:-}" ] || continue
+        echo "two $t devices on 2 cores / one on 1 core, $phase: $(ratio "${R[two-$phase-$t]}" "${R[fits-$phase-${t%-io}-1]}")"
     done
 done

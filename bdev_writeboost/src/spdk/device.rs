@@ -25,6 +25,7 @@ use writeboost_rpc::{CreateRequest, RpcError, code, device_report};
 
 use super::dma::DmaAlloc;
 use super::grants::{DeviceGrants, GRANT_SLOTS, SlotGrant};
+use super::io_thread::{self, IoCmd, IoShared};
 use super::log;
 use super::placement::{exit_this_thread, run_on, run_on_app};
 use super::ring::Ring;
@@ -152,6 +153,8 @@ struct Bases<'a> {
     inflight: &'a mut usize,
     /// Commands waiting for a base bdev_io to become free.
     waiting: &'a mut usize,
+    /// The I/O thread that starts the commands, if the device has one.
+    io: Option<&'a IoShared>,
 }
 
 /// The io_device callbacks that make and destroy a device's channels.
@@ -203,6 +206,8 @@ pub struct Device {
     waiting: usize,
     /// Commands on the base bdevs.
     inflight: usize,
+    /// The thread its base-bdev commands run on, if not its own.
+    io: Option<Arc<IoShared>>,
     /// Makes the io_device's channels.
     channel_fns: ChannelFns,
     on_open: fn(Arc<Shared>, Result<*mut sys::spdk_bdev, RpcError>),
@@ -283,6 +288,7 @@ impl Device {
         start_ticks: u64,
         thread: *mut sys::spdk_thread,
         core: u32,
+        io: Option<(*mut sys::spdk_thread, u32)>,
     ) -> (*mut Device, Arc<Shared>) {
         // SAFETY: a plain getter without preconditions.
         let hz = unsafe { sys::spdk_get_ticks_hz() };
@@ -299,7 +305,9 @@ impl Device {
             snapshot: Mutex::new(Snapshot::default()),
             core,
         });
+        let io = io.map(|(t, c)| IoShared::new(&req.name, t, c, &cache, &backing));
         let dev = Box::into_raw(Box::new(Device {
+            io,
             shared: Arc::as_ptr(&shared).cast_mut(),
             shared_ref: Arc::clone(&shared),
             req,
@@ -338,6 +346,10 @@ impl Device {
         // before `dev` is freed.
         unsafe {
             let d = &mut *dev;
+            if let Some(io) = &d.io {
+                let io = Arc::clone(io);
+                run_on(io.thread, move || io_thread::start(io));
+            }
             for base in [&mut d.cache, &mut d.backing] {
                 base.ch = sys::spdk_bdev_get_io_channel(base.desc);
             }
@@ -471,6 +483,13 @@ impl Device {
             }
             did |= self.serve_grants();
             let now = self.now();
+            if let Some(io) = &self.io {
+                while let Some((token, r)) = io.done.pop() {
+                    self.inflight -= 1;
+                    self.driver.complete(token, r, now);
+                    did = true;
+                }
+            }
             let (driver, mut bases) = self.split();
             driver.pump(&mut bases, now);
             while let Some(o) = self.driver.poll_outcome() {
@@ -556,6 +575,7 @@ impl Device {
             backing: &self.backing,
             inflight: &mut self.inflight,
             waiting: &mut self.waiting,
+            io: self.io.as_deref(),
         };
         (&mut self.driver, bases)
     }
@@ -683,7 +703,7 @@ impl Device {
         }
         log::notice(&format!(
             "{}: online over cache {} and backing {} (mode {}, {} dirty blocks recovered), \
-             on core {}",
+             on core {}{}",
             self.req.name,
             self.req.cache_bdev,
             self.req.backing_bdev,
@@ -693,7 +713,11 @@ impl Device {
                 0
             },
             status.nr_dirty_blocks,
-            self.shared().core
+            self.shared().core,
+            self.io.as_ref().map_or(String::new(), |io| format!(
+                ", base I/O on core {}",
+                io.core
+            ))
         ));
         self.refresh_snapshot(true);
         self.tell_open(Ok(bdev));
@@ -834,6 +858,11 @@ impl Target for Bases<'_> {
             CmdMem::Dst(dst) => dst.as_mut_ptr(),
             CmdMem::None => ptr::null_mut(),
         };
+        if let Some(io) = self.io {
+            io.submit.push(IoCmd { cmd, data });
+            *self.inflight += 1;
+            return Started::InFlight;
+        }
         let ctx = Box::into_raw(Box::new(CmdCtx {
             dev: self.dev,
             cmd,
@@ -863,35 +892,13 @@ unsafe fn submit_cmd(b: &mut Bases<'_>, ctx: *mut CmdCtx) -> Submitted {
         writeboost_engine::Device::Backing => b.backing,
     };
     let arg = ctx.cast::<c_void>();
-    let cb: sys::spdk_bdev_io_completion_cb = Some(base_io_done);
-    let (desc, ch) = (base.desc, base.ch);
-    // SAFETY: desc and ch are open on this thread; data is valid for the
-    // command (per the contract).
-    let rc = unsafe {
-        match cmd.kind {
-            CommandKind::Read { offset, len, .. } if !data.is_null() => {
-                sys::spdk_bdev_read(desc, ch, data.cast(), offset, len as u64, cb, arg)
-            }
-            CommandKind::Write { offset, len, .. } if !data.is_null() => {
-                sys::spdk_bdev_write(desc, ch, data.cast(), offset, len as u64, cb, arg)
-            }
-            CommandKind::Read { .. } | CommandKind::Write { .. } => -libc_einval(),
-            CommandKind::WriteZeroes { offset, len } => {
-                sys::spdk_bdev_write_zeroes(desc, ch, offset, len, cb, arg)
-            }
-            CommandKind::Discard { offset, len } if base.supports_unmap => {
-                sys::spdk_bdev_unmap(desc, ch, offset, len, cb, arg)
-            }
-            CommandKind::Flush if base.supports_flush => {
-                sys::spdk_bdev_flush(desc, ch, 0, base.size, cb, arg)
-            }
-            // Unmap is advisory: a device without it keeps the data. A
-            // device without flush has no volatile cache to flush.
-            CommandKind::Discard { .. } | CommandKind::Flush => {
-                drop(Box::from_raw(ctx));
-                return Submitted::Done(Ok(()));
-            }
-        }
+    let ch = base.ch;
+    // SAFETY: base is open and ch is its channel on this thread; data is
+    // valid for the command (per the contract).
+    let Some(rc) = (unsafe { start_on_base(base, ch, &cmd, data, Some(base_io_done), arg) }) else {
+        // SAFETY: nothing was started with ctx.
+        unsafe { drop(Box::from_raw(ctx)) };
+        return Submitted::Done(Ok(()));
     };
     if rc == 0 {
         *b.inflight += 1;
@@ -930,7 +937,48 @@ unsafe fn submit_cmd(b: &mut Bases<'_>, ctx: *mut CmdCtx) -> Submitted {
     }))
 }
 
-fn libc_einval() -> i32 {
+/// Starts `cmd` on `base` through its channel `ch`, completing to `cb`
+/// with `arg`: SPDK's return code (0: on its way; -ENOMEM: no bdev_io free
+/// now), or None when there is nothing to do (unmap is advisory, and a
+/// device without flush has no volatile cache to flush).
+///
+/// # Safety
+/// `ch` is a channel of `base.desc` on this thread; `data` is valid for the
+/// command until it completes.
+pub unsafe fn start_on_base(
+    base: &Base,
+    ch: *mut sys::spdk_io_channel,
+    cmd: &Command,
+    data: *mut u8,
+    cb: sys::spdk_bdev_io_completion_cb,
+    arg: *mut c_void,
+) -> Option<i32> {
+    let desc = base.desc;
+    // SAFETY: per the contract.
+    unsafe {
+        Some(match cmd.kind {
+            CommandKind::Read { offset, len, .. } if !data.is_null() => {
+                sys::spdk_bdev_read(desc, ch, data.cast(), offset, len as u64, cb, arg)
+            }
+            CommandKind::Write { offset, len, .. } if !data.is_null() => {
+                sys::spdk_bdev_write(desc, ch, data.cast(), offset, len as u64, cb, arg)
+            }
+            CommandKind::Read { .. } | CommandKind::Write { .. } => -libc_einval(),
+            CommandKind::WriteZeroes { offset, len } => {
+                sys::spdk_bdev_write_zeroes(desc, ch, offset, len, cb, arg)
+            }
+            CommandKind::Discard { offset, len } if base.supports_unmap => {
+                sys::spdk_bdev_unmap(desc, ch, offset, len, cb, arg)
+            }
+            CommandKind::Flush if base.supports_flush => {
+                sys::spdk_bdev_flush(desc, ch, 0, base.size, cb, arg)
+            }
+            CommandKind::Discard { .. } | CommandKind::Flush => return None,
+        })
+    }
+}
+
+pub fn libc_einval() -> i32 {
     22
 }
 
@@ -940,7 +988,8 @@ extern "C" fn device_poller(arg: *mut c_void) -> i32 {
     // SAFETY: the poller is unregistered before the device is freed and runs
     // on the device's thread.
     unsafe {
-        let before = (*(*dev).shared).inbox.len();
+        let before =
+            (*(*dev).shared).inbox.len() + (*dev).io.as_ref().map_or(0, |io| io.done.len());
         Device::enter_or_defer(dev, true, |d| d.tick());
         if before > 0 {
             sys::spdk_thread_poller_rc_SPDK_POLLER_BUSY as i32
@@ -1062,8 +1111,15 @@ unsafe fn teardown(dev: *mut Device) {
         shared
             .state
             .store(lifecycle_code(lifecycle), Ordering::Release);
+        let io = d.io.take();
         drop(Box::from_raw(dev));
-        run_on_app(move || release(gone));
+        match io {
+            // The I/O thread lets go of its channels first, then ends.
+            Some(io) => run_on(io.thread, move || {
+                io_thread::stop(&io, move || run_on_app(move || release(gone)))
+            }),
+            None => run_on_app(move || release(gone)),
+        }
     }
 }
 

@@ -10,7 +10,8 @@
 //!   tell it of the device's open and end;
 //! - `channel` (per-thread I/O channels, submit_request) over `device` (the
 //!   engine's driver, base bdevs, registration); `grants`: the slots a
-//!   channel copies whole-block writes into on its own core;
+//!   channel copies whole-block writes into on its own core; `io_thread`:
+//!   a device's base-bdev commands on another core (`io_core`);
 //! - leaves: `user_io` (a user I/O and where it completes), `placement`
 //!   (each device's thread and core, and the messages between threads),
 //!   `examine`, `completion`, `dma`, `ring`, `json`, `log`.
@@ -21,6 +22,7 @@ mod device;
 mod dma;
 mod examine;
 mod grants;
+mod io_thread;
 mod json;
 mod log;
 mod module;

@@ -358,18 +358,31 @@ pub fn create(req: CreateRequest, done: Option<Done>) {
 /// device on a thread of its own.
 fn start(req: CreateRequest, done: Option<Done>, hold: Option<Rc<ExamineHold>>) {
     let placed = pick_core(&req.name, req.core)
-        .and_then(|core| Ok((core, try_start(&req)?)))
-        .and_then(|(core, started)| match device_thread(&req.name, core) {
-            Ok(t) => Ok((core, t, started)),
-            Err(e) => {
-                let (_, cache, backing, _) = started;
-                close_base(cache);
-                close_base(backing);
-                Err(e)
+        .and_then(|core| {
+            // Base I/O on a thread of its own only on another core.
+            let io_core = match req.io_core {
+                Some(c) => Some(pick_core(&req.name, Some(c))?).filter(|&c| c != core),
+                None => None,
+            };
+            Ok((core, io_core, try_start(&req)?))
+        })
+        .and_then(|(core, io_core, started)| {
+            let threads = device_thread(&req.name, core).and_then(|t| match io_core {
+                Some(c) => Ok((t, Some((device_thread(&format!("{}_io", req.name), c)?, c)))),
+                None => Ok((t, None)),
+            });
+            match threads {
+                Ok((t, io)) => Ok((core, t, io, started)),
+                Err(e) => {
+                    let (_, cache, backing, _) = started;
+                    close_base(cache);
+                    close_base(backing);
+                    Err(e)
+                }
             }
         });
     match placed {
-        Ok((core, thread, (engine, cache, backing, dax))) => {
+        Ok((core, thread, io, (engine, cache, backing, dax))) => {
             let start_ticks = START_TICKS.load(Ordering::Relaxed);
             let hooks = Hooks {
                 channel_fns: CHANNEL_FNS,
@@ -387,6 +400,7 @@ fn start(req: CreateRequest, done: Option<Done>, hold: Option<Rc<ExamineHold>>) 
                 start_ticks,
                 thread,
                 core,
+                io,
             );
             REGISTRY.with(|r| {
                 r.borrow_mut().devices.push(Entry {
