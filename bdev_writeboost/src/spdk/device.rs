@@ -34,8 +34,12 @@ use super::user_io::{UserIo, UserKind};
 /// How long a device whose base bdev went away waits for a clean shutdown
 /// before it lets go anyway (the logs on the cache survive for a re-create).
 const REMOVED_SHUTDOWN_GRACE_NS: u64 = 5_000_000_000;
-/// Requests one turn of the device's thread takes from its inbox; the rest
+/// Requests one turn of the device's poller takes from its inbox; the rest
 /// wait for the next turn (the poller runs on every turn of the reactor).
+/// Only the poller takes them, once per turn, not every base completion:
+/// a submitter on another core refills the inbox at once, one on the
+/// device's own core only once per turn of the reactor, and taking the
+/// inbox at every completion served the first several times as often.
 const INBOX_PER_TURN: usize = 128;
 /// How often the report `bdev_get_bdevs` shows is refreshed.
 const REPORT_EVERY_NS: u64 = 250_000_000;
@@ -67,6 +71,8 @@ pub struct Shared {
     /// made, e.g. an io_wait callback from `spdk_bdev_free_io`): run by the
     /// entry already under way instead of being dropped.
     pub deferred: Mutex<Vec<OnDeviceThread>>,
+    /// `deferred` holds something (so a turn locks it only then).
+    pub deferred_any: AtomicBool,
     pub supports_unmap: bool,
     pub supports_write_zeroes: bool,
     /// The device's lifecycle (`lifecycle_code`), for the app thread.
@@ -224,6 +230,8 @@ pub struct Device {
     /// counter, and converting it, for every request is measurable).
     now_at: Nanos,
     report_at: Nanos,
+    /// Requests this entry may still take from the inbox (the poller's).
+    inbox_budget: usize,
 }
 
 unsafe extern "C" {
@@ -299,6 +307,7 @@ impl Device {
             thread,
             dev: AtomicPtr::new(ptr::null_mut()),
             deferred: Mutex::new(Vec::new()),
+            deferred_any: AtomicBool::new(false),
             supports_unmap: backing.supports_unmap,
             supports_write_zeroes: true,
             state: AtomicU8::new(lifecycle_code(Lifecycle::Opening)),
@@ -331,6 +340,7 @@ impl Device {
             start_ticks,
             now_at: 0,
             report_at: 0,
+            inbox_budget: 0,
         }));
         shared.dev.store(dev, Ordering::Release);
         (dev, shared)
@@ -445,40 +455,39 @@ impl Device {
         // SAFETY: per the contract.
         unsafe {
             if let Err(f) = Self::enter(dev, may_finish, f) {
-                (*(*dev).shared)
+                let shared = &*(*dev).shared;
+                shared
                     .deferred
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(OnDeviceThread(Box::new(f)));
+                shared.deferred_any.store(true, Ordering::Release);
             }
         }
     }
 
     /// Feeds the engine until it has no commands, events or queued work left.
     fn run(&mut self) {
-        // Requests taken from the inbox in this turn: at most
-        // INBOX_PER_TURN, so that a core that keeps the inbox full cannot
-        // hold the device's thread, and whatever else runs on its core
-        // (another core's submitter, say), for as long as it keeps going.
-        let mut taken = 0;
         loop {
             let mut did = false;
-            let deferred = std::mem::take(
-                &mut *self
-                    .shared()
-                    .deferred
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()),
-            );
-            for work in deferred {
-                (work.0)(self);
-                did = true;
+            if self.shared().deferred_any.swap(false, Ordering::AcqRel) {
+                let deferred = std::mem::take(
+                    &mut *self
+                        .shared()
+                        .deferred
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()),
+                );
+                for work in deferred {
+                    (work.0)(self);
+                    did = true;
+                }
             }
-            while taken < INBOX_PER_TURN
+            while self.inbox_budget > 0
                 && let Some(io) = self.shared().inbox.pop()
             {
                 self.start_user(io);
-                taken += 1;
+                self.inbox_budget -= 1;
                 did = true;
             }
             did |= self.serve_grants();
@@ -506,14 +515,17 @@ impl Device {
                 break;
             }
         }
+        // What the poller's turn did not take waits for its next turn.
+        self.inbox_budget = 0;
     }
 
     /// Takes the slots channels hand back, grants slots to channels that
     /// asked, and tells them which logs the engine waits for. Whether
     /// anything was done.
     fn serve_grants(&mut self) -> bool {
-        let shared = Arc::clone(&self.shared_ref);
-        let grants = &shared.grants;
+        // SAFETY: shared outlives the device (the device holds a reference);
+        // only its Sync parts are used.
+        let grants = unsafe { &(*self.shared).grants };
         let now = self.now();
         let mut did = false;
         while let Some((log, first, count)) = grants.returns.pop() {
@@ -539,10 +551,11 @@ impl Device {
             }
             did = true;
         }
-        grants.wanted_back.store(
-            self.driver.engine().grants_wanted_back().get(),
-            Ordering::Release,
-        );
+        // Stored only when it changes: every channel's poller reads it.
+        let wanted = self.driver.engine().grants_wanted_back().get();
+        if grants.wanted_back.load(Ordering::Relaxed) != wanted {
+            grants.wanted_back.store(wanted, Ordering::Release);
+        }
         did
     }
 
@@ -990,7 +1003,10 @@ extern "C" fn device_poller(arg: *mut c_void) -> i32 {
     unsafe {
         let before =
             (*(*dev).shared).inbox.len() + (*dev).io.as_ref().map_or(0, |io| io.done.len());
-        Device::enter_or_defer(dev, true, |d| d.tick());
+        Device::enter_or_defer(dev, true, |d| {
+            d.inbox_budget = INBOX_PER_TURN;
+            d.tick();
+        });
         if before > 0 {
             sys::spdk_thread_poller_rc_SPDK_POLLER_BUSY as i32
         } else {
