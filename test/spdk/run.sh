@@ -543,6 +543,8 @@ test_badinput() {
     expect_error "$s" "claim|in use|already" bdev_writeboost_create -n wb1 -b Back0 -c Cache1
     expect_error "$s" "exist|already" bdev_writeboost_create -n wb0 -b Back1 -c Cache1
     expect_error "$s" "pmem|pool" bdev_writeboost_create -n wb1 -b Back1 -c Cache1 -m 1 -p "$dir/missing-pool"
+    expect_error "$s" "core=9 is not one of the target's cores" bdev_writeboost_create -n wb1 -b Back1 -c Cache1 --core 9
+    expect_error "$s" "io_core|core=9" bdev_writeboost_create -n wb1 -b Back1 -c Cache1 --io-core 9
     expect_error "$s" "nosuch" bdev_writeboost_delete nosuch
     expect_error "$s" "nosuch" bdev_writeboost_get_stats -n nosuch
     expect_error "$s" "nosuch" bdev_writeboost_drop_caches nosuch
@@ -568,7 +570,23 @@ test_badinput() {
     # And the target still serves.
     rpc "$s" bdev_writeboost_get_stats | python3 -c 'import json,sys; d=json.load(sys.stdin); assert len(d) == 3, d'
     rpc "$s" bdev_get_bdevs -b wb1 >/dev/null
-    echo "  bad input: 16 cases refused with errors, nothing overwritten; a waiting create completed; target still serving"
+    # save_config keeps a core that was given.
+    rpc "$s" bdev_writeboost_create -n wb3 -b Back3 -c Cache3 --wait-for-bdevs --core 1 --io-core 0 >/dev/null
+    rpc "$s" bdev_malloc_create -b Cache3 64 4096 >/dev/null
+    rpc "$s" bdev_malloc_create -b Back3 64 4096 >/dev/null
+    rpc "$s" bdev_get_bdevs -b wb3 -t 10000 >/dev/null
+    rpc "$s" save_subsystem_config -n bdev | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+wb3 = [e for e in d["config"] if e["method"] == "bdev_writeboost_create" and e["params"]["name"] == "wb3"]
+assert wb3 and wb3[0]["params"]["core"] == 1 and wb3[0]["params"]["io_core"] == 0, wb3
+' || { echo "save_config lost wb3's core or io_core" >&2; return 1; }
+    grep -q "wb3: online .* on core 1, base I/O on core 0" "$dir/tgt.log" || {
+        echo "wb3 is not on core 1 with its base I/O on core 0:" >&2
+        grep wb3 "$dir/tgt.log" >&2
+        return 1
+    }
+    echo "  bad input: 18 cases refused with errors, nothing overwritten; a waiting create completed; target still serving"
     stop_app "$APP_PID" "$s"
 }
 

@@ -34,12 +34,13 @@ use super::user_io::{UserIo, UserKind};
 /// How long a device whose base bdev went away waits for a clean shutdown
 /// before it lets go anyway (the logs on the cache survive for a re-create).
 const REMOVED_SHUTDOWN_GRACE_NS: u64 = 5_000_000_000;
-/// Requests one turn of the device's poller takes from its inbox; the rest
-/// wait for the next turn (the poller runs on every turn of the reactor).
-/// Only the poller takes them, once per turn, not every base completion:
-/// a submitter on another core refills the inbox at once, one on the
-/// device's own core only once per turn of the reactor, and taking the
-/// inbox at every completion served the first several times as often.
+/// Requests one turn of the device's poller takes from its inbox, at most:
+/// those that were there when the turn began. The rest wait for the next
+/// turn (the poller runs on every turn of the reactor). Only the poller
+/// takes them, not every base completion: a submitter on another core
+/// refills the inbox at once, one on the device's own core only once per
+/// turn of the reactor, and taking what arrived meanwhile served the first
+/// several times as often.
 const INBOX_PER_TURN: usize = 128;
 /// How often the report `bdev_get_bdevs` shows is refreshed.
 const REPORT_EVERY_NS: u64 = 250_000_000;
@@ -1001,10 +1002,13 @@ extern "C" fn device_poller(arg: *mut c_void) -> i32 {
     // SAFETY: the poller is unregistered before the device is freed and runs
     // on the device's thread.
     unsafe {
-        let before =
-            (*(*dev).shared).inbox.len() + (*dev).io.as_ref().map_or(0, |io| io.done.len());
-        Device::enter_or_defer(dev, true, |d| {
-            d.inbox_budget = INBOX_PER_TURN;
+        let waiting = (*(*dev).shared).inbox.len();
+        let before = waiting + (*dev).io.as_ref().map_or(0, |io| io.done.len());
+        Device::enter_or_defer(dev, true, move |d| {
+            // What is there now: what a submitter on another core sends
+            // while this turn runs waits for the next, as the submitter on
+            // this core must.
+            d.inbox_budget = INBOX_PER_TURN.min(waiting);
             d.tick();
         });
         if before > 0 {
