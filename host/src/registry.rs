@@ -733,14 +733,7 @@ impl App {
                 .pending
                 .iter()
                 .filter(|p| name.as_deref().is_none_or(|n| n == p.name))
-                .map(|p| {
-                    json!({
-                        "name": p.name,
-                        "backing_bdev": p.backing_bdev,
-                        "cache_bdev": p.cache_bdev,
-                        "state": "waiting_for_base_bdevs",
-                    })
-                })
+                .map(writeboost_rpc::waiting_report)
                 .collect();
             (list, pending)
         };

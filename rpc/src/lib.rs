@@ -21,7 +21,7 @@ pub use params::{
 };
 pub use report::{
     DeviceReport, device_report, io_counters_json, report_json, status_json, tunables_json,
-    uuid_string,
+    uuid_string, waiting_report,
 };
 
 use std::fmt;

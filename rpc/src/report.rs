@@ -21,6 +21,17 @@ pub struct DeviceReport<'a> {
     pub tunables: &'a Tunables,
 }
 
+/// The report of a create still waiting for its base bdevs, as every host
+/// gives it.
+pub fn waiting_report(req: &CreateRequest) -> Value {
+    json!({
+        "name": req.name,
+        "backing_bdev": req.backing_bdev,
+        "cache_bdev": req.cache_bdev,
+        "state": "waiting_for_base_bdevs",
+    })
+}
+
 /// The report of a device created by `req` whose engine is `engine`, as
 /// every host gives it.
 pub fn device_report<A: BufAlloc>(

@@ -6,11 +6,11 @@
 use std::ffi::CString;
 use std::sync::{Arc, Mutex};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use spdk_sys as sys;
 use writeboost_rpc::{
     RpcError, code, drop_quarantine_answer, parse_create, parse_drop_quarantine, parse_name,
-    parse_optional_name, parse_set_options, quarantine_json,
+    parse_optional_name, parse_set_options, quarantine_json, waiting_report,
 };
 
 use super::device::{Device, Shared};
@@ -149,14 +149,7 @@ pub extern "C" fn wb_rpc_get_stats(
     let waiting: Vec<Value> = module::pending()
         .into_iter()
         .filter(|p| name.as_deref().is_none_or(|n| n == p.name))
-        .map(|p| {
-            json!({
-                "name": p.name,
-                "backing_bdev": p.backing_bdev,
-                "cache_bdev": p.cache_bdev,
-                "state": "waiting_for_base_bdevs",
-            })
-        })
+        .map(|p| waiting_report(&p))
         .collect();
     if devs.is_empty() {
         return resp.result(&Value::Array(waiting));
