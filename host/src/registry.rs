@@ -513,6 +513,20 @@ impl App {
     fn wb_start(&self, req: CreateRequest) -> Result<Value, RpcError> {
         let name = req.name.clone();
         let m = "bdev_writeboost_create";
+        if req.io_core.is_some() {
+            return Err(RpcError::invalid_params(format!(
+                "{m} {name}: io_core places an SPDK device's base-bdev I/O on a thread of its \
+                 own; this host's I/O runs on io_uring or its I/O threads already: leave io_core \
+                 out"
+            )));
+        }
+        // (A given core is checked before the bases are looked at: a bad
+        // one is the request's fault whatever the bases' state. The round
+        // robin moves only for a device that is opened.)
+        let pinned = match req.core {
+            Some(c) => Some(self.reactor_for(&name, Some(c))?),
+            None => None,
+        };
         // Check and claim under the lock; open without it.
         let (spec, reactor, desc) = {
             let mut st = self.lock();
@@ -582,19 +596,15 @@ impl App {
                 mode(backing.file.direct)
             );
             let (size, block_size) = (backing.size(), backing.block_size);
+            let reactor = match pinned {
+                Some(r) => r,
+                None => self.reactor_for(&name, None)?,
+            };
             for b in st.bases.iter_mut() {
                 if b.name == req.cache_bdev || b.name == req.backing_bdev {
                     b.claimed_by = Some(name.clone());
                 }
             }
-            if req.io_core.is_some() {
-                return Err(RpcError::invalid_params(format!(
-                    "{m} {name}: io_core places an SPDK device's base-bdev I/O on a thread of \
-                     its own; this host's I/O runs on io_uring or its I/O threads already: leave \
-                     io_core out"
-                )));
-            }
-            let reactor = self.reactor_for(&name, req.core)?;
             let shared = Arc::new(Shared::default());
             st.wbs.push(WbDev {
                 req: req.clone(),
