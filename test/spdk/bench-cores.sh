@@ -16,6 +16,12 @@
 #
 #   SPDK_DIR=/path/to/spdk bash test/spdk/bench-cores.sh
 #
+# With BEFORE_LIB set to another build's libbdev_writeboost.so, it instead
+# compares that build with this one on one core (fits, modes 0 and 1),
+# interleaved, ROUNDS times (default 3):
+#
+#   BEFORE_LIB=/tmp/before/target/release/libbdev_writeboost.so SPDK_DIR=... bash test/spdk/bench-cores.sh
+#
 # Knobs: SECONDS_PER_RUN (default 8), ONLY (a space-separated subset of
 # passthru ocf-wb writeboost-mode0 writeboost-mode1 writeboost-mode0-io
 # writeboost-mode1-io), WB_PARAMS (extra bdev_writeboost_create parameters,
@@ -92,7 +98,7 @@ bench() {
     local sock=$WORK/$name.sock log=$WORK/$name.log flags=()
     [ "$every" = 1 ] && flags=(-C)
     rm -f "$sock"
-    env LD_PRELOAD="$WB_LIB" PMEM2_FORCE_GRANULARITY=CACHE_LINE "$BDEVPERF" "${SPDK_APP_ARGS[@]}" -s 4096 \
+    env LD_PRELOAD="${LIB:-$WB_LIB}" PMEM2_FORCE_GRANULARITY=CACHE_LINE "$BDEVPERF" "${SPDK_APP_ARGS[@]}" -s 4096 \
         -m "$mask" "${flags[@]}" -z -r "$sock" -c "$WORK/$name.json" -q 32 -o 4096 -w randwrite -t "$T" >"$log" 2>&1 &
     local pid=$!
     SPDK_PIDS+=("$pid")
@@ -138,6 +144,24 @@ print(sum(vals), "/".join(str(v) for v in vals), f"{spread:.0f}%")' "$jobs")
 
 ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
 declare -A R
+
+if [ -n "${BEFORE_LIB:-}" ]; then
+    [ -f "$BEFORE_LIB" ] || { echo "BEFORE_LIB=$BEFORE_LIB is not a file" >&2; exit 1; }
+    echo "one core, fits, ${T} s per phase: before ($BEFORE_LIB) and after, interleaved (IOPS)"
+    for round in $(seq 1 "${ROUNDS:-3}"); do
+        for t in writeboost-mode0 writeboost-mode1; do
+            for which in before after; do
+                lib=$WB_LIB
+                [ "$which" = before ] && lib=$BEFORE_LIB
+                LIB=$lib bench "ab-$round-$t-$which" 0x1 1 fits 1 "$t"
+                printf 'round %s %-18s %-6s randwrite %8s randread %8s\n' "$round" "$t" "$which" \
+                    "$(job_iops "$WORK/ab-$round-$t-$which.randwrite" | awk '{ s += $2 } END { print s }')" \
+                    "$(job_iops "$WORK/ab-$round-$t-$which.randread" | awk '{ s += $2 } END { print s }')"
+            done
+        done
+    done
+    exit 0
+fi
 
 echo "bdevperf -C, 4 KiB, QD 32 per core, ${T} s per phase (IOPS; fairness: largest distance of a core from the mean)"
 for w in over fits; do

@@ -5,8 +5,10 @@
 # or pkg-config (spdk_bdev). Callers check `spdk_locate` and skip when it fails.
 
 WB_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-# Memory and devices for every SPDK process: no hugepages, no PCI, small heap.
-SPDK_APP_ARGS=(--no-huge --no-pci)
+# Memory and devices for every SPDK process: no hugepages, no PCI, small
+# heap; and no core lock files, since a target on two cores and its test
+# client share a core.
+SPDK_APP_ARGS=(--no-huge --no-pci --disable-cpumask-locks)
 SPDK_PIDS=()
 
 spdk_locate() {

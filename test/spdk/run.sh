@@ -306,7 +306,7 @@ test_vhost() {
     printf '{"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_virtio_attach_controller","params":{"name":"VirtioBlk0","trtype":"user","traddr":"%s","dev_type":"blk","vq_count":2,"vq_size":512}}]}]}\n' \
         "$dir/vhost.0" >"$dir/virtio.json"
     # -g: one file per hugepage segment, which vhost-user needs to share memory.
-    if ! "$BDEVPERF" --no-pci -g -s 1536 -m 0x2 -r "$dir/perf.sock" -c "$dir/virtio.json" \
+    if ! "$BDEVPERF" --no-pci --disable-cpumask-locks -g -s 1536 -m 0x2 -r "$dir/perf.sock" -c "$dir/virtio.json" \
         -T VirtioBlk0 -q 32 -o 4096 -w verify -t 4 >"$dir/bdevperf.log" 2>&1; then
         echo "bdevperf over vhost-user-blk failed:" >&2
         tail -n 30 "$dir/bdevperf.log" >&2
