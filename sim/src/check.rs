@@ -182,6 +182,17 @@ impl Outcome {
         self.trusted_lies += o.trusted_lies;
     }
 
+    /// Adds an engine's counters as it ends (a crash, or the end of a seed).
+    fn add_engine_stats(&mut self, st: &writeboost_engine::Stats) {
+        self.partial_logs += st.nr_partial_flushed;
+        self.logs += st.nr_logs;
+        self.relocated += st.relocated_blocks;
+        self.admission_bypasses += st.admission_bypass_writes;
+        self.granted_writes += st.granted_writes;
+        self.granted_replaced += st.granted_replaced;
+        self.returned_slots += st.returned_slots;
+    }
+
     pub fn clean(&self) -> bool {
         self.acknowledged_lost == 0
             && self.corrupt_reads == 0
@@ -626,14 +637,7 @@ impl Run {
                 return;
             }
         }
-        let st = h.engine().stats().clone();
-        self.out.partial_logs += st.nr_partial_flushed;
-        self.out.logs += st.nr_logs;
-        self.out.relocated += st.relocated_blocks;
-        self.out.admission_bypasses += st.admission_bypass_writes;
-        self.out.granted_writes += st.granted_writes;
-        self.out.granted_replaced += st.granted_replaced;
-        self.out.returned_slots += st.returned_slots;
+        self.out.add_engine_stats(h.engine().stats());
         // Clean shutdown: everything acknowledged must come back exactly.
         if let Some(mut h) = self.shutdown_and_reopen(h, None) {
             self.verify_all(&mut h);
@@ -1074,14 +1078,7 @@ impl Run {
     fn crash_and_recover(&mut self, h: Harness) -> Option<Harness> {
         self.end_incarnation(&h);
         self.out.crashes += 1;
-        let st = h.engine().stats();
-        self.out.partial_logs += st.nr_partial_flushed;
-        self.out.logs += st.nr_logs;
-        self.out.relocated += st.relocated_blocks;
-        self.out.admission_bypasses += st.admission_bypass_writes;
-        self.out.granted_writes += st.granted_writes;
-        self.out.granted_replaced += st.granted_replaced;
-        self.out.returned_slots += st.returned_slots;
+        self.out.add_engine_stats(h.engine().stats());
         let pool = h
             .pmem
             .as_ref()
