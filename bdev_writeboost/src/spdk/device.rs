@@ -357,12 +357,18 @@ impl Device {
         // before `dev` is freed.
         unsafe {
             let d = &mut *dev;
-            if let Some(io) = &d.io {
-                let io = Arc::clone(io);
-                run_on(io.thread, move || io_thread::start(io));
-            }
-            for base in [&mut d.cache, &mut d.backing] {
-                base.ch = sys::spdk_bdev_get_io_channel(base.desc);
+            // Base commands start here, or on the I/O thread with its own
+            // channels.
+            match &d.io {
+                Some(io) => {
+                    let io = Arc::clone(io);
+                    run_on(io.thread, move || io_thread::start(io));
+                }
+                None => {
+                    for base in [&mut d.cache, &mut d.backing] {
+                        base.ch = sys::spdk_bdev_get_io_channel(base.desc);
+                    }
+                }
             }
             let name = CString::new(format!("writeboost_{}", d.req.name)).unwrap_or_default();
             d.poller = sys::spdk_poller_register_named(
@@ -373,7 +379,7 @@ impl Device {
             );
             let no_channel = [&d.cache, &d.backing]
                 .into_iter()
-                .find(|b| b.ch.is_null())
+                .find(|b| d.io.is_none() && b.ch.is_null())
                 .map(|b| b.name.clone());
             Device::enter_or_defer(dev, true, move |d| {
                 if let Some(b) = no_channel {
