@@ -1176,8 +1176,11 @@ fn release(g: Gone) {
             defer_free(BdevToFree(bdev));
         }
     }
-    // The registry let go, so nothing more is sent to the thread.
-    run_on(g.shared.thread, exit_this_thread);
+    // The registry let go, so nothing more is sent to the thread (unless
+    // the device ran on the thread that created it).
+    if g.shared.thread != super::placement::app_thread() {
+        run_on(g.shared.thread, exit_this_thread);
+    }
 }
 
 /// The last channel is gone: drop the io_device's reference to the shared part.

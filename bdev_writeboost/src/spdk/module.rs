@@ -33,7 +33,7 @@ use super::dma::DmaAlloc;
 use super::examine::{ExamineHold, wb_module};
 use super::json::write_value;
 use super::log;
-use super::placement::{device_thread, pick_core, run_on};
+use super::placement::{device_thread, own_thread, pick_core, run_on};
 
 /// Ticks at module init: the engines' time origin.
 static START_TICKS: AtomicU64 = AtomicU64::new(0);
@@ -367,7 +367,13 @@ fn start(req: CreateRequest, done: Option<Done>, hold: Option<Rc<ExamineHold>>) 
             Ok((core, io_core, try_start(&req)?))
         })
         .and_then(|(core, io_core, started)| {
-            let threads = device_thread(&req.name, core).and_then(|t| match io_core {
+            let own = if own_thread(req.core) {
+                device_thread(&req.name, core)
+            } else {
+                // SAFETY: a plain getter; this is an SPDK thread.
+                Ok(unsafe { sys::spdk_get_thread() })
+            };
+            let threads = own.and_then(|t| match io_core {
                 Some(c) => Ok((t, Some((device_thread(&format!("{}_io", req.name), c)?, c)))),
                 None => Ok((t, None)),
             });

@@ -88,6 +88,15 @@ pub fn pick_core(name: &str, asked: Option<u32>) -> Result<u32, RpcError> {
     }
 }
 
+/// Whether a device gets a thread of its own: when asked for a core, or
+/// when the target has more than one to spread devices over. On a
+/// one-core target it runs on the thread that creates it, as a host that
+/// polls only that thread while its configuration loads (fio's SPDK
+/// plugin) needs.
+pub fn own_thread(asked: Option<u32>) -> bool {
+    asked.is_some() || cores().len() > 1
+}
+
 /// A new SPDK thread for device `name`, bound to `core`.
 pub fn device_thread(name: &str, core: u32) -> Result<*mut sys::spdk_thread, RpcError> {
     let cname = std::ffi::CString::new(format!("writeboost_{name}")).unwrap_or_default();
